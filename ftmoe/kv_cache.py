@@ -1,0 +1,185 @@
+"""Block-organised KV cache (paged, as in vLLM), shared by the generator and the engine.
+
+In:  sizes (layers, heads, head dim), a number of fixed-size blocks, and calls that
+     add, extend, fork, reorder and free sequences by id.
+Out: per-layer K/V storage `k[L]`, `v[L]` of shape [num_blocks, block_size, heads, D] and,
+     for each forward call, an `AttnMetadata` telling the attention layer where every new
+     token's K/V goes (`slot_mapping`) and which blocks each row reads (`block_tables`).
+
+A sequence owns a list of blocks; tokens at position p live in block p // block_size,
+offset p % block_size. Blocks are allocated on demand and returned on `free`, so the
+serving engine can admit requests against `num_free_blocks`.
+"""
+from __future__ import annotations
+
+import dataclasses
+
+import torch
+
+from .errors import FtmoeError
+
+
+class CacheFullError(FtmoeError):
+    """Not enough free KV-cache blocks for the request."""
+
+
+@dataclasses.dataclass
+class AttnMetadata:
+    """Where one forward call's new tokens sit. B rows, T new tokens per row (right-padded)."""
+
+    positions: torch.Tensor     # [B, T] long: absolute position of each new token
+    slot_mapping: torch.Tensor  # [B, T] long: flat cache slot (block*block_size+offset), -1 = padding
+    block_tables: torch.Tensor  # [B, nb] long: blocks of each row (padded with 0)
+    context_lens: torch.Tensor  # [B] long: tokens cached before this call
+    seq_lens: torch.Tensor      # [B] long: valid new tokens in this call (<= T)
+
+    @property
+    def total_lens(self) -> torch.Tensor:
+        return self.context_lens + self.seq_lens
+
+
+class KVCache:
+    def __init__(self, num_layers: int, num_heads: int, head_dim: int, num_blocks: int,
+                 block_size: int = 16, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu"):
+        if num_blocks < 1 or block_size < 1:
+            raise ValueError(f"num_blocks ({num_blocks}) and block_size ({block_size}) must be >= 1")
+        self.block_size = block_size
+        self.num_blocks = num_blocks
+        shape = (num_layers, num_blocks, block_size, num_heads, head_dim)
+        self.k = torch.zeros(shape, dtype=dtype, device=device)  # [L, NB, bs, heads, D]
+        self.v = torch.zeros(shape, dtype=dtype, device=device)
+        self._free: list[int] = list(range(num_blocks - 1, -1, -1))  # pop() hands out low ids first
+        self._tables: dict[int, list[int]] = {}
+        self._lens: dict[int, int] = {}
+
+    @classmethod
+    def for_model(cls, cfg, max_tokens: int, block_size: int = 16, dtype: torch.dtype = torch.float32,
+                  device: str | torch.device = "cpu", tp: int = 1) -> "KVCache":
+        """A cache that holds `max_tokens` tokens in total across all sequences."""
+        nb = max(1, -(-max_tokens // block_size))
+        return cls(cfg.num_layer, cfg.head_num // tp, cfg.size_per_head, nb, block_size, dtype, device)
+
+    # ---- bookkeeping --------------------------------------------------------
+    @property
+    def num_free_blocks(self) -> int:
+        return len(self._free)
+
+    def blocks_for(self, n_tokens: int) -> int:
+        return -(-n_tokens // self.block_size)
+
+    def has(self, seq_id: int) -> bool:
+        return seq_id in self._tables
+
+    def length(self, seq_id: int) -> int:
+        return self._lens[seq_id]
+
+    def block_table(self, seq_id: int) -> list[int]:
+        return list(self._tables[seq_id])
+
+    def add(self, seq_id: int) -> None:
+        if seq_id in self._tables:
+            raise ValueError(f"sequence {seq_id} already in the KV cache")
+        self._tables[seq_id] = []
+        self._lens[seq_id] = 0
+
+    def free(self, seq_id: int) -> None:
+        blocks = self._tables.pop(seq_id, None)
+        self._lens.pop(seq_id, None)
+        if blocks:
+            self._free.extend(reversed(blocks))
+
+    def _take(self, n: int) -> list[int]:
+        if n > len(self._free):
+            raise CacheFullError(f"KV cache full: need {n} more blocks of {self.block_size} tokens, "
+                                 f"{len(self._free)} of {self.num_blocks} free")
+        return [self._free.pop() for _ in range(n)]
+
+    def reserve(self, seq_id: int, n_new: int) -> None:
+        """Make room for `n_new` more tokens of `seq_id` (allocates whole blocks)."""
+        table = self._tables[seq_id]
+        need = self.blocks_for(self._lens[seq_id] + n_new) - len(table)
+        if need > 0:
+            table.extend(self._take(need))
+
+    def fork(self, src: int, dst: int) -> None:
+        """`dst` becomes a copy of `src` with its own blocks."""
+        self.add(dst)
+        src_blocks = self._tables[src]
+        try:
+            dst_blocks = self._take(len(src_blocks))
+        except CacheFullError:
+            self.free(dst)
+            raise
+        self._copy_blocks(src_blocks, dst_blocks)
+        self._tables[dst] = dst_blocks
+        self._lens[dst] = self._lens[src]
+
+    def reorder(self, seq_ids: list[int], parents: list[int]) -> None:
+        """Beam reorder: sequence seq_ids[i] takes the content of seq_ids[parents[i]]."""
+        if sorted(parents) == list(range(len(seq_ids))) and parents == sorted(parents):
+            return
+        old = {s: (self._tables[s], self._lens[s]) for s in seq_ids}
+        new_tables = []
+        for i, p in enumerate(parents):
+            src_blocks, n = old[seq_ids[p]]
+            new_tables.append((src_blocks, n))
+        # allocate fresh blocks for all, copy, then release the old ones
+        total = sum(len(b) for b, _ in new_tables)
+        dst_all = self._take(total)
+        src_flat = [b for blocks, _ in new_tables for b in blocks]
+        self._copy_blocks(src_flat, dst_all)
+        pos = 0
+        for s in seq_ids:
+            self._free.extend(reversed(old[s][0]))
+        for s, (blocks, n) in zip(seq_ids, new_tables):
+            self._tables[s] = dst_all[pos:pos + len(blocks)]
+            self._lens[s] = n
+            pos += len(blocks)
+
+    def truncate(self, seq_id: int, length: int) -> None:
+        """Forget tokens past `length` (frees whole blocks no longer needed)."""
+        if length > self._lens[seq_id]:
+            raise ValueError(f"cannot truncate sequence {seq_id} of length {self._lens[seq_id]} to {length}")
+        table = self._tables[seq_id]
+        keep = self.blocks_for(length)
+        self._free.extend(reversed(table[keep:]))
+        del table[keep:]
+        self._lens[seq_id] = length
+
+    def _copy_blocks(self, src: list[int], dst: list[int]) -> None:
+        if src:
+            s = torch.tensor(src, device=self.k.device)
+            d = torch.tensor(dst, device=self.k.device)
+            self.k[:, d] = self.k[:, s]
+            self.v[:, d] = self.v[:, s]
+
+    # ---- per-call metadata ---------------------------------------------------
+    def prepare(self, seq_ids: list[int], num_new: list[int], pad_to: int | None = None) -> AttnMetadata:
+        """Reserve room for `num_new[i]` tokens of each sequence, advance lengths, and describe
+        the call. All-or-nothing: on CacheFullError no sequence has changed."""
+        if len(seq_ids) != len(num_new):
+            raise ValueError("seq_ids and num_new differ in length")
+        need = sum(max(0, self.blocks_for(self._lens[s] + n) - len(self._tables[s]))
+                   for s, n in zip(seq_ids, num_new))
+        if need > len(self._free):
+            raise CacheFullError(f"KV cache full: need {need} more blocks of {self.block_size} tokens, "
+                                 f"{len(self._free)} of {self.num_blocks} free")
+        B = len(seq_ids)
+        T = max(max(num_new, default=0), pad_to or 0, 1)
+        ctx = [self._lens[s] for s in seq_ids]
+        for s, n in zip(seq_ids, num_new):
+            self.reserve(s, n)
+            self._lens[s] += n
+        nb = max(1, max(len(self._tables[s]) for s in seq_ids))
+        tables = torch.zeros(B, nb, dtype=torch.long)
+        for i, s in enumerate(seq_ids):
+            tables[i, :len(self._tables[s])] = torch.tensor(self._tables[s], dtype=torch.long)
+        t = torch.arange(T)
+        ctx_t = torch.tensor(ctx, dtype=torch.long)
+        n_t = torch.tensor(num_new, dtype=torch.long)
+        positions = ctx_t[:, None] + t[None, :]                                   # [B, T]
+        valid = t[None, :] < n_t[:, None]
+        blk = torch.gather(tables, 1, (positions // self.block_size).clamp(max=nb - 1))
+        slots = torch.where(valid, blk * self.block_size + positions % self.block_size, -1)
+        dev = self.k.device
+        return AttnMetadata(positions.to(dev), slots.to(dev), tables.to(dev), ctx_t.to(dev), n_t.to(dev))

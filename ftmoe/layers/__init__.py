@@ -1,0 +1,1 @@
+"""Model building blocks whose parameter names are FasterTransformer's file names."""
