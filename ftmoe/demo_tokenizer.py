@@ -74,6 +74,7 @@ Version 1.0 was released in 2023; version 2.0 came later.
 这个模型有 24 层，每层有 16 个头。The hidden size is 1024.
 我用 Python 写了一个小程序，它可以把文本变成数字。
 模型说：“你好，世界！”Hello, world!
+  这一行前面有两个空格。\t制表符也是一个词。
 """
 
 

@@ -133,10 +133,15 @@ def to_ft_layout(cfg: ModelConfig, name: str, t: torch.Tensor) -> torch.Tensor:
         t = t.t().reshape(H, heads, 3, D).permute(0, 2, 1, 3).reshape(H, 3, H)
     elif suffix == "attention.query_key_value.bias":
         t = t.reshape(heads, 3, D).permute(1, 0, 2).reshape(3, H)
-    elif t.dim() == 2 and name not in ("wte", "wpe"):
+    elif name in ("wte", "wpe") or not name.endswith(".weight") or t.dim() == 1:
+        pass                              # embeddings, biases, layernorms: as they are
+    elif t.dim() == 2:
         t = t.t()                         # linear [out, in] -> [in, out]; gate [E, H] -> [H, E]
     elif t.dim() == 3:
         t = t.transpose(1, 2)             # experts [E, out, in] -> [E, in, out]
+    want = tuple(_rule_for(name).ft_shape(cfg))
+    if tuple(t.shape) != want:
+        raise ModelFormatError(f"tensor '{name}': FT layout {list(t.shape)} differs from the expected {list(want)}")
     return t.contiguous()
 
 

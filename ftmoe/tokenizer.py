@@ -133,7 +133,7 @@ class JiebaBPETokenizer(_HFTokenizerBase):
     def __init__(self, tokenizer_json: Union[str, os.PathLike]):
         path = os.fspath(tokenizer_json)
         if not os.path.isfile(path):
-            raise FtmoeError(f"{path}: tokenizer file not found")
+            raise FtmoeError(f"{path}: tokenizer file not found (or not a regular file)")
         try:
             self._tk = Tokenizer.from_file(path)
         except Exception as e:  # tokenizers raises a plain Exception for bad JSON
@@ -175,7 +175,7 @@ class GPT2BPETokenizer(_HFTokenizerBase):
         vocab_path, merges_path = os.fspath(vocab_json), os.fspath(merges_txt)
         for p in (vocab_path, merges_path):
             if not os.path.isfile(p):
-                raise FtmoeError(f"{p}: tokenizer file not found")
+                raise FtmoeError(f"{p}: tokenizer file not found (or not a regular file)")
         # Read vocab.json ourselves first: gives a precise message for the common
         # failure (a truncated or non-JSON file) and finds the special tokens.
         try:

@@ -1,0 +1,196 @@
+"""`ftmoe` command line: convert, info, generate, demo.
+
+In:  argv. Out: the command's output on stdout, progress on stderr; a user mistake prints
+one line `ftmoe: error: ...` and exits 1 (argparse usage errors exit 2).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+
+from .errors import FtmoeError
+
+
+def _add_convert(sub) -> None:
+    p = sub.add_parser("convert", help="Megatron-DeepSpeed checkpoint -> FasterTransformer c-model folder")
+    p.add_argument("-i", "--input-dir", "-input_dir", dest="input_dir", required=True,
+                   help="checkpoint folder (mp_rank_00_model_states.pt + expert files)")
+    p.add_argument("-o", "--saved-dir", "-saved_dir", "--output-dir", dest="saved_dir", required=True,
+                   help="output folder; the model goes to <dir>/<N>-gpu")
+    p.add_argument("--tp", "--infer-gpu-num", "-infer_gpu_num", "-i_g", dest="tp", type=int, default=1,
+                   help="tensor-parallel size N of the output (default 1)")
+    p.add_argument("--dtype", "--weight-data-type", "-weight_data_type", dest="dtype", default="fp16",
+                   choices=["fp16", "fp32", "bf16"], help="weight data type of the output (default fp16)")
+    p.add_argument("--tokenizer-dir", default=None,
+                   help="folder with tokenizer.json (JiebaBPE) or vocab.json + merges.txt; copied, and "
+                        "start_id/end_id taken from its <|endoftext|>")
+    p.add_argument("--vocab-path", default=None, help="FT alias: GPT-2 vocab.json (needs --merges-path)")
+    p.add_argument("--merges-path", default=None, help="FT alias: GPT-2 merges.txt")
+    p.add_argument("-q", "--quiet", action="store_true", help="no progress output")
+
+
+def _add_generate(sub) -> None:
+    p = sub.add_parser("generate", help="generate text from a converted model")
+    p.add_argument("--model", required=True, help="converted <N>-gpu folder")
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--prompt", action="append", help="prompt text (repeat for a batch)")
+    src.add_argument("--prompt-ids", action="append", help="comma-separated token ids (repeat for a batch)")
+    p.add_argument("--max-new-tokens", type=int, default=32)
+    p.add_argument("--top-k", type=int, default=0)
+    p.add_argument("--top-p", type=float, default=0.0)
+    p.add_argument("--temperature", type=float, default=1.0)
+    p.add_argument("--repetition-penalty", type=float, default=1.0)
+    p.add_argument("--presence-penalty", type=float, default=0.0)
+    p.add_argument("--min-length", type=int, default=0)
+    p.add_argument("--beam-width", type=int, default=1)
+    p.add_argument("--len-penalty", type=float, default=0.0)
+    p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"])
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--json", action="store_true", help="one JSON object per prompt")
+    p.add_argument("--stream", action="store_true", help="print text as it is generated (one prompt)")
+
+
+def _cmd_convert(a) -> int:
+    from .convert import convert
+
+    tok_dir = a.tokenizer_dir
+    if a.vocab_path or a.merges_path:
+        tok_dir = _ft_vocab_dir(a.vocab_path, a.merges_path, a.saved_dir)
+    convert(a.input_dir, a.saved_dir, tp=a.tp, dtype=a.dtype, tokenizer_dir=tok_dir, progress=not a.quiet)
+    return 0
+
+
+def _ft_vocab_dir(vocab: str | None, merges: str | None, out: str) -> str:
+    """FT's --vocab-path/--merges-path: stage the pair as a tokenizer folder."""
+    import shutil
+    import tempfile
+
+    if not (vocab and merges):
+        raise FtmoeError("--vocab-path and --merges-path must be given together")
+    for path in (vocab, merges):
+        if not os.path.isfile(path):
+            raise FtmoeError(f"{path}: not found")
+    os.makedirs(out, exist_ok=True)
+    d = tempfile.mkdtemp(prefix=".tokenizer-", dir=out)
+    shutil.copyfile(vocab, os.path.join(d, "vocab.json"))
+    shutil.copyfile(merges, os.path.join(d, "merges.txt"))
+    return d
+
+
+def _cmd_info(a) -> int:
+    from .config import ModelConfig
+    from .ftformat import torch_dtype_of
+    from .loader import check_files, resolve_model_dir
+
+    d = resolve_model_dir(a.model)
+    cfg = ModelConfig.from_dir(d)
+    plan = check_files(d, cfg)
+    size = sum(os.path.getsize(p) for _, paths in plan for p in paths)
+    expert_bytes = sum(os.path.getsize(p) for s, paths in plan if ".experts." in s.name for p in paths)
+    counts = cfg.param_counts()
+    info = {"model_dir": d, "config": {k: (list(v) if isinstance(v, tuple) else v)
+                                       for k, v in cfg.__dict__.items()},
+            "hidden_size": cfg.hidden_size, "parameters": counts,
+            "files": sum(len(p) for _, p in plan), "bytes": size, "expert_bytes": expert_bytes,
+            "weight_dtype": str(torch_dtype_of(cfg.weight_data_type)).replace("torch.", "")}
+    if a.json:
+        print(json.dumps(info, indent=2))
+        return 0
+    print(f"model      {d}")
+    for k, v in info["config"].items():
+        print(f"  {k:<20} {v}")
+    print(f"parameters {counts['total'] / 1e6:,.2f} M total, {counts['active_per_token'] / 1e6:,.2f} M active "
+          f"per token, {counts['experts'] / 1e6:,.2f} M in experts")
+    print(f"files      {info['files']} files, {size / 2**20:,.1f} MiB ({expert_bytes / 2**20:,.1f} MiB experts), "
+          f"{info['weight_dtype']}")
+    return 0
+
+
+def _cmd_generate(a) -> int:
+    from .llm import LLM
+    from .sampling import SamplingParams
+
+    if a.prompt_ids:
+        try:
+            prompts = [[int(x) for x in s.split(",") if x.strip()] for s in a.prompt_ids]
+        except ValueError:
+            raise FtmoeError(f"--prompt-ids must be comma-separated integers, found {a.prompt_ids!r}") from None
+    else:
+        prompts = a.prompt
+    params = SamplingParams(max_new_tokens=a.max_new_tokens, top_k=a.top_k, top_p=a.top_p,
+                            temperature=a.temperature, repetition_penalty=a.repetition_penalty,
+                            presence_penalty=a.presence_penalty, min_length=a.min_length,
+                            beam_width=a.beam_width, len_penalty=a.len_penalty, seed=a.seed,
+                            return_log_probs=a.json)
+    llm = LLM(a.model, dtype=a.dtype, device=a.device)
+    if a.stream:
+        if len(prompts) != 1:
+            raise FtmoeError("--stream takes exactly one prompt")
+        for chunk in llm.stream(prompts[0], params):
+            sys.stdout.write(chunk.text_delta if chunk.text_delta is not None else f"{chunk.token_id} ")
+            sys.stdout.flush()
+        sys.stdout.write("\n")
+        return 0
+    t0 = time.perf_counter()
+    outs = llm.generate(prompts, params)
+    dt = time.perf_counter() - t0
+    new_tokens = 0
+    for i, o in enumerate(outs):
+        ids = o.output_ids[0] if o.output_ids and isinstance(o.output_ids[0], list) else o.output_ids
+        seq_len = o.sequence_length[0] if isinstance(o.sequence_length, list) else o.sequence_length
+        plen = len(prompts[i]) if isinstance(prompts[i], list) else seq_len - len(o.output_log_probs or []) \
+            if o.output_log_probs else None
+        new_tokens += len(ids) - (plen if plen is not None else 0)
+        if a.json:
+            print(json.dumps({"index": i, "output_ids": ids, "text": o.text, "sequence_length": seq_len,
+                              "cum_log_probs": o.cum_log_probs, "output_log_probs": o.output_log_probs,
+                              "finish_reason": o.finish_reason}, ensure_ascii=False))
+        else:
+            print(o.text if o.text is not None else " ".join(map(str, ids)))
+    if not a.json:
+        print(f"[{len(outs)} prompt(s), {dt:.2f} s]", file=sys.stderr)
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="ftmoe", description="Megatron-DeepSpeed GPT-MoE inference, "
+                                     "FasterTransformer-compatible")
+    sub = parser.add_subparsers(dest="cmd", required=True)
+    _add_convert(sub)
+    p = sub.add_parser("info", help="print a converted model's config, parameter counts and file sizes")
+    p.add_argument("model", help="converted <N>-gpu folder")
+    p.add_argument("--json", action="store_true")
+    _add_generate(sub)
+    p = sub.add_parser("demo", help="build the small embedded model, convert it and generate")
+    p.add_argument("--workdir", default="demo_out")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    a = build_parser().parse_args(argv)
+    try:
+        if a.cmd == "convert":
+            return _cmd_convert(a)
+        if a.cmd == "info":
+            return _cmd_info(a)
+        if a.cmd == "generate":
+            return _cmd_generate(a)
+        if a.cmd == "demo":
+            from .demo import run_demo
+
+            return run_demo(a.workdir)
+    except FtmoeError as e:
+        print(f"ftmoe: error: {e}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("ftmoe: interrupted", file=sys.stderr)
+        return 130
+    return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,37 @@
+"""Shared fixtures: tiny random Megatron-DeepSpeed checkpoints and their conversions.
+
+Everything is written under pytest's tmp dirs; jieba and inductor caches go to a
+git-ignored `.tmp/` in the repo unless TMPDIR is already set.
+"""
+from __future__ import annotations
+
+import os
+import pathlib
+import tempfile
+
+import pytest
+
+_REPO_TMP = pathlib.Path(__file__).resolve().parent.parent / ".tmp"
+if "TMPDIR" not in os.environ:
+    _REPO_TMP.mkdir(exist_ok=True)
+    os.environ["TMPDIR"] = str(_REPO_TMP)
+    tempfile.tempdir = None
+
+import torch  # noqa: E402
+
+from ftmoe.synthetic import PRESETS, save_megatron_checkpoint  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def tiny_ckpt_fp32(tmp_path_factory) -> str:
+    """Tiny MoE checkpoint, fp32 weights, fp32 gate, non-zero expert b2."""
+    return save_megatron_checkpoint(str(tmp_path_factory.mktemp("ckpt_fp32")), PRESETS["tiny"], seed=1,
+                                    dtype=torch.float32)
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tiny_ckpt_fp32, tmp_path_factory) -> str:
+    """The fp32 tiny checkpoint converted to a 1-gpu fp32 FT folder."""
+    from ftmoe.convert import convert
+
+    return convert(tiny_ckpt_fp32, str(tmp_path_factory.mktemp("ft_fp32")), tp=1, dtype="fp32", progress=False)
