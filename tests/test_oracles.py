@@ -23,7 +23,7 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 from ftmoe.synthetic import PRESETS, SyntheticSpec, save_megatron_checkpoint  # noqa: E402
-from oracles._load import torch_load  # noqa: E402
+from oracles._load import placeholder_class, torch_load  # noqa: E402
 from oracles.ft_converter_oracle import expected_files, ft_convert, read_bin  # noqa: E402
 from oracles.megatron_reference import MegatronReference  # noqa: E402
 
@@ -58,6 +58,9 @@ def test_placeholder_unpickler_loads_foreign_enum(ckpts):
     assert str(state["args"].model_type) == "ModelType.encoder_or_decoder"
     assert f"{state['args'].model_type}" == "ModelType.encoder_or_decoder"
     assert state["args"].params_dtype is torch.float16
+    mt = placeholder_class("megatron.core.enums", "ModelType")
+    assert str(mt(2)) == "ModelType.encoder_and_decoder" and str(mt(9)) == "ModelType.value_9"
+    assert str(placeholder_class("no.such.module", "Thing")(1, "a")) == "Thing(1, 'a')"
 
 
 # ----------------------------------------------------------------------------- reference

@@ -23,7 +23,7 @@ Choices worth knowing:
   flattened in (b, t) order. k=1: capacity = max(ceil(B*T/E * cf), m), cf multiplied in fp32
   like DeepSpeed's `_capacity` (`torch.tensor(capacity_factor)` is float32); each expert keeps
   its first `capacity` tokens, a dropped token's MoE output is 0. DeepSpeed's top1gating picks
-  the kept tokens at random (use_rts) -- we do not.
+  the kept tokens at random (use_rts) -- we do not -- and asserts B*T >= min_capacity (we don't).
   k>1: we follow DeepSpeed's top2gating slot order -- capacity uses cf*k, and every token's
   first choice is placed before any token's second choice (top2gating offsets `locations2` by
   the total count of first choices per expert); for k>2 the same rule continues rank by rank.
