@@ -43,6 +43,7 @@ def ckpts(tmp_path_factory) -> dict[str, str]:
                                                   gate_dtype=torch.float16),
         "top2_interval1": save_megatron_checkpoint(
             str(root / "top2"), SyntheticSpec(num_layers=3, expert_interval=1, topk=2, num_experts=4), seed=9),
+        "dense": save_megatron_checkpoint(str(root / "dense"), SyntheticSpec(num_layers=2, num_experts=0), seed=10),
     }
 
 
@@ -56,7 +57,7 @@ def test_identical_to_ft(ckpts, tmp_path, tp, dtype):
 
 @pytest.mark.parametrize("variant,tp", [("train_tp2", 1), ("train_tp2", 2), ("train_tp2", 4), ("train_tp2", 8),
                                         ("model_rng", 1), ("model_rng", 4), ("bf16_fp16gate", 2),
-                                        ("top2_interval1", 2)])
+                                        ("top2_interval1", 2), ("dense", 2)])
 def test_identical_to_ft_variants(ckpts, tmp_path, variant, tp):
     ours = convert(ckpts[variant], str(tmp_path / "ours"), tp=tp, dtype="fp16", progress=False)
     theirs = ft_convert(ckpts[variant], str(tmp_path / "ft"), tp, "fp16")

@@ -35,11 +35,13 @@ def variants(tmp_path_factory) -> dict[str, str]:
                                                   layout="megatron", encoder_key="transformer", **f32),
         "top2_every_layer": save_megatron_checkpoint(
             str(root / "top2"), SyntheticSpec(num_layers=3, expert_interval=1, topk=2, num_experts=4), seed=23, **f32),
+        "dense": save_megatron_checkpoint(str(root / "dense"), SyntheticSpec(num_layers=2, num_experts=0), seed=24,
+                                          **f32),
     }
 
 
 @pytest.mark.parametrize("tp", [1, 2, 4])
-@pytest.mark.parametrize("variant", ["base", "train_tp2_rng", "top2_every_layer"])
+@pytest.mark.parametrize("variant", ["base", "train_tp2_rng", "top2_every_layer", "dense"])
 def test_logits_match_reference(variants, tmp_path, variant, tp):
     ckpt = variants[variant]
     model = load_model(convert(ckpt, str(tmp_path), tp=tp, dtype="fp32", progress=False))
@@ -139,3 +141,15 @@ def test_kv_cache_fork_and_reorder(tiny_model_dir):
     for i in (1, 2):
         got = model(s[None, 5:6], cache.prepare([i], [1]), cache, last_only=True)[0]
         assert rel_err(got, full) < 1e-5
+
+
+@pytest.mark.parametrize("tp,dtype", [(2, "fp32"), (4, "fp16")])
+def test_loads_folders_made_by_ft_converter(variants, tmp_path, tp, dtype):
+    """A folder written by (our re-implementation of) FT's own converter loads and runs."""
+    from tests.oracles.ft_converter_oracle import ft_convert
+
+    ckpt = variants["base"]
+    model = load_model(ft_convert(ckpt, str(tmp_path), tp, dtype), dtype="float32")
+    ids = _ids(2, 11, 512, seed=4)
+    want = MegatronReference(ckpt, torch.float64).logits(ids)
+    assert rel_err(model(ids), want) < (1e-5 if dtype == "fp32" else 5e-3)

@@ -294,7 +294,7 @@ def open_checkpoint(ckpt_dir: str) -> MegatronCheckpoint:
         inter_size=int(_get(args, "ffn_hidden_size", path, 4 * H)), num_layer=layers,
         max_pos_seq_len=int(_get(args, "max_position_embeddings", path)), vocab_size=vocab,
         layernorm_eps=float(_get(args, "layernorm_epsilon", path, 1e-5)),
-        expert_num=n_exp if moe_layers else 0, moe_layers=tuple(moe_layers),
+        expert_num=n_exp, moe_layers=tuple(moe_layers),  # FT: a dense model with num_experts=[1] says expert_num = 1
         moe_k=int(_get(args, "topk", path, 1)) if moe_layers else 1)
     present = {int(_ENC_KEY_RE.match(k).group(1)) for k in encoders[0] if _ENC_KEY_RE.match(k)}
     extra = sorted(present - set(range(layers)))

@@ -1,0 +1,289 @@
+"""Batched generation on one paged KV cache: sampling, greedy and beam search, streaming.
+
+In:  a `GPTMoE`, prompts (lists of token ids, different lengths) and one `SamplingParams`
+     per prompt (or one for all).
+Out: `Generator.generate` -> one `GenerationOutput` per prompt, in order;
+     `Generator.stream` -> `StreamEvent`s (request index, token id, log prob, finished flag)
+     as tokens are produced.
+
+How a batch runs: the prompts are prefilled in one right-padded forward
+(`cache.prepare(ids, lengths)`), then every step feeds one token (T=1) for each unfinished
+sequence (one row per sampling request, one per alive beam). Each request samples with its
+own params and its own `torch.Generator` (seeded by `seed`), which draws exactly one number
+per step, so a request's tokens do not depend on what it is batched with. If the batch's
+worst case (prompt + max_new_tokens per sequence, 2x for beams' reorders) does not fit the
+cache (`max_batch_tokens`), it runs in consecutive waves. A request finishes on end_id
+(unless `ignore_eos`) or a stop word ("stop"; the token stays in `output_ids`), or after
+`max_new_tokens` or at the model's `max_pos_seq_len` total tokens ("length"); its cache
+blocks are freed at once, and every block is freed on exceptions or when a stream is
+closed early. Beam requests stream their best hypothesis's tokens when they finish.
+Not thread-safe: one Generator runs one batch at a time.
+"""
+from __future__ import annotations
+
+import dataclasses
+import operator
+from collections.abc import Iterator, Sequence
+
+import torch
+
+from .beam_search import BeamRequest
+from .errors import RequestError
+from .kv_cache import KVCache
+from .sampling import SamplingParams, ends_with_word, process_logits, sample
+
+
+@dataclasses.dataclass
+class GenerationOutput:
+    """FT-style result. For beam_width > 1 every field except prompt_length is a list over
+    beams, best first (by cum_log_prob / generated_length ** len_penalty)."""
+
+    output_ids: list[int] | list[list[int]]              # prompt + generated
+    sequence_length: int | list[int]                     # len(output_ids)
+    cum_log_probs: float | list[float] | None            # None unless return_log_probs
+    output_log_probs: list[float] | list[list[float]] | None
+    finish_reason: str | list[str]                       # "stop" or "length"
+    prompt_length: int
+    scores: list[float] | None = None                    # beams: normalised scores
+    text: str | list[str] | None = None                  # set by LLM (generated part)
+
+    @property
+    def generated_ids(self) -> list[int] | list[list[int]]:
+        if self.output_ids and isinstance(self.output_ids[0], list):
+            return [ids[self.prompt_length:] for ids in self.output_ids]
+        return self.output_ids[self.prompt_length:]
+
+
+@dataclasses.dataclass
+class StreamEvent:
+    index: int                  # which prompt of the batch
+    token_id: int
+    logprob: float
+    finished: bool
+    finish_reason: str | None = None
+
+
+class _SampleRequest:
+    def __init__(self, prompt: list[int], params: SamplingParams, end_id: int | None, max_gen: int,
+                 cache: KVCache, seq_id: int, device: torch.device):
+        self.prompt, self.params, self.end_id, self.max_gen = prompt, params, end_id, max_gen
+        self.cache, self.seq_id = cache, seq_id
+        self.stops = params.word_ids("stop_words")
+        self.bads = params.word_ids("bad_words")
+        self.generator = None if params.greedy else params.make_generator(device)
+        self.tokens: list[int] = []
+        self.log_probs: list[float] = []
+        self.finish_reason: str | None = None
+        self.done = False
+
+    def rows(self) -> list[tuple[int, int]]:
+        return [(self.seq_id, self.tokens[-1])]
+
+    def release(self) -> None:
+        self.cache.free(self.seq_id)
+
+    def step(self, logits: torch.Tensor) -> list[tuple[int, float, bool, str | None]]:
+        seq = self.prompt + self.tokens
+        proc = process_logits(logits[0], seq, len(self.tokens), self.params, self.end_id, self.bads)
+        tok, lp = sample(proc, self.params, self.generator)
+        self.tokens.append(tok)
+        self.log_probs.append(lp)
+        reason = None
+        if tok == self.end_id and not self.params.ignore_eos:
+            reason = "stop"
+        elif self.stops and ends_with_word(seq + [tok], self.stops):
+            reason = "stop"
+        elif len(self.tokens) >= self.max_gen:
+            reason = "length"
+        if reason is not None:
+            self.finish_reason, self.done = reason, True
+            self.release()
+        return [(tok, lp, self.done, reason)]
+
+    def output(self) -> GenerationOutput:
+        lp = self.params.return_log_probs
+        ids = self.prompt + self.tokens
+        return GenerationOutput(ids, len(ids), sum(self.log_probs) if lp else None,
+                                list(self.log_probs) if lp else None, self.finish_reason or "length",
+                                len(self.prompt))
+
+
+class _BeamAdapter(BeamRequest):
+    """BeamRequest with the generator's request interface (events, output)."""
+
+    def step(self, logits: torch.Tensor) -> list[tuple[int, float, bool, str | None]]:
+        super().step(logits)
+        if not self.done:
+            return []
+        hyps = self.hypotheses()
+        if not hyps:
+            return []
+        best = hyps[0]
+        n = len(best.tokens)
+        return [(t, lp, i == n - 1, best.finish_reason if i == n - 1 else None)
+                for i, (t, lp) in enumerate(zip(best.tokens, best.log_probs))]
+
+    @property
+    def seq_id(self) -> int:
+        return self.slots[0]
+
+    def output(self) -> GenerationOutput:
+        hyps = self.hypotheses()
+        lp = self.params.return_log_probs
+        ids = [self.prompt + h.tokens for h in hyps]
+        return GenerationOutput(ids, [len(x) for x in ids], [h.cum_log_prob for h in hyps] if lp else None,
+                                [list(h.log_probs) for h in hyps] if lp else None,
+                                [h.finish_reason for h in hyps], len(self.prompt), [h.score for h in hyps])
+
+
+class Generator:
+    def __init__(self, model, max_batch_tokens: int | None = None, block_size: int = 16):
+        """max_batch_tokens: KV-cache capacity in tokens, shared by all sequences of a wave
+        (default 4 x max_pos_seq_len)."""
+        self.model = model
+        self.config = model.config
+        cap = max_batch_tokens if max_batch_tokens is not None else 4 * self.config.max_pos_seq_len
+        self.cache = KVCache.for_model(self.config, cap, block_size, dtype=model.dtype, device=model.device)
+        self._next_seq = 0
+
+    # ---- public ------------------------------------------------------------------
+    def generate(self, prompts: Sequence[Sequence[int]],
+                 params: SamplingParams | Sequence[SamplingParams] | None = None) -> list[GenerationOutput]:
+        reqs_in = self._check(prompts, params)
+        outputs: list[GenerationOutput | None] = [None] * len(reqs_in)
+        for _ in self._run(reqs_in, outputs):
+            pass
+        return outputs  # type: ignore[return-value]
+
+    def stream(self, prompts: Sequence[Sequence[int]],
+               params: SamplingParams | Sequence[SamplingParams] | None = None) -> Iterator[StreamEvent]:
+        """Events as tokens are produced. Validation happens before the first event."""
+        reqs_in = self._check(prompts, params)
+        return self._run(reqs_in, [None] * len(reqs_in))
+
+    def end_id_for(self, params: SamplingParams) -> int | None:
+        """The request's end_id; the config's, when it names a token of the vocabulary."""
+        if params.end_id is not None:
+            return params.end_id
+        e = self.config.end_id
+        return e if 0 <= e < self.config.vocab_size else None
+
+    # ---- validation --------------------------------------------------------------
+    def _check(self, prompts, params) -> list[tuple[list[int], SamplingParams]]:
+        cfg = self.config
+        if isinstance(params, SamplingParams) or params is None:
+            params = [params or SamplingParams()] * len(prompts)
+        elif len(params) != len(prompts):
+            raise RequestError(f"got {len(params)} SamplingParams for {len(prompts)} prompts")
+        out = []
+        for i, (prompt, p) in enumerate(zip(prompts, params)):
+            where = f"request {i}: " if len(prompts) > 1 else ""
+            try:
+                ids = _as_ids(prompt)
+            except TypeError:
+                raise RequestError(f"{where}prompt must be a list of token ids, found {prompt!r:.80}") from None
+            if not ids:
+                raise RequestError(f"{where}prompt is empty (has 0 tokens); give at least one token")
+            if len(ids) >= cfg.max_pos_seq_len:
+                raise RequestError(f"{where}prompt has {len(ids)} tokens; the model's context is "
+                                   f"{cfg.max_pos_seq_len} (prompt + new tokens), so at most "
+                                   f"{cfg.max_pos_seq_len - 1} prompt tokens")
+            bad = [t for t in ids if not 0 <= t < cfg.vocab_size]
+            if bad:
+                raise RequestError(f"{where}prompt has token id {bad[0]} outside the vocabulary 0..{cfg.vocab_size - 1}")
+            if not isinstance(p, SamplingParams):
+                raise RequestError(f"{where}params must be SamplingParams, found {type(p).__name__}")
+            p.validate(cfg.vocab_size)
+            p.word_ids("stop_words"), p.word_ids("bad_words")
+            need = self._blocks_needed(len(ids), p)
+            if need > self.cache.num_blocks:
+                bs = self.cache.block_size
+                raise RequestError(f"{where}needs {need * bs} KV-cache tokens (prompt {len(ids)} + "
+                                   f"{self._max_gen(len(ids), p)} new, beam_width {p.beam_width}); the generator "
+                                   f"holds {self.cache.num_blocks * bs} (raise max_batch_tokens)")
+            out.append((ids, p))
+        return out
+
+    def _max_gen(self, prompt_len: int, p: SamplingParams) -> int:
+        return min(p.max_new_tokens, self.config.max_pos_seq_len - prompt_len)
+
+    def _blocks_needed(self, prompt_len: int, p: SamplingParams) -> int:
+        per_seq = self.cache.blocks_for(prompt_len + self._max_gen(prompt_len, p))
+        return per_seq if p.beam_width == 1 else 2 * p.beam_width * per_seq
+
+    # ---- running -----------------------------------------------------------------
+    def _new_seq(self) -> int:
+        self._next_seq += 1
+        return self._next_seq
+
+    def _waves(self, reqs: list[tuple[list[int], SamplingParams]]) -> Iterator[list[int]]:
+        wave, used = [], 0
+        for i, (ids, p) in enumerate(reqs):
+            need = self._blocks_needed(len(ids), p)
+            if wave and used + need > self.cache.num_blocks:
+                yield wave
+                wave, used = [], 0
+            wave.append(i)
+            used += need
+        if wave:
+            yield wave
+
+    def _make(self, ids: list[int], p: SamplingParams):
+        end_id, max_gen = self.end_id_for(p), self._max_gen(len(ids), p)
+        if p.beam_width > 1:
+            return _BeamAdapter(ids, p, end_id, max_gen, self.cache, [self._new_seq() for _ in range(p.beam_width)])
+        return _SampleRequest(ids, p, end_id, max_gen, self.cache, self._new_seq(), self.model.device)
+
+    def _forward(self, ids: torch.Tensor, seq_ids: list[int], lens: list[int]) -> torch.Tensor:
+        meta = self.cache.prepare(seq_ids, lens)
+        with torch.no_grad():
+            return self.model(ids.to(self.model.device), meta, self.cache, last_only=True)   # [B, V]
+
+    def _run(self, reqs_in, outputs: list) -> Iterator[StreamEvent]:
+        for wave in self._waves(reqs_in):
+            reqs = []
+            try:
+                for i in wave:
+                    reqs.append(self._make(*reqs_in[i]))
+                    self.cache.add(reqs[-1].seq_id)
+                lens = [len(r.prompt) for r in reqs]
+                ids = torch.zeros(len(reqs), max(lens), dtype=torch.long)
+                for b, r in enumerate(reqs):
+                    ids[b, :lens[b]] = torch.tensor(r.prompt, dtype=torch.long)
+                logits = self._forward(ids, [r.seq_id for r in reqs], lens)
+                for b, (i, r) in enumerate(zip(wave, reqs)):
+                    for ev in r.step(logits[b:b + 1]):
+                        yield StreamEvent(i, *ev)
+                while True:
+                    active = [(i, r) for i, r in zip(wave, reqs) if not r.done]
+                    if not active:
+                        break
+                    rows = [r.rows() for _, r in active]
+                    flat = [x for rr in rows for x in rr]
+                    toks = torch.tensor([[t] for _, t in flat], dtype=torch.long)
+                    logits = self._forward(toks, [s for s, _ in flat], [1] * len(flat))
+                    off = 0
+                    for (i, r), rr in zip(active, rows):
+                        events = r.step(logits[off:off + len(rr)])
+                        off += len(rr)
+                        for ev in events:
+                            yield StreamEvent(i, *ev)
+                for i, r in zip(wave, reqs):
+                    outputs[i] = r.output()
+            finally:
+                for r in reqs:
+                    r.release()
+
+
+def _as_ids(prompt) -> list[int]:
+    """A prompt as a list of Python ints; TypeError for anything else (str, floats, bools)."""
+    if isinstance(prompt, torch.Tensor):
+        prompt = prompt.reshape(-1).tolist()
+    if isinstance(prompt, (str, bytes)):
+        raise TypeError("text prompt")
+    ids = []
+    for t in prompt:
+        if isinstance(t, bool):
+            raise TypeError("bool is not a token id")
+        ids.append(operator.index(t))
+    return ids
