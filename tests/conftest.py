@@ -19,6 +19,11 @@ if "TMPDIR" not in os.environ:
 
 import torch  # noqa: E402
 
+# Triton kernels run on the CPU through the interpreter when there is no GPU; the flag must be
+# set before any kernel is defined (i.e. before ftmoe.kernels is imported).
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
 from ftmoe.synthetic import PRESETS, save_megatron_checkpoint  # noqa: E402
 
 

@@ -1,0 +1,61 @@
+"""Decode attention over the paged KV cache, writing the new token's K/V in place.
+
+In:  qkv [B, 3, h, D] (one new token per row, FT's q|k|v layout), caches [NB, bs, h, D],
+     block_tables [B, nb], context_lens [B] (tokens already cached), slots [B] (where the
+     new K/V go). Out: ctx [B, h, D]. One program per (row, head): online softmax over
+     the cached tokens, the new token taken from registers, then the new K/V stored.
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def _decode_attention_kernel(QKV, KC, VC, OUT, TABLES, CTX, SLOTS, scale,
+                             stride_qb, stride_q3, stride_cb, stride_cp, stride_ch, stride_tb, stride_ob,
+                             BS: tl.constexpr, D: tl.constexpr, BLOCK_N: tl.constexpr):
+    b = tl.program_id(0).to(tl.int64)
+    h = tl.program_id(1)
+    d = tl.arange(0, D)
+    base = QKV + b * stride_qb + h * D + d
+    q = tl.load(base).to(tl.float32) * scale
+    k_new = tl.load(base + stride_q3)
+    v_new = tl.load(base + 2 * stride_q3)
+    n_ctx = tl.load(CTX + b)
+    m_i = tl.sum(q * k_new.to(tl.float32), axis=0)       # the new token starts the running max
+    l_i = m_i * 0.0 + 1.0
+    acc = v_new.to(tl.float32)
+    for start in range(0, n_ctx, BLOCK_N):
+        pos = start + tl.arange(0, BLOCK_N)
+        pm = pos < n_ctx
+        blk = tl.load(TABLES + b * stride_tb + pos // BS, mask=pm, other=0).to(tl.int64)
+        off = blk * stride_cb + (pos % BS) * stride_cp + h * stride_ch
+        k = tl.load(KC + off[:, None] + d[None, :], mask=pm[:, None], other=0.0).to(tl.float32)
+        v = tl.load(VC + off[:, None] + d[None, :], mask=pm[:, None], other=0.0).to(tl.float32)
+        s = tl.where(pm, tl.sum(q[None, :] * k, axis=1), float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, axis=0))
+        alpha = tl.exp(m_i - m_new)
+        p = tl.exp(s - m_new)
+        l_i = l_i * alpha + tl.sum(p, axis=0)
+        acc = acc * alpha + tl.sum(p[:, None] * v, axis=0)
+        m_i = m_new
+    tl.store(OUT + b * stride_ob + h * D + d, (acc / l_i).to(OUT.dtype.element_ty))
+    slot = tl.load(SLOTS + b).to(tl.int64)
+    dst = (slot // BS) * stride_cb + (slot % BS) * stride_cp + h * stride_ch + d
+    tl.store(KC + dst, k_new.to(KC.dtype.element_ty))
+    tl.store(VC + dst, v_new.to(VC.dtype.element_ty))
+
+
+def decode_attention(qkv: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_tables: torch.Tensor,
+                     context_lens: torch.Tensor, slots: torch.Tensor, scale: float,
+                     out: torch.Tensor | None = None, block_n: int = 64) -> torch.Tensor:
+    B, three, h, D = qkv.shape
+    assert three == 3 and qkv.stride(3) == 1 and k_cache.stride(3) == 1
+    o = out if out is not None else torch.empty(B, h, D, dtype=qkv.dtype, device=qkv.device)
+    _decode_attention_kernel[(B, h)](
+        qkv, k_cache, v_cache, o, block_tables, context_lens, slots, scale,
+        qkv.stride(0), qkv.stride(1), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
+        block_tables.stride(0), o.stride(0), BS=k_cache.shape[1], D=D, BLOCK_N=block_n, num_warps=4)
+    return o

@@ -1,0 +1,109 @@
+"""Grouped GEMM over experts (vLLM-style fused MoE) with fused epilogues.
+
+In:  a [rows, K]; w [E, K, N] (FT's expert layout, N contiguous); bias [E, N]; routing as
+     produced by `routing.moe_align` (slots grouped by expert, padded to BLOCK_M).
+Out: c [N_slots, N]: c[s] = act(a[row(s)] @ w[e(s)] + bias[e(s)]) (* prob[s]), where row(s)
+     is the token s // k (first GEMM) or the slot s itself (second GEMM).
+
+One launch covers every expert: each program owns one BLOCK_M x BLOCK_N tile of one
+expert's group, so an expert's weights are read once per N-tile per M-block, and experts
+with no tokens cost nothing. `dense=True` is the one-expert case (a plain MLP GEMM with
+the same epilogues) and needs no routing.
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def _gelu_tanh(x):
+    # 0.5 x (1 + tanh(z)) == x * sigmoid(2 z), z = sqrt(2/pi) (x + 0.044715 x^3)
+    z = 0.7978845608028654 * (x + 0.044715 * x * x * x)
+    return x / (1.0 + tl.exp(-2.0 * z))
+
+
+@triton.jit
+def _fused_moe_kernel(A, W, BIAS, C, PROBS, SORTED, BLOCK_EXPERT, NUM_POST,
+                      N, K, NUM_SLOTS, stride_am, stride_we, stride_wk, stride_be, stride_cm,
+                      TOPK: tl.constexpr, A_PER_SLOT: tl.constexpr, DENSE: tl.constexpr, HAS_BIAS: tl.constexpr,
+                      GELU: tl.constexpr, MUL_PROB: tl.constexpr,
+                      BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr):
+    pid = tl.program_id(0)
+    num_n = tl.cdiv(N, BLOCK_N)
+    num_m = tl.num_programs(0) // num_n
+    # grouped ordering: GROUP_M row-blocks share each column sweep (L2 reuse of the weight tiles)
+    group = pid // (GROUP_M * num_n)
+    first_m = group * GROUP_M
+    size_m = tl.minimum(num_m - first_m, GROUP_M)
+    pid_m = first_m + (pid % (GROUP_M * num_n)) % size_m
+    pid_n = (pid % (GROUP_M * num_n)) // size_m
+
+    if DENSE:
+        slots = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+        expert = 0
+    else:
+        if pid_m * BLOCK_M >= tl.load(NUM_POST):
+            return
+        slots = tl.load(SORTED + pid_m * BLOCK_M + tl.arange(0, BLOCK_M))
+        expert = tl.load(BLOCK_EXPERT + pid_m).to(tl.int64)
+    smask = slots < NUM_SLOTS
+    if A_PER_SLOT:
+        rows = slots
+    else:
+        rows = slots // TOPK
+    rows = tl.where(smask, rows, 0).to(tl.int64)
+
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    nmask = offs_n < N
+    offs_k = tl.arange(0, BLOCK_K)
+    a_ptrs = A + rows[:, None] * stride_am + offs_k[None, :]
+    w_ptrs = W + expert * stride_we + offs_k[:, None] * stride_wk + offs_n[None, :]
+    acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        kmask = offs_k < K - k0
+        a = tl.load(a_ptrs, mask=smask[:, None] & kmask[None, :], other=0.0)
+        w = tl.load(w_ptrs, mask=kmask[:, None] & nmask[None, :], other=0.0)
+        acc += tl.dot(a, w)
+        a_ptrs += BLOCK_K
+        w_ptrs += BLOCK_K * stride_wk
+    if HAS_BIAS:
+        acc += tl.load(BIAS + expert * stride_be + offs_n, mask=nmask, other=0.0).to(tl.float32)[None, :]
+    if GELU:
+        acc = _gelu_tanh(acc)
+    if MUL_PROB:
+        acc *= tl.load(PROBS + slots, mask=smask, other=0.0)[:, None]
+    c_ptrs = C + slots.to(tl.int64)[:, None] * stride_cm + offs_n[None, :]
+    tl.store(c_ptrs, acc.to(C.dtype.element_ty), mask=smask[:, None] & nmask[None, :])
+
+
+DEFAULT_CONFIG = {"BLOCK_M": 16, "BLOCK_N": 64, "BLOCK_K": 64, "GROUP_M": 8, "num_warps": 4, "num_stages": 3}
+
+
+def fused_moe(a: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None, num_slots: int, *,
+              topk: int = 1, routing=None, probs: torch.Tensor | None = None, a_per_slot: bool = False,
+              gelu: bool = False, mul_prob: bool = False, out: torch.Tensor | None = None,
+              config: dict | None = None) -> torch.Tensor:
+    """c [num_slots, N]. `routing` = (sorted_slots, block_expert, num_post) from moe_align with
+    the same BLOCK_M as `config`; None means dense (one expert, slot = row)."""
+    cfg = dict(DEFAULT_CONFIG, **(config or {}))
+    E, K, N = w.shape
+    assert a.shape[1] == K and w.stride(2) == 1 and a.stride(1) == 1
+    c = out if out is not None else torch.empty(num_slots, N, dtype=a.dtype, device=a.device)
+    dense = routing is None
+    if dense:
+        num_m = triton.cdiv(num_slots, cfg["BLOCK_M"])
+        sorted_slots = block_expert = num_post = c  # unused
+    else:
+        sorted_slots, block_expert, num_post = routing
+        num_m = block_expert.numel()
+    grid = (num_m * triton.cdiv(N, cfg["BLOCK_N"]),)
+    _fused_moe_kernel[grid](
+        a, w, bias if bias is not None else w, c, probs if probs is not None else a,
+        sorted_slots, block_expert, num_post, N, K, num_slots,
+        a.stride(0), w.stride(0), w.stride(1), bias.stride(0) if bias is not None and bias.dim() == 2 else 0,
+        c.stride(0), TOPK=topk, A_PER_SLOT=a_per_slot, DENSE=dense, HAS_BIAS=bias is not None, GELU=gelu,
+        MUL_PROB=mul_prob, BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], BLOCK_K=cfg["BLOCK_K"],
+        GROUP_M=cfg["GROUP_M"], num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
+    return c

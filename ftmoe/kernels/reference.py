@@ -1,0 +1,99 @@
+"""Pure-torch twins of every Triton kernel: the definition of what each kernel computes.
+
+Legend: N tokens (rows), H hidden, E experts, F ffn, k top-k, B batch, D head dim.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+
+
+def add_layernorm_ref(x, weight, bias, eps, add=None, add_bias=None):
+    """(res, y): res = x + add + add_bias (fp32 sum, stored in x.dtype); y = LN(res) in x.dtype."""
+    r = x.float()
+    if add is not None:
+        r = r + add.float()
+    if add_bias is not None:
+        r = r + add_bias.float()
+    y = torch.nn.functional.layer_norm(r, r.shape[-1:], weight.float(), bias.float(), eps)
+    return r.to(x.dtype), y.to(x.dtype)
+
+
+def gelu_tanh_ref(x):
+    return 0.5 * x * (1.0 + torch.tanh(math.sqrt(2.0 / math.pi) * (x + 0.044715 * x * x * x)))
+
+
+def gate_topk_ref(u, wg, k):
+    """u [N, H], wg [H, E] -> (probs [N, k] fp32, ids [N, k] int32); fp32 softmax, ties to lower id."""
+    p = torch.softmax(u.float() @ wg.float(), dim=-1)
+    masked = p.clone()
+    ids = []
+    for _ in range(k):
+        i = masked.argmax(dim=-1, keepdim=True)
+        ids.append(i)
+        masked.scatter_(1, i, -1.0)
+    ids_t = torch.cat(ids, 1)
+    return p.gather(1, ids_t), ids_t.to(torch.int32)
+
+
+def moe_align_ref(ids, num_experts, block_m):
+    """ids [N, k] -> (sorted_slots [max_len] int32, block_expert [max_blocks] int32, num_post [1] int32).
+
+    Slots s = n*k + j are grouped by expert (in slot order within an expert); each expert's
+    group is padded to a multiple of block_m with the sentinel N*k. Blocks past num_post
+    are unused (their expert id is clamped to E-1)."""
+    flat = ids.reshape(-1).long()
+    nk = flat.numel()
+    max_len = nk + num_experts * (block_m - 1)
+    max_blocks = -(-max_len // block_m)
+    counts = torch.bincount(flat, minlength=num_experts)
+    padded = (counts + block_m - 1) // block_m * block_m
+    ends = torch.cumsum(padded, 0)
+    starts = ends - padded
+    out = torch.full((max_blocks * block_m,), nk, dtype=torch.int32, device=ids.device)
+    for e in range(num_experts):
+        slots = (flat == e).nonzero(as_tuple=True)[0]
+        out[starts[e]:starts[e] + slots.numel()] = slots.to(torch.int32)
+    block_starts = torch.arange(max_blocks, device=ids.device) * block_m
+    block_expert = torch.searchsorted(ends, block_starts, right=True).clamp(max=num_experts - 1)
+    return out, block_expert.to(torch.int32), ends[-1:].to(torch.int32)
+
+
+def fused_moe_ref(a, w, bias, ids, probs, topk, a_per_slot=False, gelu=False, mul_prob=False):
+    """Per slot s=(n, j) with expert e=ids[n, j]: out[s] = act(a[row] @ w[e] + bias[e]) (* probs[n, j]).
+    a [N, K] (row = n) or [N*k, K] (row = s when a_per_slot); w [E, K, N_out] -> out [N*k, N_out]."""
+    flat = ids.reshape(-1).long()
+    rows = torch.arange(flat.numel(), device=a.device) if a_per_slot else \
+        torch.arange(flat.numel(), device=a.device) // topk
+    y = torch.einsum("sk,skn->sn", a[rows].float(), w[flat].float())
+    if bias is not None:
+        y = y + bias[flat].float()
+    if gelu:
+        y = gelu_tanh_ref(y)
+    if mul_prob:
+        y = y * probs.reshape(-1, 1).float()
+    return y.to(a.dtype)
+
+
+def decode_attention_ref(qkv, k_cache, v_cache, block_tables, context_lens, slots, scale):
+    """One new token per row. qkv [B, 3, h, D]; caches [NB, bs, h, D]; the new k/v are written
+    at `slots` [B]; attends over the context_lens[b] cached tokens plus the new one.
+    Returns ctx [B, h, D] (mutates the caches)."""
+    B, _, h, D = qkv.shape
+    bs = k_cache.shape[1]
+    q, k_new, v_new = qkv[:, 0], qkv[:, 1], qkv[:, 2]
+    out = torch.empty(B, h, D, dtype=qkv.dtype, device=qkv.device)
+    for b in range(B):
+        n = int(context_lens[b])
+        pos = torch.arange(n, device=qkv.device)
+        blk = block_tables[b, pos // bs].long()
+        k = torch.cat([k_cache[blk, pos % bs].float(), k_new[b:b + 1].float()], 0)   # [n+1, h, D]
+        v = torch.cat([v_cache[blk, pos % bs].float(), v_new[b:b + 1].float()], 0)
+        s = torch.einsum("hd,nhd->hn", q[b].float(), k) * scale
+        out[b] = torch.einsum("hn,nhd->hd", torch.softmax(s, -1), v).to(qkv.dtype)
+    flat_k = k_cache.view(-1, h, D)
+    flat_v = v_cache.view(-1, h, D)
+    flat_k[slots.long()] = k_new.to(k_cache.dtype)
+    flat_v[slots.long()] = v_new.to(v_cache.dtype)
+    return out
