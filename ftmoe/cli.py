@@ -165,6 +165,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("model", help="converted <N>-gpu folder")
     p.add_argument("--json", action="store_true")
     _add_generate(sub)
+    p = sub.add_parser("bench", help="GPU decode/prefill speed beside the hardware floor and eager PyTorch")
+    p.add_argument("--preset", default="gpt-moe-0.35b-64e", help="random weights at these shapes "
+                   "(gpt-moe-0.35b-64e, gpt-moe-1.3b-32e, gpt-moe-1.3b-64e)")
+    p.add_argument("--model", default=None, help="a converted <N>-gpu folder instead of random weights")
+    p.add_argument("--dtype", default="bf16", choices=["bf16", "fp16"])
+    p.add_argument("--batches", default="1,8,64,256")
+    p.add_argument("--ctx", type=int, default=128)
+    p.add_argument("--prefill", default="8x512", help="BxT, or 'none'")
+    p.add_argument("--no-eager", action="store_true", help="skip the eager pure-torch baseline")
+    p.add_argument("--no-latency", action="store_true", help="skip the FT-style end-to-end latency table")
+    p.add_argument("--iters", type=int, default=50)
+    p.add_argument("--json", default=None, help="write the results here")
     p = sub.add_parser("demo", help="build the small embedded model, convert it and generate")
     p.add_argument("--workdir", default="demo_out")
     return parser
@@ -179,6 +191,19 @@ def main(argv: list[str] | None = None) -> int:
             return _cmd_info(a)
         if a.cmd == "generate":
             return _cmd_generate(a)
+        if a.cmd == "bench":
+            from .bench import run_bench
+
+            if a.preset not in __import__("ftmoe.synthetic", fromlist=["PRESETS"]).PRESETS:
+                raise FtmoeError(f"--preset must be one of the presets, found '{a.preset}'")
+            try:
+                batches = tuple(int(b) for b in a.batches.split(","))
+                prefill = None if a.prefill == "none" else tuple(int(v) for v in a.prefill.lower().split("x"))
+            except ValueError:
+                raise FtmoeError(f"--batches/--prefill malformed: {a.batches!r}, {a.prefill!r}") from None
+            run_bench(a.preset, a.model, a.dtype, batches, a.ctx, prefill, not a.no_eager, not a.no_latency,
+                      a.iters, a.json)
+            return 0
         if a.cmd == "demo":
             from .demo import run_demo
 

@@ -2,7 +2,7 @@
 
 In:  qkv [B, 3, h, D] (one new token per row, FT's q|k|v layout), caches [NB, bs, h, D],
      block_tables [B, nb], context_lens [B] (tokens already cached), slots [B] (where the
-     new K/V go). Out: ctx [B, h, D]. One program per (row, head): online softmax over
+     new K/V go; -1 for padding rows). Out: ctx [B, h, D]. One program per (row, head): online softmax over
      the cached tokens, the new token taken from registers, then the new K/V stored.
 """
 from __future__ import annotations
@@ -42,10 +42,11 @@ def _decode_attention_kernel(QKV, KC, VC, OUT, TABLES, CTX, SLOTS, scale,
         acc = acc * alpha + tl.sum(p[:, None] * v, axis=0)
         m_i = m_new
     tl.store(OUT + b * stride_ob + h * D + d, (acc / l_i).to(OUT.dtype.element_ty))
-    slot = tl.load(SLOTS + b).to(tl.int64)
-    dst = (slot // BS) * stride_cb + (slot % BS) * stride_cp + h * stride_ch + d
-    tl.store(KC + dst, k_new.to(KC.dtype.element_ty))
-    tl.store(VC + dst, v_new.to(VC.dtype.element_ty))
+    slot = tl.load(SLOTS + b).to(tl.int64)              # < 0: a padding row, nothing to store
+    dst = (tl.maximum(slot, 0) // BS) * stride_cb + (tl.maximum(slot, 0) % BS) * stride_cp + h * stride_ch + d
+    smask = (d * 0 + slot) >= 0
+    tl.store(KC + dst, k_new.to(KC.dtype.element_ty), mask=smask)
+    tl.store(VC + dst, v_new.to(VC.dtype.element_ty), mask=smask)
 
 
 def decode_attention(qkv: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_tables: torch.Tensor,

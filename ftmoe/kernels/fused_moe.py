@@ -28,7 +28,7 @@ def _gelu_tanh(x):
 def _fused_moe_kernel(A, W, BIAS, C, PROBS, SORTED, BLOCK_EXPERT, NUM_POST,
                       N, K, NUM_SLOTS, stride_am, stride_we, stride_wk, stride_be, stride_cm,
                       TOPK: tl.constexpr, A_PER_SLOT: tl.constexpr, DENSE: tl.constexpr, HAS_BIAS: tl.constexpr,
-                      GELU: tl.constexpr, MUL_PROB: tl.constexpr,
+                      GELU: tl.constexpr, MUL_PROB: tl.constexpr, IEEE: tl.constexpr,
                       BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr):
     pid = tl.program_id(0)
     num_n = tl.cdiv(N, BLOCK_N)
@@ -65,7 +65,10 @@ def _fused_moe_kernel(A, W, BIAS, C, PROBS, SORTED, BLOCK_EXPERT, NUM_POST,
         kmask = offs_k < K - k0
         a = tl.load(a_ptrs, mask=smask[:, None] & kmask[None, :], other=0.0)
         w = tl.load(w_ptrs, mask=kmask[:, None] & nmask[None, :], other=0.0)
-        acc += tl.dot(a, w)
+        if IEEE:
+            acc += tl.dot(a, w, input_precision="ieee")   # fp32 inputs: no silent tf32
+        else:
+            acc += tl.dot(a, w)
         a_ptrs += BLOCK_K
         w_ptrs += BLOCK_K * stride_wk
     if HAS_BIAS:
@@ -104,6 +107,6 @@ def fused_moe(a: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None, num_s
         sorted_slots, block_expert, num_post, N, K, num_slots,
         a.stride(0), w.stride(0), w.stride(1), bias.stride(0) if bias is not None and bias.dim() == 2 else 0,
         c.stride(0), TOPK=topk, A_PER_SLOT=a_per_slot, DENSE=dense, HAS_BIAS=bias is not None, GELU=gelu,
-        MUL_PROB=mul_prob, BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], BLOCK_K=cfg["BLOCK_K"],
+        MUL_PROB=mul_prob, IEEE=a.dtype == torch.float32, BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], BLOCK_K=cfg["BLOCK_K"],
         GROUP_M=cfg["GROUP_M"], num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
     return c

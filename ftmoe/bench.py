@@ -1,0 +1,302 @@
+"""`ftmoe bench`: decode and prefill speed beside the hardware floor and the eager baseline.
+
+In:  a preset (random weights at the real shapes, built on the GPU) or a converted folder,
+     a dtype, batch sizes and a context length.
+Out: a table on stdout and a JSON file: one row per measurement with phase (decode |
+     prefill | latency), batch, ms, floor_ms, ratio, tokens/s and the eager pure-torch time
+     on the same weights, plus the card, the date, the measured copy bandwidth and matmul rate.
+
+Floor of a decode step = bytes it must read (attention and dense weights, the experts its
+tokens actually route to, the tied head, the KV cache) / copy bandwidth measured here.
+Prefill floor = max(bytes / bandwidth, FLOPs / matmul rate).
+"""
+from __future__ import annotations
+
+import dataclasses
+import datetime
+import json
+import math
+import statistics
+import sys
+import time
+
+import torch
+
+from .config import ModelConfig
+from .kv_cache import KVCache
+from .model import GPTMoE
+from .synthetic import PRESETS
+
+
+def _events_ms(fn, iters: int, warmup: int = 3) -> float:
+    """Median time of fn() in ms, measured with CUDA events."""
+    for _ in range(warmup):
+        fn()
+    torch.cuda.synchronize()
+    times = []
+    for _ in range(iters):
+        s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        s.record()
+        fn()
+        e.record()
+        e.synchronize()
+        times.append(s.elapsed_time(e))
+    return statistics.median(times)
+
+
+def measure_hardware(dev: torch.device) -> dict:
+    n = 1 << 29                                              # 1 GiB of bf16
+    x = torch.randn(n, device=dev, dtype=torch.bfloat16)
+    y = torch.empty_like(x)
+    ms = _events_ms(lambda: y.copy_(x), 20)
+    bw = 2 * x.numel() * x.element_size() / (ms * 1e-3)      # bytes read + written
+    del x, y
+    a = torch.randn(8192, 8192, device=dev, dtype=torch.bfloat16)
+    b = torch.randn(8192, 8192, device=dev, dtype=torch.bfloat16)
+    ms = _events_ms(lambda: a @ b, 10)
+    rate = 2 * 8192 ** 3 / (ms * 1e-3)
+    del a, b
+    torch.cuda.empty_cache()
+    return {"copy_bandwidth_GBps": bw / 1e9, "matmul_TFLOPs": rate / 1e12}
+
+
+def config_of(preset: str) -> ModelConfig:
+    s = PRESETS[preset]
+    return ModelConfig(head_num=s.num_attention_heads, size_per_head=s.hidden_size // s.num_attention_heads,
+                       inter_size=s.ffn_hidden_size, num_layer=s.num_layers, max_pos_seq_len=s.max_position_embeddings,
+                       vocab_size=s.vocab_size, expert_num=s.num_experts, moe_layers=tuple(s.moe_layers),
+                       moe_k=s.topk)
+
+
+@torch.no_grad()
+def random_model(cfg: ModelConfig, dtype: torch.dtype, dev: torch.device, seed: int = 0) -> GPTMoE:
+    """Random weights at the real shapes, drawn on the GPU (std like a trained model's)."""
+    torch.manual_seed(seed)
+    with torch.device(dev):
+        m = GPTMoE(cfg, dtype)
+    for name, p in m.named_parameters():
+        if "layernorm" in name and name.endswith("weight"):
+            p.normal_(1.0, 0.05)
+        elif name.endswith("bias") or "layernorm" in name:
+            p.normal_(0.0, 0.02)
+        elif name in ("wte", "wpe"):
+            p.normal_(0.0, 0.02)
+        else:
+            fan_in = p.shape[1] if p.dim() == 3 and ".experts." in name else p.shape[0]   # [E, in, out] / [in, ...]
+            p.normal_(0.0, fan_in ** -0.5)
+    return m.eval()
+
+
+def _bytes(t: torch.Tensor) -> int:
+    return t.numel() * t.element_size()
+
+
+def decode_bytes(m: GPTMoE, B: int, ctx: int, touched: list[int], kv_itemsize: int) -> int:
+    """Bytes one decode step must move: every non-expert weight it uses, the experts routed to
+    (touched[i] distinct experts in MoE layer i), the head, and the KV cache read + write."""
+    cfg = m.config
+    total = _bytes(m.wte) + B * _bytes(m.wpe[0])
+    moe_i = 0
+    for blk in m.layers:
+        for name, p in blk.named_parameters():
+            if ".experts." not in "." + name:
+                total += _bytes(p)
+        if blk.is_moe:
+            ex = blk.mlp.moe.experts
+            per_expert = sum(_bytes(p[0]) for p in (ex.dense_h_to_4h.weight, ex.dense_h_to_4h.bias,
+                                                     ex.dense_4h_to_h.weight, ex.dense_4h_to_h.bias))
+            total += touched[moe_i] * per_expert
+            moe_i += 1
+    total += cfg.num_layer * 2 * B * (ctx + 1) * cfg.hidden_size * kv_itemsize
+    return total
+
+
+@dataclasses.dataclass
+class Row:
+    phase: str
+    batch: int
+    ms: float
+    floor_ms: float | None
+    tokens_per_s: float
+    eager_ms: float | None = None
+    ctx: int | None = None
+    in_len: int | None = None
+    out_len: int | None = None
+    kernels_per_step: int | None = None
+
+    @property
+    def ratio(self) -> float | None:
+        return self.ms / self.floor_ms if self.floor_ms else None
+
+
+def _count_kernels(fn) -> int | None:
+    """GPU kernels launched by fn (graph replays are traced kernel by kernel)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    try:
+        with profile(activities=[ProfilerActivity.CUDA]) as prof:
+            fn()
+            torch.cuda.synchronize()
+        return sum(1 for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA) or None
+    except Exception:  # profiler unavailable: the count is informative only
+        return None
+
+
+def run_bench(preset: str = "gpt-moe-0.35b-64e", model_dir: str | None = None, dtype: str = "bf16",
+              batches=(1, 8, 64, 256), ctx: int = 128, prefill=(8, 512), eager: bool = True,
+              latency: bool = True, iters: int = 50, json_path: str | None = None, log=print) -> dict:
+    from .cuda_graphs import DecodeGraphs
+    from .fast_model import FastGPTMoE
+    from .loader import load_model, parse_dtype
+
+    if not torch.cuda.is_available():
+        raise SystemExit("ftmoe bench needs a CUDA GPU")
+    dev = torch.device("cuda")
+    tdtype = parse_dtype(dtype)
+    hw = measure_hardware(dev)
+    bw, rate = hw["copy_bandwidth_GBps"] * 1e9, hw["matmul_TFLOPs"] * 1e12
+    log(f"device {torch.cuda.get_device_name()}: copy {hw['copy_bandwidth_GBps']:.0f} GB/s, "
+        f"bf16 matmul {hw['matmul_TFLOPs']:.0f} TFLOP/s")
+    t0 = time.time()
+    m = load_model(model_dir, dtype=tdtype, device=dev) if model_dir else random_model(config_of(preset), tdtype, dev)
+    cfg = m.config
+    log(f"model {'random ' + preset if not model_dir else model_dir}: {sum(_bytes(p) for p in m.parameters()) / 1e9:.2f} GB "
+        f"{dtype} ({time.time() - t0:.1f} s)")
+    fast = FastGPTMoE(m)
+    bs = 16
+    max_b = max(batches)
+    tokens = max(max_b * (ctx + 1), 64 * (512 + 32), prefill[0] * prefill[1] if prefill else 0) + 64 * bs
+    cache = KVCache.for_model(cfg, tokens, block_size=bs, dtype=tdtype, device=dev)
+    cache.k.normal_()
+    cache.v.normal_()
+    nb = -(-cfg.max_pos_seq_len // bs)            # graphs take tables wide enough for any sequence
+    nb_ctx = -(-(ctx + 1) // bs)
+    graphs = DecodeGraphs(fast, cache, max_blocks_per_seq=nb, buckets=tuple(sorted(set(batches))))
+    rows: list[Row] = []
+    g = torch.Generator(device=dev).manual_seed(0)
+    for B in batches:
+        seqs = list(range(B))
+        for s in seqs:
+            if not cache.has(s):
+                cache.add(s)
+                cache.prepare([s], [ctx])            # ctx tokens "already cached" (random K/V)
+                cache.reserve(s, 1)                  # and room for the step's new token
+        tables = torch.tensor([cache.block_table(s)[:nb] + [0] * (nb - len(cache.block_table(s)[:nb]))
+                               for s in seqs], dtype=torch.int32, device=dev)
+        ctx_lens = torch.full((B,), ctx, dtype=torch.int32, device=dev)
+        slots = torch.tensor([cache.block_table(s)[ctx // bs] * bs + ctx % bs for s in seqs],
+                             dtype=torch.int32, device=dev)
+        ids = torch.randint(0, cfg.vocab_size, (B,), device=dev, generator=g)
+        pos = torch.full((B,), ctx, dtype=torch.long, device=dev)
+        # routing of this step, for the floor (distinct experts per MoE layer)
+        fast.trace = []
+        with torch.inference_mode():
+            fast.decode_step(ids, pos, tables, ctx_lens, slots, cache)
+        touched = [int(torch.unique(t).numel()) for t in fast.trace]
+        fast.trace = None
+        floor = decode_bytes(m, B, ctx, touched, cache.k.element_size()) / bw * 1e3
+        graphs.capture(B)
+        ms = _events_ms(lambda: graphs.step(ids, pos, tables, ctx_lens, slots), iters)
+        kernels = _count_kernels(lambda: graphs.graphs[B][0].replay()) if B == batches[0] else None
+        eager_ms = None
+        if eager:
+            meta_pos = pos[:, None]
+            from .kv_cache import AttnMetadata
+            meta = AttnMetadata(meta_pos, slots.long()[:, None], tables[:, :nb_ctx].long(), ctx_lens.long(),
+                                torch.ones(B, dtype=torch.long, device=dev))
+            with torch.inference_mode():
+                eager_ms = _events_ms(lambda: m(ids[:, None], meta, cache, last_only=True), 5 if B <= 64 else 3, 1)
+        rows.append(Row("decode", B, ms, floor, B / ms * 1e3, eager_ms, ctx=ctx, kernels_per_step=kernels))
+        log(_fmt(rows[-1]) + f"  experts touched/layer {statistics.mean(touched):.1f}")
+    for s in range(max_b):
+        cache.free(s)
+    if prefill:
+        rows.append(_bench_prefill(m, fast, cache, prefill, bw, rate, eager, log))
+    if latency:
+        rows += _bench_latency(fast, graphs, cache, log)
+    result = {"device": torch.cuda.get_device_name(), "date": datetime.date.today().isoformat(),
+              "command": "ftmoe " + " ".join(sys.argv[1:]),
+              "dtype": dtype, "preset": None if model_dir else preset, **hw,
+              "max_memory_allocated_GB": torch.cuda.max_memory_allocated() / 1e9,
+              "weights_GB": sum(_bytes(p) for p in m.parameters()) / 1e9, "kv_cache_GB": 2 * _bytes(cache.k) / 1e9,
+              "rows": [dict(dataclasses.asdict(r), ratio=r.ratio) for r in rows]}
+    if json_path:
+        with open(json_path, "w") as f:
+            json.dump(result, f, indent=1)
+    return result
+
+
+def _fmt(r: Row) -> str:
+    eager = f"{r.eager_ms:9.2f}" if r.eager_ms else "        -"
+    sp = f"{r.eager_ms / r.ms:7.1f}x" if r.eager_ms else "       -"
+    what = f"{r.phase} B={r.batch}" + (f" {r.in_len}/{r.out_len}" if r.in_len else "")
+    return (f"{what:<24} {r.ms:9.3f} ms  floor {r.floor_ms:8.3f} ms  ratio {r.ratio:5.2f}  "
+            f"{r.tokens_per_s:10.0f} tok/s  eager {eager} ms {sp}"
+            + (f"  kernels/step {r.kernels_per_step}" if r.kernels_per_step else ""))
+
+
+def _bench_prefill(m, fast, cache, shape, bw, rate, eager, log) -> Row:
+    B, T = shape
+    cfg = m.config
+    dev = m.device
+    ids = torch.randint(0, cfg.vocab_size, (B, T), device=dev)
+    seqs = list(range(10_000, 10_000 + B))
+
+    def run(model):
+        for s in seqs:
+            cache.add(s)
+        meta = cache.prepare(seqs, [T] * B)
+        with torch.inference_mode():
+            out = model(ids, meta, cache, last_only=True)
+        for s in seqs:
+            cache.free(s)
+        return out
+
+    ms = _events_ms(lambda: run(fast), 5, 2)
+    eager_ms = _events_ms(lambda: run(m), 2, 1) if eager else None
+    n_tok = B * T
+    active = cfg.param_counts()["active_per_token"] - cfg.vocab_size * cfg.hidden_size - cfg.max_pos_seq_len * cfg.hidden_size
+    flops = 2 * n_tok * active + cfg.num_layer * 2 * B * T * T * cfg.hidden_size + 2 * B * cfg.hidden_size * cfg.vocab_size
+    weight_bytes = sum(_bytes(p) for p in m.parameters())   # ~all experts are touched by B*T tokens
+    floor = max(weight_bytes / bw, flops / rate) * 1e3
+    row = Row("prefill", B, ms, floor, n_tok / ms * 1e3, eager_ms, in_len=T)
+    log(_fmt(row) + f"  (bytes floor {weight_bytes / bw * 1e3:.2f} ms, flops floor {flops / rate * 1e3:.2f} ms)")
+    return row
+
+
+def _bench_latency(fast, graphs, cache, log, batches=(1, 8, 32, 64), shapes=((128, 8), (512, 32))) -> list[Row]:
+    """FasterTransformer-style end-to-end latency: prefill + greedy decode, batch x (in, out)."""
+    cfg = fast.config
+    dev = fast.device
+    rows = []
+    bs = cache.block_size
+    for T_in, T_out in shapes:
+        for B in batches:
+            if B > graphs.buckets[-1] or B * (T_in + T_out) > cache.num_free_blocks * bs:
+                continue
+            ids = torch.randint(0, cfg.vocab_size, (B, T_in), device=dev)
+            seqs = list(range(20_000, 20_000 + B))
+            nb_needed = -(-(T_in + T_out) // bs)
+            if nb_needed > graphs.nb:
+                continue
+
+            def run():
+                for s in seqs:
+                    cache.add(s)
+                meta = cache.prepare(seqs, [T_in] * B)
+                with torch.inference_mode():
+                    tok = fast.prefill(ids, meta, cache).argmax(-1)
+                    for step in range(T_out - 1):
+                        meta = cache.prepare(seqs, [1] * B)
+                        logits = graphs.step(tok, meta.positions[:, 0], meta.block_tables.int(),
+                                             meta.context_lens.int(), meta.slot_mapping[:, 0].int())
+                        tok = logits.argmax(-1)
+                for s in seqs:
+                    cache.free(s)
+                return tok
+
+            ms = _events_ms(run, 3, 1)
+            row = Row("latency", B, ms, None, B * T_out / ms * 1e3, in_len=T_in, out_len=T_out)
+            rows.append(row)
+            log(f"latency B={B:<3} {T_in}/{T_out}: {ms:8.2f} ms end to end")
+    return rows

@@ -1,0 +1,159 @@
+"""The GPU fast path: the same GPTMoE weights run through fused Triton kernels.
+
+In:  a loaded `GPTMoE` on a CUDA device (or the CPU under TRITON_INTERPRET=1, for tests)
+     and a `KVCache`.
+Out: `FastGPTMoE(input_ids, meta, cache, last_only)` with GPTMoE's call signature, so the
+     generator can use either; `decode_step(...)` is the fixed-shape step that CUDA graphs
+     capture (see `cuda_graphs.py`).
+
+Per block in a decode step: addmm (QKV+bias) -> paged decode attention (writes K/V) ->
+mm (Wo) -> add+LayerNorm (bo, residual) -> MLP -> the next block's add+LayerNorm takes the
+MLP output, its bias and the residual. Dense MLP: Triton GEMM with bias+GELU, then mm.
+MoE: gate top-k -> align -> grouped GEMM W1 (+b1, GELU) -> grouped GEMM W2 (+b2, x prob).
+Prefill uses torch SDPA (flash) for attention and the same MoE kernels with large tiles.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+
+from .kernels.attention import decode_attention
+from .kernels.configs import get_config
+from .kernels.fused_moe import fused_moe
+from .kernels.norm import add_layernorm
+from .kernels.routing import gate_topk, moe_align
+from .kv_cache import AttnMetadata, KVCache
+from .model import GPTMoE
+
+_DT = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32"}
+
+
+class FastGPTMoE:
+    def __init__(self, model: GPTMoE):
+        self.model = model
+        self.config = model.config
+        self.dtype = model.dtype
+        cfg = self.config
+        self.H, self.heads, self.D = cfg.hidden_size, cfg.head_num, cfg.size_per_head
+        self.scale = 1.0 / math.sqrt(self.D)
+        self.device_name = torch.cuda.get_device_name(model.device) if model.device.type == "cuda" else "cpu"
+        self.layers = []
+        for blk in model.layers:
+            L = {"ln1": blk.input_layernorm, "ln2": blk.post_attention_layernorm,
+                 "wqkv": blk.attention.query_key_value.weight.reshape(self.H, 3 * self.H),
+                 "bqkv": blk.attention.query_key_value.bias.reshape(3 * self.H),
+                 "wo": blk.attention.dense.weight, "bo": blk.attention.dense.bias, "moe": blk.is_moe}
+            if blk.is_moe:
+                moe = blk.mlp.moe
+                L.update(wg=moe.gate.wg.weight, w1=moe.experts.dense_h_to_4h.weight,
+                         b1=moe.experts.dense_h_to_4h.bias, w2=moe.experts.dense_4h_to_h.weight,
+                         b2=moe.experts.dense_4h_to_h.bias, k=moe.options.top_k, E=moe.num_experts)
+                if moe.options.capacity_factor is not None:
+                    raise ValueError("the fast path is dropless; capacity mode runs on the reference model")
+            else:
+                L.update(w1=blk.mlp.dense_h_to_4h.weight.unsqueeze(0), b1=blk.mlp.dense_h_to_4h.bias.unsqueeze(0),
+                         w2=blk.mlp.dense_4h_to_h.weight, b2=blk.mlp.dense_4h_to_h.bias)
+            self.layers.append(L)
+        self.final_ln = model.final_layernorm
+        self.trace: list | None = None   # set to [] to record each MoE layer's expert ids
+
+    @property
+    def device(self) -> torch.device:
+        return self.model.device
+
+    def _cfg(self, E: int, N: int, K: int, M: int) -> dict:
+        return get_config(E, N, K, _DT.get(self.dtype, "fp32"), M, self.device_name)
+
+    # ---- the MLP, shared by decode and prefill --------------------------------
+    def _mlp(self, L: dict, u: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """u [N, H] -> (y [N, H], bias still to add or None)."""
+        N = u.shape[0]
+        F = L["w1"].shape[2]
+        if not L["moe"]:
+            h = fused_moe(u, L["w1"], L["b1"], N, gelu=True, config=self._cfg(1, F, self.H, N))
+            return h @ L["w2"], L["b2"]
+        k, E = L["k"], L["E"]
+        probs, ids = gate_topk(u, L["wg"], k)
+        if self.trace is not None:
+            self.trace.append(ids)
+        c1 = self._cfg(E, F, self.H, N * k)
+        c2 = self._cfg(E, self.H, F, N * k)
+        if c2["BLOCK_M"] != c1["BLOCK_M"]:
+            c2 = dict(c2, BLOCK_M=c1["BLOCK_M"])
+        routing = moe_align(ids, E, c1["BLOCK_M"])
+        h = fused_moe(u, L["w1"], L["b1"], N * k, topk=k, routing=routing, gelu=True, config=c1)
+        y = fused_moe(h, L["w2"], L["b2"], N * k, topk=k, routing=routing, probs=probs, a_per_slot=True,
+                      mul_prob=True, config=c2)
+        if k > 1:
+            y = y.view(N, k, self.H).sum(1)
+        return y, None
+
+    # ---- decode: one token per row, fixed shapes (graph-capturable) -----------
+    def decode_step(self, ids: torch.Tensor, positions: torch.Tensor, block_tables: torch.Tensor,
+                    context_lens: torch.Tensor, slots: torch.Tensor, cache: KVCache) -> torch.Tensor:
+        """ids/positions/context_lens/slots [B] (slots -1: padding row), tables [B, nb] -> logits [B, V] fp32."""
+        m = self.model
+        B = ids.shape[0]
+        x = m.wte[ids] + m.wpe[positions]                                          # [B, H]
+        res, a = add_layernorm(x, self.layers[0]["ln1"].weight, self.layers[0]["ln1"].bias, self.config.layernorm_eps)
+        for i, L in enumerate(self.layers):
+            qkv = torch.addmm(L["bqkv"], a, L["wqkv"]).view(B, 3, self.heads, self.D)
+            ctx = decode_attention(qkv, cache.k[i], cache.v[i], block_tables, context_lens, slots, self.scale)
+            o = ctx.view(B, self.H) @ L["wo"]
+            res, u = add_layernorm(res, L["ln2"].weight, L["ln2"].bias, self.config.layernorm_eps, add=o,
+                                   add_bias=L["bo"])
+            y, y_bias = self._mlp(L, u)
+            nxt = self.layers[i + 1]["ln1"] if i + 1 < len(self.layers) else self.final_ln
+            res, a = add_layernorm(res, nxt.weight, nxt.bias, self.config.layernorm_eps, add=y, add_bias=y_bias)
+        return (a @ m.wte.t()).float()
+
+    # ---- prefill: fresh prompts, right-padded [B, T] --------------------------
+    def prefill(self, input_ids: torch.Tensor, meta: AttnMetadata, cache: KVCache,
+                last_only: bool = True) -> torch.Tensor:
+        m = self.model
+        B, T = input_ids.shape
+        H, h, D = self.H, self.heads, self.D
+        valid = torch.arange(T, device=input_ids.device)[None, :] < meta.seq_lens[:, None]    # [B, T]
+        ragged = bool((meta.seq_lens != T).any())
+        x = (m.wte[input_ids] + m.wpe[meta.positions]).view(B * T, H)
+        res, a = add_layernorm(x, self.layers[0]["ln1"].weight, self.layers[0]["ln1"].bias, self.config.layernorm_eps)
+        slots = meta.slot_mapping.reshape(-1)
+        keep = slots >= 0
+        mask = None
+        if ragged:  # causal and key-padding: query t of row b sees keys j <= t (< seq_len)
+            j = torch.arange(T, device=input_ids.device)
+            mask = (j[None, :] <= j[:, None])[None, None] & valid[:, None, None, :]
+        for i, L in enumerate(self.layers):
+            qkv = torch.addmm(L["bqkv"], a, L["wqkv"]).view(B, T, 3, h, D)
+            q, k, v = (t.transpose(1, 2) for t in qkv.unbind(2))                     # [B, h, T, D]
+            cache.k[i].view(-1, h, D).index_copy_(0, slots[keep], qkv[:, :, 1].reshape(B * T, h, D)[keep])
+            cache.v[i].view(-1, h, D).index_copy_(0, slots[keep], qkv[:, :, 2].reshape(B * T, h, D)[keep])
+            if mask is None:
+                ctx = torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True)
+            else:
+                ctx = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+            o = ctx.transpose(1, 2).reshape(B * T, H) @ L["wo"]
+            res, u = add_layernorm(res, L["ln2"].weight, L["ln2"].bias, self.config.layernorm_eps, add=o,
+                                   add_bias=L["bo"])
+            y, y_bias = self._mlp(L, u)
+            nxt = self.layers[i + 1]["ln1"] if i + 1 < len(self.layers) else self.final_ln
+            res, a = add_layernorm(res, nxt.weight, nxt.bias, self.config.layernorm_eps, add=y, add_bias=y_bias)
+        a = a.view(B, T, H)
+        if last_only:
+            a = a[torch.arange(B, device=a.device), meta.seq_lens - 1]
+        return (a @ m.wte.t()).float()
+
+    # ---- GPTMoE-compatible entry point ----------------------------------------
+    @torch.inference_mode()
+    def __call__(self, input_ids: torch.Tensor, meta: AttnMetadata | None = None, cache: KVCache | None = None,
+                 last_only: bool = False) -> torch.Tensor:
+        if meta is None or cache is None:
+            return self.model(input_ids, meta, cache, last_only)
+        if input_ids.shape[1] == 1 and bool((meta.seq_lens == 1).all()):
+            out = self.decode_step(input_ids[:, 0], meta.positions[:, 0], meta.block_tables, meta.context_lens,
+                                   meta.slot_mapping[:, 0], cache)
+            return out if last_only else out[:, None]
+        if bool((meta.context_lens == 0).all()):
+            return self.prefill(input_ids, meta, cache, last_only)
+        return self.model(input_ids, meta, cache, last_only)  # chunked prefill: reference path for now

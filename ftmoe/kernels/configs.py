@@ -1,0 +1,49 @@
+"""Tile configs for the fused-MoE kernel, tuned per device and shape.
+
+In:  the GEMM's (E, N, K), dtype, the number of routed slots M, and the device name.
+Out: a config dict (BLOCK_M/N/K, GROUP_M, num_warps, num_stages).
+
+Tuned tables live in `configs/<device>.json` (written by `ftmoe tune`), keyed
+"E=..,N=..,K=..,dtype=.." -> {M: config}; the entry with the nearest M is used. Without
+a table, a heuristic by M.
+"""
+from __future__ import annotations
+
+import functools
+import json
+import os
+
+CONFIG_DIR = os.path.join(os.path.dirname(__file__), "configs")
+
+
+def device_key(name: str) -> str:
+    return "".join(c if c.isalnum() else "_" for c in name).strip("_")
+
+
+def shape_key(E: int, N: int, K: int, dtype: str) -> str:
+    return f"E={E},N={N},K={K},dtype={dtype}"
+
+
+@functools.lru_cache(maxsize=None)
+def _table(device_name: str) -> dict:
+    path = os.path.join(CONFIG_DIR, device_key(device_name) + ".json")
+    if os.path.isfile(path):
+        with open(path) as f:
+            return json.load(f)
+    return {}
+
+
+def default_config(M: int, E: int = 1) -> dict:
+    if M <= 32:
+        return {"BLOCK_M": 16, "BLOCK_N": 32, "BLOCK_K": 256, "GROUP_M": 1, "num_warps": 4, "num_stages": 3}
+    if M <= 512 or M < 4 * E:
+        return {"BLOCK_M": 16, "BLOCK_N": 64, "BLOCK_K": 128, "GROUP_M": 4, "num_warps": 4, "num_stages": 4}
+    return {"BLOCK_M": 64, "BLOCK_N": 128, "BLOCK_K": 64, "GROUP_M": 8, "num_warps": 8, "num_stages": 3}
+
+
+def get_config(E: int, N: int, K: int, dtype: str, M: int, device_name: str = "") -> dict:
+    entries = _table(device_name).get(shape_key(E, N, K, dtype))
+    if entries:
+        best = min(entries, key=lambda m: abs(int(m) - M))
+        return dict(entries[best])
+    return default_config(M, E)
