@@ -111,6 +111,17 @@ def decode_bytes(m: GPTMoE, B: int, ctx: int, touched: list[int], kv_itemsize: i
     return total
 
 
+def _profile_table(fn, what: str, log) -> None:
+    """Per-kernel GPU time of one call of fn, heaviest first."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        fn()
+        torch.cuda.synchronize()
+    log(f"---- kernels of {what} ----")
+    log(prof.key_averages().table(sort_by="self_device_time_total", row_limit=14, max_name_column_width=60))
+
+
 @dataclasses.dataclass
 class Row:
     phase: str
@@ -144,7 +155,8 @@ def _count_kernels(fn) -> int | None:
 
 def run_bench(preset: str = "gpt-moe-0.35b-64e", model_dir: str | None = None, dtype: str = "bf16",
               batches=(1, 8, 64, 256), ctx: int = 128, prefill=(8, 512), eager: bool = True,
-              latency: bool = True, iters: int = 50, json_path: str | None = None, log=print) -> dict:
+              latency: bool = True, iters: int = 50, json_path: str | None = None, log=print,
+              profile: bool = False) -> dict:
     from .cuda_graphs import DecodeGraphs
     from .fast_model import FastGPTMoE
     from .loader import load_model, parse_dtype
@@ -165,7 +177,8 @@ def run_bench(preset: str = "gpt-moe-0.35b-64e", model_dir: str | None = None, d
     fast = FastGPTMoE(m)
     bs = 16
     max_b = max(batches)
-    tokens = max(max_b * (ctx + 1), 64 * (512 + 32), prefill[0] * prefill[1] if prefill else 0) + 64 * bs
+    per_seq = -(-(ctx + 1) // bs) * bs
+    tokens = max(max_b * per_seq, 64 * (512 + 32 + bs), prefill[0] * (prefill[1] + bs) if prefill else 0) + 64 * bs
     cache = KVCache.for_model(cfg, tokens, block_size=bs, dtype=tdtype, device=dev)
     cache.k.normal_()
     cache.v.normal_()
@@ -198,6 +211,8 @@ def run_bench(preset: str = "gpt-moe-0.35b-64e", model_dir: str | None = None, d
         graphs.capture(B)
         ms = _events_ms(lambda: graphs.step(ids, pos, tables, ctx_lens, slots), iters)
         kernels = _count_kernels(lambda: graphs.graphs[B][0].replay()) if B == batches[0] else None
+        if profile and B in (batches[0], batches[-1]):
+            _profile_table(lambda: graphs.graphs[B][0].replay(), f"decode B={B}", log)
         eager_ms = None
         if eager:
             meta_pos = pos[:, None]
@@ -211,7 +226,7 @@ def run_bench(preset: str = "gpt-moe-0.35b-64e", model_dir: str | None = None, d
     for s in range(max_b):
         cache.free(s)
     if prefill:
-        rows.append(_bench_prefill(m, fast, cache, prefill, bw, rate, eager, log))
+        rows.append(_bench_prefill(m, fast, cache, prefill, bw, rate, eager, log, profile))
     if latency:
         rows += _bench_latency(fast, graphs, cache, log)
     result = {"device": torch.cuda.get_device_name(), "date": datetime.date.today().isoformat(),
@@ -235,7 +250,7 @@ def _fmt(r: Row) -> str:
             + (f"  kernels/step {r.kernels_per_step}" if r.kernels_per_step else ""))
 
 
-def _bench_prefill(m, fast, cache, shape, bw, rate, eager, log) -> Row:
+def _bench_prefill(m, fast, cache, shape, bw, rate, eager, log, profile=False) -> Row:
     B, T = shape
     cfg = m.config
     dev = m.device
@@ -253,6 +268,8 @@ def _bench_prefill(m, fast, cache, shape, bw, rate, eager, log) -> Row:
         return out
 
     ms = _events_ms(lambda: run(fast), 5, 2)
+    if profile:
+        _profile_table(lambda: run(fast), f"prefill {B}x{T}", log)
     eager_ms = _events_ms(lambda: run(m), 2, 1) if eager else None
     n_tok = B * T
     active = cfg.param_counts()["active_per_token"] - cfg.vocab_size * cfg.hidden_size - cfg.max_pos_seq_len * cfg.hidden_size

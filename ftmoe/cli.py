@@ -177,6 +177,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-latency", action="store_true", help="skip the FT-style end-to-end latency table")
     p.add_argument("--iters", type=int, default=50)
     p.add_argument("--json", default=None, help="write the results here")
+    p.add_argument("--profile", action="store_true", help="print per-kernel GPU times of a decode step")
+    p = sub.add_parser("tune", help="search fused-MoE kernel tile configs for this GPU (writes JSON)")
+    p.add_argument("--preset", default="gpt-moe-0.35b-64e")
+    p.add_argument("--model", default=None, help="take the shapes from a converted folder")
+    p.add_argument("--dtype", default="bf16", choices=["bf16", "fp16"])
+    p.add_argument("--m", default="1,8,32,64,256,1024,4096", help="routed-slot counts to tune for")
+    p.add_argument("--out", default=None, help="JSON path (default: the package's configs folder)")
     p = sub.add_parser("demo", help="build the small embedded model, convert it and generate")
     p.add_argument("--workdir", default="demo_out")
     return parser
@@ -202,7 +209,20 @@ def main(argv: list[str] | None = None) -> int:
             except ValueError:
                 raise FtmoeError(f"--batches/--prefill malformed: {a.batches!r}, {a.prefill!r}") from None
             run_bench(a.preset, a.model, a.dtype, batches, a.ctx, prefill, not a.no_eager, not a.no_latency,
-                      a.iters, a.json)
+                      a.iters, a.json, profile=a.profile)
+            return 0
+        if a.cmd == "tune":
+            import torch
+
+            from .bench import config_of
+            from .config import ModelConfig
+            from .loader import parse_dtype, resolve_model_dir
+            from .tune import model_shapes, run_tune
+
+            if not torch.cuda.is_available():
+                raise FtmoeError("ftmoe tune needs a CUDA GPU")
+            cfg = ModelConfig.from_dir(resolve_model_dir(a.model)) if a.model else config_of(a.preset)
+            run_tune(model_shapes(cfg), parse_dtype(a.dtype), tuple(int(m) for m in a.m.split(",")), a.out)
             return 0
         if a.cmd == "demo":
             from .demo import run_demo

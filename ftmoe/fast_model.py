@@ -9,7 +9,8 @@ Out: `FastGPTMoE(input_ids, meta, cache, last_only)` with GPTMoE's call signatur
 Per block in a decode step: addmm (QKV+bias) -> paged decode attention (writes K/V) ->
 mm (Wo) -> add+LayerNorm (bo, residual) -> MLP -> the next block's add+LayerNorm takes the
 MLP output, its bias and the residual. Dense MLP: Triton GEMM with bias+GELU, then mm.
-MoE: gate top-k -> align -> grouped GEMM W1 (+b1, GELU) -> grouped GEMM W2 (+b2, x prob).
+MoE: add+LayerNorm+gate top-k in one kernel -> (align, past 32 slots) -> grouped GEMM W1
+(+b1, GELU) -> grouped GEMM W2 (+b2, x prob).
 Prefill uses torch SDPA (flash) for attention and the same MoE kernels with large tiles.
 """
 from __future__ import annotations
@@ -21,12 +22,14 @@ import torch
 from .kernels.attention import decode_attention
 from .kernels.configs import get_config
 from .kernels.fused_moe import fused_moe
-from .kernels.norm import add_layernorm
-from .kernels.routing import gate_topk, moe_align
+from .kernels.norm import add_layernorm, add_layernorm_gate
+from .kernels.routing import moe_align
 from .kv_cache import AttnMetadata, KVCache
 from .model import GPTMoE
 
 _DT = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32"}
+#: up to this many routed slots, MoE GEMMs run one program row per slot without sorting
+SMALL_BATCH_SLOTS = 32
 
 
 class FastGPTMoE:
@@ -65,29 +68,34 @@ class FastGPTMoE:
     def _cfg(self, E: int, N: int, K: int, M: int) -> dict:
         return get_config(E, N, K, _DT.get(self.dtype, "fp32"), M, self.device_name)
 
-    # ---- the MLP, shared by decode and prefill --------------------------------
-    def _mlp(self, L: dict, u: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """u [N, H] -> (y [N, H], bias still to add or None)."""
-        N = u.shape[0]
-        F = L["w1"].shape[2]
+    # ---- post-attention LN and the MLP, shared by decode and prefill ----------
+    def _ln2_mlp(self, L: dict, res: torch.Tensor, o: torch.Tensor):
+        """res += o + bo; u = LN2(res); returns (res, y, bias of y still to add or None)."""
+        eps = self.config.layernorm_eps
         if not L["moe"]:
+            res, u = add_layernorm(res, L["ln2"].weight, L["ln2"].bias, eps, add=o, add_bias=L["bo"])
+            N, F = u.shape[0], L["w1"].shape[2]
             h = fused_moe(u, L["w1"], L["b1"], N, gelu=True, config=self._cfg(1, F, self.H, N))
-            return h @ L["w2"], L["b2"]
+            return res, h @ L["w2"], L["b2"]
         k, E = L["k"], L["E"]
-        probs, ids = gate_topk(u, L["wg"], k)
+        res, u, probs, ids = add_layernorm_gate(res, L["ln2"].weight, L["ln2"].bias, eps, L["wg"], k, add=o,
+                                                add_bias=L["bo"])
         if self.trace is not None:
             self.trace.append(ids)
+        N, F = u.shape[0], L["w1"].shape[2]
         c1 = self._cfg(E, F, self.H, N * k)
         c2 = self._cfg(E, self.H, F, N * k)
-        if c2["BLOCK_M"] != c1["BLOCK_M"]:
-            c2 = dict(c2, BLOCK_M=c1["BLOCK_M"])
-        routing = moe_align(ids, E, c1["BLOCK_M"])
+        if N * k <= SMALL_BATCH_SLOTS:
+            routing = ids.view(-1)                       # one program row per slot, no sorting
+        else:
+            c2 = dict(c2, BLOCK_M=c1["BLOCK_M"])         # both GEMMs share one alignment
+            routing = moe_align(ids, E, c1["BLOCK_M"])
         h = fused_moe(u, L["w1"], L["b1"], N * k, topk=k, routing=routing, gelu=True, config=c1)
         y = fused_moe(h, L["w2"], L["b2"], N * k, topk=k, routing=routing, probs=probs, a_per_slot=True,
                       mul_prob=True, config=c2)
         if k > 1:
             y = y.view(N, k, self.H).sum(1)
-        return y, None
+        return res, y, None
 
     # ---- decode: one token per row, fixed shapes (graph-capturable) -----------
     def decode_step(self, ids: torch.Tensor, positions: torch.Tensor, block_tables: torch.Tensor,
@@ -100,10 +108,7 @@ class FastGPTMoE:
         for i, L in enumerate(self.layers):
             qkv = torch.addmm(L["bqkv"], a, L["wqkv"]).view(B, 3, self.heads, self.D)
             ctx = decode_attention(qkv, cache.k[i], cache.v[i], block_tables, context_lens, slots, self.scale)
-            o = ctx.view(B, self.H) @ L["wo"]
-            res, u = add_layernorm(res, L["ln2"].weight, L["ln2"].bias, self.config.layernorm_eps, add=o,
-                                   add_bias=L["bo"])
-            y, y_bias = self._mlp(L, u)
+            res, y, y_bias = self._ln2_mlp(L, res, ctx.view(B, self.H) @ L["wo"])
             nxt = self.layers[i + 1]["ln1"] if i + 1 < len(self.layers) else self.final_ln
             res, a = add_layernorm(res, nxt.weight, nxt.bias, self.config.layernorm_eps, add=y, add_bias=y_bias)
         return (a @ m.wte.t()).float()
@@ -133,10 +138,7 @@ class FastGPTMoE:
                 ctx = torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True)
             else:
                 ctx = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=mask)
-            o = ctx.transpose(1, 2).reshape(B * T, H) @ L["wo"]
-            res, u = add_layernorm(res, L["ln2"].weight, L["ln2"].bias, self.config.layernorm_eps, add=o,
-                                   add_bias=L["bo"])
-            y, y_bias = self._mlp(L, u)
+            res, y, y_bias = self._ln2_mlp(L, res, ctx.transpose(1, 2).reshape(B * T, H) @ L["wo"])
             nxt = self.layers[i + 1]["ln1"] if i + 1 < len(self.layers) else self.final_ln
             res, a = add_layernorm(res, nxt.weight, nxt.bias, self.config.layernorm_eps, add=y, add_bias=y_bias)
         a = a.view(B, T, H)

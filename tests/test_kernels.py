@@ -20,7 +20,7 @@ if not kernels.available():
 from ftmoe.kernels import reference as ref  # noqa: E402
 from ftmoe.kernels.attention import decode_attention  # noqa: E402
 from ftmoe.kernels.fused_moe import fused_moe  # noqa: E402
-from ftmoe.kernels.norm import add_layernorm  # noqa: E402
+from ftmoe.kernels.norm import add_layernorm, add_layernorm_gate  # noqa: E402
 from ftmoe.kernels.routing import gate_topk, moe_align  # noqa: E402
 
 GPU = torch.cuda.is_available()
@@ -148,3 +148,36 @@ def test_decode_attention(gen, dtype, ctx):
     want = ref.decode_attention_ref(qkv, kc2, vc2, perm, ctx_t, slots, 1 / math.sqrt(D))
     assert rel(out, want) < TOL[dtype] * 2
     assert torch.equal(kc, kc2) and torch.equal(vc, vc2)   # the new K/V landed in the same slots
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("n,h,e,k", [(1, 64, 8, 1), (5, 96, 64, 1), (9, 128, 6, 2)])
+def test_add_layernorm_gate(gen, dtype, n, h, e, k):
+    x, w, b = rnd(n, h, dtype=dtype, gen=gen), rnd(h, dtype=dtype, gen=gen) + 1, rnd(h, dtype=dtype, gen=gen)
+    add, ab = rnd(n, h, dtype=dtype, gen=gen), rnd(h, dtype=dtype, gen=gen)
+    wg = rnd(h, e, dtype=dtype, gen=gen, scale=0.3)
+    res, y, probs, ids = add_layernorm_gate(x, w, b, 1e-5, wg, k, add=add, add_bias=ab)
+    want_res, want_y = ref.add_layernorm_ref(x, w, b, 1e-5, add, ab)
+    want_p, want_i = ref.gate_topk_ref(want_y, wg, k)
+    assert rel(res, want_res) < TOL[dtype] and rel(y, want_y) < TOL[dtype]
+    assert torch.equal(ids.cpu(), want_i.cpu())
+    assert rel(probs, want_p) < 1e-5
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("n,k,e", [(1, 1, 8), (5, 2, 4), (7, 1, 64)])
+@pytest.mark.parametrize("stage", ["w1_gelu", "w2_prob"])
+def test_fused_moe_per_slot_mode(gen, dtype, n, k, e, stage):
+    K, N = 64, 96
+    probs, ids = _routing(n, k, e, gen)
+    w = rnd(e, K, N, dtype=dtype, gen=gen, scale=K ** -0.5)
+    bias = rnd(e, N, dtype=dtype, gen=gen, scale=0.1)
+    a_per_slot = stage == "w2_prob"
+    a = rnd(n * k if a_per_slot else n, K, dtype=dtype, gen=gen)
+    out = torch.full((n * k, N), float("nan"), dtype=dtype, device=DEV)
+    fused_moe(a, w, bias, n * k, topk=k, routing=ids.view(-1), probs=probs, a_per_slot=a_per_slot,
+              gelu=stage == "w1_gelu", mul_prob=stage == "w2_prob", out=out,
+              config={"BLOCK_M": 16, "BLOCK_N": 32, "BLOCK_K": 64})
+    want = ref.fused_moe_ref(a, w, bias, ids, probs, k, a_per_slot=a_per_slot, gelu=stage == "w1_gelu",
+                             mul_prob=stage == "w2_prob")
+    assert rel(out, want) < TOL[dtype] * 2

@@ -27,7 +27,8 @@ def _gelu_tanh(x):
 @triton.jit
 def _fused_moe_kernel(A, W, BIAS, C, PROBS, SORTED, BLOCK_EXPERT, NUM_POST,
                       N, K, NUM_SLOTS, stride_am, stride_we, stride_wk, stride_be, stride_cm,
-                      TOPK: tl.constexpr, A_PER_SLOT: tl.constexpr, DENSE: tl.constexpr, HAS_BIAS: tl.constexpr,
+                      TOPK: tl.constexpr, A_PER_SLOT: tl.constexpr, DENSE: tl.constexpr, PER_SLOT: tl.constexpr,
+                      HAS_BIAS: tl.constexpr,
                       GELU: tl.constexpr, MUL_PROB: tl.constexpr, IEEE: tl.constexpr,
                       BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr):
     pid = tl.program_id(0)
@@ -43,6 +44,11 @@ def _fused_moe_kernel(A, W, BIAS, C, PROBS, SORTED, BLOCK_EXPERT, NUM_POST,
     if DENSE:
         slots = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
         expert = 0
+    elif PER_SLOT:
+        # small batches: program row-block m serves slot m alone (no sorting); rows 1.. are padding
+        r = tl.arange(0, BLOCK_M)
+        slots = tl.where(r == 0, pid_m, NUM_SLOTS)
+        expert = tl.load(SORTED + pid_m).to(tl.int64)   # SORTED holds the expert id of every slot
     else:
         if pid_m * BLOCK_M >= tl.load(NUM_POST):
             return
@@ -89,15 +95,20 @@ def fused_moe(a: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None, num_s
               gelu: bool = False, mul_prob: bool = False, out: torch.Tensor | None = None,
               config: dict | None = None) -> torch.Tensor:
     """c [num_slots, N]. `routing` = (sorted_slots, block_expert, num_post) from moe_align with
-    the same BLOCK_M as `config`; None means dense (one expert, slot = row)."""
+    the same BLOCK_M as `config`; or an int32 tensor of expert ids [num_slots] (small batches: one
+    program row per slot, no sorting); None means dense (one expert, slot = row)."""
     cfg = dict(DEFAULT_CONFIG, **(config or {}))
     E, K, N = w.shape
     assert a.shape[1] == K and w.stride(2) == 1 and a.stride(1) == 1
     c = out if out is not None else torch.empty(num_slots, N, dtype=a.dtype, device=a.device)
     dense = routing is None
+    per_slot = isinstance(routing, torch.Tensor)
     if dense:
         num_m = triton.cdiv(num_slots, cfg["BLOCK_M"])
         sorted_slots = block_expert = num_post = c  # unused
+    elif per_slot:
+        num_m = num_slots
+        sorted_slots, block_expert, num_post = routing, c, c
     else:
         sorted_slots, block_expert, num_post = routing
         num_m = block_expert.numel()
@@ -106,7 +117,7 @@ def fused_moe(a: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None, num_s
         a, w, bias if bias is not None else w, c, probs if probs is not None else a,
         sorted_slots, block_expert, num_post, N, K, num_slots,
         a.stride(0), w.stride(0), w.stride(1), bias.stride(0) if bias is not None and bias.dim() == 2 else 0,
-        c.stride(0), TOPK=topk, A_PER_SLOT=a_per_slot, DENSE=dense, HAS_BIAS=bias is not None, GELU=gelu,
+        c.stride(0), TOPK=topk, A_PER_SLOT=a_per_slot, DENSE=dense, PER_SLOT=per_slot, HAS_BIAS=bias is not None, GELU=gelu,
         MUL_PROB=mul_prob, IEEE=a.dtype == torch.float32, BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], BLOCK_K=cfg["BLOCK_K"],
         GROUP_M=cfg["GROUP_M"], num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
     return c

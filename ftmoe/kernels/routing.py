@@ -28,7 +28,7 @@ def _gate_topk_kernel(U, WG, PROBS, IDS, N, H, E, stride_u, K_TOP: tl.constexpr,
         u = tl.load(U + rows[:, None].to(tl.int64) * stride_u + hs[None, :], mask=rm[:, None] & hm[None, :],
                     other=0.0).to(tl.float32)
         w = tl.load(WG + hs[:, None] * E + es[None, :], mask=hm[:, None] & em[None, :], other=0.0).to(tl.float32)
-        acc += tl.sum(u[:, :, None] * w[None, :, :], axis=1)        # exact fp32 (no tf32)
+        acc += tl.dot(u, w, input_precision="ieee")                  # exact fp32 (no tf32)
     logits = tl.where(em[None, :], acc, float("-inf"))
     mx = tl.max(logits, axis=1)
     ex = tl.exp(logits - mx[:, None])
@@ -48,8 +48,8 @@ def gate_topk(u: torch.Tensor, wg: torch.Tensor, k: int, probs_out=None, ids_out
     probs = probs_out if probs_out is not None else torch.empty(N, k, dtype=torch.float32, device=u.device)
     ids = ids_out if ids_out is not None else torch.empty(N, k, dtype=torch.int32, device=u.device)
     BLOCK_E = triton.next_power_of_2(E)
-    BLOCK_M = 16 if N >= 16 else max(1, triton.next_power_of_2(N))
-    BLOCK_H = max(1, min(64, 8192 // (BLOCK_M * BLOCK_E)))
+    BLOCK_M = 16                                     # tl.dot needs >= 16 rows; extra rows are masked
+    BLOCK_H = 64
     _gate_topk_kernel[(triton.cdiv(N, BLOCK_M),)](u, wg, probs, ids, N, H, E, u.stride(0), K_TOP=k,
                                                   BLOCK_M=BLOCK_M, BLOCK_H=BLOCK_H, BLOCK_E=BLOCK_E)
     return probs, ids
