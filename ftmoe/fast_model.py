@@ -22,14 +22,19 @@ import torch
 from .kernels.attention import decode_attention
 from .kernels.configs import get_config
 from .kernels.fused_moe import fused_moe
-from .kernels.norm import add_layernorm, add_layernorm_gate
-from .kernels.routing import moe_align
+from .kernels.norm import add_layernorm
+from .kernels.routing import moe_align, softmax_topk
 from .kv_cache import AttnMetadata, KVCache
 from .model import GPTMoE
 
 _DT = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32"}
 #: up to this many routed slots, MoE GEMMs run one program row per slot without sorting
 SMALL_BATCH_SLOTS = 32
+
+
+def small_batch_split_k(N: int, K: int) -> int:
+    """Split-K factor of the second expert GEMM on the small-batch path: few N tiles, long K."""
+    return 4 if K >= 2048 and N <= 2048 else 1
 
 
 class FastGPTMoE:
@@ -51,7 +56,8 @@ class FastGPTMoE:
                 moe = blk.mlp.moe
                 L.update(wg=moe.gate.wg.weight, w1=moe.experts.dense_h_to_4h.weight,
                          b1=moe.experts.dense_h_to_4h.bias, w2=moe.experts.dense_4h_to_h.weight,
-                         b2=moe.experts.dense_4h_to_h.bias, k=moe.options.top_k, E=moe.num_experts)
+                         b2=moe.experts.dense_4h_to_h.bias, k=moe.options.top_k, E=moe.num_experts,
+                         wg32=moe.gate.wg.weight.float())
                 if moe.options.capacity_factor is not None:
                     raise ValueError("the fast path is dropless; capacity mode runs on the reference model")
             else:
@@ -78,24 +84,25 @@ class FastGPTMoE:
             h = fused_moe(u, L["w1"], L["b1"], N, gelu=True, config=self._cfg(1, F, self.H, N))
             return res, h @ L["w2"], L["b2"]
         k, E = L["k"], L["E"]
-        res, u, probs, ids = add_layernorm_gate(res, L["ln2"].weight, L["ln2"].bias, eps, L["wg"], k, add=o,
-                                                add_bias=L["bo"])
+        res, u, u32 = add_layernorm(res, L["ln2"].weight, L["ln2"].bias, eps, add=o, add_bias=L["bo"],
+                                    want_fp32=True)
+        probs, ids = softmax_topk(u32 @ L["wg32"], k)   # fp32 gate GEMM on cuBLAS (no TF32)
         if self.trace is not None:
             self.trace.append(ids)
         N, F = u.shape[0], L["w1"].shape[2]
         c1 = self._cfg(E, F, self.H, N * k)
         c2 = self._cfg(E, self.H, F, N * k)
+        split_k = 1
         if N * k <= SMALL_BATCH_SLOTS:
             routing = ids.view(-1)                       # one program row per slot, no sorting
+            split_k = small_batch_split_k(self.H, F)     # W2 has few N tiles: spread K over programs
         else:
             c2 = dict(c2, BLOCK_M=c1["BLOCK_M"])         # both GEMMs share one alignment
             routing = moe_align(ids, E, c1["BLOCK_M"])
         h = fused_moe(u, L["w1"], L["b1"], N * k, topk=k, routing=routing, gelu=True, config=c1)
         y = fused_moe(h, L["w2"], L["b2"], N * k, topk=k, routing=routing, probs=probs, a_per_slot=True,
-                      mul_prob=True, config=c2)
-        if k > 1:
-            y = y.view(N, k, self.H).sum(1)
-        return res, y, None
+                      mul_prob=True, config=c2, split_k=split_k)
+        return res, y, None          # [split_k,] N*k rows: the next add_layernorm sums partials and slots
 
     # ---- decode: one token per row, fixed shapes (graph-capturable) -----------
     def decode_step(self, ids: torch.Tensor, positions: torch.Tensor, block_tables: torch.Tensor,
@@ -124,7 +131,8 @@ class FastGPTMoE:
         x = (m.wte[input_ids] + m.wpe[meta.positions]).view(B * T, H)
         res, a = add_layernorm(x, self.layers[0]["ln1"].weight, self.layers[0]["ln1"].bias, self.config.layernorm_eps)
         slots = meta.slot_mapping.reshape(-1)
-        keep = slots >= 0
+        keep = (slots >= 0).nonzero(as_tuple=True)[0]      # one host sync, not one per layer
+        slots = slots[keep]
         mask = None
         if ragged:  # causal and key-padding: query t of row b sees keys j <= t (< seq_len)
             j = torch.arange(T, device=input_ids.device)
@@ -132,8 +140,8 @@ class FastGPTMoE:
         for i, L in enumerate(self.layers):
             qkv = torch.addmm(L["bqkv"], a, L["wqkv"]).view(B, T, 3, h, D)
             q, k, v = (t.transpose(1, 2) for t in qkv.unbind(2))                     # [B, h, T, D]
-            cache.k[i].view(-1, h, D).index_copy_(0, slots[keep], qkv[:, :, 1].reshape(B * T, h, D)[keep])
-            cache.v[i].view(-1, h, D).index_copy_(0, slots[keep], qkv[:, :, 2].reshape(B * T, h, D)[keep])
+            cache.k[i].view(-1, h, D).index_copy_(0, slots, qkv[:, :, 1].reshape(B * T, h, D)[keep])
+            cache.v[i].view(-1, h, D).index_copy_(0, slots, qkv[:, :, 2].reshape(B * T, h, D)[keep])
             if mask is None:
                 ctx = torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True)
             else:

@@ -19,7 +19,7 @@ import torch
 
 from .kernels.configs import CONFIG_DIR, device_key, shape_key
 from .kernels.fused_moe import fused_moe
-from .fast_model import SMALL_BATCH_SLOTS
+from .fast_model import SMALL_BATCH_SLOTS, small_batch_split_k
 from .kernels.routing import moe_align
 
 DEFAULT_MS = (1, 8, 32, 64, 256, 1024, 4096)
@@ -71,17 +71,19 @@ def tune_shape(E: int, N: int, K: int, M: int, dtype: torch.dtype, stage: str, n
     best, best_ms = None, float("inf")
     for cfg in candidate_configs(M):
         try:
+            split_k = 1
             if E == 1:
                 routings = [None] * n_sets
             elif M * k <= SMALL_BATCH_SLOTS:
                 routings = [i.view(-1) for i in ids]
+                split_k = small_batch_split_k(N, K) if stage == "w2" else 1
             else:
                 routings = [moe_align(i, E, cfg["BLOCK_M"]) for i in ids]
 
             def run(i, cfg=cfg, routings=routings):
                 fused_moe(a, weights[i % len(weights)], bias, M, topk=k, routing=routings[i], probs=probs,
                           a_per_slot=stage == "w2", gelu=stage == "w1", mul_prob=stage == "w2" and E > 1,
-                          out=out, config=cfg)
+                          out=None if split_k > 1 else out, config=cfg, split_k=split_k)
             ms = _time(run, n_sets)
         except Exception:  # out of resources for this tile: skip it
             continue

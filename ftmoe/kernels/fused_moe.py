@@ -26,10 +26,10 @@ def _gelu_tanh(x):
 
 @triton.jit
 def _fused_moe_kernel(A, W, BIAS, C, PROBS, SORTED, BLOCK_EXPERT, NUM_POST,
-                      N, K, NUM_SLOTS, stride_am, stride_we, stride_wk, stride_be, stride_cm,
+                      N, K, NUM_SLOTS, stride_am, stride_we, stride_wk, stride_be, stride_cm, stride_cs,
                       TOPK: tl.constexpr, A_PER_SLOT: tl.constexpr, DENSE: tl.constexpr, PER_SLOT: tl.constexpr,
                       HAS_BIAS: tl.constexpr,
-                      GELU: tl.constexpr, MUL_PROB: tl.constexpr, IEEE: tl.constexpr,
+                      GELU: tl.constexpr, MUL_PROB: tl.constexpr, IEEE: tl.constexpr, SPLIT_K: tl.constexpr,
                       BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr):
     pid = tl.program_id(0)
     num_n = tl.cdiv(N, BLOCK_N)
@@ -63,11 +63,15 @@ def _fused_moe_kernel(A, W, BIAS, C, PROBS, SORTED, BLOCK_EXPERT, NUM_POST,
 
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     nmask = offs_n < N
+    # split-K: program (., ks) covers K rows [ks * k_per, (ks + 1) * k_per) and writes partial ks
+    ks = tl.program_id(1)
+    k_per = tl.cdiv(K, SPLIT_K * BLOCK_K) * BLOCK_K
+    k_lo = ks * k_per
     offs_k = tl.arange(0, BLOCK_K)
-    a_ptrs = A + rows[:, None] * stride_am + offs_k[None, :]
-    w_ptrs = W + expert * stride_we + offs_k[:, None] * stride_wk + offs_n[None, :]
+    a_ptrs = A + rows[:, None] * stride_am + (k_lo + offs_k)[None, :]
+    w_ptrs = W + expert * stride_we + (k_lo + offs_k)[:, None] * stride_wk + offs_n[None, :]
     acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
-    for k0 in range(0, K, BLOCK_K):
+    for k0 in range(k_lo, tl.minimum(K, k_lo + k_per), BLOCK_K):
         kmask = offs_k < K - k0
         a = tl.load(a_ptrs, mask=smask[:, None] & kmask[None, :], other=0.0)
         w = tl.load(w_ptrs, mask=kmask[:, None] & nmask[None, :], other=0.0)
@@ -77,13 +81,14 @@ def _fused_moe_kernel(A, W, BIAS, C, PROBS, SORTED, BLOCK_EXPERT, NUM_POST,
             acc += tl.dot(a, w)
         a_ptrs += BLOCK_K
         w_ptrs += BLOCK_K * stride_wk
-    if HAS_BIAS:
-        acc += tl.load(BIAS + expert * stride_be + offs_n, mask=nmask, other=0.0).to(tl.float32)[None, :]
+    if HAS_BIAS:  # once, in the first K split
+        bias = tl.load(BIAS + expert * stride_be + offs_n, mask=nmask, other=0.0).to(tl.float32)
+        acc += bias[None, :] * tl.where(ks == 0, 1.0, 0.0)
     if GELU:
         acc = _gelu_tanh(acc)
     if MUL_PROB:
         acc *= tl.load(PROBS + slots, mask=smask, other=0.0)[:, None]
-    c_ptrs = C + slots.to(tl.int64)[:, None] * stride_cm + offs_n[None, :]
+    c_ptrs = C + ks.to(tl.int64) * stride_cs + slots.to(tl.int64)[:, None] * stride_cm + offs_n[None, :]
     tl.store(c_ptrs, acc.to(C.dtype.element_ty), mask=smask[:, None] & nmask[None, :])
 
 
@@ -93,14 +98,20 @@ DEFAULT_CONFIG = {"BLOCK_M": 16, "BLOCK_N": 64, "BLOCK_K": 64, "GROUP_M": 8, "nu
 def fused_moe(a: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None, num_slots: int, *,
               topk: int = 1, routing=None, probs: torch.Tensor | None = None, a_per_slot: bool = False,
               gelu: bool = False, mul_prob: bool = False, out: torch.Tensor | None = None,
-              config: dict | None = None) -> torch.Tensor:
+              config: dict | None = None, split_k: int = 1) -> torch.Tensor:
     """c [num_slots, N]. `routing` = (sorted_slots, block_expert, num_post) from moe_align with
     the same BLOCK_M as `config`; or an int32 tensor of expert ids [num_slots] (small batches: one
-    program row per slot, no sorting); None means dense (one expert, slot = row)."""
+    program row per slot, no sorting); None means dense (one expert, slot = row).
+    split_k > 1 (small batches, long K): returns fp32 partials [split_k, num_slots, N] whose sum
+    is the result (summed deterministically by the consumer, `add_layernorm`)."""
     cfg = dict(DEFAULT_CONFIG, **(config or {}))
     E, K, N = w.shape
     assert a.shape[1] == K and w.stride(2) == 1 and a.stride(1) == 1
-    c = out if out is not None else torch.empty(num_slots, N, dtype=a.dtype, device=a.device)
+    assert split_k == 1 or not gelu, "GELU is not linear: it cannot be split over K"
+    if split_k > 1:
+        c = out if out is not None else torch.empty(split_k, num_slots, N, dtype=torch.float32, device=a.device)
+    else:
+        c = out if out is not None else torch.empty(num_slots, N, dtype=a.dtype, device=a.device)
     dense = routing is None
     per_slot = isinstance(routing, torch.Tensor)
     if dense:
@@ -112,12 +123,12 @@ def fused_moe(a: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None, num_s
     else:
         sorted_slots, block_expert, num_post = routing
         num_m = block_expert.numel()
-    grid = (num_m * triton.cdiv(N, cfg["BLOCK_N"]),)
+    grid = (num_m * triton.cdiv(N, cfg["BLOCK_N"]), split_k)
     _fused_moe_kernel[grid](
         a, w, bias if bias is not None else w, c, probs if probs is not None else a,
         sorted_slots, block_expert, num_post, N, K, num_slots,
         a.stride(0), w.stride(0), w.stride(1), bias.stride(0) if bias is not None and bias.dim() == 2 else 0,
-        c.stride(0), TOPK=topk, A_PER_SLOT=a_per_slot, DENSE=dense, PER_SLOT=per_slot, HAS_BIAS=bias is not None, GELU=gelu,
-        MUL_PROB=mul_prob, IEEE=a.dtype == torch.float32, BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], BLOCK_K=cfg["BLOCK_K"],
+        c.stride(-2), c.stride(0) if split_k > 1 else 0, TOPK=topk, A_PER_SLOT=a_per_slot, DENSE=dense, PER_SLOT=per_slot, HAS_BIAS=bias is not None, GELU=gelu,
+        MUL_PROB=mul_prob, IEEE=a.dtype == torch.float32, SPLIT_K=split_k, BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], BLOCK_K=cfg["BLOCK_K"],
         GROUP_M=cfg["GROUP_M"], num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
     return c

@@ -1,7 +1,8 @@
 """MoE routing on the GPU, without host synchronisation.
 
-`gate_topk`: u [N, H] @ wg [H, E] in fp32, softmax over all experts, top-k (ties to the
-lower id) -> probs [N, k] fp32, ids [N, k] int32. One kernel.
+`softmax_topk`: fp32 gate logits [N, E] -> softmax over all experts, top-k (ties to the
+lower id) -> probs [N, k] fp32, ids [N, k] int32, in one kernel; `gate_topk` puts the fp32
+gate GEMM (cuBLAS) in front of it.
 `moe_align`: ids [N, k] -> slots grouped by expert, each group padded to BLOCK_M (the
 sentinel N*k marks padding), the expert of every block and the padded total. One
 single-program kernel, so it is cheap at decode batch sizes and graph-capturable.
@@ -14,45 +15,42 @@ import triton.language as tl
 
 
 @triton.jit
-def _gate_topk_kernel(U, WG, PROBS, IDS, N, H, E, stride_u, K_TOP: tl.constexpr, BLOCK_M: tl.constexpr,
-                      BLOCK_H: tl.constexpr, BLOCK_E: tl.constexpr):
-    pid = tl.program_id(0)
-    rows = pid * BLOCK_M + tl.arange(0, BLOCK_M)
+def _softmax_topk_kernel(LOGITS, PROBS, IDS, N, E, stride_l, K_TOP: tl.constexpr, BLOCK_M: tl.constexpr,
+                         BLOCK_E: tl.constexpr):
+    rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     rm = rows < N
     es = tl.arange(0, BLOCK_E)
     em = es < E
-    acc = tl.zeros([BLOCK_M, BLOCK_E], dtype=tl.float32)
-    for h0 in range(0, H, BLOCK_H):
-        hs = h0 + tl.arange(0, BLOCK_H)
-        hm = hs < H
-        u = tl.load(U + rows[:, None].to(tl.int64) * stride_u + hs[None, :], mask=rm[:, None] & hm[None, :],
-                    other=0.0).to(tl.float32)
-        w = tl.load(WG + hs[:, None] * E + es[None, :], mask=hm[:, None] & em[None, :], other=0.0).to(tl.float32)
-        acc += tl.dot(u, w, input_precision="ieee")                  # exact fp32 (no tf32)
-    logits = tl.where(em[None, :], acc, float("-inf"))
+    logits = tl.load(LOGITS + rows[:, None].to(tl.int64) * stride_l + es[None, :], mask=rm[:, None] & em[None, :],
+                     other=0.0).to(tl.float32)                 # padding rows stay finite
+    logits = tl.where(em[None, :], logits, float("-inf"))
     mx = tl.max(logits, axis=1)
     ex = tl.exp(logits - mx[:, None])
     p = ex / tl.sum(ex, axis=1)[:, None]
     for j in tl.static_range(K_TOP):
         idx = tl.argmax(p, axis=1, tie_break_left=True)
         sel = es[None, :] == idx[:, None]
-        pj = tl.sum(tl.where(sel, p, 0.0), axis=1)
-        tl.store(PROBS + rows * K_TOP + j, pj, mask=rm)
+        tl.store(PROBS + rows * K_TOP + j, tl.sum(tl.where(sel, p, 0.0), axis=1), mask=rm)
         tl.store(IDS + rows * K_TOP + j, idx.to(tl.int32), mask=rm)
         p = tl.where(sel, -1.0, p)
 
 
-def gate_topk(u: torch.Tensor, wg: torch.Tensor, k: int, probs_out=None, ids_out=None):
-    N, H = u.shape
-    E = wg.shape[1]
-    probs = probs_out if probs_out is not None else torch.empty(N, k, dtype=torch.float32, device=u.device)
-    ids = ids_out if ids_out is not None else torch.empty(N, k, dtype=torch.int32, device=u.device)
+def softmax_topk(logits: torch.Tensor, k: int, probs_out=None, ids_out=None):
+    """logits [N, E] fp32 -> (probs [N, k] fp32: softmax over all E, ids [N, k] int32; ties to the lower id)."""
+    N, E = logits.shape
+    probs = probs_out if probs_out is not None else torch.empty(N, k, dtype=torch.float32, device=logits.device)
+    ids = ids_out if ids_out is not None else torch.empty(N, k, dtype=torch.int32, device=logits.device)
     BLOCK_E = triton.next_power_of_2(E)
-    BLOCK_M = 16                                     # tl.dot needs >= 16 rows; extra rows are masked
-    BLOCK_H = 64
-    _gate_topk_kernel[(triton.cdiv(N, BLOCK_M),)](u, wg, probs, ids, N, H, E, u.stride(0), K_TOP=k,
-                                                  BLOCK_M=BLOCK_M, BLOCK_H=BLOCK_H, BLOCK_E=BLOCK_E)
+    BLOCK_M = max(1, min(16, 4096 // BLOCK_E))
+    _softmax_topk_kernel[(triton.cdiv(N, BLOCK_M),)](logits, probs, ids, N, E, logits.stride(0), K_TOP=k,
+                                                     BLOCK_M=BLOCK_M, BLOCK_E=BLOCK_E)
     return probs, ids
+
+
+def gate_topk(u: torch.Tensor, wg32: torch.Tensor, k: int):
+    """The MoE gate: fp32 logits (cuBLAS, no TF32) then softmax + top-k in one kernel.
+    u [N, H] (any float dtype; fp32 avoids a cast), wg32 [H, E] fp32."""
+    return softmax_topk(u.float() @ wg32, k)
 
 
 @triton.jit
@@ -98,8 +96,11 @@ def align_sizes(nk: int, num_experts: int, block_m: int) -> tuple[int, int]:
 
 
 def moe_align(ids: torch.Tensor, num_experts: int, block_m: int, out=None):
-    """ids [N, k] int32 -> (sorted_slots [max_blocks*BM], block_expert [max_blocks], num_post [1])."""
+    """ids [N, k] int32 -> (sorted_slots [max_blocks*BM], block_expert [max_blocks], num_post [1]).
+    One program for small batches; above 256 slots, sort-based torch ops (still no host sync)."""
     nk = ids.numel()
+    if nk > 256 and out is None:
+        return _moe_align_sorted(ids, num_experts, block_m)
     max_len, max_blocks = align_sizes(nk, num_experts, block_m)
     if out is None:
         out = (torch.empty(max_len, dtype=torch.int32, device=ids.device),
@@ -109,3 +110,22 @@ def moe_align(ids: torch.Tensor, num_experts: int, block_m: int, out=None):
     _moe_align_kernel[(1,)](ids, sorted_slots, block_expert, num_post, nk, num_experts, max_len, max_blocks,
                             BLOCK_M=block_m, BLOCK_E=triton.next_power_of_2(num_experts), CHUNK=128, num_warps=4)
     return sorted_slots, block_expert, num_post
+
+
+def _moe_align_sorted(ids: torch.Tensor, num_experts: int, block_m: int):
+    """moe_align for many slots through a stable sort: same outputs, parallel on the GPU."""
+    flat = ids.reshape(-1).long()
+    nk = flat.numel()
+    max_len, max_blocks = align_sizes(nk, num_experts, block_m)
+    counts = torch.zeros(num_experts, dtype=torch.long, device=ids.device).scatter_add_(0, flat, torch.ones_like(flat))
+    padded = (counts + block_m - 1) // block_m * block_m
+    ends = torch.cumsum(padded, 0)
+    order = torch.sort(flat, stable=True).indices                        # slots grouped by expert, in order
+    sorted_e = flat[order]
+    first = torch.cumsum(counts, 0) - counts                             # unpadded group starts
+    dest = (ends - padded)[sorted_e] + torch.arange(nk, device=ids.device) - first[sorted_e]
+    out = torch.full((max_len,), nk, dtype=torch.int32, device=ids.device)
+    out.scatter_(0, dest, order.to(torch.int32))
+    starts = torch.arange(max_blocks, device=ids.device) * block_m
+    block_expert = torch.searchsorted(ends, starts, right=True).clamp_(max=num_experts - 1).to(torch.int32)
+    return out, block_expert, ends[-1:].to(torch.int32)
