@@ -111,15 +111,18 @@ def decode_bytes(m: GPTMoE, B: int, ctx: int, touched: list[int], kv_itemsize: i
     return total
 
 
-def _profile_table(fn, what: str, log) -> None:
-    """Per-kernel GPU time of one call of fn, heaviest first."""
+def _profile_table(fn, what: str, log, cpu: bool = False) -> None:
+    """Per-kernel GPU time (and host time with cpu=True) of one call of fn, heaviest first."""
     from torch.profiler import ProfilerActivity, profile
 
-    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+    acts = [ProfilerActivity.CUDA] + ([ProfilerActivity.CPU] if cpu else [])
+    with profile(activities=acts) as prof:
         fn()
         torch.cuda.synchronize()
     log(f"---- kernels of {what} ----")
     log(prof.key_averages().table(sort_by="self_device_time_total", row_limit=14, max_name_column_width=60))
+    if cpu:
+        log(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=14, max_name_column_width=60))
 
 
 @dataclasses.dataclass
@@ -269,7 +272,7 @@ def _bench_prefill(m, fast, cache, shape, bw, rate, eager, log, profile=False) -
 
     ms = _events_ms(lambda: run(fast), 5, 2)
     if profile:
-        _profile_table(lambda: run(fast), f"prefill {B}x{T}", log)
+        _profile_table(lambda: run(fast), f"prefill {B}x{T}", log, cpu=True)
     eager_ms = _events_ms(lambda: run(m), 2, 1) if eager else None
     n_tok = B * T
     active = cfg.param_counts()["active_per_token"] - cfg.vocab_size * cfg.hidden_size - cfg.max_pos_seq_len * cfg.hidden_size

@@ -66,6 +66,13 @@ class FastGPTMoE:
             self.layers.append(L)
         self.final_ln = model.final_layernorm
         self.trace: list | None = None   # set to [] to record each MoE layer's expert ids
+        self.graphs = None
+
+    def enable_cuda_graphs(self, cache: KVCache) -> None:
+        """Decode steps on `cache` replay CUDA graphs (one per batch-size bucket)."""
+        from .cuda_graphs import DecodeGraphs
+
+        self.graphs = DecodeGraphs(self, cache, max_blocks_per_seq=cache.blocks_for(self.config.max_pos_seq_len))
 
     @property
     def device(self) -> torch.device:
@@ -161,8 +168,12 @@ class FastGPTMoE:
         if meta is None or cache is None:
             return self.model(input_ids, meta, cache, last_only)
         if input_ids.shape[1] == 1 and bool((meta.seq_lens == 1).all()):
-            out = self.decode_step(input_ids[:, 0], meta.positions[:, 0], meta.block_tables, meta.context_lens,
-                                   meta.slot_mapping[:, 0], cache)
+            args = (input_ids[:, 0], meta.positions[:, 0], meta.block_tables.int(), meta.context_lens.int(),
+                    meta.slot_mapping[:, 0].int())
+            if self.graphs is not None and self.graphs.cache is cache and input_ids.shape[0] <= self.graphs.buckets[-1]:
+                out = self.graphs.step(*args)
+            else:
+                out = self.decode_step(*args, cache)
             return out if last_only else out[:, None]
         if bool((meta.context_lens == 0).all()):
             return self.prefill(input_ids, meta, cache, last_only)

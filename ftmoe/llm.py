@@ -41,14 +41,25 @@ class StreamChunk:
 
 class LLM:
     def __init__(self, model_dir: str, dtype: str = "float32", device: str = "cpu",
-                 tokenizer_dir: str | None = None, max_batch_tokens: int | None = None, moe_options=None):
+                 tokenizer_dir: str | None = None, max_batch_tokens: int | None = None, moe_options=None,
+                 fast: bool | None = None):
+        """fast: run the Triton/CUDA-graph path (default: on a CUDA device, unless capacity mode)."""
         self.model_dir = resolve_model_dir(model_dir)
         self.model = load_model(self.model_dir, dtype, device, moe_options=moe_options)
         self.config = self.model.config
         from .tokenizer import load_tokenizer      # lazy: token-id users need no tokenizer files
 
         self.tokenizer = load_tokenizer(tokenizer_dir or self.model_dir)
-        self.generator = Generator(self.model, max_batch_tokens=max_batch_tokens)
+        if fast is None:
+            fast = self.model.device.type == "cuda" and (moe_options is None or moe_options.capacity_factor is None)
+        runner = self.model
+        if fast:
+            from .fast_model import FastGPTMoE
+
+            runner = FastGPTMoE(self.model)
+        self.generator = Generator(runner, max_batch_tokens=max_batch_tokens)
+        if fast and self.model.device.type == "cuda":
+            runner.enable_cuda_graphs(self.generator.cache)
 
     # ---- text helpers ----------------------------------------------------------
     def encode(self, text: str) -> list[int]:
