@@ -125,4 +125,5 @@ def test_bf16_fast_generation_follows_fp32_reference(tiny_model_dir):
         cache = KVCache.for_model(runner.config, 256, dtype=torch.bfloat16, device="cuda")
         cache.add(0)
         fast_logits = runner(seq[None], cache.prepare([0], [len(seq)]), cache, last_only=False)[0]
-        assert float((fast_logits - logits).abs().max() / logits.abs().max()) < 3e-2
+        # bf16 weights and activations: relative error by norm between 1e-3 and 1e-2 expected
+        assert float((fast_logits - logits).norm() / logits.norm()) < 2e-2
