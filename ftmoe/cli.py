@@ -140,19 +140,22 @@ def _cmd_generate(a) -> int:
     dt = time.perf_counter() - t0
     new_tokens = 0
     for i, o in enumerate(outs):
-        ids = o.output_ids[0] if o.output_ids and isinstance(o.output_ids[0], list) else o.output_ids
-        seq_len = o.sequence_length[0] if isinstance(o.sequence_length, list) else o.sequence_length
-        plen = len(prompts[i]) if isinstance(prompts[i], list) else seq_len - len(o.output_log_probs or []) \
-            if o.output_log_probs else None
-        new_tokens += len(ids) - (plen if plen is not None else 0)
+        beams = isinstance(o.sequence_length, list)
+        ids = o.output_ids[0] if beams else o.output_ids          # best beam first
+        seq_len = o.sequence_length[0] if beams else o.sequence_length
+        text = o.text[0] if beams and o.text is not None else o.text
+        new_tokens += seq_len - o.prompt_length
         if a.json:
-            print(json.dumps({"index": i, "output_ids": ids, "text": o.text, "sequence_length": seq_len,
-                              "cum_log_probs": o.cum_log_probs, "output_log_probs": o.output_log_probs,
-                              "finish_reason": o.finish_reason}, ensure_ascii=False))
+            print(json.dumps({"index": i, "output_ids": ids, "text": text, "sequence_length": seq_len,
+                              "prompt_length": o.prompt_length,
+                              "cum_log_probs": o.cum_log_probs[0] if beams else o.cum_log_probs,
+                              "output_log_probs": o.output_log_probs[0] if beams else o.output_log_probs,
+                              "finish_reason": o.finish_reason[0] if beams else o.finish_reason},
+                             ensure_ascii=False))
         else:
-            print(o.text if o.text is not None else " ".join(map(str, ids)))
-    if not a.json:
-        print(f"[{len(outs)} prompt(s), {dt:.2f} s]", file=sys.stderr)
+            print(text if text is not None else " ".join(map(str, ids)))
+    print(f"[{len(outs)} prompt(s), {new_tokens} new tokens in {dt:.2f} s, {new_tokens / max(dt, 1e-9):.1f} tokens/s]",
+          file=sys.stderr)
     return 0
 
 

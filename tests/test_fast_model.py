@@ -125,5 +125,9 @@ def test_bf16_fast_generation_follows_fp32_reference(tiny_model_dir):
         cache = KVCache.for_model(runner.config, 256, dtype=torch.bfloat16, device="cuda")
         cache.add(0)
         fast_logits = runner(seq[None], cache.prepare([0], [len(seq)]), cache, last_only=False)[0]
-        # bf16 weights and activations: relative error by norm between 1e-3 and 1e-2 expected
-        assert float((fast_logits - logits).norm() / logits.norm()) < 2e-2
+        # bf16 noise on this random model is large: the kernel path must be no worse than plain
+        # bf16 PyTorch (the reference model with bf16 weights) against the fp32 reference
+        bf16_ref = fast.model(seq[None])[0]
+        err_fast = float((fast_logits - logits).norm() / logits.norm())
+        err_bf16 = float((bf16_ref - logits).norm() / logits.norm())
+        assert err_fast < 1.5 * err_bf16 + 1e-3, (err_fast, err_bf16)
