@@ -41,8 +41,8 @@ def run_demo(workdir: str = "demo_out") -> int:
     llm = LLM(model_dir, dtype="float32")
     print(f"[3/3] generating with {model_dir} (random weights: expect gibberish)")
     for name, params in (("greedy", SamplingParams(max_new_tokens=24)),
-                         ("top_p=0.9 T=0.8", SamplingParams(max_new_tokens=24, top_p=0.9, temperature=0.8,
-                                                            seed=1234))):
+                         ("top_k=40 top_p=0.9 repetition_penalty=1.5 seed=1234",
+                          SamplingParams(max_new_tokens=24, top_k=40, top_p=0.9, repetition_penalty=1.5, seed=1234))):
         t = time.perf_counter()
         outs = llm.generate(PROMPTS, params)
         dt = time.perf_counter() - t
