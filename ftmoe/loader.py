@@ -90,7 +90,8 @@ def read_tensor(spec: TensorSpec, paths: list[str], cfg: ModelConfig) -> torch.T
 
 
 def load_model(model_dir: str, dtype: str | torch.dtype = "float32", device: str | torch.device = "cpu",
-               moe_options: MoEOptions | None = None, progress: bool = False) -> GPTMoE:
+               moe_options: MoEOptions | None = None, progress: bool | None = None) -> GPTMoE:
+    """progress: a progress line on stderr; by default only for models over 1 GB."""
     model_dir = resolve_model_dir(model_dir)
     cfg = ModelConfig.from_dir(model_dir)
     tdtype = parse_dtype(dtype)
@@ -101,7 +102,7 @@ def load_model(model_dir: str, dtype: str | torch.dtype = "float32", device: str
     with torch.device("meta"):
         model = GPTMoE(cfg, tdtype, moe_options=moe_options)
     total = sum(torch.Size(s.shape).numel() for s, _ in plan) * torch_dtype_of(cfg.weight_data_type).itemsize
-    bar = Progress(total, f"loading {model_dir}", enabled=progress)
+    bar = Progress(total, f"loading {model_dir}", enabled=progress if progress is not None else total > 2**30)
     state = {}
     for spec, paths in plan:
         t = read_tensor(spec, paths, cfg)
