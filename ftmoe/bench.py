@@ -97,7 +97,7 @@ def decode_bytes(m: GPTMoE, B: int, ctx: int, touched: list[int], kv_itemsize: i
     cfg = m.config
     total = _bytes(m.wte) + B * _bytes(m.wpe[0])
     moe_i = 0
-    for blk in m.layers:
+    for blk in m.blocks():
         for name, p in blk.named_parameters():
             if ".experts." not in "." + name:
                 total += _bytes(p)

@@ -47,7 +47,7 @@ class FastGPTMoE:
         self.scale = 1.0 / math.sqrt(self.D)
         self.device_name = torch.cuda.get_device_name(model.device) if model.device.type == "cuda" else "cpu"
         self.layers = []
-        for blk in model.layers:
+        for blk in model.blocks():
             L = {"ln1": blk.input_layernorm, "ln2": blk.post_attention_layernorm,
                  "wqkv": blk.attention.query_key_value.weight.reshape(self.H, 3 * self.H),
                  "bqkv": blk.attention.query_key_value.bias.reshape(3 * self.H),

@@ -15,6 +15,7 @@ import os
 import torch
 
 from .config import ModelConfig
+from .distributed import ParallelState
 from .errors import ModelFormatError
 from .ftformat import TensorSpec, tensor_specs, torch_dtype_of
 from .layers.mlp import MoEOptions
@@ -89,9 +90,28 @@ def read_tensor(spec: TensorSpec, paths: list[str], cfg: ModelConfig) -> torch.T
     return parts[0] if len(parts) == 1 else torch.cat(parts, dim=spec.split_axis)
 
 
+def read_shard(spec: TensorSpec, paths: list[str], cfg: ModelConfig, par: ParallelState) -> torch.Tensor:
+    """This rank's part of a tensor: its TP slice along the split axis (one file when the folder
+    was converted for the same TP size), and its experts (axis 0) under expert parallelism."""
+    if spec.split_axis is not None and par.tp > 1 and cfg.tensor_para_size == par.tp:
+        file_dtype = torch_dtype_of(cfg.weight_data_type)
+        shard = spec.shard_shape(par.tp)
+        t = torch.from_file(paths[par.t], shared=False, size=torch.Size(shard).numel(), dtype=file_dtype).view(shard)
+    else:
+        t = read_tensor(spec, paths, cfg)
+        if spec.split_axis is not None and par.tp > 1:
+            t = torch.tensor_split(t, par.tp, dim=spec.split_axis)[par.t]
+    if ".experts." in spec.name and par.ep > 1:
+        n = t.shape[0] // par.ep
+        t = t[par.d * n:(par.d + 1) * n]
+    return t
+
+
 def load_model(model_dir: str, dtype: str | torch.dtype = "float32", device: str | torch.device = "cpu",
-               moe_options: MoEOptions | None = None, progress: bool | None = None) -> GPTMoE:
-    """progress: a progress line on stderr; by default only for models over 1 GB."""
+               moe_options: MoEOptions | None = None, progress: bool | None = None,
+               par: ParallelState | None = None) -> GPTMoE:
+    """progress: a progress line on stderr; by default only for models over 1 GB.
+    par: load only this rank's shard (its stage's layers, TP slices and experts)."""
     model_dir = resolve_model_dir(model_dir)
     cfg = ModelConfig.from_dir(model_dir)
     tdtype = parse_dtype(dtype)
@@ -99,13 +119,20 @@ def load_model(model_dir: str, dtype: str | torch.dtype = "float32", device: str
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ModelFormatError("device 'cuda' requested but no CUDA GPU is available")
     plan = check_files(model_dir, cfg)
+    par = par or ParallelState.single(device)
+    par.config.check(cfg)
     with torch.device("meta"):
-        model = GPTMoE(cfg, tdtype, moe_options=moe_options)
+        model = GPTMoE(cfg, tdtype, moe_options=moe_options, par=par)
+    wanted = model.state_dict()
+    plan = [(s, p) for s, p in plan if s.name in wanted]
     total = sum(torch.Size(s.shape).numel() for s, _ in plan) * torch_dtype_of(cfg.weight_data_type).itemsize
     bar = Progress(total, f"loading {model_dir}", enabled=progress if progress is not None else total > 2**30)
     state = {}
     for spec, paths in plan:
-        t = read_tensor(spec, paths, cfg)
+        t = read_shard(spec, paths, cfg, par)
+        if t.shape != wanted[spec.name].shape:
+            raise ModelFormatError(f"{paths[0]}: shard shape {list(t.shape)} differs from the model's "
+                                   f"{list(wanted[spec.name].shape)}")
         state[spec.name] = torch.nn.Parameter(t.to(device=device, dtype=tdtype), requires_grad=False)
         bar.update(t.numel() * t.element_size())
     bar.close()

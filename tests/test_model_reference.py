@@ -56,7 +56,7 @@ def test_reference_check_can_fail(variants, tmp_path):
     """Sanity: a model that ignores the expert b2 (DeepSpeed's behaviour) is caught."""
     ckpt = variants["base"]
     model = load_model(convert(ckpt, str(tmp_path), tp=1, dtype="fp32", progress=False))
-    for layer in model.layers:
+    for layer in model.blocks():
         if layer.is_moe:
             layer.mlp.moe.experts.dense_4h_to_h.bias.data.zero_()
     ids = _ids(2, 9, 512, seed=0)

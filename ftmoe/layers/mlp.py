@@ -84,32 +84,73 @@ def capacity_keep(ids: torch.Tensor, num_experts: int, capacity: int) -> torch.T
 
 
 class MoE(nn.Module):
+    """Experts [E/ep, ...] of this rank (ids e0..e0+E/ep-1), each split along F over TP ranks."""
+
     def __init__(self, hidden: int, ffn: int, experts: int, dtype, device=None, tp: int = 1,
-                 options: MoEOptions = MoEOptions()):
+                 options: MoEOptions = MoEOptions(), ep: int = 1, ep_rank: int = 0, par=None):
         super().__init__()
         self.num_experts = experts
+        self.num_local = experts // ep
+        self.e0 = ep_rank * self.num_local
         self.options = options
+        self.par = par
         self.gate = _Gate(hidden, experts, dtype, device)
-        self.experts = _Experts(hidden, ffn // tp, experts, dtype, device)
+        self.experts = _Experts(hidden, ffn // tp, self.num_local, dtype, device)
 
-    def forward(self, u: torch.Tensor, add_b2: bool = True) -> torch.Tensor:
-        N = u.shape[0]
+    def _partial(self, x: torch.Tensor, e_local: torch.Tensor) -> torch.Tensor:
+        """x [R, H], local expert ids [R] -> gelu(x W1 + b1) W2 over this rank's F shard, fp32, no b2."""
+        out = torch.zeros(x.shape[0], x.shape[1], dtype=torch.float32, device=x.device)
+        ex = self.experts
+        for e in torch.unique(e_local).tolist():
+            rows = (e_local == e).nonzero(as_tuple=True)[0]
+            h = gelu_tanh(x[rows] @ ex.dense_h_to_4h.weight[e] + ex.dense_h_to_4h.bias[e])   # [n, F/t]
+            out[rows] = (h @ ex.dense_4h_to_h.weight[e]).float()                              # [n, H]
+        return out
+
+    def _finish(self, partial: torch.Tensor, e_local: torch.Tensor) -> torch.Tensor:
+        """Sum the F shards over TP, then add b2 (once, after the reduce, as FT does)."""
+        if self.par is not None and partial.shape[0]:
+            self.par.tp_all_reduce(partial)
+        return partial + self.experts.dense_4h_to_h.bias[e_local].float()
+
+    def forward(self, u: torch.Tensor) -> torch.Tensor:
+        N, H = u.shape
         logits = u.float() @ self.gate.wg.weight.float()                  # [N, E] fp32
         probs, ids = route(logits, self.options.top_k)                    # [N, k]
         keep = torch.ones_like(ids, dtype=torch.bool)
         if self.options.capacity_factor is not None:
             cap = max(math.ceil(N / self.num_experts * self.options.capacity_factor), self.options.min_capacity)
             keep = capacity_keep(ids, self.num_experts, cap)
-        out = torch.zeros(N, u.shape[1], dtype=torch.float32, device=u.device)
-        ex = self.experts
-        for e in torch.unique(ids).tolist():
-            tok, slot = ((ids == e) & keep).nonzero(as_tuple=True)
-            if tok.numel() == 0:
-                continue
-            w = probs[tok, slot]
-            h = gelu_tanh(u[tok] @ ex.dense_h_to_4h.weight[e] + ex.dense_h_to_4h.bias[e])   # [n, F/t]
-            y = h @ ex.dense_4h_to_h.weight[e]                                               # [n, H]
-            if add_b2:
-                y = y + ex.dense_4h_to_h.bias[e]
-            out.index_add_(0, tok, y.float() * w[:, None])
+        tok, slot = keep.nonzero(as_tuple=True)                           # kept (token, choice) slots
+        e = ids[tok, slot]
+        if self.par is not None and self.par.ep > 1:
+            y = self._exchange(u[tok], e)
+        else:
+            y = self._finish(self._partial(u[tok], e), e)
+        out = torch.zeros(N, H, dtype=torch.float32, device=u.device)
+        out.index_add_(0, tok, y * probs[tok, slot][:, None])
         return out.to(u.dtype)
+
+    def _exchange(self, x: torch.Tensor, e: torch.Tensor) -> torch.Tensor:
+        """Expert parallel: send each slot to the rank owning its expert (all-to-all, uneven),
+        compute there, send the results back. x [S, H], global expert ids e [S] -> y [S, H] fp32."""
+        import torch.distributed as dist
+
+        par, L = self.par, self.num_local
+        dest = e // L
+        order = torch.argsort(dest, stable=True)
+        send_counts = torch.bincount(dest, minlength=par.ep)
+        recv_counts = torch.empty_like(send_counts)
+        dist.all_to_all_single(recv_counts, send_counts, group=par.ep_group)
+        sc, rc = send_counts.tolist(), recv_counts.tolist()
+        H = x.shape[1]
+        recv_x = x.new_empty(sum(rc), H)
+        dist.all_to_all_single(recv_x, x[order].contiguous(), rc, sc, group=par.ep_group)
+        recv_e = e.new_empty(sum(rc))
+        dist.all_to_all_single(recv_e, (e[order] - dest[order] * L).contiguous(), rc, sc, group=par.ep_group)
+        y_recv = self._finish(self._partial(recv_x, recv_e), recv_e)
+        y_sorted = y_recv.new_empty(x.shape[0], H)
+        dist.all_to_all_single(y_sorted, y_recv, sc, rc, group=par.ep_group)
+        y = torch.empty_like(y_sorted)
+        y[order] = y_sorted
+        return y
