@@ -101,18 +101,23 @@ class ParallelState:
         return cls(ParallelConfig(), 0, 0, 0, 0, device=torch.device(device))
 
 
-def init_parallel(pc: ParallelConfig, backend: str | None = None, timeout_s: float = 120.0) -> ParallelState:
-    """Join the world described by the environment (torchrun's RANK/WORLD_SIZE/MASTER_ADDR/...)
-    and build the groups. Every rank must call this with the same ParallelConfig."""
+def init_parallel(pc: ParallelConfig, backend: str | None = None, timeout_s: float = 120.0,
+                  init_method: str | None = None, rank: int | None = None, device: str = "auto") -> ParallelState:
+    """Join the world and build the groups. Without init_method the world comes from the
+    environment (torchrun's RANK/WORLD_SIZE/MASTER_ADDR/...). Every rank must call this with
+    the same ParallelConfig. device "cpu" forces gloo; "auto" uses NCCL when there are GPUs."""
     if not dist.is_initialized():
-        world = int(os.environ.get("WORLD_SIZE", "1"))
+        world = pc.world_size if init_method else int(os.environ.get("WORLD_SIZE", "1"))
         if world != pc.world_size:
             raise FtmoeError(f"--tp {pc.tp} x --ep {pc.ep} x --pp {pc.pp} needs {pc.world_size} processes, "
                              f"the launcher started {world}")
-        backend = backend or ("nccl" if torch.cuda.is_available() else "gloo")
+        use_gpu = device != "cpu" and torch.cuda.is_available()
+        backend = backend or ("nccl" if use_gpu else "gloo")
         kw = {}
+        if init_method:
+            kw.update(init_method=init_method, rank=rank, world_size=world)
         if backend == "nccl":
-            local = int(os.environ.get("LOCAL_RANK", os.environ.get("RANK", "0")))
+            local = int(os.environ.get("LOCAL_RANK", rank if rank is not None else os.environ.get("RANK", "0")))
             torch.cuda.set_device(local % torch.cuda.device_count())
             kw["device_id"] = torch.device("cuda", torch.cuda.current_device())
         dist.init_process_group(backend, timeout=datetime.timedelta(seconds=timeout_s), **kw)

@@ -143,7 +143,10 @@ class Generator:
         self.model = model
         self.config = model.config
         cap = max_batch_tokens if max_batch_tokens is not None else 4 * self.config.max_pos_seq_len
-        self.cache = KVCache.for_model(self.config, cap, block_size, dtype=model.dtype, device=model.device)
+        if hasattr(model, "make_cache"):   # a distributed model keeps its cache shards on every rank
+            self.cache = model.make_cache(cap, block_size)
+        else:
+            self.cache = KVCache.for_model(self.config, cap, block_size, dtype=model.dtype, device=model.device)
         self._next_seq = 0
 
     # ---- public ------------------------------------------------------------------

@@ -24,6 +24,10 @@ from collections.abc import Iterator, Sequence
 
 from .errors import RequestError
 from .generation import GenerationOutput, Generator
+from . import launch
+from .config import ModelConfig
+from .distributed import ParallelConfig
+from .launch import under_torchrun
 from .loader import load_model, resolve_model_dir
 from .sampling import SamplingParams
 
@@ -42,16 +46,32 @@ class StreamChunk:
 class LLM:
     def __init__(self, model_dir: str, dtype: str = "float32", device: str = "cpu",
                  tokenizer_dir: str | None = None, max_batch_tokens: int | None = None, moe_options=None,
-                 fast: bool | None = None):
-        """fast: run the Triton/CUDA-graph path (default: on a CUDA device, unless capacity mode)."""
+                 fast: bool | None = None, tp: int = 1, ep: int = 1, pp: int = 1,
+                 micro_batches: int | None = None, timeout_s: float = 120.0):
+        """fast: run the Triton/CUDA-graph path (default: on a CUDA device, unless capacity mode).
+        tp/ep/pp: tensor, expert and pipeline parallel sizes; tp*ep*pp processes are started on
+        this node (this process is rank 0), or taken from torchrun. Call close() (or use `with`)."""
         self.model_dir = resolve_model_dir(model_dir)
-        self.model = load_model(self.model_dir, dtype, device, moe_options=moe_options)
+        self._procs: list = []
+        self._runner = None
+        pc = ParallelConfig(tp, ep, pp)
+        if pc.world_size > 1 or under_torchrun():
+            pc.check(ModelConfig.from_dir(self.model_dir))      # before any process starts
+            self._runner, self._procs = launch.start(pc, self.model_dir, dtype, device, moe_options,
+                                                     micro_batches, timeout_s)
+            if self._runner is None:                            # a torchrun worker: rank 0 is done
+                raise SystemExit(0)
+            self.model = self._runner
+            fast = False
+        else:
+            self.model = load_model(self.model_dir, dtype, device, moe_options=moe_options)
         self.config = self.model.config
         from .tokenizer import load_tokenizer      # lazy: token-id users need no tokenizer files
 
         self.tokenizer = load_tokenizer(tokenizer_dir or self.model_dir)
         if fast is None:
             fast = self.model.device.type == "cuda" and (moe_options is None or moe_options.capacity_factor is None)
+        self.rank = self._runner.par.rank if self._runner is not None else 0
         runner = self.model
         if fast:
             from .fast_model import FastGPTMoE
@@ -60,6 +80,24 @@ class LLM:
         self.generator = Generator(runner, max_batch_tokens=max_batch_tokens)
         if fast and self.model.device.type == "cuda":
             runner.enable_cuda_graphs(self.generator.cache)
+
+    # ---- lifetime (parallel runs own worker processes) -------------------------
+    def close(self) -> None:
+        if self._runner is not None:
+            launch.stop(self._runner, self._procs)
+            self._runner, self._procs = None, []
+
+    def __enter__(self) -> "LLM":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def __del__(self):
+        try:
+            self.close()
+        except Exception:
+            pass
 
     # ---- text helpers ----------------------------------------------------------
     def encode(self, text: str) -> list[int]:

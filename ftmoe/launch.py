@@ -1,0 +1,91 @@
+"""Start the processes of a parallel model: spawned on this node, or under torchrun.
+
+In:  a ParallelConfig and how to load the model. Out: rank 0's `DistributedModel` (in this
+process) and the worker processes; or, under torchrun, this process's rank (ranks != 0 serve
+rank 0 until it stops, then return None).
+
+Spawned workers rendezvous with rank 0 over TCP on 127.0.0.1 (a free port); torchrun's own
+rendezvous (its RANK/WORLD_SIZE/MASTER_ADDR environment) is used as is, on one node or many.
+Collectives time out (`timeout_s`), so a rank that dies becomes an error on rank 0, not a hang.
+"""
+from __future__ import annotations
+
+import os
+import socket
+
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+from .distributed import ParallelConfig, init_parallel
+from .parallel_runner import DistributedModel
+
+
+def under_torchrun() -> bool:
+    return "RANK" in os.environ and int(os.environ.get("WORLD_SIZE", "1")) > 1
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _load(pc, model_dir, dtype, device, moe_options, micro_batches, timeout_s, init_method=None, rank=None):
+    from .loader import load_model
+
+    par = init_parallel(pc, timeout_s=timeout_s, init_method=init_method, rank=rank, device=device)
+    model = load_model(model_dir, dtype, par.device, moe_options=moe_options, par=par)
+    return DistributedModel(model, par, micro_batches)
+
+
+def _worker(rank, pc, model_dir, dtype, device, moe_options, micro_batches, timeout_s, init_method):
+    runner = _load(pc, model_dir, dtype, device, moe_options, micro_batches, timeout_s, init_method, rank)
+    try:
+        runner.follow()
+    finally:
+        dist.destroy_process_group()
+
+
+def start(pc: ParallelConfig, model_dir: str, dtype, device: str = "cpu", moe_options=None,
+          micro_batches: int | None = None, timeout_s: float = 120.0):
+    """Returns (runner, worker processes). Under torchrun, ranks != 0 follow rank 0 here and
+    get (None, [])."""
+    if under_torchrun():
+        runner = _load(pc, model_dir, dtype, device, moe_options, micro_batches, timeout_s)
+        if runner.par.rank != 0:
+            try:
+                runner.follow()
+            finally:
+                dist.destroy_process_group()
+            return None, []
+        return runner, []
+    init_method = f"tcp://127.0.0.1:{_free_port()}"
+    ctx = mp.get_context("spawn")
+    procs = []
+    for r in range(1, pc.world_size):
+        p = ctx.Process(target=_worker, args=(r, pc, model_dir, dtype, device, moe_options, micro_batches,
+                                              timeout_s, init_method), daemon=True)
+        p.start()
+        procs.append(p)
+    try:
+        return _load(pc, model_dir, dtype, device, moe_options, micro_batches, timeout_s, init_method, 0), procs
+    except BaseException:
+        for p in procs:
+            p.kill()
+        raise
+
+
+def stop(runner: DistributedModel | None, procs: list, timeout_s: float = 30.0) -> None:
+    """Tell the workers to stop, leave the process group, reap the processes."""
+    try:
+        if runner is not None and dist.is_initialized():
+            runner.shutdown()
+    except Exception:
+        pass
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+        for p in procs:
+            p.join(timeout_s)
+            if p.is_alive():
+                p.kill()

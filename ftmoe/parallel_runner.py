@@ -1,0 +1,161 @@
+"""Run a sharded GPTMoE over several processes: rank 0 drives, the other ranks follow.
+
+In:  this rank's model shard and `ParallelState`; on rank 0, the generator's calls
+     (`runner(ids, meta, cache, last_only)`, `runner.make_cache(...)`, block copies).
+Out: on rank 0, full logits [B, (T,) V] fp32, as a single-process GPTMoE would return.
+
+Every call on rank 0 is broadcast to all ranks (`broadcast_object_list`: the batch's token
+ids and cache metadata, a few KB), then every rank runs its part:
+- the batch rows are split over the expert/data-parallel index d (row r -> d = r % ep) and
+  into micro-batches for the pipeline (stage s receives micro-batch j from stage s-1 while
+  it sends j-1 on: FasterTransformer's bubble hiding);
+- attention and dense layers reduce over TP, MoE layers exchange tokens over EP (model.py);
+- the last stage's ranks send their logits (their rows, their vocabulary slice) to rank 0.
+Only rank 0 samples, so every rank sees the same tokens. The KV cache's block bookkeeping
+lives on rank 0; each rank stores its own layers and heads under the same block ids.
+"""
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+
+from .distributed import ParallelState
+from .errors import FtmoeError
+from .kv_cache import AttnMetadata, KVCache
+from .model import GPTMoE
+
+
+class _ShardCache(KVCache):
+    """Rank 0's cache: block bookkeeping for everyone, storage for rank 0's shard; block copies
+    (beam search) are mirrored on every rank."""
+
+    def __init__(self, runner: "DistributedModel", *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self._runner = runner
+
+    def _copy_blocks(self, src: list[int], dst: list[int]) -> None:
+        if src:
+            self._runner._command(("copy_blocks", list(src), list(dst)))
+
+
+def _meta_fields(meta: AttnMetadata) -> tuple:
+    return tuple(t.cpu() for t in (meta.positions, meta.slot_mapping, meta.block_tables, meta.context_lens,
+                                   meta.seq_lens))
+
+
+class DistributedModel:
+    def __init__(self, model: GPTMoE, par: ParallelState, micro_batches: int | None = None):
+        self.model, self.par = model, par
+        self.config, self.dtype, self.device = model.config, model.dtype, par.device
+        self.micro_batches = micro_batches
+        self.cache: KVCache | None = None
+        cfg = self.config
+        self._local_layers = len(model.layer_ids)
+        self._heads = cfg.head_num // par.tp
+
+    # ---- rank 0 ---------------------------------------------------------------------
+    def make_cache(self, max_tokens: int, block_size: int) -> KVCache:
+        return self._command(("init_cache", max(1, -(-max_tokens // block_size)), block_size))
+
+    def __call__(self, input_ids: torch.Tensor, meta: AttnMetadata | None = None, cache: KVCache | None = None,
+                 last_only: bool = False) -> torch.Tensor:
+        if meta is None:
+            raise ValueError("the distributed model runs with a KV cache (meta and cache)")
+        return self._command(("forward", input_ids.cpu(), _meta_fields(meta), last_only))
+
+    def shutdown(self) -> None:
+        self._command(("stop",))
+
+    def _command(self, cmd: tuple):
+        try:
+            dist.broadcast_object_list([cmd], src=0)
+            return self._execute(cmd)
+        except RuntimeError as e:   # a collective failed or timed out: some rank is gone
+            msg = str(e).splitlines()[0][:200]
+            raise FtmoeError(f"distributed step '{cmd[0]}' failed on rank 0 (a worker rank died or timed "
+                             f"out): {msg}") from None
+
+    # ---- ranks != 0 -----------------------------------------------------------------------
+    def follow(self) -> None:
+        while True:
+            box = [None]
+            dist.broadcast_object_list(box, src=0)
+            if box[0][0] == "stop":
+                return
+            self._execute(box[0])
+
+    # ---- every rank ---------------------------------------------------------------------
+    def _execute(self, cmd: tuple):
+        kind = cmd[0]
+        if kind == "init_cache":
+            nb, bs = cmd[1], cmd[2]
+            args = (self._local_layers, self._heads, self.config.size_per_head, nb, bs, self.dtype, self.device)
+            self.cache = _ShardCache(self, *args) if self.par.rank == 0 else KVCache(*args)
+            return self.cache
+        if kind == "copy_blocks":
+            KVCache._copy_blocks(self.cache, cmd[1], cmd[2])
+            return None
+        if kind == "forward":
+            return self._forward(*cmd[1:])
+        if kind == "stop":
+            return None
+        raise ValueError(f"unknown command {kind!r}")
+
+    def _micro_rows(self, B: int, d: int) -> list[list[int]]:
+        """Global rows of each micro-batch that data-parallel index d handles (row r -> d = r % ep)."""
+        m = self.micro_batches or (min(B, self.par.pp) if self.par.pp > 1 else 1)
+        chunks = torch.tensor_split(torch.arange(B), max(1, min(m, B)))
+        return [[r for r in c.tolist() if r % self.par.ep == d] for c in chunks]
+
+    @torch.inference_mode()
+    def _forward(self, input_ids: torch.Tensor, fields: tuple, last_only: bool):
+        par, model, dev = self.par, self.model, self.device
+        B, T = input_ids.shape
+        H = self.config.hidden_size
+        pending, outs = [], []
+        for rows in self._micro_rows(B, par.d):
+            idx = torch.tensor(rows, dtype=torch.long)
+            meta = AttnMetadata(*(f[idx].to(dev) for f in fields))
+            n = len(rows)
+            if par.is_first_stage:
+                x = model.embed(input_ids[idx].to(dev), meta.positions)
+            else:
+                x = torch.empty(n, T, H, dtype=self.dtype, device=dev)
+                if n:
+                    dist.recv(x, src=par.rank_of(par.stage - 1, par.d, par.t))
+            x = model.run_layers(x, meta, self.cache)
+            if not par.is_last_stage:
+                if n:
+                    pending.append(dist.isend(x.contiguous(), dst=par.rank_of(par.stage + 1, par.d, par.t)))
+            elif n:
+                outs.append(model.head(x, meta, last_only))
+        for w in pending:
+            w.wait()
+        return self._gather_logits(outs, B, T, last_only)
+
+    def _gather_logits(self, outs: list[torch.Tensor], B: int, T: int, last_only: bool):
+        """Last-stage ranks send (their rows, their vocab slice) to rank 0, which assembles [B, (T,) V]."""
+        par, V = self.par, self.config.vocab_size
+        mine = torch.cat(outs, 0) if outs else None
+        shape_tail = () if last_only else (T,)
+        if par.rank != 0:
+            if par.is_last_stage and mine is not None:
+                dist.send(mine.contiguous(), dst=0)
+            return None
+        full = torch.empty(B, *shape_tail, V, dtype=torch.float32, device=self.device)
+        last = par.pp - 1
+        bounds = [len(c) for c in torch.tensor_split(torch.arange(V), par.tp)]
+        for d in range(par.ep):
+            rows = [r for mb in self._micro_rows(B, d) for r in mb]
+            if not rows:
+                continue
+            for t in range(par.tp):
+                v0 = sum(bounds[:t])
+                src = par.rank_of(last, d, t)
+                if src == 0:
+                    part = mine
+                else:
+                    part = torch.empty(len(rows), *shape_tail, bounds[t], dtype=torch.float32, device=self.device)
+                    dist.recv(part, src=src)
+                full[torch.tensor(rows, device=self.device), ..., v0:v0 + bounds[t]] = part
+        return full
