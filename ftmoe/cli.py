@@ -52,6 +52,15 @@ def _add_generate(sub) -> None:
     p.add_argument("--device", default="cpu")
     p.add_argument("--json", action="store_true", help="one JSON object per prompt")
     p.add_argument("--stream", action="store_true", help="print text as it is generated (one prompt)")
+    _add_parallel(p)
+
+
+def _add_parallel(p) -> None:
+    p.add_argument("--tp", type=int, default=1, help="tensor-parallel size")
+    p.add_argument("--ep", type=int, default=1, help="expert-parallel size (experts split, attention data-parallel)")
+    p.add_argument("--pp", type=int, default=1, help="pipeline-parallel size (layers split into stages)")
+    p.add_argument("--micro-batches", type=int, default=None, help="pipeline micro-batches (default: min(batch, pp))")
+    p.add_argument("--timeout", type=float, default=120.0, help="seconds before a silent rank is an error")
 
 
 def _cmd_convert(a) -> int:
@@ -126,7 +135,12 @@ def _cmd_generate(a) -> int:
                             presence_penalty=a.presence_penalty, min_length=a.min_length,
                             beam_width=a.beam_width, len_penalty=a.len_penalty, seed=a.seed,
                             return_log_probs=a.json)
-    llm = LLM(a.model, dtype=a.dtype, device=a.device)
+    with LLM(a.model, dtype=a.dtype, device=a.device, tp=a.tp, ep=a.ep, pp=a.pp, micro_batches=a.micro_batches,
+             timeout_s=a.timeout) as llm:
+        return _generate_with(llm, a, prompts, params)
+
+
+def _generate_with(llm, a, prompts, params) -> int:
     if a.stream:
         if len(prompts) != 1:
             raise FtmoeError("--stream takes exactly one prompt")

@@ -1,0 +1,122 @@
+"""Tensor, expert and pipeline parallelism on the CPU (gloo): every layout gives the logits
+(fp32, relative error < 1e-5) and the greedy tokens of one process, for prompts of different
+lengths, prefill and 16 decode steps; bad layouts and dead ranks are clear errors."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+from ftmoe.cli import main
+from ftmoe.convert import convert
+from ftmoe.errors import FtmoeError
+from ftmoe.kv_cache import KVCache
+from ftmoe.llm import LLM
+from ftmoe.loader import load_model
+from ftmoe.sampling import SamplingParams
+
+PROMPTS = [[5, 17, 33, 2, 99], [7, 8, 200, 31, 4, 4, 9, 100, 12, 300, 77], [42, 1]]
+GREEDY = SamplingParams(max_new_tokens=16, ignore_eos=True)
+
+
+@pytest.fixture(scope="module")
+def folders(tiny_ckpt_fp32, tmp_path_factory) -> dict[int, str]:
+    out = str(tmp_path_factory.mktemp("par_models"))
+    return {tp: convert(tiny_ckpt_fp32, out, tp=tp, dtype="fp32", progress=False) for tp in (1, 2)}
+
+
+@pytest.fixture(scope="module")
+def single(folders):
+    """One process: the reference logits and greedy tokens."""
+    model = load_model(folders[1])
+    with LLM(folders[1]) as llm:
+        tokens = [o.output_ids for o in llm.generate(PROMPTS, GREEDY)]
+    return model, tokens
+
+
+def rel(a, b):
+    return float((a.double() - b.double()).abs().max() / b.double().abs().max())
+
+
+@pytest.mark.parametrize("tp,ep,pp", [(2, 1, 1), (4, 1, 1), (1, 1, 2), (1, 2, 1), (1, 4, 1), (2, 1, 2), (2, 2, 1)])
+def test_parallel_equals_one_process(folders, single, tp, ep, pp):
+    ref, want_tokens = single
+    folder = folders[2] if tp == 2 else folders[1]        # TP=2 reads its own .r files; TP=4 slices a 1-gpu folder
+    with LLM(folder, tp=tp, ep=ep, pp=pp, timeout_s=60) as llm:
+        runner, cache = llm.generator.model, llm.generator.cache
+        g = torch.Generator().manual_seed(tp * 100 + ep * 10 + pp)
+        lens = [len(p) for p in PROMPTS]
+        seqs = [1000 + i for i in range(len(PROMPTS))]
+        ref_cache = KVCache.for_model(ref.config, 512, block_size=cache.block_size)
+        for s in seqs:
+            cache.add(s)
+            ref_cache.add(s)
+        batch = torch.zeros(len(PROMPTS), max(lens), dtype=torch.long)
+        for i, p in enumerate(PROMPTS):
+            batch[i, :len(p)] = torch.tensor(p)
+        got = runner(batch, cache.prepare(seqs, lens), cache, last_only=False)        # prefill, [B, T, V]
+        want = ref(batch, ref_cache.prepare(seqs, lens), ref_cache, last_only=False)
+        for i, n in enumerate(lens):
+            assert rel(got[i, :n], want[i, :n]) < 1e-5
+        for step in range(16):                                                       # decode
+            tok = torch.randint(0, ref.config.vocab_size, (len(seqs), 1), generator=g)
+            got = runner(tok, cache.prepare(seqs, [1] * len(seqs)), cache, last_only=True)
+            want = ref(tok, ref_cache.prepare(seqs, [1] * len(seqs)), ref_cache, last_only=True)
+            assert rel(got, want) < 1e-5, step
+        for s in seqs:
+            cache.free(s)
+        tokens = [o.output_ids for o in llm.generate(PROMPTS, GREEDY)]
+        assert tokens == want_tokens
+        beam = llm.generate(PROMPTS[:1], SamplingParams(max_new_tokens=4, beam_width=3))   # mirrored block copies
+        assert len(beam[0].output_ids) == 3
+
+
+def test_micro_batches_override(folders, single):
+    _, want_tokens = single
+    with LLM(folders[1], pp=2, micro_batches=3, timeout_s=60) as llm:
+        assert llm.generator.model._micro_rows(3, 0) == [[0], [1], [2]]
+        assert [o.output_ids for o in llm.generate(PROMPTS, GREEDY)] == want_tokens
+
+
+def test_bad_layouts_fail_before_starting(folders, capsys):
+    with pytest.raises(FtmoeError, match="--tp 3 does not divide head_num=8"):
+        LLM(folders[1], tp=3)
+    with pytest.raises(FtmoeError, match="--ep 3 does not divide expert_num=8"):
+        LLM(folders[1], ep=3)
+    with pytest.raises(FtmoeError, match="--pp 5 is more than num_layer=4"):
+        LLM(folders[1], pp=5)
+    assert main(["generate", "--model", folders[1], "--prompt-ids", "1,2", "--tp", "3"]) == 1
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "does not divide head_num" in err
+
+
+def test_dead_rank_is_an_error_not_a_hang(folders):
+    llm = LLM(folders[1], tp=2, timeout_s=10)
+    try:
+        llm._procs[0].kill()
+        llm._procs[0].join(10)
+        t0 = time.time()
+        with pytest.raises(FtmoeError, match="worker rank died or timed out"):
+            llm.generate(PROMPTS, GREEDY)
+        assert time.time() - t0 < 60
+    finally:
+        llm.close()
+
+
+def test_torchrun_launch(folders, single):
+    """The same CLI under torchrun: one process per rank, rank 0 prints."""
+    _, want_tokens = single
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+           "-m", "ftmoe.cli", "generate", "--model", folders[2], "--prompt-ids", ",".join(map(str, PROMPTS[1])),
+           "--max-new-tokens", "16", "--json", "--tp", "2", "--timeout", "60"]
+    r = subprocess.run(cmd, capture_output=True, text=True, timeout=240, env=env)
+    assert r.returncode == 0, r.stderr[-2000:]
+    lines = [json.loads(x) for x in r.stdout.splitlines() if x.startswith("{")]
+    assert len(lines) == 1                                   # only rank 0 prints
+    assert lines[0]["output_ids"] == want_tokens[1]          # the tiny model has no end id in its vocab
