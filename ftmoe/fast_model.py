@@ -147,8 +147,7 @@ class FastGPTMoE:
         for i, L in enumerate(self.layers):
             qkv = torch.addmm(L["bqkv"], a, L["wqkv"]).view(B, T, 3, h, D)
             q, k, v = (t.transpose(1, 2) for t in qkv.unbind(2))                     # [B, h, T, D]
-            cache.k[i].view(-1, h, D).index_copy_(0, slots, qkv[:, :, 1].reshape(B * T, h, D)[keep])
-            cache.v[i].view(-1, h, D).index_copy_(0, slots, qkv[:, :, 2].reshape(B * T, h, D)[keep])
+            cache.write(i, slots, qkv[:, :, 1].reshape(B * T, h, D)[keep], qkv[:, :, 2].reshape(B * T, h, D)[keep])
             if mask is None:
                 ctx = torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True)
             else:

@@ -2,7 +2,8 @@
 
 In:  sizes (layers, heads, head dim), a number of fixed-size blocks, and calls that
      add, extend, fork, reorder and free sequences by id.
-Out: per-layer K/V storage `k[L]`, `v[L]` of shape [num_blocks, block_size, heads, D] and,
+Out: per-layer K/V storage `k[L]`, `v[L]` of shape [num_blocks, heads, block_size, D] (a head's
+     tokens of one block are contiguous, so decode attention reads 2 KB runs) and,
      for each forward call, an `AttnMetadata` telling the attention layer where every new
      token's K/V goes (`slot_mapping`) and which blocks each row reads (`block_tables`).
 
@@ -45,8 +46,8 @@ class KVCache:
             raise ValueError(f"num_blocks ({num_blocks}) and block_size ({block_size}) must be >= 1")
         self.block_size = block_size
         self.num_blocks = num_blocks
-        shape = (num_layers, num_blocks, block_size, num_heads, head_dim)
-        self.k = torch.zeros(shape, dtype=dtype, device=device)  # [L, NB, bs, heads, D]
+        shape = (num_layers, num_blocks, num_heads, block_size, head_dim)
+        self.k = torch.zeros(shape, dtype=dtype, device=device)  # [L, NB, heads, bs, D]
         self.v = torch.zeros(shape, dtype=dtype, device=device)
         self._free: list[int] = list(range(num_blocks - 1, -1, -1))  # pop() hands out low ids first
         self._tables: dict[int, list[int]] = {}
@@ -152,6 +153,20 @@ class KVCache:
             d = torch.tensor(dst, device=self.k.device)
             self.k[:, d] = self.k[:, s]
             self.v[:, d] = self.v[:, s]
+
+    # ---- storage access (the layout lives here) ---------------------------------
+    def write(self, layer: int, slots: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
+        """Store k/v [n, heads, D] at flat slots [n] (block * block_size + offset)."""
+        blk, off = slots // self.block_size, slots % self.block_size
+        self.k[layer][blk, :, off] = k.to(self.k.dtype)
+        self.v[layer][blk, :, off] = v.to(self.v.dtype)
+
+    def gather(self, layer: int, block_tables: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """K and V of each row's blocks, in position order: [B, nb * block_size, heads, D]."""
+        B, nb = block_tables.shape
+        k = self.k[layer][block_tables].permute(0, 1, 3, 2, 4)                  # [B, nb, bs, heads, D]
+        v = self.v[layer][block_tables].permute(0, 1, 3, 2, 4)
+        return (k.reshape(B, nb * self.block_size, *k.shape[3:]), v.reshape(B, nb * self.block_size, *v.shape[3:]))
 
     # ---- per-call metadata ---------------------------------------------------
     def prepare(self, seq_ids: list[int], num_new: list[int], pad_to: int | None = None) -> AttnMetadata:

@@ -135,7 +135,7 @@ def test_decode_attention(gen, dtype, ctx):
     B, h, D, bs = len(ctx), 4, 16, 8
     nb_per = max(1, -(-(max(ctx) + 1) // bs))
     NB = B * nb_per + 1
-    kc, vc = rnd(NB, bs, h, D, dtype=dtype, gen=gen), rnd(NB, bs, h, D, dtype=dtype, gen=gen)
+    kc, vc = rnd(NB, h, bs, D, dtype=dtype, gen=gen), rnd(NB, h, bs, D, dtype=dtype, gen=gen)
     perm = torch.randperm(NB - 1, generator=gen)[: B * nb_per].view(B, nb_per).to(torch.int32).to(DEV)
     ctx_t = torch.tensor(ctx, dtype=torch.int32, device=DEV)
     pos = ctx_t.long()

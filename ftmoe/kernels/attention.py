@@ -1,6 +1,6 @@
 """Decode attention over the paged KV cache, writing the new token's K/V in place.
 
-In:  qkv [B, 3, h, D] (one new token per row, FT's q|k|v layout), caches [NB, bs, h, D],
+In:  qkv [B, 3, h, D] (one new token per row, FT's q|k|v layout), caches [NB, h, bs, D],
      block_tables [B, nb], context_lens [B] (tokens already cached), slots [B] (where the
      new K/V go; -1 for padding rows). Out: ctx [B, h, D]. One program per (row, head): online softmax over
      the cached tokens, the new token taken from registers, then the new K/V stored.
@@ -57,6 +57,6 @@ def decode_attention(qkv: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Te
     o = out if out is not None else torch.empty(B, h, D, dtype=qkv.dtype, device=qkv.device)
     _decode_attention_kernel[(B, h)](
         qkv, k_cache, v_cache, o, block_tables, context_lens, slots, scale,
-        qkv.stride(0), qkv.stride(1), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
-        block_tables.stride(0), o.stride(0), BS=k_cache.shape[1], D=D, BLOCK_N=block_n, num_warps=4)
+        qkv.stride(0), qkv.stride(1), k_cache.stride(0), k_cache.stride(2), k_cache.stride(1),
+        block_tables.stride(0), o.stride(0), BS=k_cache.shape[2], D=D, BLOCK_N=block_n, num_warps=4)
     return o

@@ -77,23 +77,23 @@ def fused_moe_ref(a, w, bias, ids, probs, topk, a_per_slot=False, gelu=False, mu
 
 
 def decode_attention_ref(qkv, k_cache, v_cache, block_tables, context_lens, slots, scale):
-    """One new token per row. qkv [B, 3, h, D]; caches [NB, bs, h, D]; the new k/v are written
+    """One new token per row. qkv [B, 3, h, D]; caches [NB, h, bs, D]; the new k/v are written
     at `slots` [B]; attends over the context_lens[b] cached tokens plus the new one.
     Returns ctx [B, h, D] (mutates the caches)."""
     B, _, h, D = qkv.shape
-    bs = k_cache.shape[1]
+    bs = k_cache.shape[2]
     q, k_new, v_new = qkv[:, 0], qkv[:, 1], qkv[:, 2]
     out = torch.empty(B, h, D, dtype=qkv.dtype, device=qkv.device)
     for b in range(B):
         n = int(context_lens[b])
         pos = torch.arange(n, device=qkv.device)
         blk = block_tables[b, pos // bs].long()
-        k = torch.cat([k_cache[blk, pos % bs].float(), k_new[b:b + 1].float()], 0)   # [n+1, h, D]
-        v = torch.cat([v_cache[blk, pos % bs].float(), v_new[b:b + 1].float()], 0)
+        k = torch.cat([k_cache[blk, :, pos % bs].float(), k_new[b:b + 1].float()], 0)   # [n+1, h, D]
+        v = torch.cat([v_cache[blk, :, pos % bs].float(), v_new[b:b + 1].float()], 0)
         s = torch.einsum("hd,nhd->hn", q[b].float(), k) * scale
         out[b] = torch.einsum("hn,nhd->hd", torch.softmax(s, -1), v).to(qkv.dtype)
-    flat_k = k_cache.view(-1, h, D)
-    flat_v = v_cache.view(-1, h, D)
-    flat_k[slots.long()] = k_new.to(k_cache.dtype)
-    flat_v[slots.long()] = v_new.to(v_cache.dtype)
+    keep = slots >= 0
+    s = slots[keep].long()
+    k_cache[s // bs, :, s % bs] = k_new[keep].to(k_cache.dtype)
+    v_cache[s // bs, :, s % bs] = v_new[keep].to(v_cache.dtype)
     return out

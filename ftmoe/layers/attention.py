@@ -45,15 +45,11 @@ class Attention(nn.Module):
         qkv = self.query_key_value(x).view(B, T, 3, self.heads, self.head_dim)
         q, k, v = qkv.unbind(2)                                                    # [B, T, heads, D]
         if cache is not None:
-            kc, vc = cache.k[self.layer_idx], cache.v[self.layer_idx]              # [NB, bs, heads, D]
-            flat_k, flat_v = kc.view(-1, self.heads, self.head_dim), vc.view(-1, self.heads, self.head_dim)
             slots = meta.slot_mapping.reshape(-1)
             keep = slots >= 0
-            flat_k.index_copy_(0, slots[keep], k.reshape(-1, self.heads, self.head_dim)[keep].to(kc.dtype))
-            flat_v.index_copy_(0, slots[keep], v.reshape(-1, self.heads, self.head_dim)[keep].to(vc.dtype))
-            nb = meta.block_tables.shape[1]
-            k = kc[meta.block_tables].view(B, nb * cache.block_size, self.heads, self.head_dim)
-            v = vc[meta.block_tables].view(B, nb * cache.block_size, self.heads, self.head_dim)
+            cache.write(self.layer_idx, slots[keep], k.reshape(-1, self.heads, self.head_dim)[keep],
+                        v.reshape(-1, self.heads, self.head_dim)[keep])
+            k, v = cache.gather(self.layer_idx, meta.block_tables)                  # [B, S, heads, D]
         ctx = attention_ref(q, k.to(q.dtype), v.to(q.dtype), mask)                 # [B, T, heads, D]
         return self.dense(ctx.reshape(B, T, -1), add_bias=False)
 
