@@ -23,6 +23,7 @@ import time
 import torch
 
 from .config import ModelConfig
+from .errors import FtmoeError
 from .kv_cache import KVCache
 from .model import GPTMoE
 from .synthetic import PRESETS
@@ -165,7 +166,7 @@ def run_bench(preset: str = "gpt-moe-0.35b-64e", model_dir: str | None = None, d
     from .loader import load_model, parse_dtype
 
     if not torch.cuda.is_available():
-        raise SystemExit("ftmoe bench needs a CUDA GPU")
+        raise FtmoeError("ftmoe bench needs a CUDA GPU (none is visible to torch)")
     dev = torch.device("cuda")
     tdtype = parse_dtype(dtype)
     hw = measure_hardware(dev)
