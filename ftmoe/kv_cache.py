@@ -60,6 +60,18 @@ class KVCache:
         nb = max(1, -(-max_tokens // block_size))
         return cls(cfg.num_layer, cfg.head_num // tp, cfg.size_per_head, nb, block_size, dtype, device)
 
+    @staticmethod
+    def bytes_per_token(cfg, dtype: torch.dtype = torch.float32, tp: int = 1, num_layers: int | None = None) -> int:
+        """K and V of one token over all (or num_layers) layers, this rank's heads."""
+        layers = cfg.num_layer if num_layers is None else num_layers
+        return 2 * layers * (cfg.head_num // tp) * cfg.size_per_head * torch.empty((), dtype=dtype).element_size()
+
+    @staticmethod
+    def tokens_for_memory(cfg, budget_bytes: int, dtype: torch.dtype, block_size: int = 16, tp: int = 1) -> int:
+        """How many tokens (whole blocks) a memory budget holds."""
+        per_block = KVCache.bytes_per_token(cfg, dtype, tp) * block_size
+        return max(1, budget_bytes // per_block) * block_size
+
     # ---- bookkeeping --------------------------------------------------------
     @property
     def num_free_blocks(self) -> int:

@@ -24,6 +24,7 @@ from collections.abc import Iterator, Sequence
 
 from .errors import RequestError
 from .generation import GenerationOutput, Generator
+from .kv_cache import KVCache
 from . import launch
 from .config import ModelConfig
 from .distributed import ParallelConfig
@@ -47,10 +48,13 @@ class LLM:
     def __init__(self, model_dir: str, dtype: str = "float32", device: str = "cpu",
                  tokenizer_dir: str | None = None, max_batch_tokens: int | None = None, moe_options=None,
                  fast: bool | None = None, tp: int = 1, ep: int = 1, pp: int = 1,
-                 micro_batches: int | None = None, timeout_s: float = 120.0):
+                 micro_batches: int | None = None, timeout_s: float = 120.0,
+                 gpu_memory_utilization: float | None = None):
         """fast: run the Triton/CUDA-graph path (default: on a CUDA device, unless capacity mode).
         tp/ep/pp: tensor, expert and pipeline parallel sizes; tp*ep*pp processes are started on
-        this node (this process is rank 0), or taken from torchrun. Call close() (or use `with`)."""
+        this node (this process is rank 0), or taken from torchrun. Call close() (or use `with`).
+        gpu_memory_utilization: on CUDA, size the KV cache to this fraction of the GPU memory left
+        after loading the weights (instead of max_batch_tokens)."""
         self.model_dir = resolve_model_dir(model_dir)
         self._procs: list = []
         self._runner = None
@@ -72,6 +76,14 @@ class LLM:
         if fast is None:
             fast = self.model.device.type == "cuda" and (moe_options is None or moe_options.capacity_factor is None)
         self.rank = self._runner.par.rank if self._runner is not None else 0
+        if gpu_memory_utilization is not None and self.model.device.type == "cuda" and self._runner is None:
+            import torch
+
+            if not 0 < gpu_memory_utilization <= 1:
+                raise RequestError(f"gpu_memory_utilization must be in (0, 1], found {gpu_memory_utilization}")
+            free, _ = torch.cuda.mem_get_info(self.model.device)
+            max_batch_tokens = KVCache.tokens_for_memory(self.config, int(free * gpu_memory_utilization),
+                                                         self.model.dtype)
         runner = self.model
         if fast:
             from .fast_model import FastGPTMoE

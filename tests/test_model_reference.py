@@ -153,3 +153,15 @@ def test_loads_folders_made_by_ft_converter(variants, tmp_path, tp, dtype):
     ids = _ids(2, 11, 512, seed=4)
     want = MegatronReference(ckpt, torch.float64).logits(ids)
     assert rel_err(model(ids), want) < (1e-5 if dtype == "fp32" else 5e-3)
+
+
+def test_kv_cache_memory_budget():
+    from ftmoe.config import ModelConfig
+
+    cfg = ModelConfig(head_num=16, size_per_head=64, inter_size=4096, num_layer=24, max_pos_seq_len=2048,
+                      vocab_size=51200, expert_num=64, moe_layers=tuple(range(1, 24, 2)))
+    per_tok = KVCache.bytes_per_token(cfg, torch.bfloat16)
+    assert per_tok == 2 * 24 * 1024 * 2                     # 96 KiB per token for the 0.35B model
+    assert KVCache.bytes_per_token(cfg, torch.bfloat16, tp=4) == per_tok // 4
+    n = KVCache.tokens_for_memory(cfg, 10 * 2**30, torch.bfloat16, block_size=16)
+    assert n % 16 == 0 and n * per_tok <= 10 * 2**30 < (n + 16) * per_tok
