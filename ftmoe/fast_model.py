@@ -19,7 +19,7 @@ import math
 
 import torch
 
-from .kernels.attention import decode_attention
+from .kernels.attention import decode_attention, write_kv
 from .kernels.configs import get_config
 from .kernels.fused_moe import fused_moe
 from .kernels.norm import add_layernorm
@@ -138,8 +138,6 @@ class FastGPTMoE:
         x = (m.wte[input_ids] + m.wpe[meta.positions]).view(B * T, H)
         res, a = add_layernorm(x, self.layers[0]["ln1"].weight, self.layers[0]["ln1"].bias, self.config.layernorm_eps)
         slots = meta.slot_mapping.reshape(-1)
-        keep = (slots >= 0).nonzero(as_tuple=True)[0]      # one host sync, not one per layer
-        slots = slots[keep]
         mask = None
         if ragged:  # causal and key-padding: query t of row b sees keys j <= t (< seq_len)
             j = torch.arange(T, device=input_ids.device)
@@ -147,7 +145,7 @@ class FastGPTMoE:
         for i, L in enumerate(self.layers):
             qkv = torch.addmm(L["bqkv"], a, L["wqkv"]).view(B, T, 3, h, D)
             q, k, v = (t.transpose(1, 2) for t in qkv.unbind(2))                     # [B, h, T, D]
-            cache.write(i, slots, qkv[:, :, 1].reshape(B * T, h, D)[keep], qkv[:, :, 2].reshape(B * T, h, D)[keep])
+            write_kv(qkv.view(B * T, 3, h, D), cache.k[i], cache.v[i], slots)   # padding slots (-1) skipped
             if mask is None:
                 ctx = torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True)
             else:

@@ -18,7 +18,7 @@ if not kernels.available():
     pytest.skip("Triton cannot run here (no GPU and TRITON_INTERPRET unset)", allow_module_level=True)
 
 from ftmoe.kernels import reference as ref  # noqa: E402
-from ftmoe.kernels.attention import decode_attention  # noqa: E402
+from ftmoe.kernels.attention import decode_attention, write_kv  # noqa: E402
 from ftmoe.kernels.fused_moe import fused_moe  # noqa: E402
 from ftmoe.kernels.norm import add_layernorm  # noqa: E402
 from ftmoe.kernels.routing import _moe_align_sorted, gate_topk, moe_align  # noqa: E402
@@ -184,3 +184,20 @@ def test_fused_moe_per_slot_mode(gen, dtype, n, k, e, stage):
                           mul_prob=True, config={"BLOCK_M": 16, "BLOCK_N": 32, "BLOCK_K": 16}, split_k=3)
         assert parts.shape == (3, n * k, N) and parts.dtype == torch.float32
         assert rel(parts.sum(0), want) < TOL[dtype] * 2
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_write_kv(gen, dtype):
+    N, h, D, bs, NB = 11, 4, 16, 8, 5
+    qkv = rnd(N, 3, h, D, dtype=dtype, gen=gen)
+    slots = torch.randperm(NB * bs, generator=gen)[:N].to(torch.int32)
+    slots[3] = slots[7] = -1                                  # padding rows are skipped
+    slots = slots.to(DEV)
+    kc, vc = rnd(NB, h, bs, D, dtype=dtype, gen=gen), rnd(NB, h, bs, D, dtype=dtype, gen=gen)
+    want_k, want_v = kc.clone(), vc.clone()
+    keep = (slots >= 0).cpu()
+    s = slots.cpu()[keep].long()
+    want_k[s // bs, :, s % bs] = qkv[keep.to(DEV), 1]
+    want_v[s // bs, :, s % bs] = qkv[keep.to(DEV), 2]
+    write_kv(qkv, kc, vc, slots)
+    assert torch.equal(kc, want_k) and torch.equal(vc, want_v)

@@ -60,3 +60,29 @@ def decode_attention(qkv: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Te
         qkv.stride(0), qkv.stride(1), k_cache.stride(0), k_cache.stride(2), k_cache.stride(1),
         block_tables.stride(0), o.stride(0), BS=k_cache.shape[2], D=D, BLOCK_N=block_n, num_warps=4)
     return o
+
+
+@triton.jit
+def _write_kv_kernel(QKV, KC, VC, SLOTS, stride_qt, stride_q3, stride_cb, stride_cp, stride_ch, heads,
+                     BS: tl.constexpr, D: tl.constexpr, BLOCK_H: tl.constexpr):
+    tok = tl.program_id(0).to(tl.int64)
+    slot = tl.load(SLOTS + tok).to(tl.int64)
+    if slot >= 0:                                        # -1: padding, nothing to store
+        hs = tl.arange(0, BLOCK_H)
+        d = tl.arange(0, D)
+        m = (hs < heads)[:, None]
+        src = QKV + tok * stride_qt + hs[:, None] * D + d[None, :]
+        dst = (slot // BS) * stride_cb + (slot % BS) * stride_cp + hs[:, None] * stride_ch + d[None, :]
+        tl.store(KC + dst, tl.load(src + stride_q3, mask=m).to(KC.dtype.element_ty), mask=m)
+        tl.store(VC + dst, tl.load(src + 2 * stride_q3, mask=m).to(VC.dtype.element_ty), mask=m)
+
+
+def write_kv(qkv: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, slots: torch.Tensor) -> None:
+    """Store the k and v of every token of qkv [N, 3, h, D] at slots [N] (-1 = skip) in caches
+    [NB, h, bs, D]. One launch, no host synchronisation (prefill's cache write)."""
+    N, three, h, D = qkv.shape
+    assert three == 3 and qkv.stride(3) == 1 and qkv.stride(2) == D
+    if N:
+        _write_kv_kernel[(N,)](qkv, k_cache, v_cache, slots, qkv.stride(0), qkv.stride(1), k_cache.stride(0),
+                               k_cache.stride(2), k_cache.stride(1), h, BS=k_cache.shape[2], D=D,
+                               BLOCK_H=triton.next_power_of_2(h), num_warps=4)
