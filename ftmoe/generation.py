@@ -63,7 +63,7 @@ class StreamEvent:
     finish_reason: str | None = None
 
 
-class _SampleRequest:
+class SampleRequest:
     def __init__(self, prompt: list[int], params: SamplingParams, end_id: int | None, max_gen: int,
                  cache: KVCache, seq_id: int, device: torch.device):
         self.prompt, self.params, self.end_id, self.max_gen = prompt, params, end_id, max_gen
@@ -165,11 +165,7 @@ class Generator:
         return self._run(reqs_in, [None] * len(reqs_in))
 
     def end_id_for(self, params: SamplingParams) -> int | None:
-        """The request's end_id; the config's, when it names a token of the vocabulary."""
-        if params.end_id is not None:
-            return params.end_id
-        e = self.config.end_id
-        return e if 0 <= e < self.config.vocab_size else None
+        return resolve_end_id(self.config, params)
 
     # ---- validation --------------------------------------------------------------
     def _check(self, prompts, params) -> list[tuple[list[int], SamplingParams]]:
@@ -181,23 +177,7 @@ class Generator:
         out = []
         for i, (prompt, p) in enumerate(zip(prompts, params)):
             where = f"request {i}: " if len(prompts) > 1 else ""
-            try:
-                ids = _as_ids(prompt)
-            except TypeError:
-                raise RequestError(f"{where}prompt must be a list of token ids, found {prompt!r:.80}") from None
-            if not ids:
-                raise RequestError(f"{where}prompt is empty (has 0 tokens); give at least one token")
-            if len(ids) >= cfg.max_pos_seq_len:
-                raise RequestError(f"{where}prompt has {len(ids)} tokens; the model's context is "
-                                   f"{cfg.max_pos_seq_len} (prompt + new tokens), so at most "
-                                   f"{cfg.max_pos_seq_len - 1} prompt tokens")
-            bad = [t for t in ids if not 0 <= t < cfg.vocab_size]
-            if bad:
-                raise RequestError(f"{where}prompt has token id {bad[0]} outside the vocabulary 0..{cfg.vocab_size - 1}")
-            if not isinstance(p, SamplingParams):
-                raise RequestError(f"{where}params must be SamplingParams, found {type(p).__name__}")
-            p.validate(cfg.vocab_size)
-            p.word_ids("stop_words"), p.word_ids("bad_words")
+            ids = check_prompt(cfg, prompt, p, where)
             need = self._blocks_needed(len(ids), p)
             if need > self.cache.num_blocks:
                 bs = self.cache.block_size
@@ -208,7 +188,7 @@ class Generator:
         return out
 
     def _max_gen(self, prompt_len: int, p: SamplingParams) -> int:
-        return min(p.max_new_tokens, self.config.max_pos_seq_len - prompt_len)
+        return max_new_tokens_for(self.config, prompt_len, p)
 
     def _blocks_needed(self, prompt_len: int, p: SamplingParams) -> int:
         per_seq = self.cache.blocks_for(prompt_len + self._max_gen(prompt_len, p))
@@ -235,7 +215,7 @@ class Generator:
         end_id, max_gen = self.end_id_for(p), self._max_gen(len(ids), p)
         if p.beam_width > 1:
             return _BeamAdapter(ids, p, end_id, max_gen, self.cache, [self._new_seq() for _ in range(p.beam_width)])
-        return _SampleRequest(ids, p, end_id, max_gen, self.cache, self._new_seq(), self.model.device)
+        return SampleRequest(ids, p, end_id, max_gen, self.cache, self._new_seq(), self.model.device)
 
     def _forward(self, ids: torch.Tensor, seq_ids: list[int], lens: list[int]) -> torch.Tensor:
         meta = self.cache.prepare(seq_ids, lens)
@@ -278,7 +258,43 @@ class Generator:
                     r.release()
 
 
-def _as_ids(prompt) -> list[int]:
+def resolve_end_id(cfg, params: SamplingParams) -> int | None:
+    """The request's end_id; the config's, when it names a token of the vocabulary."""
+    if params.end_id is not None:
+        return params.end_id
+    e = cfg.end_id
+    return e if 0 <= e < cfg.vocab_size else None
+
+
+def max_new_tokens_for(cfg, prompt_len: int, params: SamplingParams) -> int:
+    """max_new_tokens, cut at the model's context."""
+    return min(params.max_new_tokens, cfg.max_pos_seq_len - prompt_len)
+
+
+def check_prompt(cfg, prompt, params: SamplingParams, where: str = "") -> list[int]:
+    """A request's prompt and params against the model: returns the prompt as ints, or raises
+    RequestError naming what is wrong (shared by the Generator and the serving engine)."""
+    try:
+        ids = as_ids(prompt)
+    except TypeError:
+        raise RequestError(f"{where}prompt must be a list of token ids, found {prompt!r:.80}") from None
+    if not ids:
+        raise RequestError(f"{where}prompt is empty (has 0 tokens); give at least one token")
+    if len(ids) >= cfg.max_pos_seq_len:
+        raise RequestError(f"{where}prompt has {len(ids)} tokens; the model's context is "
+                           f"{cfg.max_pos_seq_len} (prompt + new tokens), so at most "
+                           f"{cfg.max_pos_seq_len - 1} prompt tokens")
+    bad = [t for t in ids if not 0 <= t < cfg.vocab_size]
+    if bad:
+        raise RequestError(f"{where}prompt has token id {bad[0]} outside the vocabulary 0..{cfg.vocab_size - 1}")
+    if not isinstance(params, SamplingParams):
+        raise RequestError(f"{where}params must be SamplingParams, found {type(params).__name__}")
+    params.validate(cfg.vocab_size)
+    params.word_ids("stop_words"), params.word_ids("bad_words")
+    return ids
+
+
+def as_ids(prompt) -> list[int]:
     """A prompt as a list of Python ints; TypeError for anything else (str, floats, bools)."""
     if isinstance(prompt, torch.Tensor):
         prompt = prompt.reshape(-1).tolist()
