@@ -203,10 +203,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default=None, help="JSON path (default: the package's configs folder)")
     p = sub.add_parser("demo", help="build the small embedded model, convert it and generate")
     p.add_argument("--workdir", default="demo_out")
+    from .entrypoints.bench_serving import add_bench_serving_args
+    from .entrypoints.serve import add_serve_parser
+
+    add_serve_parser(sub)
+    add_bench_serving_args(sub.add_parser("bench-serving", help="load-test a running server (also: ftmoe bench serving)"))
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:2] == ["bench", "serving"]:          # `ftmoe bench serving ...` = `ftmoe bench-serving ...`
+        argv = ["bench-serving"] + argv[2:]
     a = build_parser().parse_args(argv)
     try:
         if a.cmd == "convert":
@@ -241,6 +249,14 @@ def main(argv: list[str] | None = None) -> int:
             cfg = ModelConfig.from_dir(resolve_model_dir(a.model)) if a.model else config_of(a.preset)
             run_tune(model_shapes(cfg), parse_dtype(a.dtype), tuple(int(m) for m in a.m.split(",")), a.out)
             return 0
+        if a.cmd == "serve":
+            from .entrypoints.serve import run_serve
+
+            return run_serve(a)
+        if a.cmd == "bench-serving":
+            from .entrypoints.bench_serving import run_bench_serving_args
+
+            return run_bench_serving_args(a)
         if a.cmd == "demo":
             from .demo import run_demo
 
