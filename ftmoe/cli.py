@@ -205,8 +205,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--workdir", default="demo_out")
     from .entrypoints.bench_serving import add_bench_serving_args
     from .entrypoints.serve import add_serve_parser
+    from .entrypoints.triton_repo import add_triton_parsers, add_triton_serve_arguments
 
-    add_serve_parser(sub)
+    add_triton_serve_arguments(add_serve_parser(sub))      # `ftmoe serve --triton`: Triton Inference Server
+    add_triton_parsers(sub)                                # `ftmoe triton-repo`
     add_bench_serving_args(sub.add_parser("bench-serving", help="load-test a running server (also: ftmoe bench serving)"))
     return parser
 
@@ -250,9 +252,15 @@ def main(argv: list[str] | None = None) -> int:
             run_tune(model_shapes(cfg), parse_dtype(a.dtype), tuple(int(m) for m in a.m.split(",")), a.out)
             return 0
         if a.cmd == "serve":
+            if a.triton:
+                from .entrypoints.triton_repo import run_triton_serve
+
+                return run_triton_serve(a)
             from .entrypoints.serve import run_serve
 
             return run_serve(a)
+        if a.cmd == "triton-repo":
+            return a.handler(a)
         if a.cmd == "bench-serving":
             from .entrypoints.bench_serving import run_bench_serving_args
 
