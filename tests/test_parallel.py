@@ -120,3 +120,25 @@ def test_torchrun_launch(folders, single):
     lines = [json.loads(x) for x in r.stdout.splitlines() if x.startswith("{")]
     assert len(lines) == 1                                   # only rank 0 prints
     assert lines[0]["output_ids"] == want_tokens[1]          # the tiny model has no end id in its vocab
+
+
+def test_engine_serves_a_parallel_model(folders, single):
+    """Continuous batching over TP=2 x EP=2 workers (rank 0 schedules, workers follow) with a small
+    cache (preemptions): the same tokens as one process."""
+    from ftmoe.engine import LLMEngine
+
+    _, want_tokens = single
+    with LLM(folders[2], tp=2, ep=2, timeout_s=60) as llm:
+        eng = LLMEngine(llm.generator.model, kv_cache_tokens=48, block_size=4, max_num_batched_tokens=128)
+        for i, p in enumerate(PROMPTS):
+            eng.add_request(f"r{i}", p, GREEDY)
+        out: dict[str, list[int]] = {f"r{i}": list(p) for i, p in enumerate(PROMPTS)}
+        for _ in range(500):
+            if not eng.has_unfinished():
+                break
+            for ev in eng.step():
+                if ev.token_id is not None:
+                    out[ev.request_id].append(ev.token_id)
+        assert [out[f"r{i}"] for i in range(len(PROMPTS))] == want_tokens
+        stats = eng.stats()
+        assert stats["kv_blocks_used"] == 0 and stats["preemptions"] > 0, stats
