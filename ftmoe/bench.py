@@ -15,7 +15,6 @@ from __future__ import annotations
 import dataclasses
 import datetime
 import json
-import math
 import statistics
 import sys
 import time
@@ -51,12 +50,12 @@ def measure_hardware(dev: torch.device) -> dict:
     y = torch.empty_like(x)
     ms = _events_ms(lambda: y.copy_(x), 20)
     bw = 2 * x.numel() * x.element_size() / (ms * 1e-3)      # bytes read + written
-    del x, y
+    x = y = None                                              # free before the matmul test
     a = torch.randn(8192, 8192, device=dev, dtype=torch.bfloat16)
     b = torch.randn(8192, 8192, device=dev, dtype=torch.bfloat16)
     ms = _events_ms(lambda: a @ b, 10)
     rate = 2 * 8192 ** 3 / (ms * 1e-3)
-    del a, b
+    a = b = None
     torch.cuda.empty_cache()
     return {"copy_bandwidth_GBps": bw / 1e9, "matmul_TFLOPs": rate / 1e12}
 

@@ -27,6 +27,15 @@ if not torch.cuda.is_available():
 from ftmoe.synthetic import PRESETS, save_megatron_checkpoint  # noqa: E402
 
 
+@pytest.fixture(scope="session", autouse=True)
+def _one_thread():
+    """Tiny models on a loaded 2-core box: 1 torch thread is 10-100x faster than 2."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 @pytest.fixture(scope="session")
 def tiny_ckpt_fp32(tmp_path_factory) -> str:
     """Tiny MoE checkpoint, fp32 weights, fp32 gate, non-zero expert b2."""

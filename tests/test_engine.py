@@ -18,20 +18,12 @@ import re
 from collections import defaultdict
 
 import pytest
-import torch
 
 from ftmoe.engine import AsyncEngine, LLMEngine, QueueFullError, TokenEvent
 from ftmoe.errors import FtmoeError, RequestError
 from ftmoe.generation import Generator
 from ftmoe.sampling import SamplingParams
 
-
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)       # 2 threads on a loaded 2-core box is 10-100x slower
-    yield
-    torch.set_num_threads(n)
 
 
 @pytest.fixture(scope="module")

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import importlib.util
 import dataclasses
-import itertools
 
 import pytest
 import torch
@@ -19,13 +18,6 @@ from ftmoe.errors import RequestError
 from ftmoe.generation import Generator, StreamEvent
 from ftmoe.sampling import SamplingParams
 
-
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)       # 2 threads on a loaded 2-core box is 10-100x slower
-    yield
-    torch.set_num_threads(n)
 
 
 def _build(tmp_path_factory, name, spec=None) -> str:

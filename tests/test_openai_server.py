@@ -40,13 +40,6 @@ PROMPTS = ["今天天气很好，我们", "人工智能的发展", "小明和小
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)       # 2 threads on a loaded 2-core box is 10-100x slower
-    yield
-    torch.set_num_threads(n)
-
 
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory) -> str:

@@ -17,13 +17,6 @@ from ftmoe.sampling import (SamplingParams, apply_penalties, banned_tokens, ends
                             process_logits, sample)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
 
 @pytest.fixture(scope="module")
 def model_logits(tmp_path_factory) -> torch.Tensor:

@@ -23,7 +23,6 @@ from types import SimpleNamespace
 
 import numpy as np
 import pytest
-import torch
 
 from ftmoe.entrypoints import triton_repo as tr
 from ftmoe.entrypoints import triton_server as ts
@@ -35,13 +34,6 @@ HAVE_SERVER = all(importlib.util.find_spec(m) is not None for m in ("pytriton", 
 needs_server = pytest.mark.skipif(not HAVE_SERVER, reason="needs nvidia-pytriton, tritonclient[http,grpc]")
 PROMPTS = [[5, 17, 42], [300, 2, 9, 81, 7]]
 
-
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 def ft_inputs(prompts, out_len=6, **opt) -> dict[str, np.ndarray]:

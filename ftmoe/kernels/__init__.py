@@ -10,7 +10,7 @@ import os
 
 def available() -> bool:
     try:
-        import triton  # noqa: F401
+        import triton  # noqa: F401  (only checks that it imports)
     except ImportError:
         return False
     import torch
