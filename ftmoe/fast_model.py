@@ -16,6 +16,7 @@ Prefill uses torch SDPA (flash) for attention and the same MoE kernels with larg
 from __future__ import annotations
 
 import math
+import types
 
 import torch
 
@@ -43,14 +44,16 @@ class FastGPTMoE:
         self.config = model.config
         self.dtype = model.dtype
         cfg = self.config
-        self.H, self.heads, self.D = cfg.hidden_size, cfg.head_num, cfg.size_per_head
+        tp = model.par.tp
+        self.H, self.heads, self.D = cfg.hidden_size, cfg.head_num // tp, cfg.size_per_head   # this rank's heads
+        self.HL = self.heads * self.D                                                          # H / tp
         self.scale = 1.0 / math.sqrt(self.D)
         self.device_name = torch.cuda.get_device_name(model.device) if model.device.type == "cuda" else "cpu"
         self.layers = []
         for blk in model.blocks():
             L = {"ln1": blk.input_layernorm, "ln2": blk.post_attention_layernorm,
-                 "wqkv": blk.attention.query_key_value.weight.reshape(self.H, 3 * self.H),
-                 "bqkv": blk.attention.query_key_value.bias.reshape(3 * self.H),
+                 "wqkv": blk.attention.query_key_value.weight.reshape(self.H, 3 * self.HL),
+                 "bqkv": blk.attention.query_key_value.bias.reshape(3 * self.HL),
                  "wo": blk.attention.dense.weight, "bo": blk.attention.dense.bias, "moe": blk.is_moe}
             if blk.is_moe:
                 moe = blk.mlp.moe
@@ -64,7 +67,14 @@ class FastGPTMoE:
                 L.update(w1=blk.mlp.dense_h_to_4h.weight.unsqueeze(0), b1=blk.mlp.dense_h_to_4h.bias.unsqueeze(0),
                          w2=blk.mlp.dense_4h_to_h.weight, b2=blk.mlp.dense_4h_to_h.bias)
             self.layers.append(L)
-        self.final_ln = model.final_layernorm
+        par = self.par = model.par
+        if par.ep > 1:
+            raise ValueError("the fast path does not do expert parallelism yet; use the reference path")
+        if par.is_last_stage:
+            self.final_ln = model.final_layernorm
+        else:  # a stage that hands its residual on: the last add+LayerNorm's output is not used
+            self.final_ln = types.SimpleNamespace(weight=torch.ones(self.H, dtype=model.dtype, device=model.device),
+                                                  bias=torch.zeros(self.H, dtype=model.dtype, device=model.device))
         self.trace: list | None = None   # set to [] to record each MoE layer's expert ids
         self.graphs = None
 
@@ -85,11 +95,12 @@ class FastGPTMoE:
     def _ln2_mlp(self, L: dict, res: torch.Tensor, o: torch.Tensor):
         """res += o + bo; u = LN2(res); returns (res, y, bias of y still to add or None)."""
         eps = self.config.layernorm_eps
+        o = self.par.tp_all_reduce(o)                    # row-parallel attention output (TP)
         if not L["moe"]:
             res, u = add_layernorm(res, L["ln2"].weight, L["ln2"].bias, eps, add=o, add_bias=L["bo"])
             N, F = u.shape[0], L["w1"].shape[2]
             h = fused_moe(u, L["w1"], L["b1"], N, gelu=True, config=self._cfg(1, F, self.H, N))
-            return res, h @ L["w2"], L["b2"]
+            return res, self.par.tp_all_reduce(h @ L["w2"]), L["b2"]
         k, E = L["k"], L["E"]
         res, u, u32 = add_layernorm(res, L["ln2"].weight, L["ln2"].bias, eps, add=o, add_bias=L["bo"],
                                     want_fp32=True)
@@ -107,40 +118,50 @@ class FastGPTMoE:
             c2 = dict(c2, BLOCK_M=c1["BLOCK_M"])         # both GEMMs share one alignment
             routing = moe_align(ids, E, c1["BLOCK_M"])
         h = fused_moe(u, L["w1"], L["b1"], N * k, topk=k, routing=routing, gelu=True, config=c1)
-        y = fused_moe(h, L["w2"], L["b2"], N * k, topk=k, routing=routing, probs=probs, a_per_slot=True,
+        b2 = L["b2"] if self.par.t == 0 else None       # b2 once: only TP rank 0 adds it before the reduce
+        y = fused_moe(h, L["w2"], b2, N * k, topk=k, routing=routing, probs=probs, a_per_slot=True,
                       mul_prob=True, config=c2, split_k=split_k)
-        return res, y, None          # [split_k,] N*k rows: the next add_layernorm sums partials and slots
+        return res, self.par.tp_all_reduce(y), None          # [split_k,] N*k rows: the next add_layernorm sums partials and slots
 
     # ---- decode: one token per row, fixed shapes (graph-capturable) -----------
     def decode_step(self, ids: torch.Tensor, positions: torch.Tensor, block_tables: torch.Tensor,
                     context_lens: torch.Tensor, slots: torch.Tensor, cache: KVCache) -> torch.Tensor:
-        """ids/positions/context_lens/slots [B] (slots -1: padding row), tables [B, nb] -> logits [B, V] fp32."""
+        """ids/positions/context_lens/slots [B] (slots -1: padding row), tables [B, nb] -> logits [B, V] fp32.
+        A later pipeline stage takes the residual [B, H] instead of ids; a stage before the last
+        returns its residual [B, H]; under TP the logits are this rank's vocabulary slice."""
         m = self.model
         B = ids.shape[0]
-        x = m.wte[ids] + m.wpe[positions]                                          # [B, H]
+        x = m.wte[ids] + m.wpe[positions] if self.par.is_first_stage else ids      # [B, H]
         res, a = add_layernorm(x, self.layers[0]["ln1"].weight, self.layers[0]["ln1"].bias, self.config.layernorm_eps)
         for i, L in enumerate(self.layers):
             qkv = torch.addmm(L["bqkv"], a, L["wqkv"]).view(B, 3, self.heads, self.D)
             ctx = decode_attention(qkv, cache.k[i], cache.v[i], block_tables, context_lens, slots, self.scale)
-            res, y, y_bias = self._ln2_mlp(L, res, ctx.view(B, self.H) @ L["wo"])
+            res, y, y_bias = self._ln2_mlp(L, res, ctx.view(B, self.HL) @ L["wo"])
             nxt = self.layers[i + 1]["ln1"] if i + 1 < len(self.layers) else self.final_ln
             res, a = add_layernorm(res, nxt.weight, nxt.bias, self.config.layernorm_eps, add=y, add_bias=y_bias)
-        return (a @ m.wte.t()).float()
+        return self._head(a) if self.par.is_last_stage else res
+
+    def _head(self, a: torch.Tensor) -> torch.Tensor:
+        m = self.model
+        return (a @ m.wte[m.vocab_start:m.vocab_end].t()).float()
 
     # ---- prefill: fresh prompts, right-padded [B, T] --------------------------
     def prefill(self, input_ids: torch.Tensor, meta: AttnMetadata, cache: KVCache,
                 last_only: bool = True) -> torch.Tensor:
+        """ids [B, T] (a later pipeline stage: the residual [B*T, H]) -> logits [B, (T,) V] fp32, or
+        the residual [B*T, H] on a stage before the last."""
         m = self.model
-        B, T = input_ids.shape
+        B, T = meta.positions.shape
         H, h, D = self.H, self.heads, self.D
-        valid = torch.arange(T, device=input_ids.device)[None, :] < meta.seq_lens[:, None]    # [B, T]
+        dev = meta.positions.device
+        valid = torch.arange(T, device=dev)[None, :] < meta.seq_lens[:, None]                 # [B, T]
         ragged = bool((meta.seq_lens != T).any())
-        x = (m.wte[input_ids] + m.wpe[meta.positions]).view(B * T, H)
+        x = (m.wte[input_ids] + m.wpe[meta.positions]).view(B * T, H) if self.par.is_first_stage else input_ids
         res, a = add_layernorm(x, self.layers[0]["ln1"].weight, self.layers[0]["ln1"].bias, self.config.layernorm_eps)
         slots = meta.slot_mapping.reshape(-1)
         mask = None
         if ragged:  # causal and key-padding: query t of row b sees keys j <= t (< seq_len)
-            j = torch.arange(T, device=input_ids.device)
+            j = torch.arange(T, device=dev)
             mask = (j[None, :] <= j[:, None])[None, None] & valid[:, None, None, :]
         for i, L in enumerate(self.layers):
             qkv = torch.addmm(L["bqkv"], a, L["wqkv"]).view(B, T, 3, h, D)
@@ -150,13 +171,15 @@ class FastGPTMoE:
                 ctx = torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True)
             else:
                 ctx = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=mask)
-            res, y, y_bias = self._ln2_mlp(L, res, ctx.transpose(1, 2).reshape(B * T, H) @ L["wo"])
+            res, y, y_bias = self._ln2_mlp(L, res, ctx.transpose(1, 2).reshape(B * T, self.HL) @ L["wo"])
             nxt = self.layers[i + 1]["ln1"] if i + 1 < len(self.layers) else self.final_ln
             res, a = add_layernorm(res, nxt.weight, nxt.bias, self.config.layernorm_eps, add=y, add_bias=y_bias)
+        if not self.par.is_last_stage:
+            return res
         a = a.view(B, T, H)
         if last_only:
             a = a[torch.arange(B, device=a.device), meta.seq_lens - 1]
-        return (a @ m.wte.t()).float()
+        return self._head(a)
 
     # ---- GPTMoE-compatible entry point ----------------------------------------
     @torch.inference_mode()

@@ -62,11 +62,11 @@ class LLM:
         if pc.world_size > 1 or under_torchrun():
             pc.check(ModelConfig.from_dir(self.model_dir))      # before any process starts
             self._runner, self._procs = launch.start(pc, self.model_dir, dtype, device, moe_options,
-                                                     micro_batches, timeout_s)
+                                                     micro_batches, timeout_s, fast)
             if self._runner is None:                            # a torchrun worker: rank 0 is done
                 raise SystemExit(0)
             self.model = self._runner
-            fast = False
+            fast = False                                        # the runner picks its own path on every rank
         else:
             self.model = load_model(self.model_dir, dtype, device, moe_options=moe_options)
         self.config = self.model.config

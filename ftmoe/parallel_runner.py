@@ -44,8 +44,13 @@ def _meta_fields(meta: AttnMetadata) -> tuple:
 
 
 class DistributedModel:
-    def __init__(self, model: GPTMoE, par: ParallelState, micro_batches: int | None = None):
+    def __init__(self, model: GPTMoE, par: ParallelState, micro_batches: int | None = None, fast: bool = False):
         self.model, self.par = model, par
+        self.fast = None
+        if fast:   # Triton kernels for all-decode and fresh-prefill calls (TP and PP; EP uses the reference path)
+            from .fast_model import FastGPTMoE
+
+            self.fast = FastGPTMoE(model)
         self.config, self.dtype, self.device = model.config, model.dtype, par.device
         self.micro_batches = micro_batches
         self.cache: KVCache | None = None
@@ -112,23 +117,43 @@ class DistributedModel:
         par, model, dev = self.par, self.model, self.device
         B, T = input_ids.shape
         H = self.config.hidden_size
+        # the same choice on every rank: it depends only on the broadcast metadata
+        mode = "reference"
+        if self.fast is not None and T == 1 and bool((fields[4] == 1).all()):
+            mode = "decode"
+        elif self.fast is not None and bool((fields[3] == 0).all()):
+            mode = "prefill"
         pending, outs = [], []
         for rows in self._micro_rows(B, par.d):
             idx = torch.tensor(rows, dtype=torch.long)
             meta = AttnMetadata(*(f[idx].to(dev) for f in fields))
             n = len(rows)
+            hidden = {"decode": (n, H), "prefill": (n * T, H), "reference": (n, T, H)}[mode]
             if par.is_first_stage:
-                x = model.embed(input_ids[idx].to(dev), meta.positions)
+                x = input_ids[idx].to(dev)
             else:
-                x = torch.empty(n, T, H, dtype=self.dtype, device=dev)
+                x = torch.empty(*hidden, dtype=self.dtype, device=dev)
                 if n:
                     dist.recv(x, src=par.rank_of(par.stage - 1, par.d, par.t))
-            x = model.run_layers(x, meta, self.cache)
+            if mode == "decode":
+                y = self.fast.decode_step(x[:, 0] if par.is_first_stage else x, meta.positions[:, 0],
+                                          meta.block_tables.int(), meta.context_lens.int(),
+                                          meta.slot_mapping[:, 0].int(), self.cache) if n else x
+                if par.is_last_stage and n and not last_only:
+                    y = y[:, None]
+            elif mode == "prefill":
+                y = self.fast.prefill(x, meta, self.cache, last_only) if n else x
+            else:
+                if par.is_first_stage:
+                    x = model.embed(x, meta.positions)
+                y = model.run_layers(x, meta, self.cache)
+                if par.is_last_stage and n:
+                    y = model.head(y, meta, last_only)
             if not par.is_last_stage:
                 if n:
-                    pending.append(dist.isend(x.contiguous(), dst=par.rank_of(par.stage + 1, par.d, par.t)))
+                    pending.append(dist.isend(y.contiguous(), dst=par.rank_of(par.stage + 1, par.d, par.t)))
             elif n:
-                outs.append(model.head(x, meta, last_only))
+                outs.append(y)
         for w in pending:
             w.wait()
         return self._gather_logits(outs, B, T, last_only)

@@ -142,3 +142,42 @@ def test_engine_serves_a_parallel_model(folders, single):
         assert [out[f"r{i}"] for i in range(len(PROMPTS))] == want_tokens
         stats = eng.stats()
         assert stats["kv_blocks_used"] == 0 and stats["preemptions"] > 0, stats
+
+
+@pytest.mark.parametrize("tp,pp", [(2, 1), (1, 2)])
+def test_fast_path_sharded_equals_one_process(folders, single, tp, pp):
+    """The Triton path on a sharded model (TP all-reduces inside it; PP hands residuals on):
+    prefill and decode logits match one reference process; greedy tokens are the same.
+    (On the CPU the kernels run in Triton's interpreter.)"""
+    pytest.importorskip("triton")
+    from ftmoe import kernels
+
+    if not kernels.available():
+        pytest.skip("Triton cannot run here")
+    ref, want_tokens = single
+    with LLM(folders[1], tp=tp, pp=pp, fast=True, timeout_s=120) as llm:
+        runner, cache = llm.generator.model, llm.generator.cache
+        assert runner.fast is not None
+        lens = [len(p) for p in PROMPTS]
+        seqs = [2000 + i for i in range(len(PROMPTS))]
+        ref_cache = KVCache.for_model(ref.config, 512, block_size=cache.block_size)
+        for s in seqs:
+            cache.add(s)
+            ref_cache.add(s)
+        batch = torch.zeros(len(PROMPTS), max(lens), dtype=torch.long)
+        for i, p in enumerate(PROMPTS):
+            batch[i, :len(p)] = torch.tensor(p)
+        got = runner(batch, cache.prepare(seqs, lens), cache, last_only=True)
+        want = ref(batch, ref_cache.prepare(seqs, lens), ref_cache, last_only=True)
+        assert rel(got, want) < 1e-4
+        g = torch.Generator().manual_seed(7)
+        for _ in range(4):
+            tok = torch.randint(0, ref.config.vocab_size, (len(seqs), 1), generator=g)
+            got = runner(tok, cache.prepare(seqs, [1] * len(seqs)), cache, last_only=True)
+            want = ref(tok, ref_cache.prepare(seqs, [1] * len(seqs)), ref_cache, last_only=True)
+            assert rel(got, want) < 1e-4
+        for s in seqs:
+            cache.free(s)
+        short = SamplingParams(max_new_tokens=6, ignore_eos=True)
+        assert [o.output_ids for o in llm.generate(PROMPTS, short)] == [t[:len(p) + 6] for t, p in
+                                                                         zip(want_tokens, PROMPTS)]
