@@ -69,11 +69,13 @@ def config_of(preset: str) -> ModelConfig:
 
 
 @torch.no_grad()
-def random_model(cfg: ModelConfig, dtype: torch.dtype, dev: torch.device, seed: int = 0) -> GPTMoE:
-    """Random weights at the real shapes, drawn on the GPU (std like a trained model's)."""
+def random_model(cfg: ModelConfig, dtype: torch.dtype, dev: torch.device, seed: int = 0, par=None) -> GPTMoE:
+    """Random weights at the real shapes, drawn on the device (std like a trained model's). With a
+    ParallelState, this rank's shard; ranks of one TP group draw identical replicated tensors
+    (the gate among them), so they route alike."""
     torch.manual_seed(seed)
     with torch.device(dev):
-        m = GPTMoE(cfg, dtype)
+        m = GPTMoE(cfg, dtype, par=par)
     for name, p in m.named_parameters():
         if "layernorm" in name and name.endswith("weight"):
             p.normal_(1.0, 0.05)

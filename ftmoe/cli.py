@@ -195,6 +195,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--iters", type=int, default=50)
     p.add_argument("--json", default=None, help="write the results here")
     p.add_argument("--profile", action="store_true", help="print per-kernel GPU times of a decode step")
+    p.add_argument("--tp", type=int, default=1)
+    p.add_argument("--ep", type=int, default=1)
+    p.add_argument("--pp", type=int, default=1)
+    p.add_argument("--device", default="cuda", help="cuda, or cpu for a smoke test of a parallel run")
     p = sub.add_parser("tune", help="search fused-MoE kernel tile configs for this GPU (writes JSON)")
     p.add_argument("--preset", default="gpt-moe-0.35b-64e")
     p.add_argument("--model", default=None, help="take the shapes from a converted folder")
@@ -235,6 +239,13 @@ def main(argv: list[str] | None = None) -> int:
                 prefill = None if a.prefill == "none" else tuple(int(v) for v in a.prefill.lower().split("x"))
             except ValueError:
                 raise FtmoeError(f"--batches/--prefill malformed: {a.batches!r}, {a.prefill!r}") from None
+            if a.tp * a.ep * a.pp > 1:
+                from .bench_parallel import run_parallel_bench
+                from .distributed import ParallelConfig
+
+                run_parallel_bench(ParallelConfig(a.tp, a.ep, a.pp), a.preset, a.model, a.dtype, a.device, batches,
+                                   a.ctx, min(a.iters, 20), a.json)
+                return 0
             run_bench(a.preset, a.model, a.dtype, batches, a.ctx, prefill, not a.no_eager, not a.no_latency,
                       a.iters, a.json, profile=a.profile)
             return 0

@@ -31,18 +31,27 @@ def _free_port() -> int:
 
 
 def _load(pc, model_dir, dtype, device, moe_options, micro_batches, timeout_s, init_method=None, rank=None,
-          fast=None):
+          fast=None, random_preset=None):
     from .loader import load_model
 
     par = init_parallel(pc, timeout_s=timeout_s, init_method=init_method, rank=rank, device=device)
-    model = load_model(model_dir, dtype, par.device, moe_options=moe_options, par=par)
+    if random_preset is not None:     # benchmarks: this rank's shard of random weights at a preset's shapes
+        from .bench import config_of, random_model
+
+        cfg = config_of(random_preset)
+        pc.check(cfg)
+        model = random_model(cfg, dtype, par.device, seed=par.stage, par=par)
+    else:
+        model = load_model(model_dir, dtype, par.device, moe_options=moe_options, par=par)
     if fast is None:   # kernels on GPUs, except where the fast path cannot serve the layout yet
         fast = par.device.type == "cuda" and pc.ep == 1 and (moe_options is None or moe_options.capacity_factor is None)
     return DistributedModel(model, par, micro_batches, fast=fast)
 
 
-def _worker(rank, pc, model_dir, dtype, device, moe_options, micro_batches, timeout_s, init_method, fast):
-    runner = _load(pc, model_dir, dtype, device, moe_options, micro_batches, timeout_s, init_method, rank, fast)
+def _worker(rank, pc, model_dir, dtype, device, moe_options, micro_batches, timeout_s, init_method, fast,
+            random_preset=None):
+    runner = _load(pc, model_dir, dtype, device, moe_options, micro_batches, timeout_s, init_method, rank, fast,
+                   random_preset)
     try:
         runner.follow()
     finally:
@@ -50,11 +59,13 @@ def _worker(rank, pc, model_dir, dtype, device, moe_options, micro_batches, time
 
 
 def start(pc: ParallelConfig, model_dir: str, dtype, device: str = "cpu", moe_options=None,
-          micro_batches: int | None = None, timeout_s: float = 120.0, fast: bool | None = None):
+          micro_batches: int | None = None, timeout_s: float = 120.0, fast: bool | None = None,
+          random_preset: str | None = None):
     """Returns (runner, worker processes). Under torchrun, ranks != 0 follow rank 0 here and
     get (None, [])."""
     if under_torchrun():
-        runner = _load(pc, model_dir, dtype, device, moe_options, micro_batches, timeout_s, fast=fast)
+        runner = _load(pc, model_dir, dtype, device, moe_options, micro_batches, timeout_s, fast=fast,
+                       random_preset=random_preset)
         if runner.par.rank != 0:
             try:
                 runner.follow()
@@ -67,12 +78,12 @@ def start(pc: ParallelConfig, model_dir: str, dtype, device: str = "cpu", moe_op
     procs = []
     for r in range(1, pc.world_size):
         p = ctx.Process(target=_worker, args=(r, pc, model_dir, dtype, device, moe_options, micro_batches,
-                                              timeout_s, init_method, fast), daemon=True)
+                                              timeout_s, init_method, fast, random_preset), daemon=True)
         p.start()
         procs.append(p)
     try:
         return _load(pc, model_dir, dtype, device, moe_options, micro_batches, timeout_s, init_method, 0,
-                     fast), procs
+                     fast, random_preset), procs
     except BaseException:
         for p in procs:
             p.kill()

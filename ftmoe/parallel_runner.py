@@ -71,6 +71,10 @@ class DistributedModel:
     def shutdown(self) -> None:
         self._command(("stop",))
 
+    def moe_load(self) -> list[list[int]]:
+        """After a forward: per MoE layer, the slots each EP rank's experts served ([] without EP)."""
+        return self._command(("moe_load",)) or []
+
     def _command(self, cmd: tuple):
         try:
             dist.broadcast_object_list([cmd], src=0)
@@ -104,6 +108,8 @@ class DistributedModel:
             return self._forward(*cmd[1:])
         if kind == "stop":
             return None
+        if kind == "moe_load":
+            return self._moe_load()
         raise ValueError(f"unknown command {kind!r}")
 
     def _micro_rows(self, B: int, d: int) -> list[list[int]]:
@@ -157,6 +163,20 @@ class DistributedModel:
         for w in pending:
             w.wait()
         return self._gather_logits(outs, B, T, last_only)
+
+    def _moe_load(self):
+        """Gather every rank's per-layer served-slot counts to rank 0: [layer][ep rank] (TP rank 0's view)."""
+        if self.par.ep == 1:
+            return None
+        mine = {i: getattr(b.mlp.moe, "last_received", 0) for i, b in zip(self.model.layer_ids, self.model.blocks())
+                if b.is_moe}
+        box = [None] * dist.get_world_size() if self.par.rank == 0 else None
+        dist.gather_object((self.par.d, self.par.t, mine), box, dst=0)
+        if self.par.rank != 0:
+            return None
+        layers = sorted({i for _, _, m in box for i in m})
+        return [[next(m[i] for d, t, m in box if d == dd and t == 0 and i in m) for dd in range(self.par.ep)]
+                for i in layers]
 
     def _gather_logits(self, outs: list[torch.Tensor], B: int, T: int, last_only: bool):
         """Last-stage ranks send (their rows, their vocab slice) to rank 0, which assembles [B, (T,) V]."""

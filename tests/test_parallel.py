@@ -181,3 +181,20 @@ def test_fast_path_sharded_equals_one_process(folders, single, tp, pp):
         short = SamplingParams(max_new_tokens=6, ignore_eos=True)
         assert [o.output_ids for o in llm.generate(PROMPTS, short)] == [t[:len(p) + 6] for t, p in
                                                                          zip(want_tokens, PROMPTS)]
+
+
+def test_parallel_bench_smoke(tmp_path):
+    """`ftmoe bench --tp 2 --ep 2` machinery on the CPU: rows per batch and the EP load report."""
+    from ftmoe.bench_parallel import run_parallel_bench
+    from ftmoe.distributed import ParallelConfig
+
+    out = tmp_path / "b.json"
+    r = run_parallel_bench(ParallelConfig(tp=2, ep=2), "tiny", dtype="float32", device="cpu", batches=(1, 8),
+                           ctx=16, iters=2, json_path=str(out), log=lambda *_: None, timeout_s=60)
+    assert [row["batch"] for row in r["rows"]] == [1, 8]
+    for row in r["rows"]:
+        assert row["ms"] > 0 and row["ep"] == 2
+        load = row["ep_tokens_per_rank"]
+        assert len(load) == 2 and all(len(x) == 2 for x in load)            # 2 MoE layers x 2 EP ranks
+        assert all(sum(x) == row["batch"] for x in load)                      # every token served once (top-1)
+    assert json.loads(out.read_text())["parallel"] == {"tp": 2, "ep": 2, "pp": 1}

@@ -143,6 +143,7 @@ class MoE(nn.Module):
         recv_counts = torch.empty_like(send_counts)
         dist.all_to_all_single(recv_counts, send_counts, group=par.ep_group)
         sc, rc = send_counts.tolist(), recv_counts.tolist()
+        self.last_received = sum(rc)               # slots this rank's experts served (load report)
         H = x.shape[1]
         recv_x = x.new_empty(sum(rc), H)
         dist.all_to_all_single(recv_x, x[order].contiguous(), rc, sc, group=par.ep_group)

@@ -1,0 +1,108 @@
+"""`ftmoe bench --tp T --ep E --pp P`: decode step time of a parallel model, and the expert load.
+
+In:  a ParallelConfig, a preset (random weights drawn per rank) or a converted folder, batch
+     sizes and a context length. Out: a table (ms per decode step, tokens/s, the one-GPU floor
+     measured on rank 0's device) and, under expert parallelism, the tokens each EP rank
+     received per MoE layer (load imbalance); JSON rows like `ftmoe bench`'s.
+
+Each timed step is what serving does: rank 0 broadcasts the step, every rank runs its shard
+(Triton kernels for TP/PP on GPUs, the reference path for EP), logits come back to rank 0.
+The context stays at `ctx` (each step's token is dropped again), so every step is the same.
+"""
+from __future__ import annotations
+
+import dataclasses
+import datetime
+import json
+import statistics
+import time
+
+import torch
+
+from . import launch
+from .distributed import ParallelConfig
+
+
+def _sync(dev) -> None:
+    if dev.type == "cuda":
+        torch.cuda.synchronize(dev)
+
+
+def run_parallel_bench(pc: ParallelConfig, preset: str | None = "gpt-moe-0.35b-64e", model_dir: str | None = None,
+                       dtype: str = "bf16", device: str = "cuda", batches=(1, 64, 256), ctx: int = 128,
+                       iters: int = 20, json_path: str | None = None, log=print, timeout_s: float = 300.0) -> dict:
+    from .bench import measure_hardware
+    from .loader import parse_dtype
+
+    tdtype = parse_dtype(dtype)
+    runner, procs = launch.start(pc, model_dir, tdtype, device, timeout_s=timeout_s,
+                                 random_preset=preset if model_dir is None else None)
+    rows = []
+    try:
+        cfg = runner.config
+        dev = runner.device
+        hw = measure_hardware(dev) if dev.type == "cuda" else {}
+        bs = 16
+        cache = runner.make_cache(max(batches) * (-(-(ctx + 1) // bs)) * bs + 64 * bs, bs)
+        g = torch.Generator().manual_seed(0)
+        for B in batches:
+            seqs = list(range(B))
+            for s in seqs:
+                if not cache.has(s):
+                    cache.add(s)
+                    cache.prepare([s], [ctx])
+            tok = torch.randint(0, cfg.vocab_size, (B, 1), generator=g)
+
+            def step():
+                meta = cache.prepare(seqs, [1] * B)
+                out = runner(tok, meta, cache, last_only=True)
+                for s in seqs:
+                    cache.truncate(s, ctx)
+                return out
+
+            for _ in range(2):
+                step()
+            times = []
+            for _ in range(iters):
+                _sync(dev)
+                t0 = time.perf_counter()
+                step()
+                _sync(dev)
+                times.append((time.perf_counter() - t0) * 1e3)
+            ms = statistics.median(times)
+            load = runner.moe_load()
+            row = {"phase": "decode", "batch": B, "ctx": ctx, "ms": ms, "tokens_per_s": B / ms * 1e3,
+                   "tp": pc.tp, "ep": pc.ep, "pp": pc.pp, "fast_path": runner.fast is not None,
+                   "ep_tokens_per_rank": load}
+            if hw:   # the one-GPU floor of the same step (all experts touched by B tokens assumed at most B)
+                touched = [min(B * cfg.moe_k, cfg.expert_num)] * len(cfg.moe_layers)
+                floor_bytes = _full_model_decode_bytes(cfg, runner.dtype, B, ctx, touched)
+                row["one_gpu_floor_ms"] = floor_bytes / (hw["copy_bandwidth_GBps"] * 1e9) * 1e3
+            rows.append(row)
+            imb = ""
+            if load:
+                per_layer = [max(r) / max(1e-9, statistics.mean(r)) for r in load if r]
+                imb = f"  EP load max/mean {statistics.mean(per_layer):.2f} (worst layer {max(per_layer):.2f})"
+            floor = f"  one-GPU floor {row['one_gpu_floor_ms']:.3f} ms" if "one_gpu_floor_ms" in row else ""
+            log(f"decode tp={pc.tp} ep={pc.ep} pp={pc.pp} B={B:<4} {ms:9.3f} ms  {row['tokens_per_s']:10.0f} tok/s"
+                f"{floor}{imb}")
+            for s in seqs:
+                cache.free(s)
+    finally:
+        launch.stop(runner, procs)
+    result = {"date": datetime.date.today().isoformat(), "parallel": dataclasses.asdict(pc), "dtype": dtype,
+              "preset": preset if model_dir is None else None, "device": device, "rows": rows}
+    if json_path:
+        with open(json_path, "w") as f:
+            json.dump(result, f, indent=1)
+    return result
+
+
+def _full_model_decode_bytes(cfg, dtype, B: int, ctx: int, touched: list[int]) -> int:
+    """decode_bytes of the whole (unsharded) model, without materialising it."""
+    from .bench import decode_bytes
+    from .model import GPTMoE
+
+    with torch.device("meta"):
+        m = GPTMoE(cfg, dtype)
+    return decode_bytes(m, B, ctx, touched, torch.empty((), dtype=dtype).element_size())
