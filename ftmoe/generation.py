@@ -82,10 +82,21 @@ class SampleRequest:
     def release(self) -> None:
         self.cache.free(self.seq_id)
 
+    def is_plain_greedy(self) -> bool:
+        """This step's token is argmax(logits / temperature): no penalty, ban or min_length applies,
+        so a batch of such rows can be decided at once (see the serving engine)."""
+        p = self.params
+        return (p.greedy and not self.bads and p.repetition_penalty == 1.0 and p.presence_penalty == 0.0
+                and (self.end_id is None or len(self.tokens) >= p.min_length))
+
     def step(self, logits: torch.Tensor) -> list[tuple[int, float, bool, str | None]]:
         seq = self.prompt + self.tokens
         proc = process_logits(logits[0], seq, len(self.tokens), self.params, self.end_id, self.bads)
-        tok, lp = sample(proc, self.params, self.generator)
+        return self.accept(*sample(proc, self.params, self.generator))
+
+    def accept(self, tok: int, lp: float) -> list[tuple[int, float, bool, str | None]]:
+        """Record a chosen token; returns [(token, log prob, finished, finish reason)]."""
+        seq = self.prompt + self.tokens
         self.tokens.append(tok)
         self.log_probs.append(lp)
         reason = None
