@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# One GPU session's worth of checks: kernel and fast-path tests on the GPU, then `ftmoe bench`.
+# The GPU checks in one call: kernel and fast-path tests on the GPU, then `ftmoe bench`.
 # Usage (on a GPU machine, repo root): OUT=/some/dir bash scripts/gpu_check.sh [bench args...]
 set -uo pipefail
 OUT=${OUT:-/tmp/ftmoe_out}
