@@ -43,33 +43,38 @@ def rel(a, b):
     return float((a.double() - b.double()).abs().max() / b.double().abs().max())
 
 
+def _compare_steps(runner, cache, ref, seed: int, steps: int, tol: float, last_only_prefill: bool) -> None:
+    """Prefill PROMPTS then `steps` random decode tokens through `runner` and a one-process reference
+    with its own cache; every call's logits must agree within `tol`. Frees the sequences."""
+    g = torch.Generator().manual_seed(seed)
+    lens = [len(p) for p in PROMPTS]
+    seqs = [1000 + seed * 10 + i for i in range(len(PROMPTS))]
+    ref_cache = KVCache.for_model(ref.config, 512, block_size=cache.block_size)
+    for s in seqs:
+        cache.add(s)
+        ref_cache.add(s)
+    batch = torch.zeros(len(PROMPTS), max(lens), dtype=torch.long)
+    for i, p in enumerate(PROMPTS):
+        batch[i, :len(p)] = torch.tensor(p)
+    got = runner(batch, cache.prepare(seqs, lens), cache, last_only=last_only_prefill)   # prefill
+    want = ref(batch, ref_cache.prepare(seqs, lens), ref_cache, last_only=last_only_prefill)
+    for i, n in enumerate(lens):
+        assert rel(got[i] if last_only_prefill else got[i, :n], want[i] if last_only_prefill else want[i, :n]) < tol
+    for step in range(steps):                                                          # decode
+        tok = torch.randint(0, ref.config.vocab_size, (len(seqs), 1), generator=g)
+        got = runner(tok, cache.prepare(seqs, [1] * len(seqs)), cache, last_only=True)
+        want = ref(tok, ref_cache.prepare(seqs, [1] * len(seqs)), ref_cache, last_only=True)
+        assert rel(got, want) < tol, step
+    for s in seqs:
+        cache.free(s)
+
+
 @pytest.mark.parametrize("tp,ep,pp", [(2, 1, 1), (4, 1, 1), (1, 1, 2), (1, 2, 1), (1, 4, 1), (2, 1, 2), (2, 2, 1)])
 def test_parallel_equals_one_process(folders, single, tp, ep, pp):
     ref, want_tokens = single
     folder = folders[2] if tp == 2 else folders[1]        # TP=2 reads its own .r files; TP=4 slices a 1-gpu folder
     with LLM(folder, tp=tp, ep=ep, pp=pp, timeout_s=60) as llm:
-        runner, cache = llm.generator.model, llm.generator.cache
-        g = torch.Generator().manual_seed(tp * 100 + ep * 10 + pp)
-        lens = [len(p) for p in PROMPTS]
-        seqs = [1000 + i for i in range(len(PROMPTS))]
-        ref_cache = KVCache.for_model(ref.config, 512, block_size=cache.block_size)
-        for s in seqs:
-            cache.add(s)
-            ref_cache.add(s)
-        batch = torch.zeros(len(PROMPTS), max(lens), dtype=torch.long)
-        for i, p in enumerate(PROMPTS):
-            batch[i, :len(p)] = torch.tensor(p)
-        got = runner(batch, cache.prepare(seqs, lens), cache, last_only=False)        # prefill, [B, T, V]
-        want = ref(batch, ref_cache.prepare(seqs, lens), ref_cache, last_only=False)
-        for i, n in enumerate(lens):
-            assert rel(got[i, :n], want[i, :n]) < 1e-5
-        for step in range(16):                                                       # decode
-            tok = torch.randint(0, ref.config.vocab_size, (len(seqs), 1), generator=g)
-            got = runner(tok, cache.prepare(seqs, [1] * len(seqs)), cache, last_only=True)
-            want = ref(tok, ref_cache.prepare(seqs, [1] * len(seqs)), ref_cache, last_only=True)
-            assert rel(got, want) < 1e-5, step
-        for s in seqs:
-            cache.free(s)
+        _compare_steps(llm.generator.model, llm.generator.cache, ref, tp * 100 + ep * 10 + pp, 16, 1e-5, False)
         tokens = [o.output_ids for o in llm.generate(PROMPTS, GREEDY)]
         assert tokens == want_tokens
         beam = llm.generate(PROMPTS[:1], SamplingParams(max_new_tokens=4, beam_width=3))   # mirrored block copies
@@ -156,28 +161,8 @@ def test_fast_path_sharded_equals_one_process(folders, single, tp, pp):
         pytest.skip("Triton cannot run here")
     ref, want_tokens = single
     with LLM(folders[1], tp=tp, pp=pp, fast=True, timeout_s=120) as llm:
-        runner, cache = llm.generator.model, llm.generator.cache
-        assert runner.fast is not None
-        lens = [len(p) for p in PROMPTS]
-        seqs = [2000 + i for i in range(len(PROMPTS))]
-        ref_cache = KVCache.for_model(ref.config, 512, block_size=cache.block_size)
-        for s in seqs:
-            cache.add(s)
-            ref_cache.add(s)
-        batch = torch.zeros(len(PROMPTS), max(lens), dtype=torch.long)
-        for i, p in enumerate(PROMPTS):
-            batch[i, :len(p)] = torch.tensor(p)
-        got = runner(batch, cache.prepare(seqs, lens), cache, last_only=True)
-        want = ref(batch, ref_cache.prepare(seqs, lens), ref_cache, last_only=True)
-        assert rel(got, want) < 1e-4
-        g = torch.Generator().manual_seed(7)
-        for _ in range(4):
-            tok = torch.randint(0, ref.config.vocab_size, (len(seqs), 1), generator=g)
-            got = runner(tok, cache.prepare(seqs, [1] * len(seqs)), cache, last_only=True)
-            want = ref(tok, ref_cache.prepare(seqs, [1] * len(seqs)), ref_cache, last_only=True)
-            assert rel(got, want) < 1e-4
-        for s in seqs:
-            cache.free(s)
+        assert llm.generator.model.fast is not None
+        _compare_steps(llm.generator.model, llm.generator.cache, ref, 7, 4, 1e-4, True)
         short = SamplingParams(max_new_tokens=6, ignore_eos=True)
         assert [o.output_ids for o in llm.generate(PROMPTS, short)] == [t[:len(p) + 6] for t, p in
                                                                          zip(want_tokens, PROMPTS)]
