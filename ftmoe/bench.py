@@ -29,7 +29,16 @@ from .synthetic import PRESETS
 
 
 def _events_ms(fn, iters: int, warmup: int = 3) -> float:
-    """Median time of fn() in ms, measured with CUDA events."""
+    """Median time of fn() in ms, measured with CUDA events (host clock without a GPU)."""
+    if not torch.cuda.is_available():
+        for _ in range(warmup):
+            fn()
+        times = []
+        for _ in range(iters):
+            t0 = time.perf_counter()
+            fn()
+            times.append((time.perf_counter() - t0) * 1e3)
+        return statistics.median(times)
     for _ in range(warmup):
         fn()
     torch.cuda.synchronize()
@@ -161,19 +170,23 @@ def _count_kernels(fn) -> int | None:
 def run_bench(preset: str = "gpt-moe-0.35b-64e", model_dir: str | None = None, dtype: str = "bf16",
               batches=(1, 8, 64, 256), ctx: int = 128, prefill=(8, 512), eager: bool = True,
               latency: bool = True, iters: int = 50, json_path: str | None = None, log=print,
-              profile: bool = False) -> dict:
+              profile: bool = False, device: str = "cuda", latency_batches=(1, 8, 32, 64),
+              latency_shapes=((128, 8), (512, 32))) -> dict:
+    """device "cpu" is a smoke test of the whole procedure (Triton interpreter, no graphs, no floors)."""
     from .cuda_graphs import DecodeGraphs
     from .fast_model import FastGPTMoE
     from .loader import load_model, parse_dtype
 
-    if not torch.cuda.is_available():
+    dev = torch.device(device)
+    if dev.type == "cuda" and not torch.cuda.is_available():
         raise FtmoeError("ftmoe bench needs a CUDA GPU (none is visible to torch)")
-    dev = torch.device("cuda")
     tdtype = parse_dtype(dtype)
-    hw = measure_hardware(dev)
-    bw, rate = hw["copy_bandwidth_GBps"] * 1e9, hw["matmul_TFLOPs"] * 1e12
-    log(f"device {torch.cuda.get_device_name()}: copy {hw['copy_bandwidth_GBps']:.0f} GB/s, "
-        f"bf16 matmul {hw['matmul_TFLOPs']:.0f} TFLOP/s")
+    hw, bw, rate = {}, None, None
+    if dev.type == "cuda":
+        hw = measure_hardware(dev)
+        bw, rate = hw["copy_bandwidth_GBps"] * 1e9, hw["matmul_TFLOPs"] * 1e12
+        log(f"device {torch.cuda.get_device_name()}: copy {hw['copy_bandwidth_GBps']:.0f} GB/s, "
+            f"bf16 matmul {hw['matmul_TFLOPs']:.0f} TFLOP/s")
     t0 = time.time()
     m = load_model(model_dir, dtype=tdtype, device=dev) if model_dir else random_model(config_of(preset), tdtype, dev)
     cfg = m.config
@@ -189,7 +202,10 @@ def run_bench(preset: str = "gpt-moe-0.35b-64e", model_dir: str | None = None, d
     cache.v.normal_()
     nb = -(-cfg.max_pos_seq_len // bs)            # graphs take tables wide enough for any sequence
     nb_ctx = -(-(ctx + 1) // bs)
-    graphs = DecodeGraphs(fast, cache, max_blocks_per_seq=nb, buckets=tuple(sorted(set(batches))))
+    if dev.type == "cuda":
+        graphs = DecodeGraphs(fast, cache, max_blocks_per_seq=nb, buckets=tuple(sorted(set(batches))))
+    else:
+        graphs = _EagerSteps(fast, cache, nb, tuple(sorted(set(batches))))
     rows: list[Row] = []
     g = torch.Generator(device=dev).manual_seed(0)
     for B in batches:
@@ -212,11 +228,12 @@ def run_bench(preset: str = "gpt-moe-0.35b-64e", model_dir: str | None = None, d
             fast.decode_step(ids, pos, tables, ctx_lens, slots, cache)
         touched = [int(torch.unique(t).numel()) for t in fast.trace]
         fast.trace = None
-        floor = decode_bytes(m, B, ctx, touched, cache.k.element_size()) / bw * 1e3
+        floor = decode_bytes(m, B, ctx, touched, cache.k.element_size()) / bw * 1e3 if bw else None
         graphs.capture(B)
         ms = _events_ms(lambda: graphs.step(ids, pos, tables, ctx_lens, slots), iters)
-        kernels = _count_kernels(lambda: graphs.graphs[B][0].replay()) if B == batches[0] else None
-        if profile and B in (batches[0], batches[-1]):
+        graphed = dev.type == "cuda"
+        kernels = _count_kernels(lambda: graphs.graphs[B][0].replay()) if B == batches[0] and graphed else None
+        if profile and graphed and B in (batches[0], batches[-1]):
             _profile_table(lambda: graphs.graphs[B][0].replay(), f"decode B={B}", log)
         eager_ms = None
         if eager:
@@ -233,11 +250,11 @@ def run_bench(preset: str = "gpt-moe-0.35b-64e", model_dir: str | None = None, d
     if prefill:
         rows.append(_bench_prefill(m, fast, cache, prefill, bw, rate, eager, log, profile))
     if latency:
-        rows += _bench_latency(fast, graphs, cache, log)
-    result = {"device": torch.cuda.get_device_name(), "date": datetime.date.today().isoformat(),
-              "command": "ftmoe " + " ".join(sys.argv[1:]),
+        rows += _bench_latency(fast, graphs, cache, log, latency_batches, latency_shapes)
+    result = {"device": torch.cuda.get_device_name() if dev.type == "cuda" else "cpu",
+              "date": datetime.date.today().isoformat(), "command": "ftmoe " + " ".join(sys.argv[1:]),
               "dtype": dtype, "preset": None if model_dir else preset, **hw,
-              "max_memory_allocated_GB": torch.cuda.max_memory_allocated() / 1e9,
+              "max_memory_allocated_GB": torch.cuda.max_memory_allocated() / 1e9 if dev.type == "cuda" else None,
               "weights_GB": sum(_bytes(p) for p in m.parameters()) / 1e9, "kv_cache_GB": 2 * _bytes(cache.k) / 1e9,
               "rows": [dict(dataclasses.asdict(r), ratio=r.ratio) for r in rows]}
     if json_path:
@@ -246,11 +263,26 @@ def run_bench(preset: str = "gpt-moe-0.35b-64e", model_dir: str | None = None, d
     return result
 
 
+class _EagerSteps:
+    """DecodeGraphs' interface without graphs (CPU smoke runs)."""
+
+    def __init__(self, fast, cache, nb, buckets):
+        self.fast, self.cache, self.nb, self.buckets = fast, cache, nb, buckets
+
+    def capture(self, B: int) -> None:
+        pass
+
+    @torch.inference_mode()
+    def step(self, ids, positions, tables, ctx, slots):
+        return self.fast.decode_step(ids, positions, tables, ctx, slots, self.cache)
+
+
 def _fmt(r: Row) -> str:
     eager = f"{r.eager_ms:9.2f}" if r.eager_ms else "        -"
     sp = f"{r.eager_ms / r.ms:7.1f}x" if r.eager_ms else "       -"
     what = f"{r.phase} B={r.batch}" + (f" {r.in_len}/{r.out_len}" if r.in_len else "")
-    return (f"{what:<24} {r.ms:9.3f} ms  floor {r.floor_ms:8.3f} ms  ratio {r.ratio:5.2f}  "
+    floor = f"floor {r.floor_ms:8.3f} ms  ratio {r.ratio:5.2f}" if r.floor_ms else "floor        - (no GPU)"
+    return (f"{what:<24} {r.ms:9.3f} ms  {floor}  "
             f"{r.tokens_per_s:10.0f} tok/s  eager {eager} ms {sp}"
             + (f"  kernels/step {r.kernels_per_step}" if r.kernels_per_step else ""))
 
@@ -280,9 +312,10 @@ def _bench_prefill(m, fast, cache, shape, bw, rate, eager, log, profile=False) -
     active = cfg.param_counts()["active_per_token"] - cfg.vocab_size * cfg.hidden_size - cfg.max_pos_seq_len * cfg.hidden_size
     flops = 2 * n_tok * active + cfg.num_layer * 2 * B * T * T * cfg.hidden_size + 2 * B * cfg.hidden_size * cfg.vocab_size
     weight_bytes = sum(_bytes(p) for p in m.parameters())   # ~all experts are touched by B*T tokens
-    floor = max(weight_bytes / bw, flops / rate) * 1e3
+    floor = max(weight_bytes / bw, flops / rate) * 1e3 if bw else None
     row = Row("prefill", B, ms, floor, n_tok / ms * 1e3, eager_ms, in_len=T)
-    log(_fmt(row) + f"  (bytes floor {weight_bytes / bw * 1e3:.2f} ms, flops floor {flops / rate * 1e3:.2f} ms)")
+    log(_fmt(row) + (f"  (bytes floor {weight_bytes / bw * 1e3:.2f} ms, flops floor {flops / rate * 1e3:.2f} ms)"
+                     if bw else ""))
     return row
 
 

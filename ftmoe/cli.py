@@ -186,7 +186,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--preset", default="gpt-moe-0.35b-64e", help="random weights at these shapes "
                    "(gpt-moe-0.35b-64e, gpt-moe-1.3b-32e, gpt-moe-1.3b-64e)")
     p.add_argument("--model", default=None, help="a converted <N>-gpu folder instead of random weights")
-    p.add_argument("--dtype", default="bf16", choices=["bf16", "fp16"])
+    p.add_argument("--dtype", default="bf16", choices=["bf16", "fp16", "fp32"])
     p.add_argument("--batches", default="1,8,64,256")
     p.add_argument("--ctx", type=int, default=128)
     p.add_argument("--prefill", default="8x512", help="BxT, or 'none'")
@@ -198,7 +198,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tp", type=int, default=1)
     p.add_argument("--ep", type=int, default=1)
     p.add_argument("--pp", type=int, default=1)
-    p.add_argument("--device", default="cuda", help="cuda, or cpu for a smoke test of a parallel run")
+    p.add_argument("--device", default="cuda", help="cuda, or cpu for a smoke test (tiny preset; no floors)")
     p = sub.add_parser("tune", help="search fused-MoE kernel tile configs for this GPU (writes JSON)")
     p.add_argument("--preset", default="gpt-moe-0.35b-64e")
     p.add_argument("--model", default=None, help="take the shapes from a converted folder")
@@ -247,7 +247,7 @@ def main(argv: list[str] | None = None) -> int:
                                    a.ctx, min(a.iters, 20), a.json)
                 return 0
             run_bench(a.preset, a.model, a.dtype, batches, a.ctx, prefill, not a.no_eager, not a.no_latency,
-                      a.iters, a.json, profile=a.profile)
+                      a.iters, a.json, profile=a.profile, device=a.device)
             return 0
         if a.cmd == "tune":
             import torch

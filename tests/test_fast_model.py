@@ -131,3 +131,23 @@ def test_bf16_fast_generation_follows_fp32_reference(tiny_model_dir):
         err_fast = float((fast_logits - logits).norm() / logits.norm())
         err_bf16 = float((bf16_ref - logits).norm() / logits.norm())
         assert err_fast < 1.5 * err_bf16 + 1e-3, (err_fast, err_bf16)
+
+
+def test_bench_procedure_smoke(tmp_path):
+    """`ftmoe bench` end to end on a tiny preset (the CPU: interpreter, no graphs, no floors; a GPU:
+    graphs and floors): decode rows per batch, prefill, the FT-style latency rows, JSON."""
+    from ftmoe.bench import run_bench
+
+    out = tmp_path / "bench.json"
+    dev = "cuda" if torch.cuda.is_available() else "cpu"
+    r = run_bench("tiny", dtype="float32", batches=(1, 2), ctx=8, prefill=(2, 8), eager=True, latency=True,
+                  iters=2, json_path=str(out), log=lambda *_: None, device=dev, latency_batches=(1, 2),
+                  latency_shapes=((8, 4),))
+    phases = [(row["phase"], row["batch"]) for row in r["rows"]]
+    assert phases[:3] == [("decode", 1), ("decode", 2), ("prefill", 2)]
+    assert [b for p, b in phases if p == "latency"] == [1, 2]
+    for row in r["rows"]:
+        assert row["ms"] > 0 and row["tokens_per_s"] > 0
+        assert (row["floor_ms"] is not None) == (dev == "cuda" and row["phase"] != "latency")
+    import json
+    assert json.loads(out.read_text())["rows"][0]["phase"] == "decode"
