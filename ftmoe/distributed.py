@@ -49,6 +49,12 @@ class ParallelConfig:
         if self.pp > cfg.num_layer:
             raise FtmoeError(f"--pp {self.pp} is more than num_layer={cfg.num_layer}")
 
+    def vocab_slices(self, vocab_size: int) -> list[range]:
+        """Rows of the tied embedding whose logits TP rank t computes (the vocab-parallel head)."""
+        sizes = [len(c) for c in torch.tensor_split(torch.arange(vocab_size), self.tp)]
+        starts = [sum(sizes[:t]) for t in range(self.tp)]
+        return [range(a, a + n) for a, n in zip(starts, sizes)]
+
     def stage_layers(self, num_layers: int, stage: int) -> range:
         """Contiguous layers of a stage; the first stages take one more when it does not divide."""
         base, extra = divmod(num_layers, self.pp)

@@ -24,7 +24,7 @@ from .kernels.attention import decode_attention, write_kv
 from .kernels.configs import get_config
 from .kernels.fused_moe import fused_moe
 from .kernels.norm import add_layernorm
-from .kernels.routing import moe_align, softmax_topk
+from .kernels.routing import gate_topk, moe_align
 from .kv_cache import AttnMetadata, KVCache
 from .model import GPTMoE
 
@@ -104,7 +104,7 @@ class FastGPTMoE:
         k, E = L["k"], L["E"]
         res, u, u32 = add_layernorm(res, L["ln2"].weight, L["ln2"].bias, eps, add=o, add_bias=L["bo"],
                                     want_fp32=True)
-        probs, ids = softmax_topk(u32 @ L["wg32"], k)   # fp32 gate GEMM on cuBLAS (no TF32)
+        probs, ids = gate_topk(u32, L["wg32"], k)        # fp32 gate GEMM on cuBLAS (no TF32) + top-k kernel
         if self.trace is not None:
             self.trace.append(ids)
         N, F = u.shape[0], L["w1"].shape[2]

@@ -129,13 +129,10 @@ class KVCache:
 
     def reorder(self, seq_ids: list[int], parents: list[int]) -> None:
         """Beam reorder: sequence seq_ids[i] takes the content of seq_ids[parents[i]]."""
-        if sorted(parents) == list(range(len(seq_ids))) and parents == sorted(parents):
+        if parents == list(range(len(seq_ids))):
             return
         old = {s: (self._tables[s], self._lens[s]) for s in seq_ids}
-        new_tables = []
-        for i, p in enumerate(parents):
-            src_blocks, n = old[seq_ids[p]]
-            new_tables.append((src_blocks, n))
+        new_tables = [old[seq_ids[p]] for p in parents]
         # allocate fresh blocks for all, copy, then release the old ones
         total = sum(len(b) for b, _ in new_tables)
         dst_all = self._take(total)

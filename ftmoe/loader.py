@@ -94,9 +94,7 @@ def read_shard(spec: TensorSpec, paths: list[str], cfg: ModelConfig, par: Parall
     """This rank's part of a tensor: its TP slice along the split axis (one file when the folder
     was converted for the same TP size), and its experts (axis 0) under expert parallelism."""
     if spec.split_axis is not None and par.tp > 1 and cfg.tensor_para_size == par.tp:
-        file_dtype = torch_dtype_of(cfg.weight_data_type)
-        shard = spec.shard_shape(par.tp)
-        t = torch.from_file(paths[par.t], shared=False, size=torch.Size(shard).numel(), dtype=file_dtype).view(shard)
+        t = read_tensor(spec, [paths[par.t]], cfg)
     else:
         t = read_tensor(spec, paths, cfg)
         if spec.split_axis is not None and par.tp > 1:

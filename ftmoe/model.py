@@ -91,9 +91,8 @@ class GPTMoE(nn.Module):
         if par.is_last_stage:
             self.final_layernorm = LayerNorm(H, cfg.layernorm_eps, dtype, device)
         # vocab-parallel head: TP rank t computes logits for rows [v0, v1) of the tied embedding
-        bounds = [len(c) for c in torch.tensor_split(torch.arange(cfg.vocab_size), par.tp)]
-        self.vocab_start = sum(bounds[:par.t])
-        self.vocab_end = self.vocab_start + bounds[par.t]
+        rows = par.config.vocab_slices(cfg.vocab_size)[par.t]
+        self.vocab_start, self.vocab_end = rows.start, rows.stop
 
     @property
     def device(self) -> torch.device:

@@ -189,18 +189,17 @@ class DistributedModel:
             return None
         full = torch.empty(B, *shape_tail, V, dtype=torch.float32, device=self.device)
         last = par.pp - 1
-        bounds = [len(c) for c in torch.tensor_split(torch.arange(V), par.tp)]
+        slices = par.config.vocab_slices(V)
         for d in range(par.ep):
             rows = [r for mb in self._micro_rows(B, d) for r in mb]
             if not rows:
                 continue
-            for t in range(par.tp):
-                v0 = sum(bounds[:t])
+            for t, vs in enumerate(slices):
                 src = par.rank_of(last, d, t)
                 if src == 0:
                     part = mine
                 else:
-                    part = torch.empty(len(rows), *shape_tail, bounds[t], dtype=torch.float32, device=self.device)
+                    part = torch.empty(len(rows), *shape_tail, len(vs), dtype=torch.float32, device=self.device)
                     dist.recv(part, src=src)
-                full[torch.tensor(rows, device=self.device), ..., v0:v0 + bounds[t]] = part
+                full[torch.tensor(rows, device=self.device), ..., vs.start:vs.stop] = part
         return full
