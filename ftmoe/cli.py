@@ -64,30 +64,30 @@ def _add_parallel(p) -> None:
 
 
 def _cmd_convert(a) -> int:
+    import tempfile
+
     from .convert import convert
 
-    tok_dir = a.tokenizer_dir
-    if a.vocab_path or a.merges_path:
-        tok_dir = _ft_vocab_dir(a.vocab_path, a.merges_path, a.saved_dir)
-    convert(a.input_dir, a.saved_dir, tp=a.tp, dtype=a.dtype, tokenizer_dir=tok_dir, progress=not a.quiet)
+    with tempfile.TemporaryDirectory(prefix="ftmoe-tokenizer-") as staging:
+        tok_dir = a.tokenizer_dir
+        if a.vocab_path or a.merges_path:
+            tok_dir = _ft_vocab_dir(a.vocab_path, a.merges_path, staging)
+        convert(a.input_dir, a.saved_dir, tp=a.tp, dtype=a.dtype, tokenizer_dir=tok_dir, progress=not a.quiet)
     return 0
 
 
-def _ft_vocab_dir(vocab: str | None, merges: str | None, out: str) -> str:
-    """FT's --vocab-path/--merges-path: stage the pair as a tokenizer folder."""
+def _ft_vocab_dir(vocab: str | None, merges: str | None, staging: str) -> str:
+    """FT's --vocab-path/--merges-path: stage the pair as a tokenizer folder (removed after use)."""
     import shutil
-    import tempfile
 
     if not (vocab and merges):
         raise FtmoeError("--vocab-path and --merges-path must be given together")
     for path in (vocab, merges):
         if not os.path.isfile(path):
             raise FtmoeError(f"{path}: not found")
-    os.makedirs(out, exist_ok=True)
-    d = tempfile.mkdtemp(prefix=".tokenizer-", dir=out)
-    shutil.copyfile(vocab, os.path.join(d, "vocab.json"))
-    shutil.copyfile(merges, os.path.join(d, "merges.txt"))
-    return d
+    shutil.copyfile(vocab, os.path.join(staging, "vocab.json"))
+    shutil.copyfile(merges, os.path.join(staging, "merges.txt"))
+    return staging
 
 
 def _cmd_info(a) -> int:

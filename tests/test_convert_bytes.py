@@ -114,3 +114,17 @@ def test_bf16_output(ckpts, tmp_path):
     got = torch.from_numpy(raw.view(np.float32))
     want = torch.from_numpy(read_bin(os.path.join(f32, name), (-1,), "fp32")).to(torch.bfloat16).float()
     assert torch.equal(got, want)
+
+
+def test_ft_vocab_flags_leave_only_the_model(ckpts, tmp_path):
+    """`--vocab-path/--merges-path` (FT's flags): ids from vocab.json, files copied, nothing else left in -o."""
+    from ftmoe.cli import main
+    from ftmoe.demo_tokenizer import build_gpt2_bpe_tokenizer
+
+    vocab, merges = build_gpt2_bpe_tokenizer(str(tmp_path / "tok"))
+    out = tmp_path / "out"
+    assert main(["convert", "-i", ckpts["deepspeed"], "-o", str(out), "--tp", "2", "--vocab-path", vocab,
+                 "--merges-path", merges, "-q"]) == 0
+    assert sorted(os.listdir(out)) == ["2-gpu"]
+    theirs = ft_convert(ckpts["deepspeed"], str(tmp_path / "ft"), 2, "fp16", vocab_json=vocab)
+    assert_same_folder(str(out / "2-gpu"), theirs, ignore={"merges.txt"})
