@@ -273,9 +273,9 @@ def main(argv: list[str] | None = None) -> int:
         if a.cmd == "triton-repo":
             return a.handler(a)
         if a.cmd == "bench-serving":
-            from .entrypoints.bench_serving import run_bench_serving_args
+            from .entrypoints.bench_serving import run_bench_serving_cli
 
-            return run_bench_serving_args(a)
+            return run_bench_serving_cli(a)
         if a.cmd == "demo":
             from .demo import run_demo
 

@@ -1,4 +1,4 @@
-"""Random GPT-MoE checkpoints in the exact Megatron-DeepSpeed layout.
+"""Random GPT-MoE checkpoints in the exact Megatron-DeepSpeed layout (and random FT folders).
 
 In:  sizes (`SyntheticSpec`) and layout options.
 Out: a checkpoint folder like ModelScope's: the main file (`mp_rank_XX_model_states.pt`
@@ -8,6 +8,9 @@ Out: a checkpoint folder like ModelScope's: the main file (`mp_rank_XX_model_sta
 
 Used by `make demo`, by the tests, and by benchmarks that need real shapes without
 the real weights (which our machines cannot download).
+`save_ft_model` / `write_random_ft_model` (`python -m ftmoe.synthetic DIR --preset P --device
+cuda`) write a FasterTransformer `<tp>-gpu` folder straight from a model's weights, skipping
+the Megatron checkpoint and the conversion (minutes at the 0.35B shapes, seconds this way).
 """
 from __future__ import annotations
 
@@ -186,3 +189,69 @@ def save_megatron_checkpoint(out_dir: str, spec: SyntheticSpec = PRESETS["tiny"]
             torch.save({prefix + k: v.clone() for k, v in ex.items()},
                        os.path.join(out_dir, f"layer_{n}_expert_{e}_mp_rank_00_model_states.pt"))
     return out_dir
+
+
+def save_ft_model(model, out_dir: str, weight_data_type: str = "fp16", tp: int = 1) -> str:
+    """Write a one-process `GPTMoE` (e.g. `bench.random_model`) as a FasterTransformer folder
+    `<out_dir>/<tp>-gpu` (config.ini, args.txt with the top-k, model.*.bin), as `ftmoe convert`
+    would write it from a checkpoint with these weights; returns that folder. The model's
+    parameter names and shapes are the FT tensor names and full FT shapes, so no Megatron
+    checkpoint (slow to write and to convert at the real sizes) is needed."""
+    from .convert.writer import cast_like_ft, write_raw
+    from .ftformat import TORCH_DTYPES, split_for_tp, tensor_specs
+
+    if weight_data_type not in TORCH_DTYPES:
+        raise ValueError(f"weight_data_type must be one of {sorted(TORCH_DTYPES)}, found {weight_data_type!r}")
+    cfg = dataclasses.replace(model.config, weight_data_type=weight_data_type, tensor_para_size=tp)
+    cfg.check_tp(tp)
+    state = model.state_dict()
+    final = os.path.join(out_dir, f"{tp}-gpu")
+    os.makedirs(final, exist_ok=True)
+    for spec in tensor_specs(cfg):
+        t = state[spec.name]
+        if tuple(t.shape) != spec.shape:
+            raise ValueError(f"tensor '{spec.name}': shape {list(t.shape)}, FT expects {list(spec.shape)}")
+        t = cast_like_ft(t.detach().cpu(), TORCH_DTYPES[weight_data_type])
+        for fname, part in zip(spec.files(tp), split_for_tp(spec, t, tp)):
+            write_raw(part, os.path.join(final, fname))
+    with open(os.path.join(final, "args.txt"), "w") as f:
+        f.write(f"topk:{cfg.moe_k}\n")
+    with open(os.path.join(final, "config.ini"), "w") as f:
+        f.write(cfg.to_ini())
+    return final
+
+
+def write_random_ft_model(preset: str, out_dir: str, weight_data_type: str = "fp16", device: str = "cpu",
+                          seed: int = 0, tp: int = 1) -> str:
+    """Random weights at a preset's shapes (drawn on `device`, like `ftmoe bench`) written as
+    an FT `<out_dir>/<tp>-gpu` folder that `ftmoe serve --model` loads; returns the folder."""
+    from .bench import config_of, random_model
+    from .ftformat import TORCH_DTYPES
+
+    if preset not in PRESETS:
+        raise ValueError(f"preset must be one of {sorted(PRESETS)}, found {preset!r}")
+    model = random_model(config_of(preset), TORCH_DTYPES[weight_data_type], torch.device(device), seed=seed)
+    return save_ft_model(model, out_dir, weight_data_type, tp)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m ftmoe.synthetic",
+                                description="write a random FasterTransformer model folder at a preset's shapes")
+    p.add_argument("out_dir", help="the model goes to <out_dir>/<tp>-gpu")
+    p.add_argument("--preset", default="tiny", choices=sorted(PRESETS))
+    p.add_argument("--dtype", default="fp16", choices=["fp16", "fp32", "bf16"], help="weight_data_type of the files")
+    p.add_argument("--device", default="cpu", help="where the random weights are drawn (cuda is much faster)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--tp", type=int, default=1)
+    a = p.parse_args(argv)
+    import time
+
+    t0 = time.perf_counter()
+    d = write_random_ft_model(a.preset, a.out_dir, a.dtype, a.device, a.seed, a.tp)
+    size = sum(os.path.getsize(os.path.join(d, f)) for f in os.listdir(d))
+    print(f"wrote {d}: {size / 2**30:.2f} GiB in {time.perf_counter() - t0:.1f} s", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,6 +1,7 @@
 """Loader: strict file checks with clear messages; any TP folder loads to the same model."""
 from __future__ import annotations
 
+import dataclasses
 import os
 import shutil
 
@@ -121,3 +122,24 @@ def test_info_cli(tp_dirs, capsys):
     info = json.loads(capsys.readouterr().out)
     total = sum(os.path.getsize(os.path.join(tp_dirs[4], f)) for f in os.listdir(tp_dirs[4]) if f.endswith(".bin"))
     assert info["bytes"] == total and info["config"]["moe_layers"] == [1, 3]
+
+
+@pytest.mark.parametrize("tp,dtype", [(1, "fp32"), (2, "fp16")])
+def test_random_ft_folder_loads_with_the_same_weights(tmp_path, tp, dtype):
+    from ftmoe.bench import config_of, random_model
+    from ftmoe.synthetic import main as synthetic_main, save_ft_model
+
+    m = random_model(config_of("tiny"), torch.float32, torch.device("cpu"), seed=5)
+    d = save_ft_model(m, str(tmp_path / "out"), dtype, tp=tp)
+    assert os.path.basename(d) == f"{tp}-gpu"
+    loaded = load_model(d, "float32").state_dict()
+    want = m.state_dict()
+    assert loaded.keys() == want.keys()
+    for k, v in want.items():
+        ref = v if dtype == "fp32" else v.half().float()
+        assert torch.equal(loaded[k], ref), k
+    cfg = ModelConfig.from_dir(d)
+    assert (cfg.tensor_para_size, cfg.weight_data_type, cfg.moe_layers, cfg.moe_k) == \
+        (tp, dtype, m.config.moe_layers, m.config.moe_k)
+    assert synthetic_main([str(tmp_path / "cli"), "--preset", "tiny", "--dtype", "fp16"]) == 0
+    assert load_model(str(tmp_path / "cli")).config == dataclasses.replace(m.config, weight_data_type="fp16")

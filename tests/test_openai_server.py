@@ -332,6 +332,46 @@ def test_bench_serving(server):
     json.dumps(r)
 
 
+def test_bench_serving_cli_several_rates(server, tmp_path, capsys):
+    from ftmoe.cli import main
+
+    path = tmp_path / "rates.json"
+    argv = ["bench", "serving", "--base-url", server.url, "--request-rate", "50,inf", "--num-requests", "4,6",
+            "--prompt-len", "8:16", "--max-tokens", "4", "--warmup", "3", "--timeout", "30", "--max-duration", "60",
+            "--json", str(path)]
+    assert main(argv) == 0
+    out = capsys.readouterr().out
+    assert "warmup: 3/3 requests" in out and out.count("Serving Benchmark Result") == 2
+    summary = out[out.index("Serving benchmark summary"):].splitlines()
+    assert summary[3].split()[:2] == ["50", "4/4"] and summary[4].split()[:2] == ["inf", "6/6"]
+    runs = json.loads(path.read_text())
+    assert [(r["request_rate"], r["completed"], r["total_output_tokens"], r["prompt_len"]) for r in runs] == \
+        [(50.0, 4, 16, [8, 16]), (float("inf"), 6, 24, [8, 16])]
+    assert all(8 * r["completed"] <= r["total_input_tokens"] <= 16 * r["completed"] for r in runs)
+    # one rate: the JSON is that rate's dict, as before
+    assert main(argv[:4] + ["--request-rate", "10", "--num-requests", "2", "--prompt-len", "8:16", "--max-tokens", "2", "--json", str(path)]) == 0
+    assert json.loads(path.read_text())["completed"] == 2
+
+
+def test_bench_serving_cli_errors(tmp_path, capsys):
+    from ftmoe.cli import main
+
+    with socket.socket() as s:            # a port nobody listens on
+        s.bind(("127.0.0.1", 0))
+        url = f"http://127.0.0.1:{s.getsockname()[1]}"
+    path = tmp_path / "dead.json"
+    assert main(["bench", "serving", "--base-url", url, "--request-rate", "1,inf", "--json", str(path)]) == 1
+    runs = json.loads(path.read_text())
+    assert [r["request_rate"] for r in runs] == [1.0, float("inf")] and all("ConnectError" in r["error"] for r in runs)
+    out = capsys.readouterr()
+    assert "rate inf/s: failed: ConnectError" in out.err and "    inf  error: ConnectError" in out.out
+    assert main(["bench", "serving", "--base-url", url, "--request-rate", "1,2,4", "--num-requests", "3,4"]) == 1
+    assert "3 rates" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["bench", "serving", "--request-rate", "1,x"])
+    assert "comma-separated numbers" in capsys.readouterr().err
+
+
 # ---- the serve command: start-up, SIGTERM drains in-flight streams ----------------------
 def test_serve_subprocess_sigterm_drains(model_dir):
     with socket.socket() as s:

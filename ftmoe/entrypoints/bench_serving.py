@@ -10,6 +10,13 @@ Out: `run_bench_serving(...)` -> a dict of results, as vLLM's benchmark_serving 
      token), TPOT ((latency - TTFT) / (output tokens - 1)), ITL (gap between consecutive
      streamed tokens) and end-to-end latency. `main_bench_serving(argv)` prints it as a table
      and can write it as JSON (`--json`).
+Several rates (`--request-rate 1,4,inf`, with one `--num-requests` for all or one per rate)
+run one after another on the same server; each gets its table, then `format_summary` prints
+one row per rate, and `--json` holds a list of the per-rate dicts (rewritten after every rate,
+so a cut-off run keeps what it measured). A rate that fails outright (server gone) is
+recorded with an `error` and the next one still runs. `--warmup N` first sends N unmeasured
+requests at full speed (at most 16 tokens each), so Triton compiles and CUDA graph captures
+are not counted in the first rate.
 Requests are streaming completions (`stream_options.include_usage`, so output tokens come from
 `usage`); `ignore_eos` (an extension vLLM and ftmoe accept) keeps output lengths fixed.
 Bounded: at most `num_requests` requests, each at most `timeout` s, the whole run at most
@@ -75,16 +82,21 @@ async def _one(client, url: str, body: dict, headers: dict, timeout: float) -> d
     return out
 
 
+def _check(num_requests: int, request_rate: float, prompt_len_range, max_tokens: int) -> None:
+    lo, hi = prompt_len_range
+    if not (1 <= lo <= hi) or num_requests < 1 or max_tokens < 1 or not request_rate > 0:
+        raise ValueError(f"need 1 <= prompt lengths {lo}..{hi}, num_requests {num_requests} >= 1, "
+                         f"max_tokens {max_tokens} >= 1, request_rate {request_rate} > 0")
+
+
 async def bench_serving_async(base_url: str, num_requests: int, request_rate: float, prompt_len_range, max_tokens: int,
                               seed: int, model: str | None = None, api_key: str | None = None, timeout: float = 300.0,
                               max_duration: float = 3600.0, token_id_range=(100, 500), max_concurrency: int | None = None,
                               ignore_eos: bool = True) -> dict:
     import httpx
 
+    _check(num_requests, request_rate, prompt_len_range, max_tokens)
     lo, hi = prompt_len_range
-    if not (1 <= lo <= hi) or num_requests < 1 or max_tokens < 1 or not request_rate > 0:
-        raise ValueError(f"need 1 <= prompt lengths {lo}..{hi}, num_requests {num_requests} >= 1, "
-                         f"max_tokens {max_tokens} >= 1, request_rate {request_rate} > 0")
     base = base_url.rstrip("/")
     base = base[:-3] if base.endswith("/v1") else base
     headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
@@ -126,7 +138,7 @@ async def bench_serving_async(base_url: str, num_requests: int, request_rate: fl
     n_in = sum(len(prompts[i]) for i, t in enumerate(tasks) if t in done and t.result()["ok"])
     n_out = sum(r["output_tokens"] for r in ok)
     out = {"completed": len(ok), "failed": num_requests - len(ok), "errors": errors[:5], "duration_s": duration,
-           "total_input_tokens": n_in, "total_output_tokens": n_out, "request_rate": request_rate,
+           "num_requests": num_requests, "prompt_len": [lo, hi], "max_tokens": max_tokens, "total_input_tokens": n_in, "total_output_tokens": n_out, "request_rate": request_rate,
            "request_throughput": len(ok) / duration, "output_throughput": n_out / duration,
            "total_token_throughput": (n_in + n_out) / duration}
     series = {"ttft": [r["ttft"] for r in ok], "itl": [x for r in ok for x in r["itl"]],
@@ -164,6 +176,53 @@ def format_table(r: dict) -> str:
     return "\n".join(lines)
 
 
+# (title, result key, width, decimals); key None: "completed/num_requests"
+_SUMMARY_COLS = (("rate/s", "request_rate", 7, None), ("ok/n", None, 9, None), ("dur s", "duration_s", 7, 1),
+                 ("req/s", "request_throughput", 7, 2), ("out tok/s", "output_throughput", 10, 1),
+                 ("tot tok/s", "total_token_throughput", 10, 1),
+                 ("TTFT p50", "median_ttft_ms", 9, 1), ("TTFT p99", "p99_ttft_ms", 9, 1),
+                 ("TPOT p50", "median_tpot_ms", 9, 2), ("TPOT p99", "p99_tpot_ms", 9, 2),
+                 ("ITL p50", "median_itl_ms", 8, 2), ("ITL p99", "p99_itl_ms", 8, 2),
+                 ("E2E p50", "median_e2el_ms", 9, 1))
+
+
+def format_summary(results: list[dict]) -> str:
+    """One row per rate (latencies in ms); a rate that failed outright shows its error."""
+    head = "".join(f"{title:>{w}}" for title, _, w, _ in _SUMMARY_COLS)
+    lines = ["Serving benchmark summary (latencies in ms)", head, "-" * len(head)]
+    for r in results:
+        if "completed" not in r:
+            lines.append(f"{_rate_str(r['request_rate']):>7}  error: {r.get('error')}")
+            continue
+        cells = []
+        for _, key, w, dec in _SUMMARY_COLS:
+            if key is None:
+                v = f"{r['completed']}/{r.get('num_requests', r['completed'] + r['failed'])}"
+            elif key == "request_rate":
+                v = _rate_str(r[key])
+            else:
+                v = f"{r[key]:.{dec}f}"
+            cells.append(f"{v:>{w}}")
+        lines.append("".join(cells))
+    return "\n".join(lines)
+
+
+def _rate_str(x: float) -> str:
+    return "inf" if math.isinf(x) else f"{x:g}"
+
+
+def _list(conv, what: str):
+    def parse(s: str) -> list:
+        try:
+            vals = [conv(v) for v in s.split(",") if v.strip()]
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected comma-separated {what}, found {s!r}") from None
+        if not vals:
+            raise argparse.ArgumentTypeError(f"expected comma-separated {what}, found {s!r}")
+        return vals
+    return parse
+
+
 def _range(s: str) -> tuple[int, int]:
     try:
         lo, _, hi = s.partition(":")
@@ -175,8 +234,11 @@ def _range(s: str) -> tuple[int, int]:
 def add_bench_serving_args(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     p.add_argument("--base-url", default="http://127.0.0.1:8000", help="the server (default http://127.0.0.1:8000)")
     p.add_argument("--model", default=None, help="model name (default: the first of /v1/models)")
-    p.add_argument("--num-requests", type=int, default=100)
-    p.add_argument("--request-rate", type=float, default=float("inf"), help="Poisson arrivals per second (inf: all at once)")
+    p.add_argument("--num-requests", type=_list(int, "integers"), default=[100],
+                   help="requests per run: one count, or one per rate (comma-separated)")
+    p.add_argument("--request-rate", type=_list(float, "numbers"), default=[float("inf")],
+                   help="Poisson arrivals per second (inf: all at once); comma-separated for one run per rate, "
+                        "e.g. 1,4,16,inf")
     p.add_argument("--prompt-len", type=_range, default=(32, 256), help="random prompt lengths LO:HI (tokens)")
     p.add_argument("--token-ids", type=_range, default=(100, 500), help="prompt token ids drawn from [LO, HI)")
     p.add_argument("--max-tokens", type=int, default=128)
@@ -185,25 +247,53 @@ def add_bench_serving_args(p: argparse.ArgumentParser) -> argparse.ArgumentParse
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--api-key", default=os.environ.get("FTMOE_API_KEY"), help="default: $FTMOE_API_KEY")
     p.add_argument("--timeout", type=float, default=300.0, help="seconds per request")
-    p.add_argument("--max-duration", type=float, default=3600.0, help="seconds for the whole run")
-    p.add_argument("--json", default=None, help="write the results here")
+    p.add_argument("--max-duration", type=float, default=3600.0, help="seconds for each rate's run")
+    p.add_argument("--warmup", type=int, default=0, help="first send this many unmeasured requests at full speed "
+                                                         "(at most 16 tokens each)")
+    p.add_argument("--json", default=None, help="write the results here (a list with several rates)")
     return p
 
 
 def run_bench_serving_args(a) -> int:
-    r = run_bench_serving(a.base_url, a.num_requests, a.request_rate, a.prompt_len, a.max_tokens, a.seed, a.model,
-                          a.api_key, a.timeout, max_duration=a.max_duration, token_id_range=a.token_ids,
-                          max_concurrency=a.max_concurrency, ignore_eos=not a.no_ignore_eos)
-    print(format_table(r))
-    if a.json:
-        with open(a.json, "w") as f:
-            json.dump(r, f, indent=2)
-    return 0 if r["completed"] else 1
+    """Every rate in turn (see the module docstring); 0 when each completed a request."""
+    import httpx
+
+    rates, counts = list(a.request_rate), list(a.num_requests)
+    if len(counts) == 1:
+        counts *= len(rates)
+    if len(counts) != len(rates):
+        raise ValueError(f"--num-requests has {len(counts)} counts for {len(rates)} rates (give one, or one per rate)")
+    for rate, n in zip(rates, counts):
+        _check(n, rate, a.prompt_len, a.max_tokens)
+    if a.warmup < 0:
+        raise ValueError(f"--warmup must be >= 0, found {a.warmup}")
+    kw = dict(max_duration=a.max_duration, token_id_range=a.token_ids, max_concurrency=a.max_concurrency,
+              ignore_eos=not a.no_ignore_eos)
+    if a.warmup:
+        r = run_bench_serving(a.base_url, a.warmup, float("inf"), a.prompt_len, min(a.max_tokens, 16), a.seed + 7919,
+                              a.model, a.api_key, a.timeout, **kw)
+        print(f"warmup: {r['completed']}/{a.warmup} requests in {r['duration_s']:.1f} s"
+              + (f" (first error: {r['errors'][0]})" if r["errors"] else ""), flush=True)
+    results = []
+    for rate, n in zip(rates, counts):
+        try:
+            r = run_bench_serving(a.base_url, n, rate, a.prompt_len, a.max_tokens, a.seed, a.model, a.api_key,
+                                  a.timeout, **kw)
+            print(format_table(r), flush=True)
+        except (ValueError, httpx.HTTPError, OSError) as e:
+            r = {"request_rate": rate, "num_requests": n, "error": f"{type(e).__name__}: {e}"[:300]}
+            print(f"rate {_rate_str(rate)}/s: failed: {r['error']}", file=sys.stderr, flush=True)
+        results.append(r)
+        if a.json:
+            with open(a.json, "w") as f:
+                json.dump(results[0] if len(rates) == 1 else results, f, indent=2)
+    if len(results) > 1:
+        print(format_summary(results), flush=True)
+    return 0 if all(r.get("completed") for r in results) else 1
 
 
-def main_bench_serving(argv: list[str] | None = None) -> int:
-    a = add_bench_serving_args(argparse.ArgumentParser(prog="ftmoe bench-serving", description=__doc__.split("\n")[0])
-                               ).parse_args(argv)
+def run_bench_serving_cli(a) -> int:
+    """`run_bench_serving_args` with a bad option or an unreachable server as one error line."""
     import httpx
 
     try:
@@ -211,6 +301,12 @@ def main_bench_serving(argv: list[str] | None = None) -> int:
     except (ValueError, httpx.HTTPError) as e:
         print(f"ftmoe: error: {a.base_url}: {e}", file=sys.stderr)
         return 1
+
+
+def main_bench_serving(argv: list[str] | None = None) -> int:
+    a = add_bench_serving_args(argparse.ArgumentParser(prog="ftmoe bench-serving", description=__doc__.split("\n")[0])
+                               ).parse_args(argv)
+    return run_bench_serving_cli(a)
 
 
 if __name__ == "__main__":

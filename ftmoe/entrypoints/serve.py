@@ -124,8 +124,11 @@ def run_serve(args, hooks=()) -> int:
         config = uvicorn.Config(app, host=args.host, port=args.port, log_level=args.log_level, lifespan="on",
                                 timeout_graceful_shutdown=max(1, int(args.shutdown_timeout)))
         server = _make_server(config, app)
+        graphs = ", CUDA graphs" if getattr(model, "graphs", None) is not None else ""
         print(f"ftmoe: serving {llm.model_dir} as '{name}' on http://{args.host}:{args.port}/v1 "
-              f"(Ctrl-C to stop)", file=sys.stderr, flush=True)
+              f"[{type(model).__name__}{graphs}, {str(model.dtype).replace('torch.', '')} on {model.device}, "
+              f"KV cache {core.cache.num_blocks * args.block_size} tokens] (Ctrl-C to stop)",
+              file=sys.stderr, flush=True)
         try:
             server.run()
         except SystemExit as e:      # uvicorn exits 1 when it cannot bind or start
