@@ -7,6 +7,7 @@ Outputs are poisoned (NaN) before each call so an unwritten element fails the ch
 from __future__ import annotations
 
 import math
+import os
 
 import pytest
 import torch
@@ -201,3 +202,60 @@ def test_write_kv(gen, dtype):
     want_v[s // bs, :, s % bs] = qkv[keep.to(DEV), 2]
     write_kv(qkv, kc, vc, slots)
     assert torch.equal(kc, want_k) and torch.equal(vc, want_v)
+
+
+@pytest.mark.parametrize("n,k,e,bm", [(5, 1, 8, 16), (40, 2, 8, 16), (300, 1, 16, 32)])
+def test_moe_align_leaves_out_negative_ids(gen, n, k, e, bm):
+    """Expert parallelism marks slots of other ranks' experts (and padding rows) with -1."""
+    ids = torch.randint(-1, e, (n, k), generator=gen, dtype=torch.int32)
+    ids[0, 0] = -1
+    ids = ids.to(DEV)
+    want = ref.moe_align_ref(ids, e, bm)
+    total = int(want[2])
+    assert total == sum(-(-int((ids == x).sum()) // bm) * bm for x in range(e))
+    for got in (moe_align(ids, e, bm), _moe_align_sorted(ids, e, bm)):
+        assert int(got[2]) == total
+        assert torch.equal(got[0][:total].cpu(), want[0][:total].cpu())
+        assert torch.equal(got[1][: total // bm].cpu(), want[1][: total // bm].cpu())
+        placed = got[0][:total]
+        assert not bool(torch.isin(placed, (ids.view(-1) < 0).nonzero().view(-1).int()).any())
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("n,k,e,mode", [(1, 1, 8, "per_slot"), (6, 2, 4, "per_slot"), (37, 2, 4, "aligned"),
+                                        (64, 1, 8, "aligned")])
+def test_fused_moe_skips_negative_expert_ids(gen, dtype, n, k, e, mode):
+    """Slots with expert id -1 are not computed and their output rows are not written."""
+    K, N = 64, 96
+    probs, ids = _routing(n, k, e, gen)
+    ids[::2, 0] = -1
+    w = rnd(e, K, N, dtype=dtype, gen=gen, scale=K ** -0.5)
+    bias = rnd(e, N, dtype=dtype, gen=gen, scale=0.1)
+    a = rnd(n * k, K, dtype=dtype, gen=gen)
+    cfg = {"BLOCK_M": 16, "BLOCK_N": 32, "BLOCK_K": 32}
+    routing = ids.view(-1) if mode == "per_slot" else moe_align(ids, e, cfg["BLOCK_M"])
+    out = torch.full((n * k, N), float("nan"), dtype=dtype, device=DEV)
+    fused_moe(a, w, bias, n * k, topk=k, routing=routing, probs=probs, a_per_slot=True, mul_prob=True,
+              out=out, config=cfg)
+    skipped = (ids.view(-1) < 0).cpu()
+    assert bool(out.cpu()[skipped].isnan().all())
+    want = ref.fused_moe_ref(a, w, bias, ids, probs, k, a_per_slot=True, mul_prob=True)
+    assert rel(out[~skipped.to(DEV)], want[~skipped.to(DEV)]) < TOL[dtype] * 2
+    assert bool((want.cpu()[skipped] == 0).all())
+
+
+def test_tuned_config_lookup_and_expert_parallel_fallback():
+    """Configs are found by (E, N, K, dtype) then nearest M; an EP rank's E/ep experts use the
+    table of the same GEMM with the nearest E; no table at all gives the heuristic."""
+    import json
+
+    from ftmoe.kernels import configs
+
+    path = os.path.join(configs.CONFIG_DIR, "NVIDIA_H200.json")
+    table = json.load(open(path))
+    e64 = table["E=64,N=1024,K=4096,dtype=bf16"]
+    assert configs.get_config(64, 1024, 4096, "bf16", 64, "NVIDIA H200") == e64["64"]
+    assert configs.get_config(64, 1024, 4096, "bf16", 70, "NVIDIA H200") == e64["64"]       # nearest M
+    assert configs.get_config(16, 1024, 4096, "bf16", 256, "NVIDIA H200") == e64["256"]     # EP=4 rank
+    assert configs.get_config(1, 1024, 4096, "bf16", 8, "NVIDIA H200") == configs.default_config(8, 1)
+    assert configs.get_config(16, 1024, 4096, "bf16", 8, "no such GPU") == configs.default_config(8, 16)

@@ -41,8 +41,23 @@ def default_config(M: int, E: int = 1) -> dict:
     return {"BLOCK_M": 64, "BLOCK_N": 128, "BLOCK_K": 64, "GROUP_M": 8, "num_warps": 8, "num_stages": 3}
 
 
+def _nearest_shape(table: dict, E: int, N: int, K: int, dtype: str):
+    """An expert-parallel rank's E/ep experts see the same routed slots M as the whole layer
+    (tokens per expert ~ M / E_total either way): reuse the table of the same (N, K, dtype)
+    with the nearest E > 1 (dense, E = 1, only matches itself)."""
+    best = None
+    for key, entries in table.items():
+        f = dict(kv.split("=") for kv in key.split(","))
+        if (int(f["N"]), int(f["K"]), f["dtype"]) == (N, K, dtype) and (int(f["E"]) > 1) == (E > 1):
+            d = abs(int(f["E"]) - E)
+            if best is None or d < best[0]:
+                best = (d, entries)
+    return best[1] if best else None
+
+
 def get_config(E: int, N: int, K: int, dtype: str, M: int, device_name: str = "") -> dict:
-    entries = _table(device_name).get(shape_key(E, N, K, dtype))
+    table = _table(device_name)
+    entries = table.get(shape_key(E, N, K, dtype)) or _nearest_shape(table, E, N, K, dtype)
     if entries:
         best = min(entries, key=lambda m: abs(int(m) - M))
         return dict(entries[best])

@@ -41,6 +41,7 @@ def _fused_moe_kernel(A, W, BIAS, C, PROBS, SORTED, BLOCK_EXPERT, NUM_POST,
     pid_m = first_m + (pid % (GROUP_M * num_n)) % size_m
     pid_n = (pid % (GROUP_M * num_n)) // size_m
 
+    skip = False
     if DENSE:
         slots = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
         expert = 0
@@ -49,6 +50,10 @@ def _fused_moe_kernel(A, W, BIAS, C, PROBS, SORTED, BLOCK_EXPERT, NUM_POST,
         r = tl.arange(0, BLOCK_M)
         slots = tl.where(r == 0, pid_m, NUM_SLOTS)
         expert = tl.load(SORTED + pid_m).to(tl.int64)   # SORTED holds the expert id of every slot
+        # a negative id: the slot belongs to another rank's expert (expert parallelism) or is padding
+        slots = tl.where(expert >= 0, slots, NUM_SLOTS)
+        skip = expert < 0
+        expert = tl.maximum(expert, 0)
     else:
         if pid_m * BLOCK_M >= tl.load(NUM_POST):
             return
@@ -71,7 +76,8 @@ def _fused_moe_kernel(A, W, BIAS, C, PROBS, SORTED, BLOCK_EXPERT, NUM_POST,
     a_ptrs = A + rows[:, None] * stride_am + (k_lo + offs_k)[None, :]
     w_ptrs = W + expert * stride_we + (k_lo + offs_k)[:, None] * stride_wk + offs_n[None, :]
     acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
-    for k0 in range(k_lo, tl.minimum(K, k_lo + k_per), BLOCK_K):
+    k_hi = tl.where(skip, k_lo, tl.minimum(K, k_lo + k_per))   # a skipped slot reads no weights
+    for k0 in range(k_lo, k_hi, BLOCK_K):
         kmask = offs_k < K - k0
         a = tl.load(a_ptrs, mask=smask[:, None] & kmask[None, :], other=0.0)
         w = tl.load(w_ptrs, mask=kmask[:, None] & nmask[None, :], other=0.0)
@@ -102,6 +108,8 @@ def fused_moe(a: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None, num_s
     """c [num_slots, N]. `routing` = (sorted_slots, block_expert, num_post) from moe_align with
     the same BLOCK_M as `config`; or an int32 tensor of expert ids [num_slots] (small batches: one
     program row per slot, no sorting); None means dense (one expert, slot = row).
+    Slots with a negative expert id (both routed modes) are skipped: their rows of c are not
+    written (pass a zeroed `out` where they must read as zeros).
     split_k > 1 (small batches, long K): returns fp32 partials [split_k, num_slots, N] whose sum
     is the result (summed deterministically by the consumer, `add_layernorm`)."""
     cfg = dict(DEFAULT_CONFIG, **(config or {}))

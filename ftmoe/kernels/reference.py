@@ -42,12 +42,12 @@ def moe_align_ref(ids, num_experts, block_m):
 
     Slots s = n*k + j are grouped by expert (in slot order within an expert); each expert's
     group is padded to a multiple of block_m with the sentinel N*k. Blocks past num_post
-    are unused (their expert id is clamped to E-1)."""
+    are unused (their expert id is clamped to E-1). Negative ids are left out."""
     flat = ids.reshape(-1).long()
     nk = flat.numel()
     max_len = nk + num_experts * (block_m - 1)
     max_blocks = -(-max_len // block_m)
-    counts = torch.bincount(flat, minlength=num_experts)
+    counts = torch.bincount(flat[flat >= 0], minlength=num_experts)
     padded = (counts + block_m - 1) // block_m * block_m
     ends = torch.cumsum(padded, 0)
     starts = ends - padded
@@ -62,8 +62,11 @@ def moe_align_ref(ids, num_experts, block_m):
 
 def fused_moe_ref(a, w, bias, ids, probs, topk, a_per_slot=False, gelu=False, mul_prob=False):
     """Per slot s=(n, j) with expert e=ids[n, j]: out[s] = act(a[row] @ w[e] + bias[e]) (* probs[n, j]).
-    a [N, K] (row = n) or [N*k, K] (row = s when a_per_slot); w [E, K, N_out] -> out [N*k, N_out]."""
+    a [N, K] (row = n) or [N*k, K] (row = s when a_per_slot); w [E, K, N_out] -> out [N*k, N_out].
+    Slots with a negative expert id come out as zeros (the kernel leaves them unwritten)."""
     flat = ids.reshape(-1).long()
+    skip = flat < 0
+    flat = flat.clamp(min=0)
     rows = torch.arange(flat.numel(), device=a.device) if a_per_slot else \
         torch.arange(flat.numel(), device=a.device) // topk
     y = torch.einsum("sk,skn->sn", a[rows].float(), w[flat].float())
@@ -73,7 +76,7 @@ def fused_moe_ref(a, w, bias, ids, probs, topk, a_per_slot=False, gelu=False, mu
         y = gelu_tanh_ref(y)
     if mul_prob:
         y = y * probs.reshape(-1, 1).float()
-    return y.to(a.dtype)
+    return y.masked_fill(skip[:, None], 0.0).to(a.dtype)
 
 
 def decode_attention_ref(qkv, k_cache, v_cache, block_tables, context_lens, slots, scale):

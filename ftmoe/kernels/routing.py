@@ -4,7 +4,8 @@
 lower id) -> probs [N, k] fp32, ids [N, k] int32, in one kernel; `gate_topk` puts the fp32
 gate GEMM (cuBLAS) in front of it.
 `moe_align`: ids [N, k] -> slots grouped by expert, each group padded to BLOCK_M (the
-sentinel N*k marks padding), the expert of every block and the padded total. One
+sentinel N*k marks padding), the expert of every block and the padded total. Negative ids
+(another rank's experts under expert parallelism, padding rows) are left out. One
 single-program kernel, so it is cheap at decode batch sizes and graph-capturable.
 """
 from __future__ import annotations
@@ -80,7 +81,8 @@ def _moe_align_kernel(IDS, SORTED, BLOCK_EXPERT, NUM_POST, NK, E, MAX_LEN, MAX_B
         onehot = (e[:, None] == es[None, :]).to(tl.int32)            # [CHUNK, BLOCK_E]
         rank = tl.sum(onehot * (tl.cumsum(onehot, axis=0) - 1), axis=1)
         base = tl.sum(onehot * running[None, :], axis=1)
-        tl.store(SORTED + base + rank, offs.to(tl.int32), mask=om)
+        placed = om & (tl.sum(onehot, axis=1) > 0)                   # ids outside [0, E) are left out
+        tl.store(SORTED + base + rank, offs.to(tl.int32), mask=placed)
         running += tl.sum(onehot, axis=0)
     for b0 in range(0, MAX_BLOCKS, CHUNK):
         bs = b0 + tl.arange(0, CHUNK)
@@ -117,15 +119,20 @@ def _moe_align_sorted(ids: torch.Tensor, num_experts: int, block_m: int):
     flat = ids.reshape(-1).long()
     nk = flat.numel()
     max_len, max_blocks = align_sizes(nk, num_experts, block_m)
-    counts = torch.zeros(num_experts, dtype=torch.long, device=ids.device).scatter_add_(0, flat, torch.ones_like(flat))
+    flat = torch.where(flat >= 0, flat, num_experts)                     # negative ids: a last, dropped group
+    counts = torch.zeros(num_experts + 1, dtype=torch.long, device=ids.device).scatter_add_(0, flat, torch.ones_like(flat))
     padded = (counts + block_m - 1) // block_m * block_m
+    padded[num_experts] = 0
     ends = torch.cumsum(padded, 0)
     order = torch.sort(flat, stable=True).indices                        # slots grouped by expert, in order
     sorted_e = flat[order]
     first = torch.cumsum(counts, 0) - counts                             # unpadded group starts
     dest = (ends - padded)[sorted_e] + torch.arange(nk, device=ids.device) - first[sorted_e]
-    out = torch.full((max_len,), nk, dtype=torch.int32, device=ids.device)
+    dest = torch.where(sorted_e < num_experts, dest, max_len)            # the dropped group lands past the end
+    out = torch.full((max_len + 1,), nk, dtype=torch.int32, device=ids.device)
     out.scatter_(0, dest, order.to(torch.int32))
+    out = out[:max_len]
+    ends = ends[:num_experts]
     starts = torch.arange(max_blocks, device=ids.device) * block_m
     block_expert = torch.searchsorted(ends, starts, right=True).clamp_(max=num_experts - 1).to(torch.int32)
     return out, block_expert, ends[-1:].to(torch.int32)
