@@ -7,6 +7,9 @@ Out: logits [B, V] from replaying the graph of the smallest bucket >= B; rows pa
 
 A graph bakes in the cache tensors and the block-table width, so a runner belongs to one
 cache; inputs are copied into static buffers before each replay (no allocation per step).
+On a shard of a parallel model the graphs hold its collectives (NCCL is captured), every
+rank captures and replays the same buckets in the same order, and a pipeline stage after
+the first takes the residual [B, H] instead of token ids.
 """
 from __future__ import annotations
 
@@ -15,7 +18,7 @@ import torch
 from .fast_model import FastGPTMoE
 from .kv_cache import KVCache
 
-DEFAULT_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512)
+DEFAULT_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024)
 
 
 class DecodeGraphs:
@@ -35,7 +38,9 @@ class DecodeGraphs:
 
     def _static(self, B: int) -> dict:
         dev = self.fast.device
-        return {"ids": torch.zeros(B, dtype=torch.long, device=dev),
+        first = self.fast.par.is_first_stage
+        return {"ids": torch.zeros(B, dtype=torch.long, device=dev) if first else
+                torch.zeros(B, self.fast.H, dtype=self.fast.dtype, device=dev),
                 "positions": torch.zeros(B, dtype=torch.long, device=dev),
                 "tables": torch.zeros(B, self.nb, dtype=torch.int32, device=dev),
                 "ctx": torch.zeros(B, dtype=torch.int32, device=dev),
@@ -64,9 +69,10 @@ class DecodeGraphs:
 
     @torch.inference_mode()
     def step(self, ids: torch.Tensor, positions: torch.Tensor, block_tables: torch.Tensor,
-             context_lens: torch.Tensor, slots: torch.Tensor) -> torch.Tensor:
+             context_lens: torch.Tensor, slots: torch.Tensor, min_rows: int = 0) -> torch.Tensor:
+        """min_rows: replay a bucket of at least this many rows (expert-parallel ranks must agree)."""
         B = ids.shape[0]
-        bucket = self.bucket_for(B)
+        bucket = self.bucket_for(max(B, min_rows))
         self.capture(bucket)
         g, s, out = self.graphs[bucket]
         s["ids"][:B].copy_(ids)

@@ -28,6 +28,18 @@ from .kernels.routing import gate_topk, moe_align
 from .kv_cache import AttnMetadata, KVCache
 from .model import GPTMoE
 
+def _all_gather(out: torch.Tensor, x: torch.Tensor, group) -> None:
+    import torch.distributed as dist
+
+    (getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor)(out, x, group=group)
+
+
+def _reduce_scatter(out: torch.Tensor, x: torch.Tensor, group) -> None:
+    import torch.distributed as dist
+
+    (getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor)(out, x, group=group)
+
+
 _DT = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32"}
 #: up to this many routed slots, MoE GEMMs run one program row per slot without sorting
 SMALL_BATCH_SLOTS = 32
@@ -68,8 +80,8 @@ class FastGPTMoE:
                          w2=blk.mlp.dense_4h_to_h.weight, b2=blk.mlp.dense_4h_to_h.bias)
             self.layers.append(L)
         par = self.par = model.par
-        if par.ep > 1:
-            raise ValueError("the fast path does not do expert parallelism yet; use the reference path")
+        # expert parallelism: slots each EP rank's experts served in the last step, per MoE layer
+        self.ep_counts = torch.zeros(len(self.layers), dtype=torch.int32, device=model.device) if par.ep > 1 else None
         if par.is_last_stage:
             self.final_ln = model.final_layernorm
         else:  # a stage that hands its residual on: the last add+LayerNorm's output is not used
@@ -92,8 +104,9 @@ class FastGPTMoE:
         return get_config(E, N, K, _DT.get(self.dtype, "fp32"), M, self.device_name)
 
     # ---- post-attention LN and the MLP, shared by decode and prefill ----------
-    def _ln2_mlp(self, L: dict, res: torch.Tensor, o: torch.Tensor):
-        """res += o + bo; u = LN2(res); returns (res, y, bias of y still to add or None)."""
+    def _ln2_mlp(self, L: dict, res: torch.Tensor, o: torch.Tensor, real: torch.Tensor | None = None, li: int = 0):
+        """res += o + bo; u = LN2(res); returns (res, y, bias of y still to add or None).
+        real [N] bool (expert parallelism): the tokens that are not padding (their KV slot >= 0)."""
         eps = self.config.layernorm_eps
         o = self.par.tp_all_reduce(o)                    # row-parallel attention output (TP)
         if not L["moe"]:
@@ -101,6 +114,8 @@ class FastGPTMoE:
             N, F = u.shape[0], L["w1"].shape[2]
             h = fused_moe(u, L["w1"], L["b1"], N, gelu=True, config=self._cfg(1, F, self.H, N))
             return res, self.par.tp_all_reduce(h @ L["w2"]), L["b2"]
+        if self.par.ep > 1:
+            return self._ln2_moe_ep(L, res, o, real, li)
         k, E = L["k"], L["E"]
         res, u, u32 = add_layernorm(res, L["ln2"].weight, L["ln2"].bias, eps, add=o, add_bias=L["bo"],
                                     want_fp32=True)
@@ -123,6 +138,49 @@ class FastGPTMoE:
                       mul_prob=True, config=c2, split_k=split_k)
         return res, self.par.tp_all_reduce(y), None          # [split_k,] N*k rows: the next add_layernorm sums partials and slots
 
+    def _ln2_moe_ep(self, L: dict, res: torch.Tensor, o: torch.Tensor, real: torch.Tensor, li: int):
+        """The MoE layer under expert parallelism, with fixed shapes (graph-capturable, no host sync).
+
+        Every EP rank holds the same number N of token rows (the runner pads). The LN2 output and a
+        'real token' flag are all-gathered over the EP group ([ep*N, H+8]); every rank runs the
+        gate on all ep*N tokens (the same fp32 GEMM on the same bf16-rounded inputs as one GPU)
+        and computes the slots that its E/ep experts own (the others get id -1 and are skipped);
+        a reduce-scatter then sums each token's expert output back to the rank that owns the token
+        (one non-zero contributor per slot, so the sum is exact)."""
+        par, H, eps = self.par, self.H, self.config.layernorm_eps
+        k, E = L["k"], L["E"]
+        EL = L["w1"].shape[0]                                        # this rank's experts
+        N = res.shape[0]
+        W = H + 8                                                    # rows stay 16-byte aligned
+        mine = torch.empty(N, W, dtype=res.dtype, device=res.device)
+        res, _ = add_layernorm(res, L["ln2"].weight, L["ln2"].bias, eps, add=o, add_bias=L["bo"], y_out=mine[:, :H])
+        mine[:, H] = real
+        every = torch.empty(par.ep * N, W, dtype=res.dtype, device=res.device)
+        _all_gather(every, mine, par.ep_group)
+        u, M = every[:, :H], par.ep * N
+        probs, ids = gate_topk(u, L["wg32"], k)
+        local = ids - par.d * EL
+        local = torch.where((local >= 0) & (local < EL) & (every[:, H:H + 1] > 0), local, -1).to(torch.int32)
+        self.ep_counts[li] = (local >= 0).sum()
+        if self.trace is not None:
+            self.trace.append(ids[(every[:, H] > 0)])
+        F = L["w1"].shape[2]
+        c1 = self._cfg(EL, F, H, M * k)
+        c2 = self._cfg(EL, H, F, M * k)
+        if M * k <= SMALL_BATCH_SLOTS:
+            routing = local.view(-1)
+        else:
+            c2 = dict(c2, BLOCK_M=c1["BLOCK_M"])
+            routing = moe_align(local, EL, c1["BLOCK_M"])
+        h = fused_moe(u, L["w1"], L["b1"], M * k, topk=k, routing=routing, gelu=True, config=c1)
+        b2 = L["b2"] if par.t == 0 else None
+        y = torch.zeros(M * k, H, dtype=res.dtype, device=res.device)     # other ranks' slots stay zero
+        fused_moe(h, L["w2"], b2, M * k, topk=k, routing=routing, probs=probs, a_per_slot=True, mul_prob=True,
+                  config=c2, out=y)
+        back = torch.empty(N * k, H, dtype=res.dtype, device=res.device)
+        _reduce_scatter(back, y, par.ep_group)
+        return res, par.tp_all_reduce(back), None
+
     # ---- decode: one token per row, fixed shapes (graph-capturable) -----------
     def decode_step(self, ids: torch.Tensor, positions: torch.Tensor, block_tables: torch.Tensor,
                     context_lens: torch.Tensor, slots: torch.Tensor, cache: KVCache) -> torch.Tensor:
@@ -132,11 +190,12 @@ class FastGPTMoE:
         m = self.model
         B = ids.shape[0]
         x = m.wte[ids] + m.wpe[positions] if self.par.is_first_stage else ids      # [B, H]
+        real = slots >= 0 if self.par.ep > 1 else None
         res, a = add_layernorm(x, self.layers[0]["ln1"].weight, self.layers[0]["ln1"].bias, self.config.layernorm_eps)
         for i, L in enumerate(self.layers):
             qkv = torch.addmm(L["bqkv"], a, L["wqkv"]).view(B, 3, self.heads, self.D)
             ctx = decode_attention(qkv, cache.k[i], cache.v[i], block_tables, context_lens, slots, self.scale)
-            res, y, y_bias = self._ln2_mlp(L, res, ctx.view(B, self.HL) @ L["wo"])
+            res, y, y_bias = self._ln2_mlp(L, res, ctx.view(B, self.HL) @ L["wo"], real, i)
             nxt = self.layers[i + 1]["ln1"] if i + 1 < len(self.layers) else self.final_ln
             res, a = add_layernorm(res, nxt.weight, nxt.bias, self.config.layernorm_eps, add=y, add_bias=y_bias)
         return self._head(a) if self.par.is_last_stage else res
@@ -159,6 +218,7 @@ class FastGPTMoE:
         x = (m.wte[input_ids] + m.wpe[meta.positions]).view(B * T, H) if self.par.is_first_stage else input_ids
         res, a = add_layernorm(x, self.layers[0]["ln1"].weight, self.layers[0]["ln1"].bias, self.config.layernorm_eps)
         slots = meta.slot_mapping.reshape(-1)
+        real = slots >= 0 if self.par.ep > 1 else None
         mask = None
         if ragged:  # causal and key-padding: query t of row b sees keys j <= t (< seq_len)
             j = torch.arange(T, device=dev)
@@ -171,7 +231,7 @@ class FastGPTMoE:
                 ctx = torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True)
             else:
                 ctx = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=mask)
-            res, y, y_bias = self._ln2_mlp(L, res, ctx.transpose(1, 2).reshape(B * T, self.HL) @ L["wo"])
+            res, y, y_bias = self._ln2_mlp(L, res, ctx.transpose(1, 2).reshape(B * T, self.HL) @ L["wo"], real, i)
             nxt = self.layers[i + 1]["ln1"] if i + 1 < len(self.layers) else self.final_ln
             res, a = add_layernorm(res, nxt.weight, nxt.bias, self.config.layernorm_eps, add=y, add_bias=y_bias)
         if not self.par.is_last_stage:

@@ -43,8 +43,8 @@ def _load(pc, model_dir, dtype, device, moe_options, micro_batches, timeout_s, i
         model = random_model(cfg, dtype, par.device, seed=par.stage, par=par)
     else:
         model = load_model(model_dir, dtype, par.device, moe_options=moe_options, par=par)
-    if fast is None:   # kernels on GPUs, except where the fast path cannot serve the layout yet
-        fast = par.device.type == "cuda" and pc.ep == 1 and (moe_options is None or moe_options.capacity_factor is None)
+    if fast is None:   # kernels (and decode graphs) on GPUs; capacity mode runs on the reference path
+        fast = par.device.type == "cuda" and (moe_options is None or moe_options.capacity_factor is None)
     return DistributedModel(model, par, micro_batches, fast=fast)
 
 

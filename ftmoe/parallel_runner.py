@@ -16,6 +16,8 @@ lives on rank 0; each rank stores its own layers and heads under the same block 
 """
 from __future__ import annotations
 
+import os
+
 import torch
 import torch.distributed as dist
 
@@ -38,19 +40,43 @@ class _ShardCache(KVCache):
             self._runner._command(("copy_blocks", list(src), list(dst)))
 
 
+def _pad_rows(x: torch.Tensor, meta: AttnMetadata, n_pad: int, T: int):
+    """Prefill inputs padded to n_pad rows: one dummy token each (position 0) with no KV slot.
+    x is [n, T] token ids or a later stage's residual [n*T, H]."""
+    n = meta.positions.shape[0]
+    pad = n_pad - n
+    if x.dim() == 2 and x.shape[0] == n and x.dtype == torch.long:
+        x = torch.cat([x, x.new_zeros(pad, T)])
+    else:
+        x = torch.cat([x, x.new_zeros(pad * T, x.shape[1])])
+    f = meta
+    meta = AttnMetadata(torch.cat([f.positions, f.positions.new_zeros(pad, T)]),
+                        torch.cat([f.slot_mapping, f.slot_mapping.new_full((pad, T), -1)]),
+                        torch.cat([f.block_tables, f.block_tables.new_zeros(pad, f.block_tables.shape[1])]),
+                        torch.cat([f.context_lens, f.context_lens.new_zeros(pad)]),
+                        torch.cat([f.seq_lens, f.seq_lens.new_ones(pad)]))
+    return x, meta
+
+
 def _meta_fields(meta: AttnMetadata) -> tuple:
     return tuple(t.cpu() for t in (meta.positions, meta.slot_mapping, meta.block_tables, meta.context_lens,
                                    meta.seq_lens))
 
 
 class DistributedModel:
-    def __init__(self, model: GPTMoE, par: ParallelState, micro_batches: int | None = None, fast: bool = False):
+    def __init__(self, model: GPTMoE, par: ParallelState, micro_batches: int | None = None, fast: bool = False,
+                 cuda_graphs: bool | None = None):
         self.model, self.par = model, par
         self.fast = None
-        if fast:   # Triton kernels for all-decode and fresh-prefill calls (TP and PP; EP uses the reference path)
+        if fast:   # Triton kernels for all-decode and fresh-prefill calls
             from .fast_model import FastGPTMoE
 
             self.fast = FastGPTMoE(model)
+        # decode steps replay per-rank CUDA graphs (collectives inside) on GPUs; FTMOE_CUDA_GRAPHS=0 turns them off
+        if cuda_graphs is None:
+            cuda_graphs = par.device.type == "cuda" and os.environ.get("FTMOE_CUDA_GRAPHS", "1") != "0"
+        self.cuda_graphs = self.fast is not None and cuda_graphs
+        self._last_mode = "reference"
         self.config, self.dtype, self.device = model.config, model.dtype, par.device
         self.micro_batches = micro_batches
         self.cache: KVCache | None = None
@@ -100,6 +126,8 @@ class DistributedModel:
             nb, bs = cmd[1], cmd[2]
             args = (self._local_layers, self._heads, self.config.size_per_head, nb, bs, self.dtype, self.device)
             self.cache = _ShardCache(self, *args) if self.par.rank == 0 else KVCache(*args)
+            if self.cuda_graphs:
+                self.fast.enable_cuda_graphs(self.cache)
             return self.cache
         if kind == "copy_blocks":
             KVCache._copy_blocks(self.cache, cmd[1], cmd[2])
@@ -129,11 +157,16 @@ class DistributedModel:
             mode = "decode"
         elif self.fast is not None and bool((fields[3] == 0).all()):
             mode = "prefill"
+        self._last_mode = mode
+        micro = [self._micro_rows(B, d) for d in range(par.ep)]
         pending, outs = [], []
-        for rows in self._micro_rows(B, par.d):
+        for j, rows in enumerate(micro[par.d]):
             idx = torch.tensor(rows, dtype=torch.long)
             meta = AttnMetadata(*(f[idx].to(dev) for f in fields))
             n = len(rows)
+            # expert parallelism on the fast path: every EP rank runs the same number of rows
+            # (padding rows have no KV slots), because the MoE exchange has fixed shapes
+            n_pad = max(len(m[j]) for m in micro) if mode != "reference" and par.ep > 1 else n
             hidden = {"decode": (n, H), "prefill": (n * T, H), "reference": (n, T, H)}[mode]
             if par.is_first_stage:
                 x = input_ids[idx].to(dev)
@@ -142,13 +175,18 @@ class DistributedModel:
                 if n:
                     dist.recv(x, src=par.rank_of(par.stage - 1, par.d, par.t))
             if mode == "decode":
-                y = self.fast.decode_step(x[:, 0] if par.is_first_stage else x, meta.positions[:, 0],
-                                          meta.block_tables.int(), meta.context_lens.int(),
-                                          meta.slot_mapping[:, 0].int(), self.cache) if n else x
+                y = self._decode(x[:, 0] if par.is_first_stage else x, meta, n_pad) if n_pad else x
+                if self.fast.graphs is not None and len(micro[par.d]) > 1:
+                    y = y.clone()      # the next micro-batch may replay the same graph over its output
                 if par.is_last_stage and n and not last_only:
                     y = y[:, None]
             elif mode == "prefill":
-                y = self.fast.prefill(x, meta, self.cache, last_only) if n else x
+                y = x
+                if n_pad:
+                    if n_pad > n:
+                        x, meta = _pad_rows(x, meta, n_pad, T)
+                    y = self.fast.prefill(x, meta, self.cache, last_only)
+                    y = y[:n] if par.is_last_stage else y[:n * T]
             else:
                 if par.is_first_stage:
                     x = model.embed(x, meta.positions)
@@ -164,12 +202,31 @@ class DistributedModel:
             w.wait()
         return self._gather_logits(outs, B, T, last_only)
 
+    def _decode(self, x: torch.Tensor, meta: AttnMetadata, n_pad: int) -> torch.Tensor:
+        """One decode step of this rank's rows (graph replay when enabled); rows [n, n_pad) are padding."""
+        n = x.shape[0]
+        args = (x, meta.positions[:, 0], meta.block_tables.int(), meta.context_lens.int(), meta.slot_mapping[:, 0].int())
+        graphs = self.fast.graphs
+        if graphs is not None and graphs.cache is self.cache and n_pad <= graphs.buckets[-1]:
+            return graphs.step(*args, min_rows=n_pad)
+        if n_pad > n:
+            pad = n_pad - n
+            x = torch.cat([x, x.new_zeros(pad, *x.shape[1:])])
+            pos, tables, ctx, slots = args[1:]
+            args = (x, torch.cat([pos, pos.new_zeros(pad)]), torch.cat([tables, tables.new_zeros(pad, tables.shape[1])]),
+                    torch.cat([ctx, ctx.new_zeros(pad)]), torch.cat([slots, slots.new_full((pad,), -1)]))
+        return self.fast.decode_step(*args, self.cache)[:n]
+
     def _moe_load(self):
         """Gather every rank's per-layer served-slot counts to rank 0: [layer][ep rank] (TP rank 0's view)."""
         if self.par.ep == 1:
             return None
-        mine = {i: getattr(b.mlp.moe, "last_received", 0) for i, b in zip(self.model.layer_ids, self.model.blocks())
-                if b.is_moe}
+        if self._last_mode != "reference":      # the fast path counts on the GPU, per local layer
+            counts = self.fast.ep_counts.tolist()
+            mine = {i: counts[j] for j, (i, b) in enumerate(zip(self.model.layer_ids, self.model.blocks())) if b.is_moe}
+        else:
+            mine = {i: getattr(b.mlp.moe, "last_received", 0)
+                    for i, b in zip(self.model.layer_ids, self.model.blocks()) if b.is_moe}
         box = [None] * dist.get_world_size() if self.par.rank == 0 else None
         dist.gather_object((self.par.d, self.par.t, mine), box, dst=0)
         if self.par.rank != 0:

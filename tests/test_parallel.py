@@ -149,9 +149,10 @@ def test_engine_serves_a_parallel_model(folders, single):
         assert stats["kv_blocks_used"] == 0 and stats["preemptions"] > 0, stats
 
 
-@pytest.mark.parametrize("tp,pp", [(2, 1), (1, 2)])
-def test_fast_path_sharded_equals_one_process(folders, single, tp, pp):
-    """The Triton path on a sharded model (TP all-reduces inside it; PP hands residuals on):
+@pytest.mark.parametrize("tp,ep,pp", [(2, 1, 1), (1, 1, 2), (1, 2, 1), (2, 2, 1)])
+def test_fast_path_sharded_equals_one_process(folders, single, tp, ep, pp):
+    """The Triton path on a sharded model (TP all-reduces inside it; PP hands residuals on; EP
+    all-gathers tokens and reduce-scatters expert outputs, rows padded to equal counts):
     prefill and decode logits match one reference process; greedy tokens are the same.
     (On the CPU the kernels run in Triton's interpreter.)"""
     pytest.importorskip("triton")
@@ -160,12 +161,16 @@ def test_fast_path_sharded_equals_one_process(folders, single, tp, pp):
     if not kernels.available():
         pytest.skip("Triton cannot run here")
     ref, want_tokens = single
-    with LLM(folders[1], tp=tp, pp=pp, fast=True, timeout_s=120) as llm:
+    with LLM(folders[1], tp=tp, ep=ep, pp=pp, fast=True, timeout_s=120) as llm:
         assert llm.generator.model.fast is not None
         _compare_steps(llm.generator.model, llm.generator.cache, ref, 7, 4, 1e-4, True)
         short = SamplingParams(max_new_tokens=6, ignore_eos=True)
         assert [o.output_ids for o in llm.generate(PROMPTS, short)] == [t[:len(p) + 6] for t, p in
                                                                          zip(want_tokens, PROMPTS)]
+        if ep > 1:   # the last decode step's slots, counted on the ranks that served them (padding excluded)
+            load = llm.generator.model.moe_load()
+            assert len(load) == len(ref.config.moe_layers)
+            assert all(len(r) == ep and sum(r) == len(PROMPTS) * ref.config.moe_k for r in load), load
 
 
 def test_parallel_bench_smoke(tmp_path):
@@ -175,11 +180,23 @@ def test_parallel_bench_smoke(tmp_path):
 
     out = tmp_path / "b.json"
     r = run_parallel_bench(ParallelConfig(tp=2, ep=2), "tiny", dtype="float32", device="cpu", batches=(1, 8),
-                           ctx=16, iters=2, json_path=str(out), log=lambda *_: None, timeout_s=60)
-    assert [row["batch"] for row in r["rows"]] == [1, 8]
-    for row in r["rows"]:
+                           ctx=16, iters=2, json_path=str(out), log=lambda *_: None, timeout_s=60, prefill=(3, 8))
+    assert [(row["phase"], row["batch"]) for row in r["rows"]] == [("prefill", 3), ("decode", 1), ("decode", 8)]
+    assert r["rows"][0]["in_len"] == 8 and r["rows"][0]["ms"] > 0
+    for row in r["rows"][1:]:
         assert row["ms"] > 0 and row["ep"] == 2
         load = row["ep_tokens_per_rank"]
         assert len(load) == 2 and all(len(x) == 2 for x in load)            # 2 MoE layers x 2 EP ranks
         assert all(sum(x) == row["batch"] for x in load)                      # every token served once (top-1)
     assert json.loads(out.read_text())["parallel"] == {"tp": 2, "ep": 2, "pp": 1}
+
+
+def test_bench_distributed_one_rank_cli(tmp_path, capsys):
+    """`ftmoe bench --distributed` at tp=ep=pp=1: the scaling table's one-GPU row, same harness."""
+    out = tmp_path / "one.json"
+    assert main(["bench", "--distributed", "--preset", "tiny", "--dtype", "fp32", "--device", "cpu", "--batches", "2",
+                 "--ctx", "8", "--prefill", "2x8", "--iters", "2", "--json", str(out)]) == 0
+    r = json.loads(out.read_text())
+    assert r["parallel"] == {"tp": 1, "ep": 1, "pp": 1}
+    assert [(row["phase"], row["batch"]) for row in r["rows"]] == [("prefill", 2), ("decode", 2)]
+    assert "decode tp=1 ep=1 pp=1 B=2" in capsys.readouterr().out
