@@ -308,15 +308,20 @@ def _bench_prefill(m, fast, cache, shape, bw, rate, eager, log, profile=False) -
     if profile:
         _profile_table(lambda: run(fast), f"prefill {B}x{T}", log, cpu=True)
     eager_ms = _events_ms(lambda: run(m), 2, 1) if eager else None
-    n_tok = B * T
-    active = cfg.param_counts()["active_per_token"] - cfg.vocab_size * cfg.hidden_size - cfg.max_pos_seq_len * cfg.hidden_size
-    flops = 2 * n_tok * active + cfg.num_layer * 2 * B * T * T * cfg.hidden_size + 2 * B * cfg.hidden_size * cfg.vocab_size
     weight_bytes = sum(_bytes(p) for p in m.parameters())   # ~all experts are touched by B*T tokens
-    floor = max(weight_bytes / bw, flops / rate) * 1e3 if bw else None
-    row = Row("prefill", B, ms, floor, n_tok / ms * 1e3, eager_ms, in_len=T)
-    log(_fmt(row) + (f"  (bytes floor {weight_bytes / bw * 1e3:.2f} ms, flops floor {flops / rate * 1e3:.2f} ms)"
-                     if bw else ""))
+    floor, bytes_ms, flops_ms = prefill_floor_ms(cfg, weight_bytes, B, T, bw, rate) if bw else (None, 0, 0)
+    row = Row("prefill", B, ms, floor, B * T / ms * 1e3, eager_ms, in_len=T)
+    log(_fmt(row) + (f"  (bytes floor {bytes_ms:.2f} ms, flops floor {flops_ms:.2f} ms)" if bw else ""))
     return row
+
+
+def prefill_floor_ms(cfg, weight_bytes: int, B: int, T: int, bw: float, rate: float) -> tuple[float, float, float]:
+    """(floor, bytes floor, FLOPs floor) in ms of a B x T prefill: every weight read once, or the
+    matmul FLOPs (active parameters, causal attention, the head for B last tokens) at `rate`."""
+    active = cfg.param_counts()["active_per_token"] - cfg.vocab_size * cfg.hidden_size - cfg.max_pos_seq_len * cfg.hidden_size
+    flops = 2 * B * T * active + cfg.num_layer * 2 * B * T * T * cfg.hidden_size + 2 * B * cfg.hidden_size * cfg.vocab_size
+    bytes_ms, flops_ms = weight_bytes / bw * 1e3, flops / rate * 1e3
+    return max(bytes_ms, flops_ms), bytes_ms, flops_ms
 
 
 def _bench_latency(fast, graphs, cache, log, batches=(1, 8, 32, 64), shapes=((128, 8), (512, 32))) -> list[Row]:

@@ -6,8 +6,10 @@ In:  a ParallelConfig, a preset (random weights drawn per rank) or a converted f
      received per MoE layer (load imbalance); JSON rows like `ftmoe bench`'s.
 
 Each timed step is what serving does: rank 0 broadcasts the step, every rank runs its shard
-(Triton kernels for TP/PP on GPUs, the reference path for EP), logits come back to rank 0.
+(Triton kernels and per-rank decode CUDA graphs on GPUs), logits come back to rank 0.
 The context stays at `ctx` (each step's token is dropped again), so every step is the same.
+Prefill (B x T fresh prompts) is timed the same way. At tp = ep = pp = 1 the same harness
+gives the one-GPU baseline of a scaling table (`ftmoe bench --distributed`).
 """
 from __future__ import annotations
 
@@ -30,8 +32,9 @@ def _sync(dev) -> None:
 
 def run_parallel_bench(pc: ParallelConfig, preset: str | None = "gpt-moe-0.35b-64e", model_dir: str | None = None,
                        dtype: str = "bf16", device: str = "cuda", batches=(1, 64, 256), ctx: int = 128,
-                       iters: int = 20, json_path: str | None = None, log=print, timeout_s: float = 300.0) -> dict:
-    from .bench import measure_hardware
+                       iters: int = 20, json_path: str | None = None, log=print, timeout_s: float = 300.0,
+                       prefill: tuple[int, int] | None = None) -> dict:
+    from .bench import measure_hardware, prefill_floor_ms
     from .loader import parse_dtype
 
     tdtype = parse_dtype(dtype)
@@ -43,8 +46,11 @@ def run_parallel_bench(pc: ParallelConfig, preset: str | None = "gpt-moe-0.35b-6
         dev = runner.device
         hw = measure_hardware(dev) if dev.type == "cuda" else {}
         bs = 16
-        cache = runner.make_cache(max(batches) * (-(-(ctx + 1) // bs)) * bs + 64 * bs, bs)
+        tokens = max(max(batches) * (-(-(ctx + 1) // bs)) * bs, prefill[0] * (-(-prefill[1] // bs)) * bs if prefill else 0)
+        cache = runner.make_cache(tokens + 64 * bs, bs)
         g = torch.Generator().manual_seed(0)
+        if prefill:
+            rows.append(_bench_prefill(runner, cache, prefill, pc, hw, iters, g, log, prefill_floor_ms))
         for B in batches:
             seqs = list(range(B))
             for s in seqs:
@@ -73,11 +79,12 @@ def run_parallel_bench(pc: ParallelConfig, preset: str | None = "gpt-moe-0.35b-6
             load = runner.moe_load()
             row = {"phase": "decode", "batch": B, "ctx": ctx, "ms": ms, "tokens_per_s": B / ms * 1e3,
                    "tp": pc.tp, "ep": pc.ep, "pp": pc.pp, "fast_path": runner.fast is not None,
-                   "ep_tokens_per_rank": load}
+                   "cuda_graphs": runner.cuda_graphs, "ep_tokens_per_rank": load}
             if hw:   # the one-GPU floor of the same step (all experts touched by B tokens assumed at most B)
                 touched = [min(B * cfg.moe_k, cfg.expert_num)] * len(cfg.moe_layers)
                 floor_bytes = _full_model_decode_bytes(cfg, runner.dtype, B, ctx, touched)
                 row["one_gpu_floor_ms"] = floor_bytes / (hw["copy_bandwidth_GBps"] * 1e9) * 1e3
+                row["floor_ms"] = row["one_gpu_floor_ms"]
             rows.append(row)
             imb = ""
             if load:
@@ -91,11 +98,52 @@ def run_parallel_bench(pc: ParallelConfig, preset: str | None = "gpt-moe-0.35b-6
     finally:
         launch.stop(runner, procs)
     result = {"date": datetime.date.today().isoformat(), "parallel": dataclasses.asdict(pc), "dtype": dtype,
-              "preset": preset if model_dir is None else None, "device": device, "rows": rows}
+              "preset": preset if model_dir is None else None, "device": device, "hardware": hw,
+              "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() and device != "cpu" else None,
+              "rows": rows}
     if json_path:
         with open(json_path, "w") as f:
             json.dump(result, f, indent=1)
     return result
+
+
+def _bench_prefill(runner, cache, shape, pc, hw, iters, g, log, prefill_floor_ms) -> dict:
+    """B x T fresh prompts through the runner (last-token logits to rank 0), median of `iters` // 4 + 2."""
+    B, T = shape
+    cfg = runner.config
+    ids = torch.randint(0, cfg.vocab_size, (B, T), generator=g)
+    seqs = list(range(100_000, 100_000 + B))
+
+    def run():
+        for s in seqs:
+            cache.add(s)
+        runner(ids, cache.prepare(seqs, [T] * B), cache, last_only=True)
+        for s in seqs:
+            cache.free(s)
+
+    run()
+    times = []
+    for _ in range(max(2, iters // 4 + 2)):
+        _sync(runner.device)
+        t0 = time.perf_counter()
+        run()
+        _sync(runner.device)
+        times.append((time.perf_counter() - t0) * 1e3)
+    ms = statistics.median(times)
+    row = {"phase": "prefill", "batch": B, "in_len": T, "ms": ms, "tokens_per_s": B * T / ms * 1e3,
+           "tp": pc.tp, "ep": pc.ep, "pp": pc.pp, "fast_path": runner.fast is not None}
+    floor = ""
+    if hw:
+        with torch.device("meta"):
+            from .model import GPTMoE
+
+            m = GPTMoE(cfg, runner.dtype)
+        wbytes = sum(p.numel() * p.element_size() for p in m.parameters())
+        row["floor_ms"] = row["one_gpu_floor_ms"] = prefill_floor_ms(cfg, wbytes, B, T, hw["copy_bandwidth_GBps"] * 1e9,
+                                                                     hw["matmul_TFLOPs"] * 1e12)[0]
+        floor = f"  one-GPU floor {row['floor_ms']:.3f} ms"
+    log(f"prefill tp={pc.tp} ep={pc.ep} pp={pc.pp} {B}x{T} {ms:9.3f} ms  {row['tokens_per_s']:10.0f} tok/s{floor}")
+    return row
 
 
 def _full_model_decode_bytes(cfg, dtype, B: int, ctx: int, touched: list[int]) -> int:

@@ -198,6 +198,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tp", type=int, default=1)
     p.add_argument("--ep", type=int, default=1)
     p.add_argument("--pp", type=int, default=1)
+    p.add_argument("--distributed", action="store_true", help="time whole serving steps through the "
+                   "multi-process runner even at tp=ep=pp=1 (the one-GPU row of a scaling table)")
     p.add_argument("--device", default="cuda", help="cuda, or cpu for a smoke test (tiny preset; no floors)")
     p = sub.add_parser("tune", help="search fused-MoE kernel tile configs for this GPU (writes JSON)")
     p.add_argument("--preset", default="gpt-moe-0.35b-64e")
@@ -239,12 +241,12 @@ def main(argv: list[str] | None = None) -> int:
                 prefill = None if a.prefill == "none" else tuple(int(v) for v in a.prefill.lower().split("x"))
             except ValueError:
                 raise FtmoeError(f"--batches/--prefill malformed: {a.batches!r}, {a.prefill!r}") from None
-            if a.tp * a.ep * a.pp > 1:
+            if a.tp * a.ep * a.pp > 1 or a.distributed:
                 from .bench_parallel import run_parallel_bench
                 from .distributed import ParallelConfig
 
                 run_parallel_bench(ParallelConfig(a.tp, a.ep, a.pp), a.preset, a.model, a.dtype, a.device, batches,
-                                   a.ctx, min(a.iters, 20), a.json)
+                                   a.ctx, min(a.iters, 20), a.json, prefill=prefill)
                 return 0
             run_bench(a.preset, a.model, a.dtype, batches, a.ctx, prefill, not a.no_eager, not a.no_latency,
                       a.iters, a.json, profile=a.profile, device=a.device)
