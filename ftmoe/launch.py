@@ -34,6 +34,10 @@ def _load(pc, model_dir, dtype, device, moe_options, micro_batches, timeout_s, i
           fast=None, random_preset=None):
     from .loader import load_model
 
+    if os.environ.get("FTMOE_HANG_DUMP_S"):   # debugging: every rank prints its Python stack and exits after N s
+        import faulthandler
+
+        faulthandler.dump_traceback_later(float(os.environ["FTMOE_HANG_DUMP_S"]), exit=True)
     par = init_parallel(pc, timeout_s=timeout_s, init_method=init_method, rank=rank, device=device)
     if random_preset is not None:     # benchmarks: this rank's shard of random weights at a preset's shapes
         from .bench import config_of, random_model
