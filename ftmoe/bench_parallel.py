@@ -38,19 +38,32 @@ def run_parallel_bench(pc: ParallelConfig, preset: str | None = "gpt-moe-0.35b-6
     from .loader import parse_dtype
 
     tdtype = parse_dtype(dtype)
+    rows, hw = [], {}
+
+    def save() -> dict:   # after every row, so a run cut short keeps what it measured
+        result = {"date": datetime.date.today().isoformat(), "parallel": dataclasses.asdict(pc), "dtype": dtype,
+                  "preset": preset if model_dir is None else None, "device": device, "hardware": hw,
+                  "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() and device != "cpu" else None,
+                  "rows": rows}
+        if json_path:
+            with open(json_path, "w") as f:
+                json.dump(result, f, indent=1)
+        return result
+
     runner, procs = launch.start(pc, model_dir, tdtype, device, timeout_s=timeout_s,
                                  random_preset=preset if model_dir is None else None)
-    rows = []
     try:
         cfg = runner.config
         dev = runner.device
-        hw = measure_hardware(dev) if dev.type == "cuda" else {}
+        if dev.type == "cuda":
+            hw.update(measure_hardware(dev))
         bs = 16
         tokens = max(max(batches) * (-(-(ctx + 1) // bs)) * bs, prefill[0] * (-(-prefill[1] // bs)) * bs if prefill else 0)
         cache = runner.make_cache(tokens + 64 * bs, bs)
         g = torch.Generator().manual_seed(0)
         if prefill:
             rows.append(_bench_prefill(runner, cache, prefill, pc, hw, iters, g, log, prefill_floor_ms))
+            save()
         for B in batches:
             seqs = list(range(B))
             for s in seqs:
@@ -86,6 +99,7 @@ def run_parallel_bench(pc: ParallelConfig, preset: str | None = "gpt-moe-0.35b-6
                 row["one_gpu_floor_ms"] = floor_bytes / (hw["copy_bandwidth_GBps"] * 1e9) * 1e3
                 row["floor_ms"] = row["one_gpu_floor_ms"]
             rows.append(row)
+            save()
             imb = ""
             if load:
                 per_layer = [max(r) / max(1e-9, statistics.mean(r)) for r in load if r]
@@ -97,13 +111,7 @@ def run_parallel_bench(pc: ParallelConfig, preset: str | None = "gpt-moe-0.35b-6
                 cache.free(s)
     finally:
         launch.stop(runner, procs)
-    result = {"date": datetime.date.today().isoformat(), "parallel": dataclasses.asdict(pc), "dtype": dtype,
-              "preset": preset if model_dir is None else None, "device": device, "hardware": hw,
-              "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() and device != "cpu" else None,
-              "rows": rows}
-    if json_path:
-        with open(json_path, "w") as f:
-            json.dump(result, f, indent=1)
+    return save()
     return result
 
 

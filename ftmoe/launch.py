@@ -59,6 +59,7 @@ def _worker(rank, pc, model_dir, dtype, device, moe_options, micro_batches, time
     try:
         runner.follow()
     finally:
+        runner.release_graphs()
         dist.destroy_process_group()
 
 
@@ -74,6 +75,7 @@ def start(pc: ParallelConfig, model_dir: str, dtype, device: str = "cpu", moe_op
             try:
                 runner.follow()
             finally:
+                runner.release_graphs()
                 dist.destroy_process_group()
             return None, []
         return runner, []
@@ -102,6 +104,8 @@ def stop(runner: DistributedModel | None, procs: list, timeout_s: float = 30.0) 
     except Exception:
         pass
     finally:
+        if runner is not None:
+            runner.release_graphs()
         if dist.is_initialized():
             dist.destroy_process_group()
         for p in procs:

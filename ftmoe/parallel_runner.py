@@ -97,6 +97,17 @@ class DistributedModel:
     def shutdown(self) -> None:
         self._command(("stop",))
 
+    def release_graphs(self) -> None:
+        """Free the decode graphs before the process group goes: NCCL's communicator teardown
+        waits for every graph that captured its collectives to be destroyed (it hangs otherwise)."""
+        if self.fast is not None and self.fast.graphs is not None:
+            self.fast.graphs = None
+            import gc
+
+            gc.collect()
+            if self.device.type == "cuda":
+                torch.cuda.synchronize(self.device)
+
     def moe_load(self) -> list[list[int]]:
         """After a forward: per MoE layer, the slots each EP rank's experts served ([] without EP)."""
         return self._command(("moe_load",)) or []
@@ -125,6 +136,7 @@ class DistributedModel:
         if kind == "init_cache":
             nb, bs = cmd[1], cmd[2]
             args = (self._local_layers, self._heads, self.config.size_per_head, nb, bs, self.dtype, self.device)
+            self.release_graphs()          # graphs of an earlier cache
             self.cache = _ShardCache(self, *args) if self.par.rank == 0 else KVCache(*args)
             if self.cuda_graphs:
                 self.fast.enable_cuda_graphs(self.cache)

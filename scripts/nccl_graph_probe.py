@@ -1,6 +1,7 @@
 """Does this host capture torch.distributed NCCL collectives in CUDA graphs? Two processes:
 all_reduce / all_gather / reduce_scatter on a sub-group, eager on a side stream, then captured
-and replayed; each step prints, and a hang dumps every process's Python stack after --hang-s.
+and replayed, then the group destroyed (after freeing the graph, unless --keep-graph: with the graph
+alive, destroy_process_group hangs, seen with NCCL 2.28); each step prints, and a hang dumps every process's Python stack after --hang-s.
 Usage: python3 scripts/nccl_graph_probe.py [--hang-s 60]"""
 import argparse
 import faulthandler
@@ -13,7 +14,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 
-def work(rank, world, port, hang_s):
+def work(rank, world, port, hang_s, keep):
     faulthandler.dump_traceback_later(hang_s, exit=True)
     torch.cuda.set_device(rank)
     dist.init_process_group("nccl", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world,
@@ -48,12 +49,20 @@ def work(rank, world, port, hang_s):
     torch.cuda.synchronize()
     say(f"replayed: x[0] = {x[0].item()} (expect {world ** 3})")
     dist.barrier()
+    if not keep:      # NCCL's teardown waits for graphs holding its collectives: free them first
+        del graph
+        import gc
+
+        gc.collect()
+        torch.cuda.synchronize()
     dist.destroy_process_group()
+    say("process group destroyed")
 
 
 if __name__ == "__main__":
     ap = argparse.ArgumentParser()
     ap.add_argument("--hang-s", type=int, default=60)
+    ap.add_argument("--keep-graph", action="store_true", help="destroy the group with the graph alive (hangs)")
     a = ap.parse_args()
     world = min(2, torch.cuda.device_count())
-    mp.spawn(work, args=(world, 29555, a.hang_s), nprocs=world)
+    mp.spawn(work, args=(world, 29555, a.hang_s, a.keep_graph), nprocs=world)
