@@ -115,24 +115,25 @@ def moe_align(ids: torch.Tensor, num_experts: int, block_m: int, out=None):
 
 
 def _moe_align_sorted(ids: torch.Tensor, num_experts: int, block_m: int):
-    """moe_align for many slots through a stable sort: same outputs, parallel on the GPU."""
+    """moe_align for many slots through a stable sort: same outputs, parallel on the GPU.
+    Only tensor ops with tensor or scalar operands (no item assignment, which copies from the
+    host): it runs inside CUDA-graph capture."""
+    E = num_experts
     flat = ids.reshape(-1).long()
     nk = flat.numel()
-    max_len, max_blocks = align_sizes(nk, num_experts, block_m)
-    flat = torch.where(flat >= 0, flat, num_experts)                     # negative ids: a last, dropped group
-    counts = torch.zeros(num_experts + 1, dtype=torch.long, device=ids.device).scatter_add_(0, flat, torch.ones_like(flat))
+    max_len, max_blocks = align_sizes(nk, E, block_m)
+    flat = torch.where(flat >= 0, flat, E)                               # negative ids: a last, dropped group
+    counts = torch.zeros(E + 1, dtype=torch.long, device=ids.device).scatter_add_(0, flat, torch.ones_like(flat))[:E]
     padded = (counts + block_m - 1) // block_m * block_m
-    padded[num_experts] = 0
     ends = torch.cumsum(padded, 0)
     order = torch.sort(flat, stable=True).indices                        # slots grouped by expert, in order
     sorted_e = flat[order]
+    e = sorted_e.clamp(max=E - 1)
     first = torch.cumsum(counts, 0) - counts                             # unpadded group starts
-    dest = (ends - padded)[sorted_e] + torch.arange(nk, device=ids.device) - first[sorted_e]
-    dest = torch.where(sorted_e < num_experts, dest, max_len)            # the dropped group lands past the end
+    dest = (ends - padded)[e] + torch.arange(nk, device=ids.device) - first[e]
+    dest = torch.where(sorted_e < E, dest, max_len)                      # the dropped group lands past the end
     out = torch.full((max_len + 1,), nk, dtype=torch.int32, device=ids.device)
     out.scatter_(0, dest, order.to(torch.int32))
-    out = out[:max_len]
-    ends = ends[:num_experts]
     starts = torch.arange(max_blocks, device=ids.device) * block_m
-    block_expert = torch.searchsorted(ends, starts, right=True).clamp_(max=num_experts - 1).to(torch.int32)
-    return out, block_expert, ends[-1:].to(torch.int32)
+    block_expert = torch.searchsorted(ends, starts, right=True).clamp_(max=E - 1).to(torch.int32)
+    return out[:max_len], block_expert, ends[-1:].to(torch.int32)
