@@ -40,6 +40,9 @@ class AttnMetadata:
 
 
 class KVCache:
+    #: where `prepare` puts the metadata (None: the storage's device)
+    meta_device: str | None = None
+
     def __init__(self, num_layers: int, num_heads: int, head_dim: int, num_blocks: int,
                  block_size: int = 16, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu"):
         if num_blocks < 1 or block_size < 1:
@@ -195,9 +198,8 @@ class KVCache:
             self.reserve(s, n)
             self._lens[s] += n
         nb = max(1, max(len(self._tables[s]) for s in seq_ids))
-        tables = torch.zeros(B, nb, dtype=torch.long)
-        for i, s in enumerate(seq_ids):
-            tables[i, :len(self._tables[s])] = torch.tensor(self._tables[s], dtype=torch.long)
+        tables = torch.tensor([self._tables[s] + [0] * (nb - len(self._tables[s])) for s in seq_ids],
+                              dtype=torch.long).view(B, nb)
         t = torch.arange(T)
         ctx_t = torch.tensor(ctx, dtype=torch.long)
         n_t = torch.tensor(num_new, dtype=torch.long)
@@ -205,5 +207,5 @@ class KVCache:
         valid = t[None, :] < n_t[:, None]
         blk = torch.gather(tables, 1, (positions // self.block_size).clamp(max=nb - 1))
         slots = torch.where(valid, blk * self.block_size + positions % self.block_size, -1)
-        dev = self.k.device
+        dev = self.meta_device or self.k.device
         return AttnMetadata(positions.to(dev), slots.to(dev), tables.to(dev), ctx_t.to(dev), n_t.to(dev))

@@ -4,10 +4,12 @@ In:  this rank's model shard and `ParallelState`; on rank 0, the generator's cal
      (`runner(ids, meta, cache, last_only)`, `runner.make_cache(...)`, block copies).
 Out: on rank 0, full logits [B, (T,) V] fp32, as a single-process GPTMoE would return.
 
-Every call on rank 0 is broadcast to all ranks (`broadcast_object_list`: the batch's token
-ids and cache metadata, a few KB), then every rank runs its part:
-- the batch rows are split over the expert/data-parallel index d (row r -> d = r % ep) and
-  into micro-batches for the pipeline (stage s receives micro-batch j from stage s-1 while
+Every call on rank 0 is broadcast to all ranks, then every rank runs its part. A forward step
+is two broadcasts of int64 tensors on the device (a fixed header, then the token ids and cache
+metadata packed in one tensor: no pickling, one host-to-device copy on rank 0); other commands
+(cache set-up, block copies, stop, load report) follow a header with `broadcast_object_list`.
+- the batch rows are split into contiguous micro-batches for the pipeline, and each micro-batch
+  over the expert/data-parallel index d (row r -> d = r % ep: a strided slice, no index copies) (stage s receives micro-batch j from stage s-1 while
   it sends j-1 on: FasterTransformer's bubble hiding);
 - attention and dense layers reduce over TP, MoE layers exchange tokens over EP (model.py);
 - the last stage's ranks send their logits (their rows, their vocabulary slice) to rank 0.
@@ -29,7 +31,9 @@ from .model import GPTMoE
 
 class _ShardCache(KVCache):
     """Rank 0's cache: block bookkeeping for everyone, storage for rank 0's shard; block copies
-    (beam search) are mirrored on every rank."""
+    (beam search) are mirrored on every rank. Its metadata stays on the CPU: the runner packs it."""
+
+    meta_device = "cpu"
 
     def __init__(self, runner: "DistributedModel", *args, **kwargs):
         super().__init__(*args, **kwargs)
@@ -58,9 +62,34 @@ def _pad_rows(x: torch.Tensor, meta: AttnMetadata, n_pad: int, T: int):
     return x, meta
 
 
-def _meta_fields(meta: AttnMetadata) -> tuple:
-    return tuple(t.cpu() for t in (meta.positions, meta.slot_mapping, meta.block_tables, meta.context_lens,
-                                   meta.seq_lens))
+_OBJECT, _FORWARD = 1, 2                      # header codes: a pickled command follows / a forward step
+_MODES = ("reference", "decode", "prefill")
+_HEADER = 6                                   # [code, B, T, nb, last_only, mode]
+
+
+def _pack(input_ids: torch.Tensor, meta: AttnMetadata) -> torch.Tensor:
+    """One int64 CPU tensor: ids, positions, slots [B*T] each, block tables [B*nb], context and new lengths [B]."""
+    parts = (input_ids, meta.positions, meta.slot_mapping, meta.block_tables, meta.context_lens, meta.seq_lens)
+    return torch.cat([t.reshape(-1).to("cpu", torch.long) for t in parts])
+
+
+def _unpack(payload: torch.Tensor, B: int, T: int, nb: int) -> tuple[torch.Tensor, AttnMetadata]:
+    ids, pos, slots, tables, ctx, lens = payload.split([B * T, B * T, B * T, B * nb, B, B])
+    return ids.view(B, T), AttnMetadata(pos.view(B, T), slots.view(B, T), tables.view(B, nb), ctx, lens)
+
+
+def _rows(lo: int, hi: int, d: int, ep: int) -> slice:
+    """Rows r in [lo, hi) with r % ep == d, as a slice."""
+    return slice(lo + (d - lo) % ep, hi, ep)
+
+
+def _count(sl: slice) -> int:
+    return len(range(sl.start, sl.stop, sl.step))
+
+
+def _rank_error(what: str, e: Exception) -> FtmoeError:
+    msg = str(e).splitlines()[0][:200]
+    return FtmoeError(f"distributed step '{what}' failed on rank 0 (a worker rank died or timed out): {msg}")
 
 
 class DistributedModel:
@@ -83,6 +112,7 @@ class DistributedModel:
         cfg = self.config
         self._local_layers = len(model.layer_ids)
         self._heads = cfg.head_num // par.tp
+        self._pinned, self._staged = None, None
 
     # ---- rank 0 ---------------------------------------------------------------------
     def make_cache(self, max_tokens: int, block_size: int) -> KVCache:
@@ -92,7 +122,41 @@ class DistributedModel:
                  last_only: bool = False) -> torch.Tensor:
         if meta is None:
             raise ValueError("the distributed model runs with a KV cache (meta and cache)")
-        return self._command(("forward", input_ids.cpu(), _meta_fields(meta), last_only))
+        B, T = input_ids.shape
+        # the path is chosen here, once, from the metadata on the host, and sent to every rank
+        mode = "reference"
+        if self.fast is not None and T == 1 and bool((meta.seq_lens == 1).all()):
+            mode = "decode"
+        elif self.fast is not None and bool((meta.context_lens == 0).all()):
+            mode = "prefill"
+        payload = _pack(input_ids, meta)
+        header = torch.tensor([_FORWARD, B, T, meta.block_tables.shape[1], int(last_only), _MODES.index(mode)])
+        try:
+            header, payload = self._to_device(header, payload)
+            if self.par.config.world_size > 1:
+                dist.broadcast(header, src=0)
+                dist.broadcast(payload, src=0)
+            ids, dmeta = _unpack(payload, B, T, meta.block_tables.shape[1])
+            return self._forward(ids, dmeta, mode, last_only)
+        except RuntimeError as e:   # a collective failed or timed out: some rank is gone
+            raise _rank_error("forward", e) from None
+
+    def _to_device(self, header: torch.Tensor, payload: torch.Tensor):
+        """Both tensors on this rank's device: one copy from a reused pinned buffer on GPUs."""
+        if self.device.type != "cuda":
+            return header, payload
+        n = header.numel() + payload.numel()
+        if self._pinned is None or self._pinned.numel() < n:
+            self._pinned = torch.empty(max(n, 1 << 16), dtype=torch.long).pin_memory()
+            self._staged = None
+        if self._staged is not None:
+            self._staged.synchronize()          # the previous step's copy has left the buffer
+        buf = self._pinned[:n]
+        torch.cat([header, payload], out=buf)
+        dev = buf.to(self.device, non_blocking=True)
+        self._staged = torch.cuda.Event()
+        self._staged.record()
+        return dev[:header.numel()], dev[header.numel():]
 
     def shutdown(self) -> None:
         self._command(("stop",))
@@ -114,16 +178,27 @@ class DistributedModel:
 
     def _command(self, cmd: tuple):
         try:
-            dist.broadcast_object_list([cmd], src=0)
+            if self.par.config.world_size > 1:
+                header = torch.zeros(_HEADER, dtype=torch.long, device=self.device)
+                header[0] = _OBJECT
+                dist.broadcast(header, src=0)
+                dist.broadcast_object_list([cmd], src=0)
             return self._execute(cmd)
         except RuntimeError as e:   # a collective failed or timed out: some rank is gone
-            msg = str(e).splitlines()[0][:200]
-            raise FtmoeError(f"distributed step '{cmd[0]}' failed on rank 0 (a worker rank died or timed "
-                             f"out): {msg}") from None
+            raise _rank_error(cmd[0], e) from None
 
     # ---- ranks != 0 -----------------------------------------------------------------------
     def follow(self) -> None:
+        header = torch.empty(_HEADER, dtype=torch.long, device=self.device)
         while True:
+            dist.broadcast(header, src=0)
+            code, B, T, nb, last_only, mode = header.tolist()
+            if code == _FORWARD:
+                payload = torch.empty(3 * B * T + B * nb + 2 * B, dtype=torch.long, device=self.device)
+                dist.broadcast(payload, src=0)
+                ids, meta = _unpack(payload, B, T, nb)
+                self._forward(ids, meta, _MODES[mode], bool(last_only))
+                continue
             box = [None]
             dist.broadcast_object_list(box, src=0)
             if box[0][0] == "stop":
@@ -144,51 +219,47 @@ class DistributedModel:
         if kind == "copy_blocks":
             KVCache._copy_blocks(self.cache, cmd[1], cmd[2])
             return None
-        if kind == "forward":
-            return self._forward(*cmd[1:])
         if kind == "stop":
             return None
         if kind == "moe_load":
             return self._moe_load()
         raise ValueError(f"unknown command {kind!r}")
 
-    def _micro_rows(self, B: int, d: int) -> list[list[int]]:
-        """Global rows of each micro-batch that data-parallel index d handles (row r -> d = r % ep)."""
-        m = self.micro_batches or (min(B, self.par.pp) if self.par.pp > 1 else 1)
-        chunks = torch.tensor_split(torch.arange(B), max(1, min(m, B)))
-        return [[r for r in c.tolist() if r % self.par.ep == d] for c in chunks]
+    def _chunks(self, B: int) -> list[tuple[int, int]]:
+        """The pipeline's micro-batches: contiguous row ranges [lo, hi)."""
+        m = max(1, min(self.micro_batches or (min(B, self.par.pp) if self.par.pp > 1 else 1), B))
+        base, extra = divmod(B, m)
+        bounds = [j * base + min(j, extra) for j in range(m + 1)]
+        return list(zip(bounds[:-1], bounds[1:]))
 
     @torch.inference_mode()
-    def _forward(self, input_ids: torch.Tensor, fields: tuple, last_only: bool):
+    def _forward(self, input_ids: torch.Tensor, meta_all: AttnMetadata, mode: str, last_only: bool):
+        """input_ids [B, T] and meta_all on this rank's device; mode chosen by rank 0."""
         par, model, dev = self.par, self.model, self.device
         B, T = input_ids.shape
         H = self.config.hidden_size
-        # the same choice on every rank: it depends only on the broadcast metadata
-        mode = "reference"
-        if self.fast is not None and T == 1 and bool((fields[4] == 1).all()):
-            mode = "decode"
-        elif self.fast is not None and bool((fields[3] == 0).all()):
-            mode = "prefill"
         self._last_mode = mode
-        micro = [self._micro_rows(B, d) for d in range(par.ep)]
+        chunks = self._chunks(B)
         pending, outs = [], []
-        for j, rows in enumerate(micro[par.d]):
-            idx = torch.tensor(rows, dtype=torch.long)
-            meta = AttnMetadata(*(f[idx].to(dev) for f in fields))
-            n = len(rows)
+        for lo, hi in chunks:
+            sl = _rows(lo, hi, par.d, par.ep)
+            meta = AttnMetadata(*(f[sl] for f in (meta_all.positions, meta_all.slot_mapping, meta_all.block_tables,
+                                                  meta_all.context_lens, meta_all.seq_lens)))
+            n = _count(sl)
             # expert parallelism on the fast path: every EP rank runs the same number of rows
             # (padding rows have no KV slots), because the MoE exchange has fixed shapes
-            n_pad = max(len(m[j]) for m in micro) if mode != "reference" and par.ep > 1 else n
+            n_pad = max(_count(_rows(lo, hi, d, par.ep)) for d in range(par.ep)) \
+                if mode != "reference" and par.ep > 1 else n
             hidden = {"decode": (n, H), "prefill": (n * T, H), "reference": (n, T, H)}[mode]
             if par.is_first_stage:
-                x = input_ids[idx].to(dev)
+                x = input_ids[sl]
             else:
                 x = torch.empty(*hidden, dtype=self.dtype, device=dev)
                 if n:
                     dist.recv(x, src=par.rank_of(par.stage - 1, par.d, par.t))
             if mode == "decode":
                 y = self._decode(x[:, 0] if par.is_first_stage else x, meta, n_pad) if n_pad else x
-                if self.fast.graphs is not None and len(micro[par.d]) > 1:
+                if self.fast.graphs is not None and len(chunks) > 1:
                     y = y.clone()      # the next micro-batch may replay the same graph over its output
                 if par.is_last_stage and n and not last_only:
                     y = y[:, None]
@@ -248,27 +319,34 @@ class DistributedModel:
                 for i in layers]
 
     def _gather_logits(self, outs: list[torch.Tensor], B: int, T: int, last_only: bool):
-        """Last-stage ranks send (their rows, their vocab slice) to rank 0, which assembles [B, (T,) V]."""
+        """Last-stage ranks send (their rows, their vocab slice) to rank 0, which assembles [B, (T,) V]
+        with strided slice copies (no index tensors, no host syncs)."""
         par, V = self.par, self.config.vocab_size
-        mine = torch.cat(outs, 0) if outs else None
-        shape_tail = () if last_only else (T,)
+        mine = (outs[0] if len(outs) == 1 else torch.cat(outs, 0)) if outs else None
         if par.rank != 0:
             if par.is_last_stage and mine is not None:
                 dist.send(mine.contiguous(), dst=0)
             return None
+        if par.config.world_size == 1:
+            return mine
+        shape_tail = () if last_only else (T,)
         full = torch.empty(B, *shape_tail, V, dtype=torch.float32, device=self.device)
         last = par.pp - 1
         slices = par.config.vocab_slices(V)
+        chunks = self._chunks(B)
         for d in range(par.ep):
-            rows = [r for mb in self._micro_rows(B, d) for r in mb]
-            if not rows:
+            rows = [_rows(lo, hi, d, par.ep) for lo, hi in chunks]
+            counts = [_count(r) for r in rows]
+            if not sum(counts):
                 continue
             for t, vs in enumerate(slices):
                 src = par.rank_of(last, d, t)
                 if src == 0:
                     part = mine
                 else:
-                    part = torch.empty(len(rows), *shape_tail, len(vs), dtype=torch.float32, device=self.device)
+                    part = torch.empty(sum(counts), *shape_tail, len(vs), dtype=torch.float32, device=self.device)
                     dist.recv(part, src=src)
-                full[torch.tensor(rows, device=self.device), ..., vs.start:vs.stop] = part
+                for r, p in zip(rows, part.split(counts)):
+                    if p.shape[0]:
+                        full[r, ..., vs.start:vs.stop] = p
         return full

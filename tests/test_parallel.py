@@ -84,7 +84,8 @@ def test_parallel_equals_one_process(folders, single, tp, ep, pp):
 def test_micro_batches_override(folders, single):
     _, want_tokens = single
     with LLM(folders[1], pp=2, micro_batches=3, timeout_s=60) as llm:
-        assert llm.generator.model._micro_rows(3, 0) == [[0], [1], [2]]
+        assert llm.generator.model._chunks(3) == [(0, 1), (1, 2), (2, 3)]
+        assert llm.generator.model._chunks(8) == [(0, 3), (3, 6), (6, 8)]
         assert [o.output_ids for o in llm.generate(PROMPTS, GREEDY)] == want_tokens
 
 
@@ -200,3 +201,18 @@ def test_bench_distributed_one_rank_cli(tmp_path, capsys):
     assert r["parallel"] == {"tp": 1, "ep": 1, "pp": 1}
     assert [(row["phase"], row["batch"]) for row in r["rows"]] == [("prefill", 2), ("decode", 2)]
     assert "decode tp=1 ep=1 pp=1 B=2" in capsys.readouterr().out
+
+
+def test_forward_steps_are_not_pickled(folders, single, monkeypatch):
+    """A forward step is two tensor broadcasts (header + packed metadata); only set-up commands
+    go through broadcast_object_list. Counted on rank 0 (this process) over a whole generate."""
+    from ftmoe import parallel_runner
+
+    ref, want_tokens = single
+    with LLM(folders[2], tp=2, timeout_s=60) as llm:
+        calls = []
+        real = parallel_runner.dist.broadcast_object_list
+        monkeypatch.setattr(parallel_runner.dist, "broadcast_object_list",
+                            lambda objs, src=0, **kw: (calls.append(objs[0][0]), real(objs, src=src, **kw))[1])
+        assert [o.output_ids for o in llm.generate(PROMPTS, GREEDY)] == want_tokens
+        assert "forward" not in calls and len(calls) <= 1, calls        # at most the cache set-up
