@@ -104,9 +104,14 @@ class FastGPTMoE:
         return get_config(E, N, K, _DT.get(self.dtype, "fp32"), M, self.device_name)
 
     # ---- post-attention LN and the MLP, shared by decode and prefill ----------
-    def _ln2_mlp(self, L: dict, res: torch.Tensor, o: torch.Tensor, real: torch.Tensor | None = None, li: int = 0):
+    def _ln2_mlp(self, L: dict, res: torch.Tensor, o: torch.Tensor, slots: torch.Tensor | None = None, li: int = 0,
+                 zero_padding: bool = False):
         """res += o + bo; u = LN2(res); returns (res, y, bias of y still to add or None).
-        real [N] bool (expert parallelism): the tokens that are not padding (their KV slot >= 0)."""
+        slots [N]: each token's KV slot; tokens without one (-1: padding rows of a graph bucket or
+        of a right-padded prompt) are routed to no expert, so they cost no expert weight reads.
+        zero_padding (prefill): their expert output is zero rather than left unwritten, because a
+        prompt's padding tokens share attention kernels with its real tokens (masked, but a NaN
+        left in a masked key could still spread); decode padding rows are independent rows."""
         eps = self.config.layernorm_eps
         o = self.par.tp_all_reduce(o)                    # row-parallel attention output (TP)
         if not L["moe"]:
@@ -115,11 +120,11 @@ class FastGPTMoE:
             h = fused_moe(u, L["w1"], L["b1"], N, gelu=True, config=self._cfg(1, F, self.H, N))
             return res, self.par.tp_all_reduce(h @ L["w2"]), L["b2"]
         if self.par.ep > 1:
-            return self._ln2_moe_ep(L, res, o, real, li)
+            return self._ln2_moe_ep(L, res, o, slots >= 0, li)
         k, E = L["k"], L["E"]
         res, u, u32 = add_layernorm(res, L["ln2"].weight, L["ln2"].bias, eps, add=o, add_bias=L["bo"],
                                     want_fp32=True)
-        probs, ids = gate_topk(u32, L["wg32"], k)        # fp32 gate GEMM on cuBLAS (no TF32) + top-k kernel
+        probs, ids = gate_topk(u32, L["wg32"], k, slots=slots)   # fp32 gate GEMM on cuBLAS (no TF32) + top-k kernel
         if self.trace is not None:
             self.trace.append(ids)
         N, F = u.shape[0], L["w1"].shape[2]
@@ -134,8 +139,12 @@ class FastGPTMoE:
             routing = moe_align(ids, E, c1["BLOCK_M"])
         h = fused_moe(u, L["w1"], L["b1"], N * k, topk=k, routing=routing, gelu=True, config=c1)
         b2 = L["b2"] if self.par.t == 0 else None       # b2 once: only TP rank 0 adds it before the reduce
+        out = None
+        if zero_padding:
+            out = torch.zeros(*((split_k,) if split_k > 1 else ()), N * k, self.H, device=u.device,
+                              dtype=torch.float32 if split_k > 1 else u.dtype)
         y = fused_moe(h, L["w2"], b2, N * k, topk=k, routing=routing, probs=probs, a_per_slot=True,
-                      mul_prob=True, config=c2, split_k=split_k)
+                      mul_prob=True, config=c2, split_k=split_k, out=out)
         return res, self.par.tp_all_reduce(y), None          # [split_k,] N*k rows: the next add_layernorm sums partials and slots
 
     def _ln2_moe_ep(self, L: dict, res: torch.Tensor, o: torch.Tensor, real: torch.Tensor, li: int):
@@ -190,12 +199,11 @@ class FastGPTMoE:
         m = self.model
         B = ids.shape[0]
         x = m.wte[ids] + m.wpe[positions] if self.par.is_first_stage else ids      # [B, H]
-        real = slots >= 0 if self.par.ep > 1 else None
         res, a = add_layernorm(x, self.layers[0]["ln1"].weight, self.layers[0]["ln1"].bias, self.config.layernorm_eps)
         for i, L in enumerate(self.layers):
             qkv = torch.addmm(L["bqkv"], a, L["wqkv"]).view(B, 3, self.heads, self.D)
             ctx = decode_attention(qkv, cache.k[i], cache.v[i], block_tables, context_lens, slots, self.scale)
-            res, y, y_bias = self._ln2_mlp(L, res, ctx.view(B, self.HL) @ L["wo"], real, i)
+            res, y, y_bias = self._ln2_mlp(L, res, ctx.view(B, self.HL) @ L["wo"], slots, i)
             nxt = self.layers[i + 1]["ln1"] if i + 1 < len(self.layers) else self.final_ln
             res, a = add_layernorm(res, nxt.weight, nxt.bias, self.config.layernorm_eps, add=y, add_bias=y_bias)
         return self._head(a) if self.par.is_last_stage else res
@@ -217,8 +225,7 @@ class FastGPTMoE:
         ragged = bool((meta.seq_lens != T).any())
         x = (m.wte[input_ids] + m.wpe[meta.positions]).view(B * T, H) if self.par.is_first_stage else input_ids
         res, a = add_layernorm(x, self.layers[0]["ln1"].weight, self.layers[0]["ln1"].bias, self.config.layernorm_eps)
-        slots = meta.slot_mapping.reshape(-1)
-        real = slots >= 0 if self.par.ep > 1 else None
+        slots = meta.slot_mapping.reshape(-1).contiguous()
         mask = None
         if ragged:  # causal and key-padding: query t of row b sees keys j <= t (< seq_len)
             j = torch.arange(T, device=dev)
@@ -231,7 +238,8 @@ class FastGPTMoE:
                 ctx = torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True)
             else:
                 ctx = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=mask)
-            res, y, y_bias = self._ln2_mlp(L, res, ctx.transpose(1, 2).reshape(B * T, self.HL) @ L["wo"], real, i)
+            res, y, y_bias = self._ln2_mlp(L, res, ctx.transpose(1, 2).reshape(B * T, self.HL) @ L["wo"], slots, i,
+                                           zero_padding=True)
             nxt = self.layers[i + 1]["ln1"] if i + 1 < len(self.layers) else self.final_ln
             res, a = add_layernorm(res, nxt.weight, nxt.bias, self.config.layernorm_eps, add=y, add_bias=y_bias)
         if not self.par.is_last_stage:

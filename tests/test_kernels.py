@@ -68,6 +68,18 @@ def test_gate_topk(gen, n, h, e, k):
     assert rel(probs, want_p) < 1e-5
 
 
+@pytest.mark.parametrize("k", [1, 2])
+def test_gate_topk_padding_rows_get_no_expert(gen, k):
+    """Rows with a negative KV slot (graph-bucket padding, prompt padding) get id -1, prob 0."""
+    u, wg = rnd(37, 64, dtype=torch.float16, gen=gen), rnd(64, 16, dtype=torch.float16, gen=gen, scale=0.2)
+    slots = torch.randint(-1, 100, (37,), generator=gen).to(DEV)
+    slots[0] = -1
+    probs, ids = gate_topk(u, wg.float(), k, slots=slots)
+    want_p, want_i = ref.gate_topk_ref(u, wg, k, slots)
+    assert torch.equal(ids.cpu(), want_i.cpu()) and bool((ids[slots < 0] == -1).all())
+    assert rel(probs, want_p) < 1e-5 and bool((probs[slots < 0] == 0).all())
+
+
 def test_gate_topk_ties_go_to_lower_id():
     u = torch.zeros(3, 16, device=DEV)
     u[:, 0] = 1.0

@@ -24,8 +24,9 @@ def gelu_tanh_ref(x):
     return 0.5 * x * (1.0 + torch.tanh(math.sqrt(2.0 / math.pi) * (x + 0.044715 * x * x * x)))
 
 
-def gate_topk_ref(u, wg, k):
-    """u [N, H], wg [H, E] -> (probs [N, k] fp32, ids [N, k] int32); fp32 softmax, ties to lower id."""
+def gate_topk_ref(u, wg, k, slots=None):
+    """u [N, H], wg [H, E] -> (probs [N, k] fp32, ids [N, k] int32); fp32 softmax, ties to lower id.
+    Rows whose slot is negative (padding) get id -1 and prob 0."""
     p = torch.softmax(u.float() @ wg.float(), dim=-1)
     masked = p.clone()
     ids = []
@@ -34,7 +35,11 @@ def gate_topk_ref(u, wg, k):
         ids.append(i)
         masked.scatter_(1, i, -1.0)
     ids_t = torch.cat(ids, 1)
-    return p.gather(1, ids_t), ids_t.to(torch.int32)
+    probs = p.gather(1, ids_t)
+    if slots is not None:
+        pad = (slots < 0)[:, None]
+        probs, ids_t = probs.masked_fill(pad, 0.0), ids_t.masked_fill(pad, -1)
+    return probs, ids_t.to(torch.int32)
 
 
 def moe_align_ref(ids, num_experts, block_m):

@@ -16,8 +16,8 @@ import triton.language as tl
 
 
 @triton.jit
-def _softmax_topk_kernel(LOGITS, PROBS, IDS, N, E, stride_l, K_TOP: tl.constexpr, BLOCK_M: tl.constexpr,
-                         BLOCK_E: tl.constexpr):
+def _softmax_topk_kernel(LOGITS, PROBS, IDS, SLOTS, N, E, stride_l, K_TOP: tl.constexpr, BLOCK_M: tl.constexpr,
+                         BLOCK_E: tl.constexpr, HAS_SLOTS: tl.constexpr):
     rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     rm = rows < N
     es = tl.arange(0, BLOCK_E)
@@ -28,30 +28,41 @@ def _softmax_topk_kernel(LOGITS, PROBS, IDS, N, E, stride_l, K_TOP: tl.constexpr
     mx = tl.max(logits, axis=1)
     ex = tl.exp(logits - mx[:, None])
     p = ex / tl.sum(ex, axis=1)[:, None]
+    if HAS_SLOTS:   # rows without a KV slot are padding: no expert (id -1), so no expert weights are read
+        real = tl.load(SLOTS + rows, mask=rm, other=-1) >= 0
     for j in tl.static_range(K_TOP):
         idx = tl.argmax(p, axis=1, tie_break_left=True)
         sel = es[None, :] == idx[:, None]
-        tl.store(PROBS + rows * K_TOP + j, tl.sum(tl.where(sel, p, 0.0), axis=1), mask=rm)
-        tl.store(IDS + rows * K_TOP + j, idx.to(tl.int32), mask=rm)
+        pj = tl.sum(tl.where(sel, p, 0.0), axis=1)
+        idj = idx.to(tl.int32)
+        if HAS_SLOTS:
+            pj = tl.where(real, pj, 0.0)
+            idj = tl.where(real, idj, -1)
+        tl.store(PROBS + rows * K_TOP + j, pj, mask=rm)
+        tl.store(IDS + rows * K_TOP + j, idj, mask=rm)
         p = tl.where(sel, -1.0, p)
 
 
-def softmax_topk(logits: torch.Tensor, k: int, probs_out=None, ids_out=None):
-    """logits [N, E] fp32 -> (probs [N, k] fp32: softmax over all E, ids [N, k] int32; ties to the lower id)."""
+def softmax_topk(logits: torch.Tensor, k: int, probs_out=None, ids_out=None, slots: torch.Tensor | None = None):
+    """logits [N, E] fp32 -> (probs [N, k] fp32: softmax over all E, ids [N, k] int32; ties to the lower id).
+    slots [N] (optional, any int dtype): rows with a negative KV slot are padding and get id -1, prob 0."""
     N, E = logits.shape
     probs = probs_out if probs_out is not None else torch.empty(N, k, dtype=torch.float32, device=logits.device)
     ids = ids_out if ids_out is not None else torch.empty(N, k, dtype=torch.int32, device=logits.device)
     BLOCK_E = triton.next_power_of_2(E)
     BLOCK_M = max(1, min(16, 4096 // BLOCK_E))
-    _softmax_topk_kernel[(triton.cdiv(N, BLOCK_M),)](logits, probs, ids, N, E, logits.stride(0), K_TOP=k,
-                                                     BLOCK_M=BLOCK_M, BLOCK_E=BLOCK_E)
+    if slots is not None:
+        assert slots.shape == (N,) and slots.stride(0) == 1
+    _softmax_topk_kernel[(triton.cdiv(N, BLOCK_M),)](logits, probs, ids, slots if slots is not None else ids, N, E,
+                                                     logits.stride(0), K_TOP=k, BLOCK_M=BLOCK_M, BLOCK_E=BLOCK_E,
+                                                     HAS_SLOTS=slots is not None)
     return probs, ids
 
 
-def gate_topk(u: torch.Tensor, wg32: torch.Tensor, k: int):
+def gate_topk(u: torch.Tensor, wg32: torch.Tensor, k: int, slots: torch.Tensor | None = None):
     """The MoE gate: fp32 logits (cuBLAS, no TF32) then softmax + top-k in one kernel.
-    u [N, H] (any float dtype; fp32 avoids a cast), wg32 [H, E] fp32."""
-    return softmax_topk(u.float() @ wg32, k)
+    u [N, H] (any float dtype; fp32 avoids a cast), wg32 [H, E] fp32; slots as in `softmax_topk`."""
+    return softmax_topk(u.float() @ wg32, k, slots=slots)
 
 
 @triton.jit
