@@ -148,6 +148,7 @@ class Row:
     in_len: int | None = None
     out_len: int | None = None
     kernels_per_step: int | None = None
+    variant: str | None = None          # prefill: "cuda-graph" when replayed from a prefill graph
 
     @property
     def ratio(self) -> float | None:
@@ -171,9 +172,10 @@ def run_bench(preset: str = "gpt-moe-0.35b-64e", model_dir: str | None = None, d
               batches=(1, 8, 64, 256), ctx: int = 128, prefill=(8, 512), eager: bool = True,
               latency: bool = True, iters: int = 50, json_path: str | None = None, log=print,
               profile: bool = False, device: str = "cuda", latency_batches=(1, 8, 32, 64),
-              latency_shapes=((128, 8), (512, 32))) -> dict:
-    """device "cpu" is a smoke test of the whole procedure (Triton interpreter, no graphs, no floors)."""
-    from .cuda_graphs import DecodeGraphs
+              latency_shapes=((128, 8), (512, 32)), prefill_graphs: bool = False) -> dict:
+    """device "cpu" is a smoke test of the whole procedure (Triton interpreter, no graphs, no floors).
+    prefill_graphs: also time prefill replayed from a CUDA graph (and use it in the latency table)."""
+    from .cuda_graphs import DecodeGraphs, PrefillGraphs
     from .fast_model import FastGPTMoE
     from .loader import load_model, parse_dtype
 
@@ -249,6 +251,10 @@ def run_bench(preset: str = "gpt-moe-0.35b-64e", model_dir: str | None = None, d
         cache.free(s)
     if prefill:
         rows.append(_bench_prefill(m, fast, cache, prefill, bw, rate, eager, log, profile))
+    if prefill_graphs:
+        fast.prefill_graphs = PrefillGraphs(fast, cache)
+        if prefill:
+            rows.append(_bench_prefill(m, fast, cache, prefill, bw, rate, False, log, profile, variant="cuda-graph"))
     if latency:
         rows += _bench_latency(fast, graphs, cache, log, latency_batches, latency_shapes)
     result = {"device": torch.cuda.get_device_name() if dev.type == "cuda" else "cpu",
@@ -280,14 +286,15 @@ class _EagerSteps:
 def _fmt(r: Row) -> str:
     eager = f"{r.eager_ms:9.2f}" if r.eager_ms else "        -"
     sp = f"{r.eager_ms / r.ms:7.1f}x" if r.eager_ms else "       -"
-    what = f"{r.phase} B={r.batch}" + (f" {r.in_len}/{r.out_len}" if r.in_len else "")
+    what = f"{r.phase} B={r.batch}" + (f" {r.in_len}/{r.out_len}" if r.in_len else "") + \
+        (f" ({r.variant})" if r.variant else "")
     floor = f"floor {r.floor_ms:8.3f} ms  ratio {r.ratio:5.2f}" if r.floor_ms else "floor        - (no GPU)"
     return (f"{what:<24} {r.ms:9.3f} ms  {floor}  "
             f"{r.tokens_per_s:10.0f} tok/s  eager {eager} ms {sp}"
             + (f"  kernels/step {r.kernels_per_step}" if r.kernels_per_step else ""))
 
 
-def _bench_prefill(m, fast, cache, shape, bw, rate, eager, log, profile=False) -> Row:
+def _bench_prefill(m, fast, cache, shape, bw, rate, eager, log, profile=False, variant=None) -> Row:
     B, T = shape
     cfg = m.config
     dev = m.device
@@ -310,7 +317,7 @@ def _bench_prefill(m, fast, cache, shape, bw, rate, eager, log, profile=False) -
     eager_ms = _events_ms(lambda: run(m), 2, 1) if eager else None
     weight_bytes = sum(_bytes(p) for p in m.parameters())   # ~all experts are touched by B*T tokens
     floor, bytes_ms, flops_ms = prefill_floor_ms(cfg, weight_bytes, B, T, bw, rate) if bw else (None, 0, 0)
-    row = Row("prefill", B, ms, floor, B * T / ms * 1e3, eager_ms, in_len=T)
+    row = Row("prefill", B, ms, floor, B * T / ms * 1e3, eager_ms, in_len=T, variant=variant)
     log(_fmt(row) + (f"  (bytes floor {bytes_ms:.2f} ms, flops floor {flops_ms:.2f} ms)" if bw else ""))
     return row
 

@@ -195,6 +195,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--iters", type=int, default=50)
     p.add_argument("--json", default=None, help="write the results here")
     p.add_argument("--profile", action="store_true", help="print per-kernel GPU times of a decode step")
+    p.add_argument("--prefill-graphs", action="store_true", help="also time prefill replayed from CUDA graphs "
+                   "(FTMOE_PREFILL_GRAPHS=1 turns them on for generate/serve)")
     p.add_argument("--tp", type=int, default=1)
     p.add_argument("--ep", type=int, default=1)
     p.add_argument("--pp", type=int, default=1)
@@ -249,7 +251,7 @@ def main(argv: list[str] | None = None) -> int:
                                    a.ctx, min(a.iters, 20), a.json, prefill=prefill)
                 return 0
             run_bench(a.preset, a.model, a.dtype, batches, a.ctx, prefill, not a.no_eager, not a.no_latency,
-                      a.iters, a.json, profile=a.profile, device=a.device)
+                      a.iters, a.json, profile=a.profile, device=a.device, prefill_graphs=a.prefill_graphs)
             return 0
         if a.cmd == "tune":
             import torch

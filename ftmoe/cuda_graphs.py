@@ -1,4 +1,5 @@
-"""CUDA graphs for the decode step, one per batch-size bucket, sharing one memory pool.
+"""CUDA graphs for the decode step, one per batch-size bucket, sharing one memory pool; and
+(opt-in) for prefill, one per (batch, prompt length) bucket.
 
 In:  a `FastGPTMoE`, the `KVCache` it decodes into, and per step the rows' token ids,
      positions, block tables, context lengths and slots.
@@ -16,7 +17,7 @@ from __future__ import annotations
 import torch
 
 from .fast_model import FastGPTMoE
-from .kv_cache import KVCache
+from .kv_cache import AttnMetadata, KVCache
 
 DEFAULT_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024)
 
@@ -83,5 +84,91 @@ class DecodeGraphs:
         if B < bucket:
             s["slots"][B:].fill_(-1)
             s["ctx"][B:].fill_(0)
+        g.replay()
+        return out[:B]
+
+
+PREFILL_T_BUCKETS = (16, 32, 64, 128, 256, 512, 1024, 2048)
+PREFILL_B_BUCKETS = (1, 2, 4, 8, 16, 32)
+
+
+class PrefillGraphs:
+    """Fresh-prompt prefill (last-token logits) replayed from CUDA graphs, one per bucket
+    (B rounded up in PREFILL_B_BUCKETS, T in PREFILL_T_BUCKETS, at most `max_tokens` tokens),
+    for the host-bound launch sequence of a prefill (~30 kernels per MoE layer). Padding: extra
+    columns of a row have no KV slot (and are masked as keys), extra rows are one dummy token with
+    no KV slot; tokens without a slot route to no expert. Calls outside the buckets return None
+    (the caller runs eagerly). A bucket whose rows are all exactly T long (no padding at all) is
+    captured with causal attention, the others with a key-padding mask. On the CPU (tests) the
+    same static-buffer procedure runs without capture."""
+
+    def __init__(self, fast: FastGPTMoE, cache: KVCache, t_buckets=PREFILL_T_BUCKETS, b_buckets=PREFILL_B_BUCKETS,
+                 max_tokens: int = 8192):
+        self.fast, self.cache = fast, cache
+        self.t_buckets = tuple(t for t in sorted(t_buckets) if t <= fast.config.max_pos_seq_len)
+        self.b_buckets = tuple(sorted(b_buckets))
+        self.max_tokens = max_tokens
+        self.graphs: dict[tuple[int, int, bool], tuple[torch.cuda.CUDAGraph | None, dict, torch.Tensor | None]] = {}
+        self.pool = None
+        self.capture_enabled = fast.device.type == "cuda"
+
+    def bucket_for(self, B: int, T: int) -> tuple[int, int] | None:
+        bb = next((b for b in self.b_buckets if b >= B), None)
+        tb = next((t for t in self.t_buckets if t >= T), None)
+        if bb is None or tb is None or bb * tb > self.max_tokens:
+            return None
+        return bb, tb
+
+    def _static(self, B: int, T: int) -> dict:
+        dev = self.fast.device
+        z = torch.zeros(B, T, dtype=torch.long, device=dev)
+        return {"ids": z.clone(), "positions": z.clone(), "slots": torch.full((B, T), -1, dtype=torch.long, device=dev),
+                "seq_lens": torch.ones(B, dtype=torch.long, device=dev),
+                "tables": torch.zeros(B, 1, dtype=torch.long, device=dev),
+                "ctx": torch.zeros(B, dtype=torch.long, device=dev)}
+
+    def _run(self, s: dict, causal_only: bool) -> torch.Tensor:
+        meta = AttnMetadata(s["positions"], s["slots"], s["tables"], s["ctx"], s["seq_lens"])
+        return self.fast.prefill(s["ids"], meta, self.cache, last_only=True, ragged=not causal_only)
+
+    @torch.inference_mode()
+    def _capture(self, key: tuple[int, int, bool]) -> None:
+        s = self._static(key[0], key[1])
+        if not self.capture_enabled:
+            self.graphs[key] = (None, s, None)
+            return
+        stream = torch.cuda.Stream()
+        stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(stream):
+            self._run(s, key[2])                 # warm up: compile kernels, pick cuBLAS algorithms
+        torch.cuda.current_stream().wait_stream(stream)
+        g = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(g, pool=self.pool):
+            out = self._run(s, key[2])
+        if self.pool is None:
+            self.pool = g.pool()
+        self.graphs[key] = (g, s, out)
+
+    @torch.inference_mode()
+    def step(self, input_ids: torch.Tensor, meta: AttnMetadata) -> torch.Tensor | None:
+        """Last-token logits [B, V] of fresh prompts, or None when no bucket fits."""
+        B, T = input_ids.shape
+        bucket = self.bucket_for(B, T)
+        if bucket is None:
+            return None
+        causal_only = bucket == (B, T) and not bool((meta.seq_lens != T).any())
+        key = (*bucket, causal_only)
+        if key not in self.graphs:
+            self._capture(key)
+        g, s, out = self.graphs[key]
+        s["ids"][:B, :T].copy_(input_ids)
+        s["positions"].zero_()
+        s["positions"][:B, :T].copy_(meta.positions)
+        s["slots"].fill_(-1)
+        s["slots"][:B, :T].copy_(meta.slot_mapping)
+        s["seq_lens"].fill_(1)
+        s["seq_lens"][:B].copy_(meta.seq_lens)
+        if g is None:
+            return self._run(s, causal_only)[:B]
         g.replay()
         return out[:B]

@@ -16,6 +16,7 @@ Prefill uses torch SDPA (flash) for attention and the same MoE kernels with larg
 from __future__ import annotations
 
 import math
+import os
 import types
 
 import torch
@@ -89,12 +90,18 @@ class FastGPTMoE:
                                                   bias=torch.zeros(self.H, dtype=model.dtype, device=model.device))
         self.trace: list | None = None   # set to [] to record each MoE layer's expert ids
         self.graphs = None
+        self.prefill_graphs = None
 
-    def enable_cuda_graphs(self, cache: KVCache) -> None:
-        """Decode steps on `cache` replay CUDA graphs (one per batch-size bucket)."""
-        from .cuda_graphs import DecodeGraphs
+    def enable_cuda_graphs(self, cache: KVCache, prefill: bool | None = None) -> None:
+        """Decode steps on `cache` replay CUDA graphs (one per batch-size bucket). prefill: fresh
+        prompts too (one graph per (batch, length) bucket; default: the FTMOE_PREFILL_GRAPHS
+        environment variable, off until measured on GPUs)."""
+        from .cuda_graphs import DecodeGraphs, PrefillGraphs
 
         self.graphs = DecodeGraphs(self, cache, max_blocks_per_seq=cache.blocks_for(self.config.max_pos_seq_len))
+        if prefill is None:
+            prefill = os.environ.get("FTMOE_PREFILL_GRAPHS", "0") == "1"
+        self.prefill_graphs = PrefillGraphs(self, cache) if prefill else None
 
     @property
     def device(self) -> torch.device:
@@ -214,15 +221,17 @@ class FastGPTMoE:
 
     # ---- prefill: fresh prompts, right-padded [B, T] --------------------------
     def prefill(self, input_ids: torch.Tensor, meta: AttnMetadata, cache: KVCache,
-                last_only: bool = True) -> torch.Tensor:
+                last_only: bool = True, ragged: bool | None = None) -> torch.Tensor:
         """ids [B, T] (a later pipeline stage: the residual [B*T, H]) -> logits [B, (T,) V] fp32, or
-        the residual [B*T, H] on a stage before the last."""
+        the residual [B*T, H] on a stage before the last. ragged: whether some row is shorter than
+        T (None: find out, a host sync; a CUDA graph passes it)."""
         m = self.model
         B, T = meta.positions.shape
         H, h, D = self.H, self.heads, self.D
         dev = meta.positions.device
         valid = torch.arange(T, device=dev)[None, :] < meta.seq_lens[:, None]                 # [B, T]
-        ragged = bool((meta.seq_lens != T).any())
+        if ragged is None:
+            ragged = bool((meta.seq_lens != T).any())
         x = (m.wte[input_ids] + m.wpe[meta.positions]).view(B * T, H) if self.par.is_first_stage else input_ids
         res, a = add_layernorm(x, self.layers[0]["ln1"].weight, self.layers[0]["ln1"].bias, self.config.layernorm_eps)
         slots = meta.slot_mapping.reshape(-1).contiguous()
@@ -264,5 +273,10 @@ class FastGPTMoE:
                 out = self.decode_step(*args, cache)
             return out if last_only else out[:, None]
         if bool((meta.context_lens == 0).all()):
+            pg = self.prefill_graphs
+            if pg is not None and pg.cache is cache and last_only:
+                out = pg.step(input_ids, meta)
+                if out is not None:
+                    return out
             return self.prefill(input_ids, meta, cache, last_only)
         return self.model(input_ids, meta, cache, last_only)  # chunked prefill: reference path for now

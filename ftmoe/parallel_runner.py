@@ -165,7 +165,7 @@ class DistributedModel:
         """Free the decode graphs before the process group goes: NCCL's communicator teardown
         waits for every graph that captured its collectives to be destroyed (it hangs otherwise)."""
         if self.fast is not None and self.fast.graphs is not None:
-            self.fast.graphs = None
+            self.fast.graphs = self.fast.prefill_graphs = None
             import gc
 
             gc.collect()

@@ -149,12 +149,71 @@ def test_bench_procedure_smoke(tmp_path):
     dev = "cuda" if torch.cuda.is_available() else "cpu"
     r = run_bench("tiny", dtype="float32", batches=(1, 2), ctx=8, prefill=(2, 8), eager=True, latency=True,
                   iters=2, json_path=str(out), log=lambda *_: None, device=dev, latency_batches=(1, 2),
-                  latency_shapes=((8, 4),))
+                  latency_shapes=((8, 4),), prefill_graphs=True)
     phases = [(row["phase"], row["batch"]) for row in r["rows"]]
-    assert phases[:3] == [("decode", 1), ("decode", 2), ("prefill", 2)]
+    assert phases[:4] == [("decode", 1), ("decode", 2), ("prefill", 2), ("prefill", 2)]
+    assert [row["variant"] for row in r["rows"][2:4]] == [None, "cuda-graph"]
     assert [b for p, b in phases if p == "latency"] == [1, 2]
     for row in r["rows"]:
         assert row["ms"] > 0 and row["tokens_per_s"] > 0
         assert (row["floor_ms"] is not None) == (dev == "cuda" and row["phase"] != "latency")
     import json
     assert json.loads(out.read_text())["rows"][0]["phase"] == "decode"
+
+
+@pytest.mark.parametrize("lens", [[5, 11, 1], [16, 16]])
+def test_prefill_graphs_equal_eager_prefill(models, lens):
+    """Bucketed prefill (padding rows and columns with no KV slot; on a GPU a captured graph,
+    replayed for a second batch) gives the eager prefill's last-token logits and writes the
+    same KV at the real tokens' slots, nothing elsewhere."""
+    from ftmoe.cuda_graphs import PrefillGraphs
+
+    ref, fast = models
+    V = ref.config.vocab_size
+    g = torch.Generator().manual_seed(sum(lens))
+    pg = None
+    for trial in range(2):
+        caches = [KVCache.for_model(ref.config, 256, block_size=4, dtype=torch.float32, device=DEV) for _ in range(2)]
+        for c in caches:
+            c.k.normal_(generator=None)
+        caches[1].k.copy_(caches[0].k)
+        caches[1].v.copy_(caches[0].v)
+        before = caches[0].k.clone()
+        if pg is None:
+            pg = PrefillGraphs(fast, caches[0], t_buckets=(8, 16), b_buckets=(2, 4))
+        pg.cache = caches[0]
+        if trial == 1 and pg.capture_enabled:
+            pg.graphs.clear()                 # a graph bakes in its cache: capture again for the new one
+        batch = torch.randint(0, V, (len(lens), max(lens)), generator=g).to(DEV)
+        metas = []
+        for c in caches:
+            for i in range(len(lens)):
+                c.add(i)
+            metas.append(c.prepare(list(range(len(lens))), lens))
+        got = pg.step(batch, metas[0])
+        want = fast.prefill(batch, metas[1], caches[1], last_only=True)
+        assert got.shape == want.shape and rel(got, want) < 1e-4
+        assert bucket_keys_ok(pg, len(lens), max(lens))
+        slots = metas[0].slot_mapping[metas[0].slot_mapping >= 0]
+        blk, off = slots // 4, slots % 4
+        assert rel(caches[0].k[:, blk, :, off], caches[1].k[:, blk, :, off]) < 1e-4
+        untouched = torch.ones(caches[0].k.shape[1], 4, dtype=torch.bool, device=DEV)
+        untouched[blk, off] = False
+        assert torch.equal(caches[0].k.permute(1, 3, 0, 2, 4)[untouched], before.permute(1, 3, 0, 2, 4)[untouched])
+
+
+def bucket_keys_ok(pg, B, T):
+    bb, tb = pg.bucket_for(B, T)
+    return bb >= B and tb >= T and any(k[:2] == (bb, tb) for k in pg.graphs)
+
+
+def test_prefill_graphs_decline_what_no_bucket_fits(models):
+    from ftmoe.cuda_graphs import PrefillGraphs
+
+    ref, fast = models
+    cache = KVCache.for_model(ref.config, 64, block_size=4, dtype=torch.float32, device=DEV)
+    pg = PrefillGraphs(fast, cache, t_buckets=(8,), b_buckets=(2,), max_tokens=16)
+    assert pg.bucket_for(3, 8) is None and pg.bucket_for(2, 9) is None and pg.bucket_for(2, 8) == (2, 8)
+    cache.add(0)
+    ids = torch.zeros(1, 9, dtype=torch.long, device=DEV)
+    assert pg.step(ids, cache.prepare([0], [9])) is None
