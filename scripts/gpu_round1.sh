@@ -10,7 +10,7 @@ W=$(mktemp -d)
 export PYTHONPATH=$PWD PYTHONUNBUFFERED=1 TMPDIR=${TMPDIR:-/tmp}
 python3 -c "import pytest" 2>/dev/null || pip install -q --no-index --find-links .gpu_wheels pytest
 nvidia-smi -L > "$W/gpus.txt"; nvidia-smi topo -m >> "$W/gpus.txt" 2>&1
-(CUDA_VISIBLE_DEVICES=0 OUT=$W/single timeout 560 bash scripts/gpu_check.sh > "$W/single.log" 2>&1) &
+(CUDA_VISIBLE_DEVICES=0 OUT=$W/single timeout 560 bash scripts/gpu_check.sh --prefill-graphs > "$W/single.log" 2>&1) &
 (CUDA_VISIBLE_DEVICES=1 OUT=$W/serve timeout 560 bash scripts/gpu_serving_bench.sh > "$W/serve.log" 2>&1) &
 (CUDA_VISIBLE_DEVICES=2,3 timeout 560 python3 scripts/gpu_parallel_check.py --tiny --real \
    --layouts 2x1x1,1x2x1,1x1x2 --steps 64 > "$W/parity2.log" 2>&1) &
