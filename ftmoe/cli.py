@@ -209,6 +209,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dtype", default="bf16", choices=["bf16", "fp16"])
     p.add_argument("--m", default="1,8,32,64,256,1024,4096", help="routed-slot counts to tune for")
     p.add_argument("--out", default=None, help="JSON path (default: the package's configs folder)")
+    p.add_argument("--no-dense", action="store_true", help="skip timing the dense GEMMs (Triton vs cuBLAS)")
+    p.add_argument("--no-moe", action="store_true", help="skip the fused-MoE tiles (keep the table's)")
     p = sub.add_parser("demo", help="build the small embedded model, convert it and generate")
     p.add_argument("--workdir", default="demo_out")
     from .entrypoints.bench_serving import add_bench_serving_args
@@ -259,12 +261,13 @@ def main(argv: list[str] | None = None) -> int:
             from .bench import config_of
             from .config import ModelConfig
             from .loader import parse_dtype, resolve_model_dir
-            from .tune import model_shapes, run_tune
+            from .tune import dense_shapes, model_shapes, run_tune
 
             if not torch.cuda.is_available():
                 raise FtmoeError("ftmoe tune needs a CUDA GPU")
             cfg = ModelConfig.from_dir(resolve_model_dir(a.model)) if a.model else config_of(a.preset)
-            run_tune(model_shapes(cfg), parse_dtype(a.dtype), tuple(int(m) for m in a.m.split(",")), a.out)
+            run_tune([] if a.no_moe else model_shapes(cfg), parse_dtype(a.dtype), tuple(int(m) for m in a.m.split(",")),
+                     a.out, dense=[] if a.no_dense else dense_shapes(cfg))
             return 0
         if a.cmd == "serve":
             if a.triton:

@@ -6,8 +6,9 @@ Out: `FastGPTMoE(input_ids, meta, cache, last_only)` with GPTMoE's call signatur
      generator can use either; `decode_step(...)` is the fixed-shape step that CUDA graphs
      capture (see `cuda_graphs.py`).
 
-Per block in a decode step: addmm (QKV+bias) -> paged decode attention (writes K/V) ->
-mm (Wo) -> add+LayerNorm (bo, residual) -> MLP -> the next block's add+LayerNorm takes the
+Per block in a decode step: QKV GEMM + bias -> paged decode attention (writes K/V) ->
+Wo GEMM -> add+LayerNorm (bo, residual); the dense GEMMs run on cuBLAS or, where `ftmoe tune`
+found it faster (small batches), the Triton kernel with split-K partials summed by the LN -> MLP -> the next block's add+LayerNorm takes the
 MLP output, its bias and the residual. Dense MLP: Triton GEMM with bias+GELU, then mm.
 MoE: add+LayerNorm+gate top-k in one kernel -> (align, past 32 slots) -> grouped GEMM W1
 (+b1, GELU) -> grouped GEMM W2 (+b2, x prob).
@@ -22,7 +23,7 @@ import types
 import torch
 
 from .kernels.attention import decode_attention, write_kv
-from .kernels.configs import get_config
+from .kernels.configs import get_config, get_dense_choice
 from .kernels.fused_moe import fused_moe
 from .kernels.norm import add_layernorm
 from .kernels.routing import gate_topk, moe_align
@@ -110,6 +111,21 @@ class FastGPTMoE:
     def _cfg(self, E: int, N: int, K: int, M: int) -> dict:
         return get_config(E, N, K, _DT.get(self.dtype, "fp32"), M, self.device_name)
 
+    def _dense(self, a: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None, parts_ok: bool) -> torch.Tensor:
+        """a [M, K] @ w [K, N] (+ bias): cuBLAS, or the Triton kernel where `ftmoe tune` found it
+        faster for this shape and M (small-batch GEMVs). With parts_ok the Triton path may return
+        fp32 split-K partials [S, M, N] (bias in the first): the consumer, add_layernorm, sums them."""
+        M, K = a.shape
+        N = w.shape[1]
+        choice = get_dense_choice(N, K, _DT.get(self.dtype, "fp32"), M, self.device_name)
+        if choice is None:
+            return torch.addmm(bias, a, w) if bias is not None else a @ w
+        cfg = dict(choice)
+        split_k = cfg.pop("split_k", 1) if parts_ok else 1
+        cfg.pop("split_k", None)
+        return fused_moe(a, w.unsqueeze(0), None if bias is None else bias.unsqueeze(0), M, config=cfg,
+                         split_k=split_k)
+
     # ---- post-attention LN and the MLP, shared by decode and prefill ----------
     def _ln2_mlp(self, L: dict, res: torch.Tensor, o: torch.Tensor, slots: torch.Tensor | None = None, li: int = 0,
                  zero_padding: bool = False):
@@ -125,7 +141,7 @@ class FastGPTMoE:
             res, u = add_layernorm(res, L["ln2"].weight, L["ln2"].bias, eps, add=o, add_bias=L["bo"])
             N, F = u.shape[0], L["w1"].shape[2]
             h = fused_moe(u, L["w1"], L["b1"], N, gelu=True, config=self._cfg(1, F, self.H, N))
-            return res, self.par.tp_all_reduce(h @ L["w2"]), L["b2"]
+            return res, self.par.tp_all_reduce(self._dense(h, L["w2"], None, parts_ok=True)), L["b2"]
         if self.par.ep > 1:
             return self._ln2_moe_ep(L, res, o, slots >= 0, li)
         k, E = L["k"], L["E"]
@@ -208,9 +224,10 @@ class FastGPTMoE:
         x = m.wte[ids] + m.wpe[positions] if self.par.is_first_stage else ids      # [B, H]
         res, a = add_layernorm(x, self.layers[0]["ln1"].weight, self.layers[0]["ln1"].bias, self.config.layernorm_eps)
         for i, L in enumerate(self.layers):
-            qkv = torch.addmm(L["bqkv"], a, L["wqkv"]).view(B, 3, self.heads, self.D)
+            qkv = self._dense(a, L["wqkv"], L["bqkv"], parts_ok=False).view(B, 3, self.heads, self.D)
             ctx = decode_attention(qkv, cache.k[i], cache.v[i], block_tables, context_lens, slots, self.scale)
-            res, y, y_bias = self._ln2_mlp(L, res, ctx.view(B, self.HL) @ L["wo"], slots, i)
+            res, y, y_bias = self._ln2_mlp(L, res, self._dense(ctx.view(B, self.HL), L["wo"], None, parts_ok=True),
+                                           slots, i)
             nxt = self.layers[i + 1]["ln1"] if i + 1 < len(self.layers) else self.final_ln
             res, a = add_layernorm(res, nxt.weight, nxt.bias, self.config.layernorm_eps, add=y, add_bias=y_bias)
         return self._head(a) if self.par.is_last_stage else res
@@ -240,15 +257,15 @@ class FastGPTMoE:
             j = torch.arange(T, device=dev)
             mask = (j[None, :] <= j[:, None])[None, None] & valid[:, None, None, :]
         for i, L in enumerate(self.layers):
-            qkv = torch.addmm(L["bqkv"], a, L["wqkv"]).view(B, T, 3, h, D)
+            qkv = self._dense(a, L["wqkv"], L["bqkv"], parts_ok=False).view(B, T, 3, h, D)
             q, k, v = (t.transpose(1, 2) for t in qkv.unbind(2))                     # [B, h, T, D]
             write_kv(qkv.view(B * T, 3, h, D), cache.k[i], cache.v[i], slots)   # padding slots (-1) skipped
             if mask is None:
                 ctx = torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True)
             else:
                 ctx = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=mask)
-            res, y, y_bias = self._ln2_mlp(L, res, ctx.transpose(1, 2).reshape(B * T, self.HL) @ L["wo"], slots, i,
-                                           zero_padding=True)
+            o = self._dense(ctx.transpose(1, 2).reshape(B * T, self.HL), L["wo"], None, parts_ok=True)
+            res, y, y_bias = self._ln2_mlp(L, res, o, slots, i, zero_padding=True)
             nxt = self.layers[i + 1]["ln1"] if i + 1 < len(self.layers) else self.final_ln
             res, a = add_layernorm(res, nxt.weight, nxt.bias, self.config.layernorm_eps, add=y, add_bias=y_bias)
         if not self.par.is_last_stage:

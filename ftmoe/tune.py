@@ -17,12 +17,14 @@ import time
 
 import torch
 
-from .kernels.configs import CONFIG_DIR, device_key, shape_key
+from .kernels.configs import CONFIG_DIR, dense_key, device_key, shape_key
 from .kernels.fused_moe import fused_moe
 from .fast_model import SMALL_BATCH_SLOTS, small_batch_split_k
 from .kernels.routing import moe_align
 
 DEFAULT_MS = (1, 8, 32, 64, 256, 1024, 4096)
+#: batch sizes at which the decode step's dense GEMMs are tried on Triton against cuBLAS
+DENSE_MS = (1, 2, 4, 8, 16, 32, 64)
 
 
 def candidate_configs(M: int) -> list[dict]:
@@ -92,8 +94,37 @@ def tune_shape(E: int, N: int, K: int, M: int, dtype: torch.dtype, stage: str, n
     return best, best_ms
 
 
+def tune_dense(N: int, K: int, M: int, dtype: torch.dtype, parts_ok: bool, bias: bool,
+               n_sets: int = 8, dev: str = "cuda") -> tuple[dict, float, float]:
+    """cuBLAS against the Triton kernel (split-K where the consumer sums partials) for a dense
+    [M, K] x [K, N] GEMM. Returns (table entry, best Triton ms, cuBLAS ms)."""
+    weights = [torch.randn(K, N, device=dev, dtype=dtype) * K ** -0.5 for _ in range(n_sets)]
+    b = torch.randn(N, device=dev, dtype=dtype)
+    a = torch.randn(M, K, device=dev, dtype=dtype)
+    cublas_ms = _time(lambda i: torch.addmm(b, a, weights[i]) if bias else a @ weights[i], n_sets)
+    best, best_ms = None, float("inf")
+    for cfg, split_k in itertools.product(candidate_configs(M), (1, 2, 4, 8) if parts_ok else (1,)):
+        try:
+            ms = _time(lambda i, cfg=cfg, s=split_k: fused_moe(a, weights[i].unsqueeze(0), b[None] if bias else None,
+                                                               M, config=cfg, split_k=s), n_sets)
+        except Exception:  # out of resources for this tile: skip it
+            continue
+        if ms < best_ms:
+            best, best_ms = dict(cfg, split_k=split_k), ms
+    if best is None or best_ms >= cublas_ms:
+        return {"backend": "cublas"}, best_ms, cublas_ms
+    return dict(best, backend="triton"), best_ms, cublas_ms
+
+
+def dense_shapes(cfg, tp: int = 1) -> list[tuple[int, int, bool, bool]]:
+    """(N, K, partials allowed, bias fused) of the decode step's dense GEMMs on one TP rank:
+    QKV (+bias), attention out, the dense MLP's second GEMM (the first is the tuned E=1 'w1')."""
+    H, F = cfg.hidden_size, cfg.inter_size
+    return [(3 * H // tp, H, False, True), (H, H // tp, True, False), (H, F // tp, True, False)]
+
+
 def run_tune(shapes: list[tuple[int, int, int, str]], dtype: torch.dtype, ms=DEFAULT_MS, out: str | None = None,
-             log=print) -> str:
+             log=print, dense: list[tuple[int, int, bool, bool]] = (), dense_ms=DENSE_MS) -> str:
     name = torch.cuda.get_device_name()
     path = out or os.path.join(CONFIG_DIR, device_key(name) + ".json")
     table = {}
@@ -113,6 +144,13 @@ def run_tune(shapes: list[tuple[int, int, int, str]], dtype: torch.dtype, ms=DEF
             w_bytes = (min(E, M) if E > 1 else 1) * K * N * torch.finfo(dtype).bits // 8
             log(f"[{time.time() - t0:6.1f}s] {key} {stage} M={M:<5} {best * 1e3:8.1f} us "
                 f"(~{w_bytes / (best * 1e-3) / 1e9:6.0f} GB/s of weights) {cfg}")
+    for N, K, parts_ok, bias in dense:
+        entry = table.setdefault(dense_key(N, K, dt), {})
+        for M in dense_ms:
+            choice, tri, cub = tune_dense(N, K, M, dtype, parts_ok, bias)
+            entry[str(M)] = choice
+            log(f"[{time.time() - t0:6.1f}s] {dense_key(N, K, dt)} M={M:<3} cuBLAS {cub * 1e3:7.1f} us, Triton "
+                f"{tri * 1e3:7.1f} us -> {choice['backend']} {choice if choice['backend'] == 'triton' else ''}")
     os.makedirs(os.path.dirname(path), exist_ok=True)
     with open(path, "w") as f:
         json.dump(table, f, indent=1, sort_keys=True)

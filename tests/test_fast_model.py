@@ -217,3 +217,31 @@ def test_prefill_graphs_decline_what_no_bucket_fits(models):
     cache.add(0)
     ids = torch.zeros(1, 9, dtype=torch.long, device=DEV)
     assert pg.step(ids, cache.prepare([0], [9])) is None
+
+
+def test_triton_dense_gemms_with_split_k_match_reference(models, monkeypatch):
+    """Where the tuned table picks the Triton kernel for the dense GEMMs (QKV, Wo, dense W2), with
+    split-K partials summed by add+LayerNorm, prefill and decode still equal the reference."""
+    from ftmoe import fast_model
+
+    picked = []
+
+    def choice(N, K, dtype, M, device_name=""):
+        picked.append((N, K))
+        return {"BLOCK_M": 16, "BLOCK_N": 32, "BLOCK_K": 32, "GROUP_M": 1, "num_warps": 4, "num_stages": 2,
+                "split_k": 3}
+
+    monkeypatch.setattr(fast_model, "get_dense_choice", choice)
+    ref, fast = models
+    H, F = ref.config.hidden_size, ref.config.inter_size
+    g = torch.Generator().manual_seed(5)
+    seq = torch.randint(0, ref.config.vocab_size, (9,), generator=g).to(DEV)
+    full = ref(seq[None])[0]
+    cache = KVCache.for_model(ref.config, 64, block_size=4, dtype=torch.float32, device=DEV)
+    cache.add(0)
+    out = fast(seq[None, :6], cache.prepare([0], [6]), cache, last_only=True)
+    assert rel(out[0], full[5]) < 1e-4
+    for t in range(6, 9):
+        out = fast(seq[None, t:t + 1], cache.prepare([0], [1]), cache, last_only=True)
+        assert rel(out[0], full[t]) < 1e-4
+    assert {(3 * H, H), (H, H), (H, F)} <= set(picked)     # QKV, Wo, dense W2

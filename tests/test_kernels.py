@@ -286,3 +286,40 @@ def test_moe_align_is_graph_capturable_at_large_batches(gen):
     g.replay()
     total = int(want[2])
     assert int(got[2]) == total and torch.equal(got[0][:total].cpu(), want[0][:total].cpu())
+
+
+def test_dense_gemm_choice_tuning_and_lookup(monkeypatch):
+    """`ftmoe tune` keeps cuBLAS unless a Triton config (split-K only where partials are allowed)
+    is faster; the runtime reads that choice by (N, K, dtype) and nearest M, cuBLAS past 2x the
+    largest tuned M or with FTMOE_DENSE_GEMM=cublas."""
+    from ftmoe import tune
+    from ftmoe.kernels import configs
+
+    def fake_time(fn, n_sets, iters=10):        # cuBLAS is the first timed call: 5.0; Triton 4.0, or 3.0 at split-K 4
+        fake_time.calls += 1
+        if fake_time.calls == 1:
+            return 5.0
+        return 3.0 if fn.__defaults__[1] == 4 else 4.0
+
+    monkeypatch.setattr(tune, "_time", fake_time)
+    fake_time.calls = 0
+    choice, tri, cub = tune.tune_dense(64, 32, 1, torch.float32, parts_ok=True, bias=False, dev="cpu")
+    assert choice["backend"] == "triton" and choice["split_k"] == 4 and (tri, cub) == (3.0, 5.0)
+    fake_time.calls = 0
+    choice, tri, cub = tune.tune_dense(64, 32, 1, torch.float32, parts_ok=False, bias=True, dev="cpu")
+    assert choice["backend"] == "triton" and choice["split_k"] == 1 and tri == 4.0
+    monkeypatch.setattr(tune, "_time", lambda fn, n_sets, iters=10: 1.0)      # ties keep cuBLAS
+    assert tune.tune_dense(64, 32, 1, torch.float32, True, False, dev="cpu")[0] == {"backend": "cublas"}
+
+    table = {configs.dense_key(3072, 1024, "bf16"): {"1": dict(choice, backend="triton"), "8": {"backend": "cublas"}}}
+    monkeypatch.setattr(configs, "_table", lambda name: table)
+    configs.get_dense_choice.cache_clear()
+    got = configs.get_dense_choice(3072, 1024, "bf16", 1, "GPU")
+    assert got["split_k"] == 1 and "backend" not in got
+    assert configs.get_dense_choice(3072, 1024, "bf16", 8, "GPU") is None             # cuBLAS won there
+    assert configs.get_dense_choice(3072, 1024, "bf16", 17, "GPU") is None            # past 2 x 8
+    assert configs.get_dense_choice(1024, 1024, "bf16", 1, "GPU") is None             # not tuned
+    monkeypatch.setenv("FTMOE_DENSE_GEMM", "cublas")
+    configs.get_dense_choice.cache_clear()
+    assert configs.get_dense_choice(3072, 1024, "bf16", 1, "GPU") is None
+    configs.get_dense_choice.cache_clear()

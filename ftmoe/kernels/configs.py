@@ -6,6 +6,11 @@ Out: a config dict (BLOCK_M/N/K, GROUP_M, num_warps, num_stages).
 Tuned tables live in `configs/<device>.json` (written by `ftmoe tune`), keyed
 "E=..,N=..,K=..,dtype=.." -> {M: config}; the entry with the nearest M is used. Without
 a table, a heuristic by M.
+
+Dense GEMMs of the decode step (QKV, attention out, the dense MLP's second GEMM) are keyed
+"dense:N=..,K=..,dtype=.." -> {M: {"backend": "cublas"} or {"backend": "triton", "split_k": S,
+tile...}}: `ftmoe tune` times cuBLAS against the Triton kernel and keeps the faster. Without
+an entry (or past twice the largest tuned M, or with FTMOE_DENSE_GEMM=cublas) cuBLAS runs.
 """
 from __future__ import annotations
 
@@ -62,3 +67,24 @@ def get_config(E: int, N: int, K: int, dtype: str, M: int, device_name: str = ""
         best = min(entries, key=lambda m: abs(int(m) - M))
         return dict(entries[best])
     return default_config(M, E)
+
+
+def dense_key(N: int, K: int, dtype: str) -> str:
+    return f"dense:N={N},K={K},dtype={dtype}"
+
+
+@functools.lru_cache(maxsize=4096)
+def get_dense_choice(N: int, K: int, dtype: str, M: int, device_name: str = "") -> dict | None:
+    """The Triton config (with "split_k") for a dense [M, K] x [K, N] GEMM, or None for cuBLAS."""
+    if os.environ.get("FTMOE_DENSE_GEMM", "tuned") == "cublas":
+        return None
+    entries = _table(device_name).get(dense_key(N, K, dtype))
+    if not entries:
+        return None
+    ms = [int(m) for m in entries]
+    if M > 2 * max(ms):
+        return None
+    best = dict(entries[str(min(ms, key=lambda m: abs(m - M)))])
+    if best.pop("backend", "cublas") != "triton":
+        return None
+    return best
