@@ -271,6 +271,8 @@ def test_tuned_config_lookup_and_expert_parallel_fallback():
     assert configs.get_config(16, 1024, 4096, "bf16", 256, "NVIDIA H200") == e64["256"]     # EP=4 rank
     assert configs.get_config(1, 1024, 4096, "bf16", 8, "NVIDIA H200") == configs.default_config(8, 1)
     assert configs.get_config(16, 1024, 4096, "bf16", 8, "no such GPU") == configs.default_config(8, 16)
+    # a Hopper card without its own table uses a tuned sibling's (an H100 gets the H200's tiles)
+    assert configs.get_config(64, 1024, 4096, "bf16", 64, "NVIDIA H100 80GB HBM3") == e64["64"]
 
 
 @pytest.mark.skipif(not GPU, reason="CUDA graphs need a GPU")

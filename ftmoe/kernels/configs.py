@@ -29,12 +29,23 @@ def shape_key(E: int, N: int, K: int, dtype: str) -> str:
     return f"E={E},N={N},K={K},dtype={dtype}"
 
 
+#: cards of one architecture share tiles well enough that a sibling's table beats the heuristic
+_FAMILIES = (("H100", "H200", "H800", "H20", "GH200"),)
+
+
 @functools.lru_cache(maxsize=None)
 def _table(device_name: str) -> dict:
+    """The card's own tuned table; else a tuned sibling's of the same architecture; else {}."""
     path = os.path.join(CONFIG_DIR, device_key(device_name) + ".json")
     if os.path.isfile(path):
         with open(path) as f:
             return json.load(f)
+    for family in _FAMILIES:
+        if any(m in device_name for m in family):
+            for name in sorted(os.listdir(CONFIG_DIR)) if os.path.isdir(CONFIG_DIR) else []:
+                if name.endswith(".json") and any(m in name for m in family):
+                    with open(os.path.join(CONFIG_DIR, name)) as f:
+                        return json.load(f)
     return {}
 
 
