@@ -323,9 +323,11 @@ class DistributedModel:
         with strided slice copies (no index tensors, no host syncs)."""
         par, V = self.par, self.config.vocab_size
         mine = (outs[0] if len(outs) == 1 else torch.cat(outs, 0)) if outs else None
+        # the head is a GEMM in the model's dtype, so 16-bit logits travel in 16 bits losslessly
+        wire = self.dtype if self.dtype in (torch.float16, torch.bfloat16) else torch.float32
         if par.rank != 0:
             if par.is_last_stage and mine is not None:
-                dist.send(mine.contiguous(), dst=0)
+                dist.send(mine.to(wire).contiguous(), dst=0)
             return None
         if par.config.world_size == 1:
             return mine
@@ -344,7 +346,7 @@ class DistributedModel:
                 if src == 0:
                     part = mine
                 else:
-                    part = torch.empty(sum(counts), *shape_tail, len(vs), dtype=torch.float32, device=self.device)
+                    part = torch.empty(sum(counts), *shape_tail, len(vs), dtype=wire, device=self.device)
                     dist.recv(part, src=src)
                 for r, p in zip(rows, part.split(counts)):
                     if p.shape[0]:

@@ -216,3 +216,22 @@ def test_forward_steps_are_not_pickled(folders, single, monkeypatch):
                             lambda objs, src=0, **kw: (calls.append(objs[0][0]), real(objs, src=src, **kw))[1])
         assert [o.output_ids for o in llm.generate(PROMPTS, GREEDY)] == want_tokens
         assert "forward" not in calls and len(calls) <= 1, calls        # at most the cache set-up
+
+
+def test_bf16_logits_travel_in_bf16(folders):
+    """16-bit models send their logits to rank 0 in 16 bits (lossless: the head is a bf16 GEMM);
+    TP=2 in bf16 matches one bf16 process within bf16 rounding."""
+    one = load_model(folders[1], dtype="bfloat16")
+    with LLM(folders[2], tp=2, dtype="bfloat16", timeout_s=60) as llm:
+        runner, cache = llm.generator.model, llm.generator.cache
+        lens = [len(p) for p in PROMPTS]
+        batch = torch.zeros(len(PROMPTS), max(lens), dtype=torch.long)
+        for i, p in enumerate(PROMPTS):
+            batch[i, :len(p)] = torch.tensor(p)
+        seqs = [7000 + i for i in range(len(PROMPTS))]
+        for s in seqs:
+            cache.add(s)
+        got = runner(batch, cache.prepare(seqs, lens), cache, last_only=True)
+        want = torch.stack([one(torch.tensor([p]))[0, -1] for p in PROMPTS])
+        assert got.dtype == torch.float32 and torch.equal(got, got.bfloat16().float())
+        assert rel(got, want) < 3e-2
