@@ -8,11 +8,13 @@ Every call on rank 0 is broadcast to all ranks, then every rank runs its part. A
 is two broadcasts of int64 tensors on the device (a fixed header, then the token ids and cache
 metadata packed in one tensor: no pickling, one host-to-device copy on rank 0); other commands
 (cache set-up, block copies, stop, load report) follow a header with `broadcast_object_list`.
-- the batch rows are split into contiguous micro-batches for the pipeline, and each micro-batch
-  over the expert/data-parallel index d (row r -> d = r % ep: a strided slice, no index copies) (stage s receives micro-batch j from stage s-1 while
-  it sends j-1 on: FasterTransformer's bubble hiding);
+- the batch rows are split into contiguous micro-batches for the pipeline (stage s receives
+  micro-batch j from stage s-1 while it sends j-1 on: FasterTransformer's bubble hiding), and
+  each micro-batch over the expert/data-parallel index d (row r -> d = r % ep: a strided
+  slice, no index copies);
 - attention and dense layers reduce over TP, MoE layers exchange tokens over EP (model.py);
-- the last stage's ranks send their logits (their rows, their vocabulary slice) to rank 0.
+- the last stage's ranks send their logits (their rows, their vocabulary slice; 16-bit
+  models in 16 bits) to rank 0.
 Only rank 0 samples, so every rank sees the same tokens. The KV cache's block bookkeeping
 lives on rank 0; each rank stores its own layers and heads under the same block ids.
 """
