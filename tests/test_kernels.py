@@ -313,8 +313,11 @@ def test_dense_gemm_choice_tuning_and_lookup(monkeypatch):
     monkeypatch.setattr(tune, "_time", lambda fn, n_sets, iters=10: 1.0)      # ties keep cuBLAS
     assert tune.tune_dense(64, 32, 1, torch.float32, True, False, dev="cpu")[0] == {"backend": "cublas"}
 
-    table = {configs.dense_key(3072, 1024, "bf16"): {"1": dict(choice, backend="triton"), "8": {"backend": "cublas"}}}
+    moe = {"BLOCK_M": 16, "BLOCK_N": 64, "BLOCK_K": 64, "GROUP_M": 1, "num_warps": 4, "num_stages": 3}
+    table = {configs.dense_key(3072, 1024, "bf16"): {"1": dict(choice, backend="triton"), "8": {"backend": "cublas"}},
+             configs.shape_key(64, 1024, 4096, "bf16"): {"8": moe}}
     monkeypatch.setattr(configs, "_table", lambda name: table)
+    assert configs.get_config(16, 1024, 4096, "bf16", 8, "GPU") == moe      # EP fallback past the dense entries
     configs.get_dense_choice.cache_clear()
     got = configs.get_dense_choice(3072, 1024, "bf16", 1, "GPU")
     assert got["split_k"] == 1 and "backend" not in got

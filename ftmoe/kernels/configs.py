@@ -63,6 +63,8 @@ def _nearest_shape(table: dict, E: int, N: int, K: int, dtype: str):
     with the nearest E > 1 (dense, E = 1, only matches itself)."""
     best = None
     for key, entries in table.items():
+        if not key.startswith("E="):                # the dense GEMMs' entries live in the same table
+            continue
         f = dict(kv.split("=") for kv in key.split(","))
         if (int(f["N"]), int(f["K"]), f["dtype"]) == (N, K, dtype) and (int(f["E"]) > 1) == (E > 1):
             d = abs(int(f["E"]) - E)
@@ -75,9 +77,13 @@ def get_config(E: int, N: int, K: int, dtype: str, M: int, device_name: str = ""
     table = _table(device_name)
     entries = table.get(shape_key(E, N, K, dtype)) or _nearest_shape(table, E, N, K, dtype)
     if entries:
-        best = min(entries, key=lambda m: abs(int(m) - M))
-        return dict(entries[best])
+        return dict(_nearest_m(entries, M))
     return default_config(M, E)
+
+
+def _nearest_m(entries: dict, M: int) -> dict:
+    """The entry tuned for the routed-slot / row count nearest M (keys are M as strings)."""
+    return entries[min(entries, key=lambda m: abs(int(m) - M))]
 
 
 def dense_key(N: int, K: int, dtype: str) -> str:
@@ -92,10 +98,9 @@ def get_dense_choice(N: int, K: int, dtype: str, M: int, device_name: str = "") 
     entries = _table(device_name).get(dense_key(N, K, dtype))
     if not entries:
         return None
-    ms = [int(m) for m in entries]
-    if M > 2 * max(ms):
+    if M > 2 * max(int(m) for m in entries):
         return None
-    best = dict(entries[str(min(ms, key=lambda m: abs(m - M)))])
+    best = dict(_nearest_m(entries, M))
     if best.pop("backend", "cublas") != "triton":
         return None
     return best
