@@ -102,6 +102,14 @@ class ParallelState:
             dist.all_reduce(x, group=self.tp_group)
         return x
 
+    def ep_all_gather(self, out: torch.Tensor, x: torch.Tensor) -> None:
+        """out [ep * n, ...] = every EP rank's x [n, ...], in EP-index order."""
+        (getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor)(out, x, group=self.ep_group)
+
+    def ep_reduce_scatter(self, out: torch.Tensor, x: torch.Tensor) -> None:
+        """out [n, ...] = the sum over EP ranks of their x [ep * n, ...] rows of this rank's index."""
+        (getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor)(out, x, group=self.ep_group)
+
     @classmethod
     def single(cls, device="cpu") -> "ParallelState":
         return cls(ParallelConfig(), 0, 0, 0, 0, device=torch.device(device))

@@ -7,9 +7,9 @@ Out: `FastGPTMoE(input_ids, meta, cache, last_only)` with GPTMoE's call signatur
      capture (see `cuda_graphs.py`).
 
 Per block in a decode step: QKV GEMM + bias -> paged decode attention (writes K/V) ->
-Wo GEMM -> add+LayerNorm (bo, residual); the dense GEMMs run on cuBLAS or, where `ftmoe tune`
-found it faster (small batches), the Triton kernel with split-K partials summed by the LN -> MLP -> the next block's add+LayerNorm takes the
-MLP output, its bias and the residual. Dense MLP: Triton GEMM with bias+GELU, then mm.
+Wo GEMM -> add+LayerNorm (bo, residual) -> MLP -> the next block's add+LayerNorm takes the
+MLP output, its bias and the residual. The dense GEMMs run on cuBLAS or, where `ftmoe tune`
+found it faster (small batches), on the Triton kernel with split-K partials summed by the LN. Dense MLP: Triton GEMM with bias+GELU, then mm.
 MoE: add+LayerNorm+gate top-k in one kernel -> (align, past 32 slots) -> grouped GEMM W1
 (+b1, GELU) -> grouped GEMM W2 (+b2, x prob).
 Prefill uses torch SDPA (flash) for attention and the same MoE kernels with large tiles.
@@ -29,18 +29,6 @@ from .kernels.norm import add_layernorm
 from .kernels.routing import gate_topk, moe_align
 from .kv_cache import AttnMetadata, KVCache
 from .model import GPTMoE
-
-def _all_gather(out: torch.Tensor, x: torch.Tensor, group) -> None:
-    import torch.distributed as dist
-
-    (getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor)(out, x, group=group)
-
-
-def _reduce_scatter(out: torch.Tensor, x: torch.Tensor, group) -> None:
-    import torch.distributed as dist
-
-    (getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor)(out, x, group=group)
-
 
 _DT = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32"}
 #: up to this many routed slots, MoE GEMMs run one program row per slot without sorting
@@ -73,7 +61,7 @@ class FastGPTMoE:
                 moe = blk.mlp.moe
                 L.update(wg=moe.gate.wg.weight, w1=moe.experts.dense_h_to_4h.weight,
                          b1=moe.experts.dense_h_to_4h.bias, w2=moe.experts.dense_4h_to_h.weight,
-                         b2=moe.experts.dense_4h_to_h.bias, k=moe.options.top_k, E=moe.num_experts,
+                         b2=moe.experts.dense_4h_to_h.bias, k=moe.options.top_k,
                          wg32=moe.gate.wg.weight.float())
                 if moe.options.capacity_factor is not None:
                     raise ValueError("the fast path is dropless; capacity mode runs on the reference model")
@@ -121,10 +109,9 @@ class FastGPTMoE:
         if choice is None:
             return torch.addmm(bias, a, w) if bias is not None else a @ w
         cfg = dict(choice)
-        split_k = cfg.pop("split_k", 1) if parts_ok else 1
-        cfg.pop("split_k", None)
+        split_k = cfg.pop("split_k", 1)
         return fused_moe(a, w.unsqueeze(0), None if bias is None else bias.unsqueeze(0), M, config=cfg,
-                         split_k=split_k)
+                         split_k=split_k if parts_ok else 1)
 
     # ---- post-attention LN and the MLP, shared by decode and prefill ----------
     def _ln2_mlp(self, L: dict, res: torch.Tensor, o: torch.Tensor, slots: torch.Tensor | None = None, li: int = 0,
@@ -144,31 +131,39 @@ class FastGPTMoE:
             return res, self.par.tp_all_reduce(self._dense(h, L["w2"], None, parts_ok=True)), L["b2"]
         if self.par.ep > 1:
             return self._ln2_moe_ep(L, res, o, slots >= 0, li)
-        k, E = L["k"], L["E"]
         res, u, u32 = add_layernorm(res, L["ln2"].weight, L["ln2"].bias, eps, add=o, add_bias=L["bo"],
                                     want_fp32=True)
-        probs, ids = gate_topk(u32, L["wg32"], k, slots=slots)   # fp32 gate GEMM on cuBLAS (no TF32) + top-k kernel
+        probs, ids = gate_topk(u32, L["wg32"], L["k"], slots=slots)   # fp32 gate GEMM on cuBLAS (no TF32) + top-k kernel
         if self.trace is not None:
             self.trace.append(ids)
-        N, F = u.shape[0], L["w1"].shape[2]
-        c1 = self._cfg(E, F, self.H, N * k)
-        c2 = self._cfg(E, self.H, F, N * k)
+        y = self._experts(L, u, probs, ids, split_k_ok=True, zero_out=zero_padding)
+        return res, self.par.tp_all_reduce(y), None          # [split_k,] N*k rows: the next add_layernorm sums partials and slots
+
+    def _experts(self, L: dict, u: torch.Tensor, probs: torch.Tensor, ids: torch.Tensor, split_k_ok: bool,
+                 zero_out: bool) -> torch.Tensor:
+        """gelu(u W1 + b1) W2 (+ b2 on TP rank 0) x prob for each routed slot of u's rows: [N*k, H], or
+        fp32 split-K partials [S, N*k, H] for small batches when split_k_ok. ids are indices into
+        this rank's experts; slots with id -1 read no weights and stay unwritten (zeros with zero_out)."""
+        k, E, F = L["k"], L["w1"].shape[0], L["w1"].shape[2]
+        S = u.shape[0] * k
+        c1 = self._cfg(E, F, self.H, S)
+        c2 = self._cfg(E, self.H, F, S)
         split_k = 1
-        if N * k <= SMALL_BATCH_SLOTS:
+        if S <= SMALL_BATCH_SLOTS:
             routing = ids.view(-1)                       # one program row per slot, no sorting
-            split_k = small_batch_split_k(self.H, F)     # W2 has few N tiles: spread K over programs
+            if split_k_ok:
+                split_k = small_batch_split_k(self.H, F)  # W2 has few N tiles: spread K over programs
         else:
             c2 = dict(c2, BLOCK_M=c1["BLOCK_M"])         # both GEMMs share one alignment
             routing = moe_align(ids, E, c1["BLOCK_M"])
-        h = fused_moe(u, L["w1"], L["b1"], N * k, topk=k, routing=routing, gelu=True, config=c1)
+        h = fused_moe(u, L["w1"], L["b1"], S, topk=k, routing=routing, gelu=True, config=c1)
         b2 = L["b2"] if self.par.t == 0 else None       # b2 once: only TP rank 0 adds it before the reduce
         out = None
-        if zero_padding:
-            out = torch.zeros(*((split_k,) if split_k > 1 else ()), N * k, self.H, device=u.device,
+        if zero_out:
+            out = torch.zeros(*((split_k,) if split_k > 1 else ()), S, self.H, device=u.device,
                               dtype=torch.float32 if split_k > 1 else u.dtype)
-        y = fused_moe(h, L["w2"], b2, N * k, topk=k, routing=routing, probs=probs, a_per_slot=True,
-                      mul_prob=True, config=c2, split_k=split_k, out=out)
-        return res, self.par.tp_all_reduce(y), None          # [split_k,] N*k rows: the next add_layernorm sums partials and slots
+        return fused_moe(h, L["w2"], b2, S, topk=k, routing=routing, probs=probs, a_per_slot=True,
+                         mul_prob=True, config=c2, split_k=split_k, out=out)
 
     def _ln2_moe_ep(self, L: dict, res: torch.Tensor, o: torch.Tensor, real: torch.Tensor, li: int):
         """The MoE layer under expert parallelism, with fixed shapes (graph-capturable, no host sync).
@@ -180,7 +175,7 @@ class FastGPTMoE:
         a reduce-scatter then sums each token's expert output back to the rank that owns the token
         (one non-zero contributor per slot, so the sum is exact)."""
         par, H, eps = self.par, self.H, self.config.layernorm_eps
-        k, E = L["k"], L["E"]
+        k = L["k"]
         EL = L["w1"].shape[0]                                        # this rank's experts
         N = res.shape[0]
         W = H + 8                                                    # rows stay 16-byte aligned
@@ -188,29 +183,17 @@ class FastGPTMoE:
         res, _ = add_layernorm(res, L["ln2"].weight, L["ln2"].bias, eps, add=o, add_bias=L["bo"], y_out=mine[:, :H])
         mine[:, H] = real
         every = torch.empty(par.ep * N, W, dtype=res.dtype, device=res.device)
-        _all_gather(every, mine, par.ep_group)
-        u, M = every[:, :H], par.ep * N
+        par.ep_all_gather(every, mine)
+        u = every[:, :H]
         probs, ids = gate_topk(u, L["wg32"], k)
         local = ids - par.d * EL
         local = torch.where((local >= 0) & (local < EL) & (every[:, H:H + 1] > 0), local, -1).to(torch.int32)
         self.ep_counts[li] = (local >= 0).sum()
         if self.trace is not None:
             self.trace.append(ids[(every[:, H] > 0)])
-        F = L["w1"].shape[2]
-        c1 = self._cfg(EL, F, H, M * k)
-        c2 = self._cfg(EL, H, F, M * k)
-        if M * k <= SMALL_BATCH_SLOTS:
-            routing = local.view(-1)
-        else:
-            c2 = dict(c2, BLOCK_M=c1["BLOCK_M"])
-            routing = moe_align(local, EL, c1["BLOCK_M"])
-        h = fused_moe(u, L["w1"], L["b1"], M * k, topk=k, routing=routing, gelu=True, config=c1)
-        b2 = L["b2"] if par.t == 0 else None
-        y = torch.zeros(M * k, H, dtype=res.dtype, device=res.device)     # other ranks' slots stay zero
-        fused_moe(h, L["w2"], b2, M * k, topk=k, routing=routing, probs=probs, a_per_slot=True, mul_prob=True,
-                  config=c2, out=y)
+        y = self._experts(L, u, probs, local, split_k_ok=False, zero_out=True)   # other ranks' slots stay zero
         back = torch.empty(N * k, H, dtype=res.dtype, device=res.device)
-        _reduce_scatter(back, y, par.ep_group)
+        par.ep_reduce_scatter(back, y)
         return res, par.tp_all_reduce(back), None
 
     # ---- decode: one token per row, fixed shapes (graph-capturable) -----------
