@@ -22,6 +22,21 @@ from .kv_cache import AttnMetadata, KVCache
 DEFAULT_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024)
 
 
+def _capture(run, pool, warmups: int) -> tuple[torch.cuda.CUDAGraph, torch.Tensor]:
+    """Warm `run` up on a side stream (compile kernels, pick cuBLAS algorithms), then capture it
+    into a graph that allocates from `pool` (None: a new pool, the graph's own)."""
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        for _ in range(warmups):
+            run()
+    torch.cuda.current_stream().wait_stream(stream)
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g, pool=pool):
+        out = run()
+    return g, out
+
+
 class DecodeGraphs:
     def __init__(self, fast: FastGPTMoE, cache: KVCache, max_blocks_per_seq: int,
                  buckets: tuple[int, ...] = DEFAULT_BUCKETS):
@@ -55,15 +70,7 @@ class DecodeGraphs:
         if B in self.graphs:
             return
         s = self._static(B)
-        stream = torch.cuda.Stream()
-        stream.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(stream):
-            for _ in range(2):          # warm up: compile kernels, pick cuBLAS algorithms
-                self._run(s)
-        torch.cuda.current_stream().wait_stream(stream)
-        g = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(g, pool=self.pool):
-            out = self._run(s)
+        g, out = _capture(lambda: self._run(s), self.pool, warmups=2)
         if self.pool is None:
             self.pool = g.pool()
         self.graphs[B] = (g, s, out)
@@ -132,19 +139,12 @@ class PrefillGraphs:
         return self.fast.prefill(s["ids"], meta, self.cache, last_only=True, ragged=not causal_only)
 
     @torch.inference_mode()
-    def _capture(self, key: tuple[int, int, bool]) -> None:
+    def capture(self, key: tuple[int, int, bool]) -> None:
         s = self._static(key[0], key[1])
         if not self.capture_enabled:
             self.graphs[key] = (None, s, None)
             return
-        stream = torch.cuda.Stream()
-        stream.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(stream):
-            self._run(s, key[2])                 # warm up: compile kernels, pick cuBLAS algorithms
-        torch.cuda.current_stream().wait_stream(stream)
-        g = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(g, pool=self.pool):
-            out = self._run(s, key[2])
+        g, out = _capture(lambda: self._run(s, key[2]), self.pool, warmups=1)
         if self.pool is None:
             self.pool = g.pool()
         self.graphs[key] = (g, s, out)
@@ -159,7 +159,7 @@ class PrefillGraphs:
         causal_only = bucket == (B, T) and not bool((meta.seq_lens != T).any())
         key = (*bucket, causal_only)
         if key not in self.graphs:
-            self._capture(key)
+            self.capture(key)
         g, s, out = self.graphs[key]
         s["ids"][:B, :T].copy_(input_ids)
         s["positions"].zero_()

@@ -56,10 +56,15 @@ def _worker(rank, pc, model_dir, dtype, device, moe_options, micro_batches, time
             random_preset=None):
     runner = _load(pc, model_dir, dtype, device, moe_options, micro_batches, timeout_s, init_method, rank, fast,
                    random_preset)
+    _follow_then_leave(runner)
+
+
+def _follow_then_leave(runner: DistributedModel) -> None:
+    """A worker rank: serve rank 0's steps until it stops, then leave the process group."""
     try:
         runner.follow()
     finally:
-        runner.release_graphs()
+        runner.release_graphs()      # NCCL's teardown waits for graphs that captured its collectives
         dist.destroy_process_group()
 
 
@@ -72,11 +77,7 @@ def start(pc: ParallelConfig, model_dir: str, dtype, device: str = "cpu", moe_op
         runner = _load(pc, model_dir, dtype, device, moe_options, micro_batches, timeout_s, fast=fast,
                        random_preset=random_preset)
         if runner.par.rank != 0:
-            try:
-                runner.follow()
-            finally:
-                runner.release_graphs()
-                dist.destroy_process_group()
+            _follow_then_leave(runner)
             return None, []
         return runner, []
     init_method = f"tcp://127.0.0.1:{_free_port()}"

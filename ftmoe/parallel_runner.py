@@ -47,8 +47,8 @@ class _ShardCache(KVCache):
 
 
 def _pad_rows(x: torch.Tensor, meta: AttnMetadata, n_pad: int, T: int):
-    """Prefill inputs padded to n_pad rows: one dummy token each (position 0) with no KV slot.
-    x is [n, T] token ids or a later stage's residual [n*T, H]."""
+    """Inputs padded to n_pad rows (prefill, or decode with T = 1): one dummy token each
+    (position 0, no context) with no KV slot. x is [n, T] token ids or a later stage's residual [n*T, H]."""
     n = meta.positions.shape[0]
     pad = n_pad - n
     if x.dim() == 2 and x.shape[0] == n and x.dtype == torch.long:
@@ -260,7 +260,7 @@ class DistributedModel:
                 if n:
                     dist.recv(x, src=par.rank_of(par.stage - 1, par.d, par.t))
             if mode == "decode":
-                y = self._decode(x[:, 0] if par.is_first_stage else x, meta, n_pad) if n_pad else x
+                y = self._decode(x, meta, n_pad) if n_pad else x
                 if self.fast.graphs is not None and len(chunks) > 1:
                     y = y.clone()      # the next micro-batch may replay the same graph over its output
                 if par.is_last_stage and n and not last_only:
@@ -288,18 +288,17 @@ class DistributedModel:
         return self._gather_logits(outs, B, T, last_only)
 
     def _decode(self, x: torch.Tensor, meta: AttnMetadata, n_pad: int) -> torch.Tensor:
-        """One decode step of this rank's rows (graph replay when enabled); rows [n, n_pad) are padding."""
-        n = x.shape[0]
-        args = (x, meta.positions[:, 0], meta.block_tables.int(), meta.context_lens.int(), meta.slot_mapping[:, 0].int())
+        """One decode step of this rank's n rows (x: token ids [n, 1], or a later stage's residual
+        [n, H]), replayed from a graph when one fits; rows [n, n_pad) are padding with no KV slot."""
+        n = meta.positions.shape[0]
         graphs = self.fast.graphs
-        if graphs is not None and graphs.cache is self.cache and n_pad <= graphs.buckets[-1]:
+        graphed = graphs is not None and graphs.cache is self.cache and n_pad <= graphs.buckets[-1]
+        if not graphed and n_pad > n:          # a graph pads its own bucket
+            x, meta = _pad_rows(x, meta, n_pad, 1)
+        args = (x[:, 0] if self.par.is_first_stage else x, meta.positions[:, 0], meta.block_tables.int(),
+                meta.context_lens.int(), meta.slot_mapping[:, 0].int())
+        if graphed:
             return graphs.step(*args, min_rows=n_pad)
-        if n_pad > n:
-            pad = n_pad - n
-            x = torch.cat([x, x.new_zeros(pad, *x.shape[1:])])
-            pos, tables, ctx, slots = args[1:]
-            args = (x, torch.cat([pos, pos.new_zeros(pad)]), torch.cat([tables, tables.new_zeros(pad, tables.shape[1])]),
-                    torch.cat([ctx, ctx.new_zeros(pad)]), torch.cat([slots, slots.new_full((pad,), -1)]))
         return self.fast.decode_step(*args, self.cache)[:n]
 
     def _moe_load(self):
