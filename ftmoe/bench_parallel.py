@@ -34,7 +34,7 @@ def run_parallel_bench(pc: ParallelConfig, preset: str | None = "gpt-moe-0.35b-6
                        dtype: str = "bf16", device: str = "cuda", batches=(1, 64, 256), ctx: int = 128,
                        iters: int = 20, json_path: str | None = None, log=print, timeout_s: float = 300.0,
                        prefill: tuple[int, int] | None = None) -> dict:
-    from .bench import measure_hardware, prefill_floor_ms
+    from .bench import measure_hardware
     from .loader import parse_dtype
 
     tdtype = parse_dtype(dtype)
@@ -62,7 +62,7 @@ def run_parallel_bench(pc: ParallelConfig, preset: str | None = "gpt-moe-0.35b-6
         cache = runner.make_cache(tokens + 64 * bs, bs)
         g = torch.Generator().manual_seed(0)
         if prefill:
-            rows.append(_bench_prefill(runner, cache, prefill, pc, hw, iters, g, log, prefill_floor_ms))
+            rows.append(_bench_prefill(runner, cache, prefill, pc, hw, iters, g, log))
             save()
         for B in batches:
             seqs = list(range(B))
@@ -79,16 +79,7 @@ def run_parallel_bench(pc: ParallelConfig, preset: str | None = "gpt-moe-0.35b-6
                     cache.truncate(s, ctx)
                 return out
 
-            for _ in range(2):
-                step()
-            times = []
-            for _ in range(iters):
-                _sync(dev)
-                t0 = time.perf_counter()
-                step()
-                _sync(dev)
-                times.append((time.perf_counter() - t0) * 1e3)
-            ms = statistics.median(times)
+            ms = _median_ms(step, dev, warmups=2, iters=iters)
             load = runner.moe_load()
             row = {"phase": "decode", "batch": B, "ctx": ctx, "ms": ms, "tokens_per_s": B / ms * 1e3,
                    "tp": pc.tp, "ep": pc.ep, "pp": pc.pp, "fast_path": runner.fast is not None,
@@ -112,10 +103,31 @@ def run_parallel_bench(pc: ParallelConfig, preset: str | None = "gpt-moe-0.35b-6
     finally:
         launch.stop(runner, procs)
     return save()
-    return result
 
 
-def _bench_prefill(runner, cache, shape, pc, hw, iters, g, log, prefill_floor_ms) -> dict:
+def _median_ms(fn, dev, warmups: int, iters: int) -> float:
+    """Median wall time of fn() in ms, each call synchronised: whole serving steps, host work included."""
+    for _ in range(warmups):
+        fn()
+    times = []
+    for _ in range(iters):
+        _sync(dev)
+        t0 = time.perf_counter()
+        fn()
+        _sync(dev)
+        times.append((time.perf_counter() - t0) * 1e3)
+    return statistics.median(times)
+
+
+def _meta_model(cfg, dtype):
+    """The whole (unsharded) model on the meta device: its parameter shapes, no memory."""
+    from .model import GPTMoE
+
+    with torch.device("meta"):
+        return GPTMoE(cfg, dtype)
+
+
+def _bench_prefill(runner, cache, shape, pc, hw, iters, g, log) -> dict:
     """B x T fresh prompts through the runner (last-token logits to rank 0), median of `iters` // 4 + 2."""
     B, T = shape
     cfg = runner.config
@@ -129,24 +141,14 @@ def _bench_prefill(runner, cache, shape, pc, hw, iters, g, log, prefill_floor_ms
         for s in seqs:
             cache.free(s)
 
-    run()
-    times = []
-    for _ in range(max(2, iters // 4 + 2)):
-        _sync(runner.device)
-        t0 = time.perf_counter()
-        run()
-        _sync(runner.device)
-        times.append((time.perf_counter() - t0) * 1e3)
-    ms = statistics.median(times)
+    ms = _median_ms(run, runner.device, warmups=1, iters=max(2, iters // 4 + 2))
     row = {"phase": "prefill", "batch": B, "in_len": T, "ms": ms, "tokens_per_s": B * T / ms * 1e3,
            "tp": pc.tp, "ep": pc.ep, "pp": pc.pp, "fast_path": runner.fast is not None}
     floor = ""
     if hw:
-        with torch.device("meta"):
-            from .model import GPTMoE
+        from .bench import _bytes, prefill_floor_ms
 
-            m = GPTMoE(cfg, runner.dtype)
-        wbytes = sum(p.numel() * p.element_size() for p in m.parameters())
+        wbytes = sum(_bytes(p) for p in _meta_model(cfg, runner.dtype).parameters())
         row["floor_ms"] = row["one_gpu_floor_ms"] = prefill_floor_ms(cfg, wbytes, B, T, hw["copy_bandwidth_GBps"] * 1e9,
                                                                      hw["matmul_TFLOPs"] * 1e12)[0]
         floor = f"  one-GPU floor {row['floor_ms']:.3f} ms"
@@ -157,8 +159,5 @@ def _bench_prefill(runner, cache, shape, pc, hw, iters, g, log, prefill_floor_ms
 def _full_model_decode_bytes(cfg, dtype, B: int, ctx: int, touched: list[int]) -> int:
     """decode_bytes of the whole (unsharded) model, without materialising it."""
     from .bench import decode_bytes
-    from .model import GPTMoE
 
-    with torch.device("meta"):
-        m = GPTMoE(cfg, dtype)
-    return decode_bytes(m, B, ctx, touched, torch.empty((), dtype=dtype).element_size())
+    return decode_bytes(_meta_model(cfg, dtype), B, ctx, touched, torch.empty((), dtype=dtype).element_size())
