@@ -196,28 +196,35 @@ def save_ft_model(model, out_dir: str, weight_data_type: str = "fp16", tp: int =
     `<out_dir>/<tp>-gpu` (config.ini, args.txt with the top-k, model.*.bin), as `ftmoe convert`
     would write it from a checkpoint with these weights; returns that folder. The model's
     parameter names and shapes are the FT tensor names and full FT shapes, so no Megatron
-    checkpoint (slow to write and to convert at the real sizes) is needed."""
-    from .convert.writer import cast_like_ft, write_raw
-    from .ftformat import TORCH_DTYPES, split_for_tp, tensor_specs
+    checkpoint (slow to write and to convert at the real sizes) is needed. Written in a staging
+    folder and renamed into place like the converter's output."""
+    import shutil
+
+    from .convert.writer import cast_like_ft, replace_dir, staging_dir, write_split
+    from .ftformat import TORCH_DTYPES, tensor_specs
 
     if weight_data_type not in TORCH_DTYPES:
         raise ValueError(f"weight_data_type must be one of {sorted(TORCH_DTYPES)}, found {weight_data_type!r}")
     cfg = dataclasses.replace(model.config, weight_data_type=weight_data_type, tensor_para_size=tp)
     cfg.check_tp(tp)
     state = model.state_dict()
+    os.makedirs(out_dir, exist_ok=True)
     final = os.path.join(out_dir, f"{tp}-gpu")
-    os.makedirs(final, exist_ok=True)
-    for spec in tensor_specs(cfg):
-        t = state[spec.name]
-        if tuple(t.shape) != spec.shape:
-            raise ValueError(f"tensor '{spec.name}': shape {list(t.shape)}, FT expects {list(spec.shape)}")
-        t = cast_like_ft(t.detach().cpu(), TORCH_DTYPES[weight_data_type])
-        for fname, part in zip(spec.files(tp), split_for_tp(spec, t, tp)):
-            write_raw(part, os.path.join(final, fname))
-    with open(os.path.join(final, "args.txt"), "w") as f:
-        f.write(f"topk:{cfg.moe_k}\n")
-    with open(os.path.join(final, "config.ini"), "w") as f:
-        f.write(cfg.to_ini())
+    tmp = staging_dir(out_dir, tp)
+    try:
+        for spec in tensor_specs(cfg):
+            t = state[spec.name]
+            if tuple(t.shape) != spec.shape:
+                raise ValueError(f"tensor '{spec.name}': shape {list(t.shape)}, FT expects {list(spec.shape)}")
+            write_split(spec, cast_like_ft(t.detach().cpu(), TORCH_DTYPES[weight_data_type]), tp, tmp)
+        with open(os.path.join(tmp, "args.txt"), "w") as f:
+            f.write(f"topk:{cfg.moe_k}\n")
+        with open(os.path.join(tmp, "config.ini"), "w") as f:
+            f.write(cfg.to_ini())
+        replace_dir(tmp, final)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
     return final
 
 

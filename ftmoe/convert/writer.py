@@ -39,6 +39,22 @@ def write_raw(t: torch.Tensor, path: str) -> None:
         f.write(t.contiguous().view(torch.uint8).numpy().tobytes() if t.numel() else b"")
 
 
+def write_split(spec, ft: torch.Tensor, tp: int, folder: str) -> None:
+    """One tensor in FT layout and dtype as its files for `tp` ranks (FT's split rule) in `folder`."""
+    for path, part in zip(spec.files(tp), split_for_tp(spec, ft, tp)):
+        write_raw(part, os.path.join(folder, path))
+
+
+def staging_dir(out_dir: str, tp: int) -> str:
+    """A fresh temp folder beside `<out_dir>/<tp>-gpu`, with the usual permissions; `replace_dir`
+    moves it into place once complete, so a failed write leaves nothing half-written."""
+    tmp = tempfile.mkdtemp(prefix=f".{tp}-gpu.partial-", dir=out_dir)
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp, 0o777 & ~umask)  # mkdtemp makes 0700; give the folder the usual permissions
+    return tmp
+
+
 def _tokenizer_ids(tokenizer_dir: str) -> tuple[int, int]:
     from ..tokenizer import special_ids
 
@@ -68,17 +84,13 @@ def convert(ckpt_dir: str, out_dir: str, tp: int = 1, dtype: str = "fp16", token
     if free < total:
         raise FtmoeError(f"{out_dir}: {total / 2**30:.2f} GiB needed for the converted model, "
                          f"{free / 2**30:.2f} GiB free")
-    tmp = tempfile.mkdtemp(prefix=f".{tp}-gpu.partial-", dir=out_dir)
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(tmp, 0o777 & ~umask)  # mkdtemp makes 0700; give the folder the usual permissions
+    tmp = staging_dir(out_dir, tp)
     bar = Progress(total, f"converting to {tp}-gpu {dtype}", enabled=progress)
     try:
         for name, t in ckpt.tensors():
             spec = spec_for(cfg, name)
             ft = cast_like_ft(to_ft_layout(cfg, name, t), tdtype)
-            for path, part in zip(spec.files(tp), split_for_tp(spec, ft, tp)):
-                write_raw(part, os.path.join(tmp, path))
+            write_split(spec, ft, tp, tmp)
             bar.update(ft.numel() * tdtype.itemsize, note=name if progress else "")
             del ft
         with open(os.path.join(tmp, "args.txt"), "w") as f:
@@ -91,7 +103,7 @@ def convert(ckpt_dir: str, out_dir: str, tp: int = 1, dtype: str = "fp16", token
                 if os.path.isfile(src):
                     shutil.copyfile(src, os.path.join(tmp, name))
         bar.close()
-        _replace_dir(tmp, final)
+        replace_dir(tmp, final)
     except BaseException:
         bar.close()
         shutil.rmtree(tmp, ignore_errors=True)
@@ -101,7 +113,7 @@ def convert(ckpt_dir: str, out_dir: str, tp: int = 1, dtype: str = "fp16", token
     return final
 
 
-def _replace_dir(tmp: str, final: str) -> None:
+def replace_dir(tmp: str, final: str) -> None:
     """Rename `tmp` to `final`, replacing an existing folder only once the new one is complete."""
     old = None
     if os.path.exists(final):
