@@ -9,7 +9,8 @@ Out: `FastGPTMoE(input_ids, meta, cache, last_only)` with GPTMoE's call signatur
 Per block in a decode step: QKV GEMM + bias -> paged decode attention (writes K/V) ->
 Wo GEMM -> add+LayerNorm (bo, residual) -> MLP -> the next block's add+LayerNorm takes the
 MLP output, its bias and the residual. The dense GEMMs run on cuBLAS or, where `ftmoe tune`
-found it faster (small batches), on the Triton kernel with split-K partials summed by the LN. Dense MLP: Triton GEMM with bias+GELU, then mm.
+found it faster (small batches), on the Triton kernel with split-K partials summed by the LN.
+Dense MLP: Triton GEMM with bias+GELU, then the second dense GEMM.
 MoE: add+LayerNorm+gate top-k in one kernel -> (align, past 32 slots) -> grouped GEMM W1
 (+b1, GELU) -> grouped GEMM W2 (+b2, x prob).
 Prefill uses torch SDPA (flash) for attention and the same MoE kernels with large tiles.

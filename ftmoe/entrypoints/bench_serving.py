@@ -138,7 +138,8 @@ async def bench_serving_async(base_url: str, num_requests: int, request_rate: fl
     n_in = sum(len(prompts[i]) for i, t in enumerate(tasks) if t in done and t.result()["ok"])
     n_out = sum(r["output_tokens"] for r in ok)
     out = {"completed": len(ok), "failed": num_requests - len(ok), "errors": errors[:5], "duration_s": duration,
-           "num_requests": num_requests, "prompt_len": [lo, hi], "max_tokens": max_tokens, "total_input_tokens": n_in, "total_output_tokens": n_out, "request_rate": request_rate,
+           "num_requests": num_requests, "prompt_len": [lo, hi], "max_tokens": max_tokens,
+           "total_input_tokens": n_in, "total_output_tokens": n_out, "request_rate": request_rate,
            "request_throughput": len(ok) / duration, "output_throughput": n_out / duration,
            "total_token_throughput": (n_in + n_out) / duration}
     series = {"ttft": [r["ttft"] for r in ok], "itl": [x for r in ok for x in r["itl"]],
