@@ -8,6 +8,8 @@ import math
 
 import torch
 
+from ..layers.mlp import route
+
 
 def add_layernorm_ref(x, weight, bias, eps, add=None, add_bias=None):
     """(res, y): res = x + add + add_bias (fp32 sum, stored in x.dtype); y = LN(res) in x.dtype."""
@@ -25,17 +27,10 @@ def gelu_tanh_ref(x):
 
 
 def gate_topk_ref(u, wg, k, slots=None):
-    """u [N, H], wg [H, E] -> (probs [N, k] fp32, ids [N, k] int32); fp32 softmax, ties to lower id.
+    """u [N, H], wg [H, E] -> (probs [N, k] fp32, ids [N, k] int32): the model's routing (fp32
+    softmax, ties to the lower id: `layers.mlp.route`) on the fp32 gate logits.
     Rows whose slot is negative (padding) get id -1 and prob 0."""
-    p = torch.softmax(u.float() @ wg.float(), dim=-1)
-    masked = p.clone()
-    ids = []
-    for _ in range(k):
-        i = masked.argmax(dim=-1, keepdim=True)
-        ids.append(i)
-        masked.scatter_(1, i, -1.0)
-    ids_t = torch.cat(ids, 1)
-    probs = p.gather(1, ids_t)
+    probs, ids_t = route(u.float() @ wg.float(), k)
     if slots is not None:
         pad = (slots < 0)[:, None]
         probs, ids_t = probs.masked_fill(pad, 0.0), ids_t.masked_fill(pad, -1)
