@@ -4,10 +4,10 @@ Legend: N tokens (rows), H hidden, E experts, F ffn, k top-k, B batch, D head di
 """
 from __future__ import annotations
 
-import math
 
 import torch
 
+from ..layers.basic import gelu_tanh as gelu_tanh_ref  # the model's GELU is the kernels' definition
 from ..layers.mlp import route
 
 
@@ -20,10 +20,6 @@ def add_layernorm_ref(x, weight, bias, eps, add=None, add_bias=None):
         r = r + add_bias.float()
     y = torch.nn.functional.layer_norm(r, r.shape[-1:], weight.float(), bias.float(), eps)
     return r.to(x.dtype), y.to(x.dtype)
-
-
-def gelu_tanh_ref(x):
-    return 0.5 * x * (1.0 + torch.tanh(math.sqrt(2.0 / math.pi) * (x + 0.044715 * x * x * x)))
 
 
 def gate_topk_ref(u, wg, k, slots=None):
