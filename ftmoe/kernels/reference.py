@@ -4,7 +4,6 @@ Legend: N tokens (rows), H hidden, E experts, F ffn, k top-k, B batch, D head di
 """
 from __future__ import annotations
 
-
 import torch
 
 from ..layers.basic import gelu_tanh as gelu_tanh_ref  # the model's GELU is the kernels' definition
