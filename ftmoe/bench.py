@@ -179,9 +179,12 @@ def run_bench(preset: str = "gpt-moe-0.35b-64e", model_dir: str | None = None, d
     from .fast_model import FastGPTMoE
     from .loader import load_model, parse_dtype
 
+    from .launch import limit_host_threads
+
     dev = torch.device(device)
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise FtmoeError("ftmoe bench needs a CUDA GPU (none is visible to torch)")
+    limit_host_threads(dev)          # as serving does (LLM, distributed ranks)
     tdtype = parse_dtype(dtype)
     hw, bw, rate = {}, None, None
     if dev.type == "cuda":

@@ -68,6 +68,7 @@ class LLM:
             self.model = self._runner
             fast = False                                        # the runner picks its own path on every rank
         else:
+            launch.limit_host_threads(device)
             self.model = load_model(self.model_dir, dtype, device, moe_options=moe_options)
         self.config = self.model.config
         from .tokenizer import load_tokenizer      # lazy: token-id users need no tokenizer files

@@ -235,3 +235,23 @@ def test_bf16_logits_travel_in_bf16(folders):
         want = torch.stack([one(torch.tensor([p]))[0, -1] for p in PROMPTS])
         assert got.dtype == torch.float32 and torch.equal(got, got.bfloat16().float())
         assert rel(got, want) < 3e-2
+
+
+def test_gpu_ranks_use_one_host_thread(monkeypatch):
+    """GPU-driving processes cap torch's host thread pool (FTMOE_HOST_THREADS, default 1) unless
+    OMP_NUM_THREADS is set; CPU ranks keep torch's default."""
+    from ftmoe.launch import limit_host_threads
+
+    before = torch.get_num_threads()
+    try:
+        monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+        monkeypatch.setenv("FTMOE_HOST_THREADS", "3")
+        assert limit_host_threads("cpu") is None and torch.get_num_threads() == before
+        assert limit_host_threads("cuda") == 3 and torch.get_num_threads() == 3
+        monkeypatch.delenv("FTMOE_HOST_THREADS")
+        assert limit_host_threads(torch.device("cuda", 0)) == 1 and torch.get_num_threads() == 1
+        torch.set_num_threads(before)
+        monkeypatch.setenv("OMP_NUM_THREADS", "2")
+        assert limit_host_threads("cuda") is None and torch.get_num_threads() == before
+    finally:
+        torch.set_num_threads(before)
