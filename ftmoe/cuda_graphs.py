@@ -119,6 +119,13 @@ class PrefillGraphs:
         self.pool = None
         self.capture_enabled = fast.device.type == "cuda"
 
+    def reset(self, cache: KVCache) -> None:
+        """Drop every graph (each bakes in its cache's storage) and their memory pool: the next
+        call captures again, into a fresh pool (a pool whose graphs are all gone cannot be reused)."""
+        self.graphs.clear()
+        self.pool = None
+        self.cache = cache
+
     def bucket_for(self, B: int, T: int) -> tuple[int, int] | None:
         bb = next((b for b in self.b_buckets if b >= B), None)
         tb = next((t for t in self.t_buckets if t >= T), None)

@@ -181,9 +181,7 @@ def test_prefill_graphs_equal_eager_prefill(models, lens):
         before = caches[0].k.clone()
         if pg is None:
             pg = PrefillGraphs(fast, caches[0], t_buckets=(8, 16), b_buckets=(2, 4))
-        pg.cache = caches[0]
-        if trial == 1 and pg.capture_enabled:
-            pg.graphs.clear()                 # a graph bakes in its cache: capture again for the new one
+        pg.reset(caches[0])                   # a graph bakes in its cache: capture again for the new one
         batch = torch.randint(0, V, (len(lens), max(lens)), generator=g).to(DEV)
         metas = []
         for c in caches:
