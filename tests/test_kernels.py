@@ -144,7 +144,8 @@ def test_fused_moe_dense_mode(gen, dtype, m, K, N):
 
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("ctx", [[0], [5, 0, 70], [130, 1]])
-def test_decode_attention(gen, dtype, ctx):
+@pytest.mark.parametrize("launch", [(16, 4), (32, 1), (128, 8), (None, None)])   # None: launch_config's choice
+def test_decode_attention(gen, dtype, ctx, launch):
     B, h, D, bs = len(ctx), 4, 16, 8
     nb_per = max(1, -(-(max(ctx) + 1) // bs))
     NB = B * nb_per + 1
@@ -156,7 +157,7 @@ def test_decode_attention(gen, dtype, ctx):
     qkv = rnd(B, 3, h, D, dtype=dtype, gen=gen)
     kc2, vc2 = kc.clone(), vc.clone()
     out = torch.full((B, h, D), float("nan"), dtype=dtype, device=DEV)
-    decode_attention(qkv, kc, vc, perm, ctx_t, slots, 1 / math.sqrt(D), out=out, block_n=16)
+    decode_attention(qkv, kc, vc, perm, ctx_t, slots, 1 / math.sqrt(D), out=out, block_n=launch[0], num_warps=launch[1])
     want = ref.decode_attention_ref(qkv, kc2, vc2, perm, ctx_t, slots, 1 / math.sqrt(D))
     assert rel(out, want) < TOL[dtype] * 2
     assert torch.equal(kc, kc2) and torch.equal(vc, vc2)   # the new K/V landed in the same slots
