@@ -196,7 +196,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", default=None, help="write the results here")
     p.add_argument("--profile", action="store_true", help="print per-kernel GPU times of a decode step")
     p.add_argument("--prefill-graphs", action="store_true", help="also time prefill replayed from CUDA graphs "
-                   "(FTMOE_PREFILL_GRAPHS=1 turns them on for generate/serve)")
+                   "(generate/serve use them unless FTMOE_PREFILL_GRAPHS=0)")
     p.add_argument("--tp", type=int, default=1)
     p.add_argument("--ep", type=int, default=1)
     p.add_argument("--pp", type=int, default=1)
