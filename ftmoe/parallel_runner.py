@@ -5,16 +5,17 @@ In:  this rank's model shard and `ParallelState`; on rank 0, the generator's cal
 Out: on rank 0, full logits [B, (T,) V] fp32, as a single-process GPTMoE would return.
 
 Every call on rank 0 is broadcast to all ranks, then every rank runs its part. A forward step
-is two broadcasts of int64 tensors on the device (a fixed header, then the token ids and cache
-metadata packed in one tensor: no pickling, one host-to-device copy on rank 0); other commands
-(cache set-up, block copies, stop, load report) follow a header with `broadcast_object_list`.
+is one broadcast of a fixed-size int64 message on the device (a header, then the token ids and
+cache metadata packed in one tensor: no pickling, one host-to-device copy on rank 0; a payload
+larger than the message follows in a second broadcast); other commands (cache set-up, block
+copies, stop, load report) follow a header with `broadcast_object_list`.
 - the batch rows are split into contiguous micro-batches for the pipeline (stage s receives
   micro-batch j from stage s-1 while it sends j-1 on: FasterTransformer's bubble hiding), and
   each micro-batch over the expert/data-parallel index d (row r -> d = r % ep: a strided
   slice, no index copies);
 - attention and dense layers reduce over TP, MoE layers exchange tokens over EP (model.py);
 - the last stage's ranks send their logits (their rows, their vocabulary slice; 16-bit
-  models in 16 bits) to rank 0.
+  models in 16 bits) to rank 0: one NCCL gather without a pipeline, sends and receives with one.
 Only rank 0 samples, so every rank sees the same tokens. The KV cache's block bookkeeping
 lives on rank 0; each rank stores its own layers and heads under the same block ids.
 """
@@ -67,6 +68,11 @@ def _pad_rows(x: torch.Tensor, meta: AttnMetadata, n_pad: int, T: int):
 _OBJECT, _FORWARD = 1, 2                      # header codes: a pickled command follows / a forward step
 _MODES = ("reference", "decode", "prefill")
 _HEADER = 6                                   # [code, B, T, nb, last_only, mode]
+_MESSAGE = 16384                              # int64s in a step's first broadcast: the header and most payloads
+
+
+def _payload_len(B: int, T: int, nb: int) -> int:
+    return 3 * B * T + B * nb + 2 * B
 
 
 def _pack(input_ids: torch.Tensor, meta: AttnMetadata) -> torch.Tensor:
@@ -114,7 +120,7 @@ class DistributedModel:
         cfg = self.config
         self._local_layers = len(model.layer_ids)
         self._heads = cfg.head_num // par.tp
-        self._pinned, self._staged = None, None
+        self._pinned, self._staged, self._msg = None, None, None
 
     # ---- rank 0 ---------------------------------------------------------------------
     def make_cache(self, max_tokens: int, block_size: int) -> KVCache:
@@ -131,34 +137,39 @@ class DistributedModel:
             mode = "decode"
         elif self.fast is not None and bool((meta.context_lens == 0).all()):
             mode = "prefill"
-        payload = _pack(input_ids, meta)
-        header = torch.tensor([_FORWARD, B, T, meta.block_tables.shape[1], int(last_only), _MODES.index(mode)])
+        nb = meta.block_tables.shape[1]
+        header = torch.tensor([_FORWARD, B, T, nb, int(last_only), _MODES.index(mode)])
+        n = _HEADER + _payload_len(B, T, nb)
         try:
-            header, payload = self._to_device(header, payload)
+            msg = self._to_device(header, _pack(input_ids, meta))
             if self.par.config.world_size > 1:
-                dist.broadcast(header, src=0)
-                dist.broadcast(payload, src=0)
-            ids, dmeta = _unpack(payload, B, T, meta.block_tables.shape[1])
+                dist.broadcast(msg[:_MESSAGE], src=0)
+                if n > _MESSAGE:
+                    dist.broadcast(msg[_MESSAGE:n], src=0)
+            ids, dmeta = _unpack(msg[_HEADER:n], B, T, nb)
             return self._forward(ids, dmeta, mode, last_only)
         except RuntimeError as e:   # a collective failed or timed out: some rank is gone
             raise _rank_error("forward", e) from None
 
-    def _to_device(self, header: torch.Tensor, payload: torch.Tensor):
-        """Both tensors on this rank's device: one copy from a reused pinned buffer on GPUs."""
-        if self.device.type != "cuda":
-            return header, payload
+    def _to_device(self, header: torch.Tensor, payload: torch.Tensor) -> torch.Tensor:
+        """The step's message on this rank's device, header then payload, at least _MESSAGE long
+        (the tail past the payload is stale): one copy from a reused pinned buffer into a reused
+        device buffer on GPUs (stream order keeps the previous step's readers ahead of it)."""
         n = header.numel() + payload.numel()
+        if self.device.type != "cuda":
+            return torch.cat([header, payload, payload.new_zeros(max(0, _MESSAGE - n))])
         if self._pinned is None or self._pinned.numel() < n:
-            self._pinned = torch.empty(max(n, 1 << 16), dtype=torch.long).pin_memory()
+            size = max(n, 4 * _MESSAGE)
+            self._pinned = torch.empty(size, dtype=torch.long).pin_memory()
+            self._msg = torch.zeros(size, dtype=torch.long, device=self.device)
             self._staged = None
         if self._staged is not None:
-            self._staged.synchronize()          # the previous step's copy has left the buffer
-        buf = self._pinned[:n]
-        torch.cat([header, payload], out=buf)
-        dev = buf.to(self.device, non_blocking=True)
+            self._staged.synchronize()          # the previous step's copy has left the pinned buffer
+        torch.cat([header, payload], out=self._pinned[:n])
+        self._msg[:n].copy_(self._pinned[:n], non_blocking=True)
         self._staged = torch.cuda.Event()
         self._staged.record()
-        return dev[:header.numel()], dev[header.numel():]
+        return self._msg
 
     def shutdown(self) -> None:
         self._command(("stop",))
@@ -181,7 +192,7 @@ class DistributedModel:
     def _command(self, cmd: tuple):
         try:
             if self.par.config.world_size > 1:
-                header = torch.zeros(_HEADER, dtype=torch.long, device=self.device)
+                header = torch.zeros(_MESSAGE, dtype=torch.long, device=self.device)
                 header[0] = _OBJECT
                 dist.broadcast(header, src=0)
                 dist.broadcast_object_list([cmd], src=0)
@@ -191,13 +202,17 @@ class DistributedModel:
 
     # ---- ranks != 0 -----------------------------------------------------------------------
     def follow(self) -> None:
-        header = torch.empty(_HEADER, dtype=torch.long, device=self.device)
+        msg = torch.empty(_MESSAGE, dtype=torch.long, device=self.device)
         while True:
-            dist.broadcast(header, src=0)
-            code, B, T, nb, last_only, mode = header.tolist()
+            dist.broadcast(msg, src=0)           # reused: stream order puts it after the last step's readers
+            code, B, T, nb, last_only, mode = msg[:_HEADER].tolist()
             if code == _FORWARD:
-                payload = torch.empty(3 * B * T + B * nb + 2 * B, dtype=torch.long, device=self.device)
-                dist.broadcast(payload, src=0)
+                n = _HEADER + _payload_len(B, T, nb)
+                payload = msg[_HEADER:n]
+                if n > _MESSAGE:
+                    rest = torch.empty(n - _MESSAGE, dtype=torch.long, device=self.device)
+                    dist.broadcast(rest, src=0)
+                    payload = torch.cat([payload, rest])
                 ids, meta = _unpack(payload, B, T, nb)
                 self._forward(ids, meta, _MODES[mode], bool(last_only))
                 continue
@@ -326,6 +341,8 @@ class DistributedModel:
         mine = (outs[0] if len(outs) == 1 else torch.cat(outs, 0)) if outs else None
         # the head is a GEMM in the model's dtype, so 16-bit logits travel in 16 bits losslessly
         wire = self.dtype if self.dtype in (torch.float16, torch.bfloat16) else torch.float32
+        if par.pp == 1 and par.config.world_size > 1:
+            return self._gather_logits_one_call(mine, B, T, last_only, wire)
         if par.rank != 0:
             if par.is_last_stage and mine is not None:
                 dist.send(mine.to(wire).contiguous(), dst=0)
@@ -352,4 +369,31 @@ class DistributedModel:
                 for r, p in zip(rows, part.split(counts)):
                     if p.shape[0]:
                         full[r, ..., vs.start:vs.stop] = p
+        return full
+
+    def _gather_logits_one_call(self, mine, B: int, T: int, last_only: bool, wire: torch.dtype):
+        """Without a pipeline every rank holds logits: one gather to rank 0 of equal-shaped parts
+        (rows padded to the largest EP share, vocab to the widest TP slice) instead of one receive
+        per rank (each a host-side NCCL call)."""
+        par, V = self.par, self.config.vocab_size
+        tail = () if last_only else (T,)
+        slices = par.config.vocab_slices(V)
+        chunks = self._chunks(B)
+        rows = [[_rows(lo, hi, d, par.ep) for lo, hi in chunks] for d in range(par.ep)]
+        counts = [[_count(r) for r in rs] for rs in rows]
+        n_max, w_max = max(sum(c) for c in counts), max(len(vs) for vs in slices)
+        part = torch.zeros(n_max, *tail, w_max, dtype=wire, device=self.device)
+        if mine is not None:
+            part[:mine.shape[0], ..., :mine.shape[-1]] = mine
+        parts = [torch.empty_like(part) for _ in range(par.config.world_size)] if par.rank == 0 else None
+        dist.gather(part, parts, dst=0)
+        if par.rank != 0:
+            return None
+        full = torch.empty(B, *tail, V, dtype=torch.float32, device=self.device)
+        for d in range(par.ep):
+            for t, vs in enumerate(slices):
+                got = parts[par.rank_of(0, d, t)]
+                for r, p in zip(rows[d], got[:sum(counts[d])].split(counts[d])):
+                    if p.shape[0]:
+                        full[r, ..., vs.start:vs.stop] = p[..., :len(vs)]
         return full

@@ -204,7 +204,7 @@ def test_bench_distributed_one_rank_cli(tmp_path, capsys):
 
 
 def test_forward_steps_are_not_pickled(folders, single, monkeypatch):
-    """A forward step is two tensor broadcasts (header + packed metadata); only set-up commands
+    """A forward step is one tensor broadcast (header + packed metadata); only set-up commands
     go through broadcast_object_list. Counted on rank 0 (this process) over a whole generate."""
     from ftmoe import parallel_runner
 
@@ -216,6 +216,34 @@ def test_forward_steps_are_not_pickled(folders, single, monkeypatch):
                             lambda objs, src=0, **kw: (calls.append(objs[0][0]), real(objs, src=src, **kw))[1])
         assert [o.output_ids for o in llm.generate(PROMPTS, GREEDY)] == want_tokens
         assert "forward" not in calls and len(calls) <= 1, calls        # at most the cache set-up
+
+
+def test_large_step_takes_a_second_broadcast(folders, monkeypatch):
+    """A step whose packed metadata overflows the fixed first message (64 prompts of 100 tokens)
+    sends the rest in a second broadcast and still gives one process's logits; a decode step of
+    the same rows takes one broadcast. TP=2 x EP=2: the gather to rank 0 pads rows and vocab."""
+    from ftmoe import parallel_runner
+
+    one = load_model(folders[1])
+    g = torch.Generator().manual_seed(3)
+    batch = torch.randint(0, one.config.vocab_size, (64, 100), generator=g)
+    with LLM(folders[2], tp=2, ep=2, timeout_s=120, max_batch_tokens=64 * 112) as llm:
+        runner, cache = llm.generator.model, llm.generator.cache
+        seqs = list(range(9000, 9064))
+        for s_ in seqs:
+            cache.add(s_)
+        sizes = []
+        real = parallel_runner.dist.broadcast
+        monkeypatch.setattr(parallel_runner.dist, "broadcast",
+                            lambda t, src=0, **kw: (sizes.append(t.numel()), real(t, src=src, **kw))[1])
+        got = runner(batch, cache.prepare(seqs, [100] * 64), cache, last_only=True)
+        assert len(sizes) == 2 and sizes[0] == parallel_runner._MESSAGE, sizes
+        nxt = got.argmax(-1, keepdim=True)
+        got2 = runner(nxt, cache.prepare(seqs, [1] * 64), cache, last_only=True)
+        assert len(sizes) == 3, sizes
+    want = one(batch)[:, -1]
+    want2 = one(torch.cat([batch, nxt], 1))[:, -1]
+    assert rel(got, want) < 1e-5 and rel(got2, want2) < 1e-5
 
 
 def test_bf16_logits_travel_in_bf16(folders):
