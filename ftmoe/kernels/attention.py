@@ -50,12 +50,13 @@ def _decode_attention_kernel(QKV, KC, VC, OUT, TABLES, CTX, SLOTS, scale,
 
 
 def launch_config(programs: int) -> tuple[int, int]:
-    """(BLOCK_N, num_warps) for B x heads programs. Measured on an H200 (bf16, 16 heads of 64,
-    context 128; `scripts/attn_sweep.py`): few programs want one wide tile and 8 warps (B = 1: 9.6 us
-    against 12.2 us for (64, 4)); many want narrow one-warp programs, so more of them are resident
-    per SM (B = 256: 48.9 us against 60.3; B = 1024: 145 against 192)."""
+    """(BLOCK_N, num_warps) for B x heads programs. Measured on an H200 (bf16, 16 heads of 64;
+    `scripts/attn_sweep.py`): few programs want wide tiles and 8 warps (B = 1, context 128: 10.0 us
+    against 12.2 us for (64, 4); B = 8, context 2048: 62.9 us, against 74.1 for (128, 8)); many
+    want narrow one-warp programs, so more of them are resident per SM (context 128: B = 256
+    48.8 us against 60.3; B = 1024 145 against 192)."""
     if programs <= 256:
-        return 128, 8
+        return 256, 8
     if programs <= 2048:
         return 128, 1
     return 32, 1
