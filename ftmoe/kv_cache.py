@@ -14,7 +14,9 @@ serving engine can admit requests against `num_free_blocks`.
 from __future__ import annotations
 
 import dataclasses
+import itertools
 
+import numpy as np
 import torch
 
 from .errors import FtmoeError
@@ -108,7 +110,10 @@ class KVCache:
         if n > len(self._free):
             raise CacheFullError(f"KV cache full: need {n} more blocks of {self.block_size} tokens, "
                                  f"{len(self._free)} of {self.num_blocks} free")
-        return [self._free.pop() for _ in range(n)]
+        cut = len(self._free) - n
+        taken = self._free[cut:][::-1]            # the order n pop()s would give: low ids first
+        del self._free[cut:]
+        return taken
 
     def reserve(self, seq_id: int, n_new: int) -> None:
         """Make room for `n_new` more tokens of `seq_id` (allocates whole blocks)."""
@@ -183,29 +188,36 @@ class KVCache:
     # ---- per-call metadata ---------------------------------------------------
     def prepare(self, seq_ids: list[int], num_new: list[int], pad_to: int | None = None) -> AttnMetadata:
         """Reserve room for `num_new[i]` tokens of each sequence, advance lengths, and describe
-        the call. All-or-nothing: on CacheFullError no sequence has changed."""
+        the call. All-or-nothing: on CacheFullError no sequence has changed. The per-row work is
+        a few Python loops over B; the [B, nb] tables, positions and slots are built with numpy
+        (a serving step's host cost: 1024 decode rows in well under a millisecond)."""
         if len(seq_ids) != len(num_new):
             raise ValueError("seq_ids and num_new differ in length")
-        need = sum(max(0, self.blocks_for(self._lens[s] + n) - len(self._tables[s]))
-                   for s, n in zip(seq_ids, num_new))
-        if need > len(self._free):
-            raise CacheFullError(f"KV cache full: need {need} more blocks of {self.block_size} tokens, "
+        B, bs = len(seq_ids), self.block_size
+        tabs = [self._tables[s] for s in seq_ids]
+        ctx = np.fromiter((self._lens[s] for s in seq_ids), dtype=np.int64, count=B)
+        n_new = np.asarray(num_new, dtype=np.int64).reshape(B)
+        have = np.fromiter(map(len, tabs), dtype=np.int64, count=B)
+        need = np.maximum(0, -(-(ctx + n_new) // bs) - have)
+        if int(need.sum()) > len(self._free):
+            raise CacheFullError(f"KV cache full: need {int(need.sum())} more blocks of {bs} tokens, "
                                  f"{len(self._free)} of {self.num_blocks} free")
-        B = len(seq_ids)
-        T = max(max(num_new, default=0), pad_to or 0, 1)
-        ctx = [self._lens[s] for s in seq_ids]
+        taken, at = self._take(int(need.sum())), 0
+        for i in np.flatnonzero(need).tolist():
+            n = int(need[i])
+            tabs[i].extend(taken[at:at + n])
+            at += n
         for s, n in zip(seq_ids, num_new):
-            self.reserve(s, n)
             self._lens[s] += n
-        nb = max(1, max(len(self._tables[s]) for s in seq_ids))
-        tables = torch.tensor([self._tables[s] + [0] * (nb - len(self._tables[s])) for s in seq_ids],
-                              dtype=torch.long).view(B, nb)
-        t = torch.arange(T)
-        ctx_t = torch.tensor(ctx, dtype=torch.long)
-        n_t = torch.tensor(num_new, dtype=torch.long)
-        positions = ctx_t[:, None] + t[None, :]                                   # [B, T]
-        valid = t[None, :] < n_t[:, None]
-        blk = torch.gather(tables, 1, (positions // self.block_size).clamp(max=nb - 1))
-        slots = torch.where(valid, blk * self.block_size + positions % self.block_size, -1)
+        T = max(int(n_new.max(initial=0)), pad_to or 0, 1)
+        counts = have + need
+        nb = max(1, int(counts.max(initial=0)))
+        tables = np.zeros((B, nb), dtype=np.int64)
+        tables[np.arange(nb)[None, :] < counts[:, None]] = np.fromiter(
+            itertools.chain.from_iterable(tabs), dtype=np.int64, count=int(counts.sum()))
+        t = np.arange(T)
+        positions = ctx[:, None] + t[None, :]                                     # [B, T]
+        blk = np.take_along_axis(tables, np.minimum(positions // bs, nb - 1), axis=1)
+        slots = np.where(t[None, :] < n_new[:, None], blk * bs + positions % bs, -1)
         dev = self.meta_device or self.k.device
-        return AttnMetadata(positions.to(dev), slots.to(dev), tables.to(dev), ctx_t.to(dev), n_t.to(dev))
+        return AttnMetadata(*(torch.from_numpy(a).to(dev) for a in (positions, slots, tables, ctx, n_new)))

@@ -6,6 +6,8 @@ must agree to a relative error under 1e-5 in fp32, from any TP folder.
 """
 from __future__ import annotations
 
+import random
+
 import pytest
 import torch
 
@@ -165,3 +167,59 @@ def test_kv_cache_memory_budget():
     assert KVCache.bytes_per_token(cfg, torch.bfloat16, tp=4) == per_tok // 4
     n = KVCache.tokens_for_memory(cfg, 10 * 2**30, torch.bfloat16, block_size=16)
     assert n % 16 == 0 and n * per_tok <= 10 * 2**30 < (n + 16) * per_tok
+
+
+def _prepare_ref(tables: dict, lens: dict, seq_ids, num_new, bs: int, pad_to=None):
+    """The metadata of KVCache.prepare, row by row in plain Python (tables already reserved)."""
+    T = max(max(num_new, default=0), pad_to or 0, 1)
+    nb = max(1, max(len(tables[s]) for s in seq_ids))
+    pos = [[lens[s] + t for t in range(T)] for s in seq_ids]
+    slots = [[tables[s][p // bs] * bs + p % bs if t < n else -1 for t, p in enumerate(row)]
+             for s, n, row in zip(seq_ids, num_new, pos)]
+    return pos, slots, [tables[s] + [0] * (nb - len(tables[s])) for s in seq_ids]
+
+
+def test_prepare_twin_under_random_operations():
+    """prepare's vectorised metadata equals a row-by-row reference through adds, multi-token and
+    decode steps, truncations, forks and frees; a request that does not fit changes nothing."""
+    from ftmoe.kv_cache import CacheFullError
+
+    rng = random.Random(5)
+    bs = 4
+    cache = KVCache(1, 1, 2, 40, bs, torch.float32, "cpu")
+    live: list[int] = []
+    for step in range(300):
+        op = rng.random()
+        if op < 0.15 and len(live) < 8:
+            live.append(step)
+            cache.add(step)
+        elif op < 0.2 and live:
+            cache.free(live.pop(rng.randrange(len(live))))
+        elif op < 0.25 and live:
+            s = rng.choice(live)
+            cache.truncate(s, rng.randint(0, cache.length(s)))
+        elif op < 0.3 and live and len(live) < 8:
+            src = rng.choice(live)
+            if len(cache.block_table(src)) <= cache.num_free_blocks:
+                cache.fork(src, step)
+                live.append(step)
+        elif live:
+            seqs = rng.sample(live, rng.randint(1, len(live)))
+            new = [rng.choice([1, 1, 1, rng.randint(0, 9)]) for _ in seqs]
+            pad = rng.choice([None, 12])
+            before = ({s: cache.block_table(s) for s in live}, {s: cache.length(s) for s in live}, cache.num_free_blocks)
+            try:
+                meta = cache.prepare(seqs, new, pad_to=pad)
+            except CacheFullError:
+                assert ({s: cache.block_table(s) for s in live}, {s: cache.length(s) for s in live},
+                        cache.num_free_blocks) == before
+                continue
+            tables = {s: cache.block_table(s) for s in seqs}
+            pos, slots, tabs = _prepare_ref(tables, before[1], seqs, new, bs, pad)
+            assert meta.positions.tolist() == pos and meta.slot_mapping.tolist() == slots
+            assert meta.block_tables.tolist() == tabs
+            assert meta.context_lens.tolist() == [before[1][s] for s in seqs] and meta.seq_lens.tolist() == new
+            assert all(cache.length(s) == before[1][s] + n for s, n in zip(seqs, new))
+            used = [b for s in live for b in cache.block_table(s)]
+            assert len(set(used)) == len(used) and len(used) + cache.num_free_blocks == 40
+            assert all(len(cache.block_table(s)) == cache.blocks_for(cache.length(s)) for s in seqs)
