@@ -59,34 +59,47 @@ def test_add_layernorm(gen, dtype, n, h, mode):
     assert rel(res, want_res) < TOL[dtype]
 
 
-@pytest.mark.parametrize("n,h,e,k", [(1, 64, 8, 1), (5, 96, 64, 1), (33, 64, 6, 2), (16, 32, 4, 4)])
-def test_gate_topk(gen, n, h, e, k):
+@pytest.mark.parametrize("fused", [False, True])      # cuBLAS + top-k kernel, or the one-kernel gate
+@pytest.mark.parametrize("n,h,e,k", [(1, 64, 8, 1), (5, 96, 64, 1), (33, 64, 6, 2), (16, 32, 4, 4), (3, 100, 64, 2)])
+def test_gate_topk(gen, n, h, e, k, fused):
     u, wg = rnd(n, h, dtype=torch.float16, gen=gen), rnd(h, e, dtype=torch.float16, gen=gen, scale=0.2)
-    probs, ids = gate_topk(u, wg.float(), k)
+    probs, ids = gate_topk(u, wg.float(), k, fused=fused)
     want_p, want_i = ref.gate_topk_ref(u, wg, k)
     assert torch.equal(ids.cpu(), want_i.cpu())
     assert rel(probs, want_p) < 1e-5
 
 
+@pytest.mark.parametrize("fused", [False, True])
 @pytest.mark.parametrize("k", [1, 2])
-def test_gate_topk_padding_rows_get_no_expert(gen, k):
+def test_gate_topk_padding_rows_get_no_expert(gen, k, fused):
     """Rows with a negative KV slot (graph-bucket padding, prompt padding) get id -1, prob 0."""
     u, wg = rnd(37, 64, dtype=torch.float16, gen=gen), rnd(64, 16, dtype=torch.float16, gen=gen, scale=0.2)
     slots = torch.randint(-1, 100, (37,), generator=gen).to(DEV)
     slots[0] = -1
-    probs, ids = gate_topk(u, wg.float(), k, slots=slots)
+    probs, ids = gate_topk(u, wg.float(), k, slots=slots, fused=fused)
     want_p, want_i = ref.gate_topk_ref(u, wg, k, slots)
     assert torch.equal(ids.cpu(), want_i.cpu()) and bool((ids[slots < 0] == -1).all())
     assert rel(probs, want_p) < 1e-5 and bool((probs[slots < 0] == 0).all())
 
 
-def test_gate_topk_ties_go_to_lower_id():
+@pytest.mark.parametrize("fused", [False, True])
+def test_gate_topk_ties_go_to_lower_id(fused):
     u = torch.zeros(3, 16, device=DEV)
     u[:, 0] = 1.0
     wg = torch.zeros(16, 8, device=DEV)
     wg[0, 2] = wg[0, 5] = 3.0     # experts 2 and 5 tie for every token
-    probs, ids = gate_topk(u, wg, 2)
+    probs, ids = gate_topk(u, wg, 2, fused=fused)
     assert ids.tolist() == [[2, 5]] * 3
+
+
+def test_fused_gate_is_opt_in_for_small_batches(monkeypatch):
+    from ftmoe.kernels import routing
+
+    monkeypatch.delenv("FTMOE_FUSED_GATE", raising=False)
+    assert not routing._fused_gate_default(1)
+    monkeypatch.setenv("FTMOE_FUSED_GATE", "1")
+    assert routing._fused_gate_default(1) and routing._fused_gate_default(routing.FUSED_GATE_MAX_ROWS)
+    assert not routing._fused_gate_default(routing.FUSED_GATE_MAX_ROWS + 1)
 
 
 @pytest.mark.parametrize("n,k,e,bm", [(1, 1, 64, 16), (7, 1, 8, 16), (40, 2, 8, 16), (300, 1, 64, 64),

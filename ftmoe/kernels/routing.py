@@ -2,7 +2,7 @@
 
 `softmax_topk`: fp32 gate logits [N, E] -> softmax over all experts, top-k (ties to the
 lower id) -> probs [N, k] fp32, ids [N, k] int32, in one kernel; `gate_topk` puts the fp32
-gate GEMM (cuBLAS) in front of it.
+gate GEMM (cuBLAS) in front of it, or (opt-in, small batches) runs the whole gate in one kernel.
 `moe_align`: ids [N, k] -> slots grouped by expert, each group padded to BLOCK_M (the
 sentinel N*k marks padding), the expert of every block and the padded total. Negative ids
 (another rank's experts under expert parallelism, padding rows) are left out. One
@@ -10,20 +10,17 @@ single-program kernel, so it is cheap at decode batch sizes and graph-capturable
 """
 from __future__ import annotations
 
+import os
+
 import torch
 import triton
 import triton.language as tl
 
 
 @triton.jit
-def _softmax_topk_kernel(LOGITS, PROBS, IDS, SLOTS, N, E, stride_l, K_TOP: tl.constexpr, BLOCK_M: tl.constexpr,
-                         BLOCK_E: tl.constexpr, HAS_SLOTS: tl.constexpr):
-    rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
-    rm = rows < N
-    es = tl.arange(0, BLOCK_E)
-    em = es < E
-    logits = tl.load(LOGITS + rows[:, None].to(tl.int64) * stride_l + es[None, :], mask=rm[:, None] & em[None, :],
-                     other=0.0).to(tl.float32)                 # padding rows stay finite
+def _softmax_topk_store(logits, rows, rm, es, em, PROBS, IDS, SLOTS, K_TOP: tl.constexpr, HAS_SLOTS: tl.constexpr):
+    """Softmax over the E valid columns of fp32 logits [BLOCK_M, BLOCK_E], then the top K_TOP
+    (ties to the lower id) stored for rows `rows` (mask rm); rows whose KV slot is < 0 get -1, 0."""
     logits = tl.where(em[None, :], logits, float("-inf"))
     mx = tl.max(logits, axis=1)
     ex = tl.exp(logits - mx[:, None])
@@ -43,6 +40,39 @@ def _softmax_topk_kernel(LOGITS, PROBS, IDS, SLOTS, N, E, stride_l, K_TOP: tl.co
         p = tl.where(sel, -1.0, p)
 
 
+@triton.jit
+def _softmax_topk_kernel(LOGITS, PROBS, IDS, SLOTS, N, E, stride_l, K_TOP: tl.constexpr, BLOCK_M: tl.constexpr,
+                         BLOCK_E: tl.constexpr, HAS_SLOTS: tl.constexpr):
+    rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    rm = rows < N
+    es = tl.arange(0, BLOCK_E)
+    em = es < E
+    logits = tl.load(LOGITS + rows[:, None].to(tl.int64) * stride_l + es[None, :], mask=rm[:, None] & em[None, :],
+                     other=0.0).to(tl.float32)                 # padding rows stay finite
+    _softmax_topk_store(logits, rows, rm, es, em, PROBS, IDS, SLOTS, K_TOP, HAS_SLOTS)
+
+
+@triton.jit
+def _gate_topk_kernel(U, WG, PROBS, IDS, SLOTS, N, H, E, stride_u, stride_w, K_TOP: tl.constexpr,
+                      BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_E: tl.constexpr, HAS_SLOTS: tl.constexpr):
+    """The whole gate for BLOCK_M rows: fp32 logits u @ wg (u converted to fp32 on load, products
+    and sums in fp32, no tensor cores), softmax and top-k. For small batches: one launch instead
+    of a cuBLAS GEMV (two kernels at M = 1) and the top-k kernel."""
+    rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    rm = rows < N
+    es = tl.arange(0, BLOCK_E)
+    em = es < E
+    acc = tl.zeros([BLOCK_M, BLOCK_E], dtype=tl.float32)
+    for k0 in range(0, H, BLOCK_K):
+        ks = k0 + tl.arange(0, BLOCK_K)
+        km = ks < H
+        a = tl.load(U + rows[:, None].to(tl.int64) * stride_u + ks[None, :], mask=rm[:, None] & km[None, :],
+                    other=0.0).to(tl.float32)
+        w = tl.load(WG + ks[:, None] * stride_w + es[None, :], mask=km[:, None] & em[None, :], other=0.0)
+        acc += tl.sum(a[:, :, None] * w[None, :, :], axis=1)
+    _softmax_topk_store(acc, rows, rm, es, em, PROBS, IDS, SLOTS, K_TOP, HAS_SLOTS)
+
+
 def softmax_topk(logits: torch.Tensor, k: int, probs_out=None, ids_out=None, slots: torch.Tensor | None = None):
     """logits [N, E] fp32 -> (probs [N, k] fp32: softmax over all E, ids [N, k] int32; ties to the lower id).
     slots [N] (optional, any int dtype): rows with a negative KV slot are padding and get id -1, prob 0."""
@@ -59,10 +89,37 @@ def softmax_topk(logits: torch.Tensor, k: int, probs_out=None, ids_out=None, slo
     return probs, ids
 
 
-def gate_topk(u: torch.Tensor, wg32: torch.Tensor, k: int, slots: torch.Tensor | None = None):
-    """The MoE gate: fp32 logits (cuBLAS, no TF32) then softmax + top-k in one kernel.
-    u [N, H] (any float dtype; fp32 avoids a cast), wg32 [H, E] fp32; slots as in `softmax_topk`."""
-    return softmax_topk(u.float() @ wg32, k, slots=slots)
+#: rows up to which `gate_topk` runs the one-kernel gate when FTMOE_FUSED_GATE=1 (off by default
+#: until measured on a GPU against cuBLAS + the top-k kernel)
+FUSED_GATE_MAX_ROWS = 64
+
+
+def _fused_gate_default(N: int) -> bool:
+    return N <= FUSED_GATE_MAX_ROWS and os.environ.get("FTMOE_FUSED_GATE", "0") == "1"
+
+
+def gate_topk(u: torch.Tensor, wg32: torch.Tensor, k: int, slots: torch.Tensor | None = None,
+              fused: bool | None = None):
+    """The MoE gate: fp32 logits then softmax + top-k. u [N, H] (any float dtype; fp32 avoids a
+    cast), wg32 [H, E] fp32; slots as in `softmax_topk`. fused=False: cuBLAS (no TF32) then the
+    top-k kernel; fused=True: one Triton kernel for all of it (default: FTMOE_FUSED_GATE=1 and
+    N <= FUSED_GATE_MAX_ROWS)."""
+    N, H = u.shape
+    if fused is None:
+        fused = _fused_gate_default(N)
+    if not fused:
+        return softmax_topk(u.float() @ wg32, k, slots=slots)
+    E = wg32.shape[1]
+    assert u.stride(1) == 1 and wg32.stride(1) == 1 and wg32.dtype == torch.float32
+    probs = torch.empty(N, k, dtype=torch.float32, device=u.device)
+    ids = torch.empty(N, k, dtype=torch.int32, device=u.device)
+    if slots is not None:
+        assert slots.shape == (N,) and slots.stride(0) == 1
+    BLOCK_E = triton.next_power_of_2(E)
+    _gate_topk_kernel[(N,)](u, wg32, probs, ids, slots if slots is not None else ids, N, H, E, u.stride(0),
+                            wg32.stride(0), K_TOP=k, BLOCK_M=1, BLOCK_K=max(16, min(64, 4096 // BLOCK_E)),
+                            BLOCK_E=BLOCK_E, HAS_SLOTS=slots is not None, num_warps=4)
+    return probs, ids
 
 
 @triton.jit
