@@ -163,10 +163,13 @@ def test_bf16_fast_generation_follows_fp32_reference(tiny_model_dir):
         assert err_fast < 1.5 * err_bf16 + 1e-3, (err_fast, err_bf16)
 
 
-def test_bench_procedure_smoke(tmp_path):
+def test_bench_procedure_smoke(tmp_path, monkeypatch):
     """`ftmoe bench` end to end on a tiny preset (the CPU: interpreter, no graphs, no floors; a GPU:
-    graphs and floors): decode rows per batch, prefill, the FT-style latency rows, JSON."""
+    graphs and floors): decode rows per batch, prefill, the FT-style latency rows, JSON with the
+    FTMOE_* switches the run saw."""
     from ftmoe.bench import run_bench
+
+    monkeypatch.setenv("FTMOE_FUSED_GATE", "1")
 
     out = tmp_path / "bench.json"
     dev = "cuda" if torch.cuda.is_available() else "cpu"
@@ -181,7 +184,8 @@ def test_bench_procedure_smoke(tmp_path):
         assert row["ms"] > 0 and row["tokens_per_s"] > 0
         assert (row["floor_ms"] is not None) == (dev == "cuda" and row["phase"] != "latency")
     import json
-    assert json.loads(out.read_text())["rows"][0]["phase"] == "decode"
+    saved = json.loads(out.read_text())
+    assert saved["rows"][0]["phase"] == "decode" and saved["env"]["FTMOE_FUSED_GATE"] == "1"
 
 
 @pytest.mark.parametrize("lens", [[5, 11, 1], [16, 16]])
