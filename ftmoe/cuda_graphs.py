@@ -157,13 +157,16 @@ class PrefillGraphs:
         self.graphs[key] = (g, s, out)
 
     @torch.inference_mode()
-    def step(self, input_ids: torch.Tensor, meta: AttnMetadata) -> torch.Tensor | None:
-        """Last-token logits [B, V] of fresh prompts, or None when no bucket fits."""
+    def step(self, input_ids: torch.Tensor, meta: AttnMetadata, causal_only: bool | None = None) -> torch.Tensor | None:
+        """Last-token logits [B, V] of fresh prompts, or None when no bucket fits. causal_only=False
+        always takes the key-padding variant (ranks of a parallel model must pick the same graph,
+        whose collectives pair up, whatever their own rows' lengths)."""
         B, T = input_ids.shape
         bucket = self.bucket_for(B, T)
         if bucket is None:
             return None
-        causal_only = bucket == (B, T) and not bool((meta.seq_lens != T).any())
+        if causal_only is None:
+            causal_only = bucket == (B, T) and not bool((meta.seq_lens != T).any())
         key = (*bucket, causal_only)
         if key not in self.graphs:
             self.capture(key)

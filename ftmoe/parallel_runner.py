@@ -95,6 +95,13 @@ def _count(sl: slice) -> int:
     return len(range(sl.start, sl.stop, sl.step))
 
 
+def _prefill_graphs_wanted(par: ParallelState) -> bool:
+    """Per-rank prefill graphs (collectives captured, like the decode graphs): opt-in with
+    FTMOE_DIST_PREFILL_GRAPHS=1 until measured on GPUs; without a pipeline only (a graph returns
+    last-token logits). On CPUs the same bucketed procedure runs without capture (tests)."""
+    return os.environ.get("FTMOE_DIST_PREFILL_GRAPHS", "0") == "1" and par.pp == 1
+
+
 def _rank_error(what: str, e: Exception) -> FtmoeError:
     msg = str(e).splitlines()[0][:200]
     return FtmoeError(f"distributed step '{what}' failed on rank 0 (a worker rank died or timed out): {msg}")
@@ -231,7 +238,11 @@ class DistributedModel:
             self.release_graphs()          # graphs of an earlier cache
             self.cache = _ShardCache(self, *args) if self.par.rank == 0 else KVCache(*args)
             if self.cuda_graphs:
-                self.fast.enable_cuda_graphs(self.cache)
+                self.fast.enable_cuda_graphs(self.cache, prefill=False)
+            if self.fast is not None and _prefill_graphs_wanted(self.par):
+                from .cuda_graphs import PrefillGraphs
+
+                self.fast.prefill_graphs = PrefillGraphs(self.fast, self.cache)
             return self.cache
         if kind == "copy_blocks":
             KVCache._copy_blocks(self.cache, cmd[1], cmd[2])
@@ -285,7 +296,13 @@ class DistributedModel:
                 if n_pad:
                     if n_pad > n:
                         x, meta = _pad_rows(x, meta, n_pad, T)
-                    y = self.fast.prefill(x, meta, self.cache, last_only)
+                    y = None
+                    pg = self.fast.prefill_graphs
+                    if pg is not None and last_only and pg.cache is self.cache:
+                        # every rank has the same (n_pad, T), so the same bucket and the same graph
+                        y = pg.step(x, meta, causal_only=False)
+                    if y is None:
+                        y = self.fast.prefill(x, meta, self.cache, last_only)
                     y = y[:n] if par.is_last_stage else y[:n * T]
             else:
                 if par.is_first_stage:

@@ -174,6 +174,24 @@ def test_fast_path_sharded_equals_one_process(folders, single, tp, ep, pp):
             assert all(len(r) == ep and sum(r) == len(PROMPTS) * ref.config.moe_k for r in load), load
 
 
+def test_distributed_prefill_graph_buckets(folders, single, monkeypatch):
+    """FTMOE_DIST_PREFILL_GRAPHS=1: every rank prefills through the same (batch, length) bucket
+    (padding rows and columns, the key-padding variant on every rank; captured on GPUs, the same
+    static-buffer procedure here) and the logits still match one process (TP=2 x EP=2)."""
+    pytest.importorskip("triton")
+    from ftmoe import kernels
+
+    if not kernels.available():
+        pytest.skip("Triton cannot run here")
+    ref, _ = single
+    monkeypatch.setenv("FTMOE_DIST_PREFILL_GRAPHS", "1")
+    with LLM(folders[2], tp=2, ep=2, fast=True, timeout_s=120) as llm:
+        runner = llm.generator.model
+        assert runner.fast.prefill_graphs is not None
+        _compare_steps(runner, llm.generator.cache, ref, 9, 2, 1e-4, True)
+        assert list(runner.fast.prefill_graphs.graphs) == [(2, 16, False)]   # 2 rows per EP rank, T 11 -> 16
+
+
 def test_parallel_bench_smoke(tmp_path):
     """`ftmoe bench --tp 2 --ep 2` machinery on the CPU: rows per batch and the EP load report."""
     from ftmoe.bench_parallel import run_parallel_bench
