@@ -79,9 +79,9 @@ def run_parallel_bench(pc: ParallelConfig, preset: str | None = "gpt-moe-0.35b-6
                     cache.truncate(s, ctx)
                 return out
 
-            ms = _median_ms(step, dev, warmups=2, iters=iters)
+            ms, host_ms = _median_ms(step, dev, warmups=2, iters=iters)
             load = runner.moe_load()
-            row = {"phase": "decode", "batch": B, "ctx": ctx, "ms": ms, "tokens_per_s": B / ms * 1e3,
+            row = {"phase": "decode", "batch": B, "ctx": ctx, "ms": ms, "host_ms": host_ms, "tokens_per_s": B / ms * 1e3,
                    "tp": pc.tp, "ep": pc.ep, "pp": pc.pp, "fast_path": runner.fast is not None,
                    "cuda_graphs": runner.cuda_graphs, "ep_tokens_per_rank": load}
             if hw:   # the one-GPU floor of the same step (all experts touched by B tokens assumed at most B)
@@ -97,7 +97,7 @@ def run_parallel_bench(pc: ParallelConfig, preset: str | None = "gpt-moe-0.35b-6
                 imb = f"  EP load max/mean {statistics.mean(per_layer):.2f} (worst layer {max(per_layer):.2f})"
             floor = f"  one-GPU floor {row['one_gpu_floor_ms']:.3f} ms" if "one_gpu_floor_ms" in row else ""
             log(f"decode tp={pc.tp} ep={pc.ep} pp={pc.pp} B={B:<4} {ms:9.3f} ms  {row['tokens_per_s']:10.0f} tok/s"
-                f"{floor}{imb}")
+                f"  (host {host_ms:.3f} ms){floor}{imb}")
             for s in seqs:
                 cache.free(s)
     finally:
@@ -105,18 +105,21 @@ def run_parallel_bench(pc: ParallelConfig, preset: str | None = "gpt-moe-0.35b-6
     return save()
 
 
-def _median_ms(fn, dev, warmups: int, iters: int) -> float:
-    """Median wall time of fn() in ms, each call synchronised: whole serving steps, host work included."""
+def _median_ms(fn, dev, warmups: int, iters: int) -> tuple[float, float]:
+    """Median wall time of fn() in ms, each call synchronised (whole serving steps, host work
+    included), and the median time until fn() returned: rank 0's host work before it waits on
+    the GPU (on GPUs the rest of the step is device time it could overlap)."""
     for _ in range(warmups):
         fn()
-    times = []
+    times, host = [], []
     for _ in range(iters):
         _sync(dev)
         t0 = time.perf_counter()
         fn()
+        host.append((time.perf_counter() - t0) * 1e3)
         _sync(dev)
         times.append((time.perf_counter() - t0) * 1e3)
-    return statistics.median(times)
+    return statistics.median(times), statistics.median(host)
 
 
 def _meta_model(cfg, dtype):
@@ -141,7 +144,7 @@ def _bench_prefill(runner, cache, shape, pc, hw, iters, g, log) -> dict:
         for s in seqs:
             cache.free(s)
 
-    ms = _median_ms(run, runner.device, warmups=1, iters=max(2, iters // 4 + 2))
+    ms, _ = _median_ms(run, runner.device, warmups=1, iters=max(2, iters // 4 + 2))
     row = {"phase": "prefill", "batch": B, "in_len": T, "ms": ms, "tokens_per_s": B * T / ms * 1e3,
            "tp": pc.tp, "ep": pc.ep, "pp": pc.pp, "fast_path": runner.fast is not None}
     floor = ""

@@ -203,7 +203,7 @@ def test_parallel_bench_smoke(tmp_path):
     assert [(row["phase"], row["batch"]) for row in r["rows"]] == [("prefill", 3), ("decode", 1), ("decode", 8)]
     assert r["rows"][0]["in_len"] == 8 and r["rows"][0]["ms"] > 0
     for row in r["rows"][1:]:
-        assert row["ms"] > 0 and row["ep"] == 2
+        assert row["ms"] > 0 and row["ep"] == 2 and 0 < row["host_ms"] <= row["ms"]
         load = row["ep_tokens_per_rank"]
         assert len(load) == 2 and all(len(x) == 2 for x in load)            # 2 MoE layers x 2 EP ranks
         assert all(sum(x) == row["batch"] for x in load)                      # every token served once (top-1)
