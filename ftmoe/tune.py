@@ -28,8 +28,8 @@ DENSE_MS = (1, 2, 4, 8, 16, 32, 64)
 
 
 def candidate_configs(M: int) -> list[dict]:
-    if M <= 16:
-        grid = itertools.product([16], [32, 64, 128], [64, 128, 256], [4], [3, 5], [1])
+    if M <= 16:   # GEMVs: BLOCK_N = 16 doubles the programs that stream a weight at M = 1
+        grid = itertools.product([16], [16, 32, 64, 128], [64, 128, 256], [4], [3, 5], [1])
     elif M <= 512:
         grid = itertools.product([16, 32, 64], [64, 128], [64, 128], [4, 8], [3], [1, 8])
     else:

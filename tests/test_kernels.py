@@ -192,7 +192,8 @@ def test_add_layernorm_sums_partials_and_slots_and_gives_fp32(gen, dtype, parts,
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("n,k,e", [(1, 1, 8), (5, 2, 4), (7, 1, 64)])
 @pytest.mark.parametrize("stage", ["w1_gelu", "w2_prob"])
-def test_fused_moe_per_slot_mode(gen, dtype, n, k, e, stage):
+@pytest.mark.parametrize("block_n", [16, 32])     # 16: the thinnest GEMV tiles `ftmoe tune` tries
+def test_fused_moe_per_slot_mode(gen, dtype, n, k, e, stage, block_n):
     K, N = 64, 96
     probs, ids = _routing(n, k, e, gen)
     w = rnd(e, K, N, dtype=dtype, gen=gen, scale=K ** -0.5)
@@ -202,13 +203,13 @@ def test_fused_moe_per_slot_mode(gen, dtype, n, k, e, stage):
     out = torch.full((n * k, N), float("nan"), dtype=dtype, device=DEV)
     fused_moe(a, w, bias, n * k, topk=k, routing=ids.view(-1), probs=probs, a_per_slot=a_per_slot,
               gelu=stage == "w1_gelu", mul_prob=stage == "w2_prob", out=out,
-              config={"BLOCK_M": 16, "BLOCK_N": 32, "BLOCK_K": 16})
+              config={"BLOCK_M": 16, "BLOCK_N": block_n, "BLOCK_K": 16})
     want = ref.fused_moe_ref(a, w, bias, ids, probs, k, a_per_slot=a_per_slot, gelu=stage == "w1_gelu",
                              mul_prob=stage == "w2_prob")
     assert rel(out, want) < TOL[dtype] * 2
     if stage == "w2_prob":   # split-K partials (bias once, prob in each) sum to the same result
         parts = fused_moe(a, w, bias, n * k, topk=k, routing=ids.view(-1), probs=probs, a_per_slot=True,
-                          mul_prob=True, config={"BLOCK_M": 16, "BLOCK_N": 32, "BLOCK_K": 16}, split_k=3)
+                          mul_prob=True, config={"BLOCK_M": 16, "BLOCK_N": block_n, "BLOCK_K": 16}, split_k=3)
         assert parts.shape == (3, n * k, N) and parts.dtype == torch.float32
         assert rel(parts.sum(0), want) < TOL[dtype] * 2
 
