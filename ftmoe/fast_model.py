@@ -26,7 +26,7 @@ import torch
 from .kernels.attention import decode_attention, write_kv
 from .kernels.configs import get_config, get_dense_choice
 from .kernels.fused_moe import fused_moe
-from .kernels.norm import add_layernorm
+from .kernels.norm import add_layernorm, embed_layernorm
 from .kernels.routing import gate_topk, moe_align
 from .kv_cache import AttnMetadata, KVCache
 from .model import GPTMoE
@@ -204,10 +204,8 @@ class FastGPTMoE:
         """ids/positions/context_lens/slots [B] (slots -1: padding row), tables [B, nb] -> logits [B, V] fp32.
         A later pipeline stage takes the residual [B, H] instead of ids; a stage before the last
         returns its residual [B, H]; under TP the logits are this rank's vocabulary slice."""
-        m = self.model
         B = ids.shape[0]
-        x = m.wte[ids] + m.wpe[positions] if self.par.is_first_stage else ids      # [B, H]
-        res, a = add_layernorm(x, self.layers[0]["ln1"].weight, self.layers[0]["ln1"].bias, self.config.layernorm_eps)
+        res, a = self._first_ln(ids, positions)                                    # [B, H] each
         for i, L in enumerate(self.layers):
             qkv = self._dense(a, L["wqkv"], L["bqkv"], parts_ok=False).view(B, 3, self.heads, self.D)
             ctx = decode_attention(qkv, cache.k[i], cache.v[i], block_tables, context_lens, slots, self.scale)
@@ -216,6 +214,15 @@ class FastGPTMoE:
             nxt = self.layers[i + 1]["ln1"] if i + 1 < len(self.layers) else self.final_ln
             res, a = add_layernorm(res, nxt.weight, nxt.bias, self.config.layernorm_eps, add=y, add_bias=y_bias)
         return self._head(a) if self.par.is_last_stage else res
+
+    def _first_ln(self, x: torch.Tensor, positions: torch.Tensor):
+        """(residual, LN1 of it) of the first local layer: from token ids (embeddings gathered and
+        summed in the same kernel) on the first stage, from the received residual [N, H] after."""
+        ln = self.layers[0]["ln1"]
+        if self.par.is_first_stage:
+            m = self.model
+            return embed_layernorm(m.wte, m.wpe, x, positions, ln.weight, ln.bias, self.config.layernorm_eps)
+        return add_layernorm(x, ln.weight, ln.bias, self.config.layernorm_eps)
 
     def _head(self, a: torch.Tensor) -> torch.Tensor:
         m = self.model
@@ -227,15 +234,13 @@ class FastGPTMoE:
         """ids [B, T] (a later pipeline stage: the residual [B*T, H]) -> logits [B, (T,) V] fp32, or
         the residual [B*T, H] on a stage before the last. ragged: whether some row is shorter than
         T (None: find out, a host sync; a CUDA graph passes it)."""
-        m = self.model
         B, T = meta.positions.shape
         H, h, D = self.H, self.heads, self.D
         dev = meta.positions.device
         valid = torch.arange(T, device=dev)[None, :] < meta.seq_lens[:, None]                 # [B, T]
         if ragged is None:
             ragged = bool((meta.seq_lens != T).any())
-        x = (m.wte[input_ids] + m.wpe[meta.positions]).view(B * T, H) if self.par.is_first_stage else input_ids
-        res, a = add_layernorm(x, self.layers[0]["ln1"].weight, self.layers[0]["ln1"].bias, self.config.layernorm_eps)
+        res, a = self._first_ln(input_ids, meta.positions)                         # [B*T, H] each
         slots = meta.slot_mapping.reshape(-1).contiguous()
         mask = None
         if ragged:  # causal and key-padding: query t of row b sees keys j <= t (< seq_len)

@@ -21,7 +21,7 @@ if not kernels.available():
 from ftmoe.kernels import reference as ref  # noqa: E402
 from ftmoe.kernels.attention import decode_attention, write_kv  # noqa: E402
 from ftmoe.kernels.fused_moe import fused_moe  # noqa: E402
-from ftmoe.kernels.norm import add_layernorm  # noqa: E402
+from ftmoe.kernels.norm import add_layernorm, embed_layernorm  # noqa: E402
 from ftmoe.kernels.routing import _moe_align_sorted, gate_topk, moe_align  # noqa: E402
 
 GPU = torch.cuda.is_available()
@@ -57,6 +57,24 @@ def test_add_layernorm(gen, dtype, n, h, mode):
     want_res, want_y = ref.add_layernorm_ref(x, w, b, 1e-5, add, ab)
     assert rel(y, want_y) < TOL[dtype]
     assert rel(res, want_res) < TOL[dtype]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("shape,h", [((1,), 64), ((5,), 96), ((2, 7), 64)])
+def test_embed_layernorm(gen, dtype, shape, h):
+    """Token + position embedding gathers, their sum (rounded to the model dtype, as torch adds)
+    and LN1 in one kernel, against the gathers, the add and the LayerNorm twin; ids/positions of
+    any shape become rows."""
+    V, P = 50, 40
+    wte, wpe = rnd(V, h, dtype=dtype, gen=gen), rnd(P, h, dtype=dtype, gen=gen)
+    w, b = rnd(h, dtype=dtype, gen=gen) + 1, rnd(h, dtype=dtype, gen=gen)
+    ids = torch.randint(0, V, shape, generator=gen).to(DEV)
+    pos = torch.randint(0, P, (*shape, 2), generator=gen).to(DEV)[..., 1]     # strided, like a row slice
+    res, y = embed_layernorm(wte, wpe, ids, pos, w, b, 1e-5)
+    x = (wte[ids] + wpe[pos]).reshape(-1, h)
+    want_res, want_y = ref.add_layernorm_ref(x, w, b, 1e-5)
+    assert res.shape == y.shape == (ids.numel(), h) and res.dtype == y.dtype == dtype
+    assert torch.equal(res, x) and rel(y, want_y) < TOL[dtype]
 
 
 @pytest.mark.parametrize("fused", [False, True])      # cuBLAS + top-k kernel, or the one-kernel gate

@@ -3,7 +3,8 @@
 In:  x [N, H], optional add [N, H] (or [P, N*k, H] partials) and add_bias [H] (the previous GEMM's output and bias),
      LN weight/bias [H]. Out: (res = x + add + add_bias, y = LN(res)), both [N, H] in x.dtype.
 One program per row; statistics in fp32. Replaces three kernels (bias add, residual add,
-LayerNorm) between the GEMMs of a block.
+LayerNorm) between the GEMMs of a block. `embed_layernorm` does the same for the first
+block: token and position embedding gathers, their sum, LN1.
 """
 from __future__ import annotations
 
@@ -30,6 +31,12 @@ def _add_layernorm_kernel(X, ADD, ADD_BIAS, W, B, RES, Y, Y32, H, eps, stride_x,
         x += tl.load(ADD_BIAS + cols, mask=m, other=0.0).to(tl.float32)
     if WRITE_RES:
         tl.store(RES + row * stride_res + cols, x.to(RES.dtype.element_ty), mask=m)
+    _layernorm_store(x, row, cols, m, W, B, Y, Y32, H, eps, stride_y, WRITE_Y32)
+
+
+@triton.jit
+def _layernorm_store(x, row, cols, m, W, B, Y, Y32, H, eps, stride_y, WRITE_Y32: tl.constexpr):
+    """LayerNorm of one fp32 row x (statistics in fp32) stored to Y (and to Y32 in fp32)."""
     mean = tl.sum(x, axis=0) / H
     xc = tl.where(m, x - mean, 0.0)
     var = tl.sum(xc * xc, axis=0) / H
@@ -40,6 +47,21 @@ def _add_layernorm_kernel(X, ADD, ADD_BIAS, W, B, RES, Y, Y32, H, eps, stride_x,
     tl.store(Y + row * stride_y + cols, y, mask=m)
     if WRITE_Y32:  # the rounded output again in fp32, for the fp32 MoE gate GEMM
         tl.store(Y32 + row * H + cols, y.to(tl.float32), mask=m)
+
+
+@triton.jit
+def _embed_layernorm_kernel(IDS, POS, WTE, WPE, W, B, RES, Y, H, eps, stride_te, stride_pe, stride_res, stride_y,
+                            BLOCK: tl.constexpr):
+    row = tl.program_id(0).to(tl.int64)
+    cols = tl.arange(0, BLOCK)
+    m = cols < H
+    tok = tl.load(IDS + row).to(tl.int64)
+    pos = tl.load(POS + row).to(tl.int64)
+    x = tl.load(WTE + tok * stride_te + cols, mask=m, other=0.0).to(tl.float32) \
+        + tl.load(WPE + pos * stride_pe + cols, mask=m, other=0.0).to(tl.float32)
+    x = x.to(RES.dtype.element_ty)              # the embedding sum in the model's dtype, as torch adds it
+    tl.store(RES + row * stride_res + cols, x, mask=m)
+    _layernorm_store(x.to(tl.float32), row, cols, m, W, B, Y, Y, H, eps, stride_y, False)
 
 
 def add_layernorm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: float,
@@ -68,3 +90,19 @@ def add_layernorm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps
         BLOCK=triton.next_power_of_2(H), num_warps=4 if H <= 2048 else 8)
     return (res, y, y32) if want_fp32 else (res, y)
 
+
+
+def embed_layernorm(wte: torch.Tensor, wpe: torch.Tensor, ids: torch.Tensor, positions: torch.Tensor,
+                    weight: torch.Tensor, bias: torch.Tensor, eps: float):
+    """(res = wte[ids] + wpe[positions], y = LN(res)) for ids/positions of any shape (flattened
+    to N rows): the embedding gathers, their sum and the first LayerNorm in one kernel."""
+    ids, positions = ids.reshape(-1).contiguous(), positions.reshape(-1).contiguous()   # row r reads element r
+    N, H = ids.shape[0], wte.shape[1]
+    assert wte.stride(1) == 1 and wpe.stride(1) == 1 and positions.shape[0] == N
+    res = torch.empty(N, H, dtype=wte.dtype, device=wte.device)
+    y = torch.empty_like(res)
+    if N:
+        _embed_layernorm_kernel[(N,)](ids, positions, wte, wpe, weight, bias, res, y, H, eps, wte.stride(0),
+                                      wpe.stride(0), res.stride(0), y.stride(0), BLOCK=triton.next_power_of_2(H),
+                                      num_warps=4 if H <= 2048 else 8)
+    return res, y
