@@ -11,8 +11,9 @@ Wo GEMM -> add+LayerNorm (bo, residual) -> MLP -> the next block's add+LayerNorm
 MLP output, its bias and the residual. The dense GEMMs run on cuBLAS or, where `ftmoe tune`
 found it faster (small batches), on the Triton kernel with split-K partials summed by the LN.
 Dense MLP: Triton GEMM with bias+GELU, then the second dense GEMM.
-MoE: add+LayerNorm+gate top-k in one kernel -> (align, past 32 slots) -> grouped GEMM W1
-(+b1, GELU) -> grouped GEMM W2 (+b2, x prob).
+MoE: add+LayerNorm (and its fp32 copy) -> fp32 gate GEMM + softmax/top-k (one kernel with
+FTMOE_FUSED_GATE=1) -> (align, past 32 slots) -> grouped GEMM W1 (+b1, GELU) -> grouped GEMM
+W2 (+b2, x prob). The first block's LN also gathers and sums the embeddings.
 Prefill uses torch SDPA (flash) for attention and the same MoE kernels with large tiles.
 """
 from __future__ import annotations
@@ -265,6 +266,18 @@ class FastGPTMoE:
             a = a[torch.arange(B, device=a.device), meta.seq_lens - 1]
         return self._head(a)
 
+    def run_prefill(self, input_ids: torch.Tensor, meta: AttnMetadata, cache: KVCache, last_only: bool,
+                    causal_only: bool | None = None) -> torch.Tensor:
+        """Fresh prompts: replayed from a prefill graph when they are enabled for `cache`, only the
+        last tokens' logits are wanted and a bucket fits (causal_only as in `PrefillGraphs.step`);
+        launched eagerly otherwise."""
+        pg = self.prefill_graphs
+        if pg is not None and pg.cache is cache and last_only:
+            out = pg.step(input_ids, meta, causal_only)
+            if out is not None:
+                return out
+        return self.prefill(input_ids, meta, cache, last_only)
+
     # ---- GPTMoE-compatible entry point ----------------------------------------
     @torch.inference_mode()
     def __call__(self, input_ids: torch.Tensor, meta: AttnMetadata | None = None, cache: KVCache | None = None,
@@ -280,10 +293,5 @@ class FastGPTMoE:
                 out = self.decode_step(*args, cache)
             return out if last_only else out[:, None]
         if bool((meta.context_lens == 0).all()):
-            pg = self.prefill_graphs
-            if pg is not None and pg.cache is cache and last_only:
-                out = pg.step(input_ids, meta)
-                if out is not None:
-                    return out
-            return self.prefill(input_ids, meta, cache, last_only)
+            return self.run_prefill(input_ids, meta, cache, last_only)
         return self.model(input_ids, meta, cache, last_only)  # chunked prefill: reference path for now

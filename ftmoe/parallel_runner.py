@@ -102,6 +102,14 @@ def _prefill_graphs_wanted(par: ParallelState) -> bool:
     return os.environ.get("FTMOE_DIST_PREFILL_GRAPHS", "0") == "1" and par.pp == 1
 
 
+def _place(full: torch.Tensor, rows: list[slice], counts: list[int], part: torch.Tensor, vs: range) -> None:
+    """Rank 0's logit assembly: part's first sum(counts) rows are the strided row slices `rows`
+    (one per micro-batch, in order) of vocabulary slice `vs`; extra rows and columns are padding."""
+    for r, p in zip(rows, part[:sum(counts)].split(counts)):
+        if p.shape[0]:
+            full[r, ..., vs.start:vs.stop] = p[..., :len(vs)]
+
+
 def _rank_error(what: str, e: Exception) -> FtmoeError:
     msg = str(e).splitlines()[0][:200]
     return FtmoeError(f"distributed step '{what}' failed on rank 0 (a worker rank died or timed out): {msg}")
@@ -296,13 +304,8 @@ class DistributedModel:
                 if n_pad:
                     if n_pad > n:
                         x, meta = _pad_rows(x, meta, n_pad, T)
-                    y = None
-                    pg = self.fast.prefill_graphs
-                    if pg is not None and last_only and pg.cache is self.cache:
-                        # every rank has the same (n_pad, T), so the same bucket and the same graph
-                        y = pg.step(x, meta, causal_only=False)
-                    if y is None:
-                        y = self.fast.prefill(x, meta, self.cache, last_only)
+                    # every rank has the same (n_pad, T), so a prefill graph, if any, is the same graph
+                    y = self.fast.run_prefill(x, meta, self.cache, last_only, causal_only=False)
                     y = y[:n] if par.is_last_stage else y[:n * T]
             else:
                 if par.is_first_stage:
@@ -383,9 +386,7 @@ class DistributedModel:
                 else:
                     part = torch.empty(sum(counts), *shape_tail, len(vs), dtype=wire, device=self.device)
                     dist.recv(part, src=src)
-                for r, p in zip(rows, part.split(counts)):
-                    if p.shape[0]:
-                        full[r, ..., vs.start:vs.stop] = p
+                _place(full, rows, counts, part, vs)
         return full
 
     def _gather_logits_one_call(self, mine, B: int, T: int, last_only: bool, wire: torch.dtype):
@@ -409,8 +410,5 @@ class DistributedModel:
         full = torch.empty(B, *tail, V, dtype=torch.float32, device=self.device)
         for d in range(par.ep):
             for t, vs in enumerate(slices):
-                got = parts[par.rank_of(0, d, t)]
-                for r, p in zip(rows[d], got[:sum(counts[d])].split(counts[d])):
-                    if p.shape[0]:
-                        full[r, ..., vs.start:vs.stop] = p[..., :len(vs)]
+                _place(full, rows[d], counts[d], parts[par.rank_of(0, d, t)], vs)
         return full
