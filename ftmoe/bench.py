@@ -178,9 +178,8 @@ def run_bench(preset: str = "gpt-moe-0.35b-64e", model_dir: str | None = None, d
     prefill_graphs: also time prefill replayed from a CUDA graph (and use it in the latency table)."""
     from .cuda_graphs import DecodeGraphs, PrefillGraphs
     from .fast_model import FastGPTMoE
-    from .loader import load_model, parse_dtype
-
     from .launch import limit_host_threads
+    from .loader import load_model, parse_dtype
 
     dev = torch.device(device)
     if dev.type == "cuda" and not torch.cuda.is_available():
@@ -263,7 +262,8 @@ def run_bench(preset: str = "gpt-moe-0.35b-64e", model_dir: str | None = None, d
         rows += _bench_latency(fast, graphs, cache, log, latency_batches, latency_shapes)
     result = {"device": torch.cuda.get_device_name() if dev.type == "cuda" else "cpu",
               "date": datetime.date.today().isoformat(), "command": "ftmoe " + " ".join(sys.argv[1:]),
-              "env": {k: v for k, v in sorted(os.environ.items()) if k.startswith("FTMOE_")}, "dtype": dtype, "preset": None if model_dir else preset, **hw,
+              "env": {k: v for k, v in sorted(os.environ.items()) if k.startswith("FTMOE_")},
+              "dtype": dtype, "preset": None if model_dir else preset, **hw,
               "max_memory_allocated_GB": torch.cuda.max_memory_allocated() / 1e9 if dev.type == "cuda" else None,
               "weights_GB": sum(_bytes(p) for p in m.parameters()) / 1e9, "kv_cache_GB": 2 * _bytes(cache.k) / 1e9,
               "rows": [dict(dataclasses.asdict(r), ratio=r.ratio) for r in rows]}

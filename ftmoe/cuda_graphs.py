@@ -1,5 +1,5 @@
 """CUDA graphs for the decode step, one per batch-size bucket, sharing one memory pool; and
-(opt-in) for prefill, one per (batch, prompt length) bucket.
+for fresh-prompt prefill, one per (batch, prompt length) bucket.
 
 In:  a `FastGPTMoE`, the `KVCache` it decodes into, and per step the rows' token ids,
      positions, block tables, context lengths and slots.
