@@ -237,8 +237,8 @@ def run_bench(preset: str = "gpt-moe-0.35b-64e", model_dir: str | None = None, d
         graphs.capture(B)
         ms = _events_ms(lambda: graphs.step(ids, pos, tables, ctx_lens, slots), iters)
         graphed = dev.type == "cuda"
-        kernels = _count_kernels(lambda: graphs.graphs[B][0].replay()) if B == batches[0] and graphed else None
-        if profile and graphed and B in (batches[0], batches[-1]):
+        kernels = _count_kernels(lambda: graphs.graphs[B][0].replay()) if graphed else None
+        if profile and graphed:
             _profile_table(lambda: graphs.graphs[B][0].replay(), f"decode B={B}", log)
         eager_ms = None
         if eager:

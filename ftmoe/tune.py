@@ -144,6 +144,7 @@ def run_tune(shapes: list[tuple[int, int, int, str]], dtype: torch.dtype, ms=DEF
             w_bytes = (min(E, M) if E > 1 else 1) * K * N * torch.finfo(dtype).bits // 8
             log(f"[{time.time() - t0:6.1f}s] {key} {stage} M={M:<5} {best * 1e3:8.1f} us "
                 f"(~{w_bytes / (best * 1e-3) / 1e9:6.0f} GB/s of weights) {cfg}")
+            _write_table(table, path)
     for N, K, parts_ok, bias in dense:
         entry = table.setdefault(dense_key(N, K, dt), {})
         for M in dense_ms:
@@ -151,11 +152,19 @@ def run_tune(shapes: list[tuple[int, int, int, str]], dtype: torch.dtype, ms=DEF
             entry[str(M)] = choice
             log(f"[{time.time() - t0:6.1f}s] {dense_key(N, K, dt)} M={M:<3} cuBLAS {cub * 1e3:7.1f} us, Triton "
                 f"{tri * 1e3:7.1f} us -> {choice['backend']} {choice if choice['backend'] == 'triton' else ''}")
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    with open(path, "w") as f:
-        json.dump(table, f, indent=1, sort_keys=True)
+            _write_table(table, path)
+    _write_table(table, path)
     log(f"wrote {path}")
     return path
+
+
+def _write_table(table: dict, path: str) -> None:
+    """Write the table whole (temporary file + rename), so a run cut short keeps what it tuned."""
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        json.dump(table, f, indent=1, sort_keys=True)
+    os.replace(tmp, path)
 
 
 def model_shapes(cfg) -> list[tuple[int, int, int, str]]:
