@@ -13,7 +13,8 @@ found it faster (small batches), on the Triton kernel with split-K partials summ
 Dense MLP: Triton GEMM with bias+GELU, then the second dense GEMM.
 MoE: add+LayerNorm (and its fp32 copy) -> fp32 gate GEMM + softmax/top-k (one kernel with
 FTMOE_FUSED_GATE=1) -> (align, past 32 slots) -> grouped GEMM W1 (+b1, GELU) -> grouped GEMM
-W2 (+b2, x prob). The first block's LN also gathers and sums the embeddings.
+W2 (+b2, x prob). The first block's LN also gathers and sums the embeddings. Steps of at most
+`pdl.MAX_ROWS` rows launch the Triton kernels with programmatic dependent launch (Hopper).
 Prefill uses torch SDPA (flash) for attention and the same MoE kernels with large tiles.
 """
 from __future__ import annotations
@@ -24,6 +25,7 @@ import types
 
 import torch
 
+from .kernels import pdl
 from .kernels.attention import decode_attention, write_kv
 from .kernels.configs import get_config, get_dense_choice
 from .kernels.fused_moe import fused_moe
@@ -206,6 +208,11 @@ class FastGPTMoE:
         A later pipeline stage takes the residual [B, H] instead of ids; a stage before the last
         returns its residual [B, H]; under TP the logits are this rank's vocabulary slice."""
         B = ids.shape[0]
+        with pdl.allowed(B <= pdl.MAX_ROWS):
+            return self._decode_step(ids, positions, block_tables, context_lens, slots, cache)
+
+    def _decode_step(self, ids, positions, block_tables, context_lens, slots, cache):
+        B = ids.shape[0]
         res, a = self._first_ln(ids, positions)                                    # [B, H] each
         for i, L in enumerate(self.layers):
             qkv = self._dense(a, L["wqkv"], L["bqkv"], parts_ok=False).view(B, 3, self.heads, self.D)
@@ -235,6 +242,10 @@ class FastGPTMoE:
         """ids [B, T] (a later pipeline stage: the residual [B*T, H]) -> logits [B, (T,) V] fp32, or
         the residual [B*T, H] on a stage before the last. ragged: whether some row is shorter than
         T (None: find out, a host sync; a CUDA graph passes it)."""
+        with pdl.allowed(meta.positions.numel() <= pdl.MAX_ROWS):
+            return self._prefill(input_ids, meta, cache, last_only, ragged)
+
+    def _prefill(self, input_ids, meta, cache, last_only, ragged):
         B, T = meta.positions.shape
         H, h, D = self.H, self.heads, self.D
         dev = meta.positions.device

@@ -270,3 +270,64 @@ def test_triton_dense_gemms_with_split_k_match_reference(models, monkeypatch):
         out = fast(seq[None, t:t + 1], cache.prepare([0], [1]), cache, last_only=True)
         assert rel(out[0], full[t]) < 1e-4
     assert {(3 * H, H), (H, H), (H, F)} <= set(picked)     # QKV, Wo, dense W2
+
+
+def test_pdl_launch_arguments(monkeypatch):
+    """Programmatic dependent launch only on a Hopper-or-later GPU, never in the interpreter,
+    with FTMOE_PDL=0 or inside allowed(False) (the model's steps of more than MAX_ROWS rows)."""
+    from ftmoe.kernels import pdl
+
+    assert pdl.launch_kwargs(torch.zeros(1)) == {}
+    if torch.cuda.is_available():
+        x = torch.zeros(1, device="cuda")
+        pdl._enabled.cache_clear()
+        monkeypatch.setenv("FTMOE_PDL", "0")
+        assert pdl.launch_kwargs(x) == {}
+        pdl._enabled.cache_clear()
+        monkeypatch.setenv("FTMOE_PDL", "1")
+        want = torch.cuda.get_device_capability()[0] >= 9
+        assert bool(pdl.launch_kwargs(x)) == want
+        with pdl.allowed(False):
+            assert pdl.launch_kwargs(x) == {}
+            with pdl.allowed(True):
+                assert bool(pdl.launch_kwargs(x)) == want
+        assert bool(pdl.launch_kwargs(x)) == want
+        pdl._enabled.cache_clear()
+    else:
+        with pdl.allowed(True):
+            assert pdl.launch_kwargs(torch.zeros(1)) == {}
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="programmatic dependent launch needs a GPU")
+@pytest.mark.parametrize("B", [1, 2, 8])
+def test_pdl_graph_replay_equals_plain_launches(models, monkeypatch, B):
+    """Decode steps replayed from graphs whose kernels overlap their launch with the previous
+    kernel give bit-identical logits and caches to plain stream order, over several steps (a
+    missing wait would read stale activations)."""
+    from ftmoe.cuda_graphs import DecodeGraphs
+    from ftmoe.kernels import pdl
+
+    ref, fast = models
+    g = torch.Generator().manual_seed(100 + B)
+    lens = torch.randint(1, 20, (B,), generator=g).tolist()
+    prompt = torch.randint(0, ref.config.vocab_size, (B, max(lens)), generator=g).to(DEV)
+    toks = [torch.randint(0, ref.config.vocab_size, (B,), generator=g).to(DEV) for _ in range(4)]
+    results = []
+    for flag in ("0", "1"):
+        monkeypatch.setenv("FTMOE_PDL", flag)
+        pdl._enabled.cache_clear()
+        cache = KVCache.for_model(ref.config, 512, block_size=8, dtype=torch.float32, device=DEV)
+        seqs = list(range(B))
+        for s in seqs:
+            cache.add(s)
+        fast(prompt, cache.prepare(seqs, lens), cache, last_only=True)
+        graphs = DecodeGraphs(fast, cache, max_blocks_per_seq=8, buckets=(1, 2, 16))
+        outs = []
+        for tok in toks:
+            meta = cache.prepare(seqs, [1] * B)
+            outs.append(graphs.step(tok, meta.positions[:, 0], meta.block_tables.int(), meta.context_lens.int(),
+                                    meta.slot_mapping[:, 0].int()).clone())
+        results.append((torch.stack(outs), cache.k.clone(), cache.v.clone()))
+    pdl._enabled.cache_clear()
+    for a, b in zip(*results):
+        assert torch.equal(a, b)

@@ -11,11 +11,14 @@ import torch
 import triton
 import triton.language as tl
 
+from .pdl import launch_kwargs, pdl_start
+
 
 @triton.jit
 def _decode_attention_kernel(QKV, KC, VC, OUT, TABLES, CTX, SLOTS, scale,
                              stride_qb, stride_q3, stride_cb, stride_cp, stride_ch, stride_tb, stride_ob,
-                             BS: tl.constexpr, D: tl.constexpr, BLOCK_N: tl.constexpr):
+                             BS: tl.constexpr, D: tl.constexpr, BLOCK_N: tl.constexpr, USE_PDL: tl.constexpr = False):
+    pdl_start(USE_PDL)
     b = tl.program_id(0).to(tl.int64)
     h = tl.program_id(1)
     d = tl.arange(0, D)
@@ -74,13 +77,15 @@ def decode_attention(qkv: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Te
     _decode_attention_kernel[(B, h)](
         qkv, k_cache, v_cache, o, block_tables, context_lens, slots, scale,
         qkv.stride(0), qkv.stride(1), k_cache.stride(0), k_cache.stride(2), k_cache.stride(1),
-        block_tables.stride(0), o.stride(0), BS=k_cache.shape[2], D=D, BLOCK_N=block_n, num_warps=num_warps)
+        block_tables.stride(0), o.stride(0), BS=k_cache.shape[2], D=D, BLOCK_N=block_n, num_warps=num_warps,
+        **launch_kwargs(qkv))
     return o
 
 
 @triton.jit
 def _write_kv_kernel(QKV, KC, VC, SLOTS, stride_qt, stride_q3, stride_cb, stride_cp, stride_ch, heads,
-                     BS: tl.constexpr, D: tl.constexpr, BLOCK_H: tl.constexpr):
+                     BS: tl.constexpr, D: tl.constexpr, BLOCK_H: tl.constexpr, USE_PDL: tl.constexpr = False):
+    pdl_start(USE_PDL)
     tok = tl.program_id(0).to(tl.int64)
     slot = tl.load(SLOTS + tok).to(tl.int64)
     if slot >= 0:                                        # -1: padding, nothing to store
@@ -101,4 +106,4 @@ def write_kv(qkv: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, sl
     if N:
         _write_kv_kernel[(N,)](qkv, k_cache, v_cache, slots, qkv.stride(0), qkv.stride(1), k_cache.stride(0),
                                k_cache.stride(2), k_cache.stride(1), h, BS=k_cache.shape[2], D=D,
-                               BLOCK_H=triton.next_power_of_2(h), num_warps=4)
+                               BLOCK_H=triton.next_power_of_2(h), num_warps=4, **launch_kwargs(qkv))

@@ -12,12 +12,15 @@ import torch
 import triton
 import triton.language as tl
 
+from .pdl import launch_kwargs, pdl_start
+
 
 @triton.jit
 def _add_layernorm_kernel(X, ADD, ADD_BIAS, W, B, RES, Y, Y32, H, eps, stride_x, stride_add, stride_add_part,
                           stride_res, stride_y, HAS_ADD: tl.constexpr, ADD_PARTS: tl.constexpr,
                           ADD_ROWS: tl.constexpr, HAS_ADD_BIAS: tl.constexpr, WRITE_RES: tl.constexpr,
-                          WRITE_Y32: tl.constexpr, BLOCK: tl.constexpr):
+                          WRITE_Y32: tl.constexpr, BLOCK: tl.constexpr, USE_PDL: tl.constexpr = False):
+    pdl_start(USE_PDL)
     row = tl.program_id(0).to(tl.int64)
     cols = tl.arange(0, BLOCK)
     m = cols < H
@@ -51,7 +54,8 @@ def _layernorm_store(x, row, cols, m, W, B, Y, Y32, H, eps, stride_y, WRITE_Y32:
 
 @triton.jit
 def _embed_layernorm_kernel(IDS, POS, WTE, WPE, W, B, RES, Y, H, eps, stride_te, stride_pe, stride_res, stride_y,
-                            BLOCK: tl.constexpr):
+                            BLOCK: tl.constexpr, USE_PDL: tl.constexpr = False):
+    pdl_start(USE_PDL)
     row = tl.program_id(0).to(tl.int64)
     cols = tl.arange(0, BLOCK)
     m = cols < H
@@ -87,7 +91,7 @@ def add_layernorm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps
         H, eps, x.stride(0), a3.stride(1) if add is not None else 0, a3.stride(0) if add is not None else 0,
         res.stride(0), y.stride(0), HAS_ADD=add is not None, ADD_PARTS=parts, ADD_ROWS=rows,
         HAS_ADD_BIAS=add_bias is not None, WRITE_RES=write_res, WRITE_Y32=want_fp32,
-        BLOCK=triton.next_power_of_2(H), num_warps=4 if H <= 2048 else 8)
+        BLOCK=triton.next_power_of_2(H), num_warps=4 if H <= 2048 else 8, **launch_kwargs(x))
     return (res, y, y32) if want_fp32 else (res, y)
 
 
@@ -104,5 +108,5 @@ def embed_layernorm(wte: torch.Tensor, wpe: torch.Tensor, ids: torch.Tensor, pos
     if N:
         _embed_layernorm_kernel[(N,)](ids, positions, wte, wpe, weight, bias, res, y, H, eps, wte.stride(0),
                                       wpe.stride(0), res.stride(0), y.stride(0), BLOCK=triton.next_power_of_2(H),
-                                      num_warps=4 if H <= 2048 else 8)
+                                      num_warps=4 if H <= 2048 else 8, **launch_kwargs(wte))
     return res, y

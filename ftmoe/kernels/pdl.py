@@ -1,0 +1,70 @@
+"""Programmatic dependent launch (PDL, Hopper and later) for the step's Triton kernels.
+
+A kernel launched with PDL may be scheduled while the kernel before it in the stream is still
+running. Every kernel here starts with `pdl_start`: it waits (griddepcontrol.wait) until the
+previous kernel has finished and its writes are visible, then lets the next kernel launch
+(griddepcontrol.launch_dependents). No global memory is read or written before the wait, so
+the results are those of plain stream order; what is gained is the launch and the CTA
+scheduling of the next kernel, which overlap the tail of this one (about a microsecond per
+kernel boundary inside a CUDA graph, where a batch-1 decode step is ~200 short kernels).
+
+In: a tensor the kernel works on (its device decides). Out: the launch keyword arguments:
+`USE_PDL=True, launch_pdl=True` on a CUDA device of compute capability 9.0 or later, nothing
+elsewhere (the CPU interpreter, older GPUs, FTMOE_PDL=0, or inside `allowed(False)`).
+
+Measured on H200s (2026-11-28, decode steps replayed from graphs, `ftmoe bench` with and
+without FTMOE_PDL=0; `benchmarks/results/2026-11-28-h200-pdl-and-fused-gate-ab.txt`): batch 1
+0.982 -> 0.853 ms, batch 8 1.276 -> 1.217, batch 16 1.800 -> 1.728, batch 32 2.123 -> 2.134 and
+batch 64 2.612 -> 2.606 (another run: 2.519 -> 2.658), batch 256 4.208 -> 4.354 ms. So the model
+turns it on for steps of at most `MAX_ROWS` rows only (`FastGPTMoE` wraps each step in
+`allowed(rows <= MAX_ROWS)`).
+"""
+from __future__ import annotations
+
+import contextlib
+import contextvars
+import functools
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def pdl_start(USE_PDL: tl.constexpr):
+    if USE_PDL:
+        tl.extra.cuda.gdc_wait()
+        tl.extra.cuda.gdc_launch_dependents()
+
+
+#: steps with more rows than this launch their kernels without PDL (it cost time at batch 64);
+#: FTMOE_PDL_MAX_ROWS overrides it (read at import)
+MAX_ROWS = int(os.environ.get("FTMOE_PDL_MAX_ROWS", "16"))
+_ALLOWED = contextvars.ContextVar("ftmoe_pdl_allowed", default=True)
+
+
+@contextlib.contextmanager
+def allowed(on: bool):
+    """Kernels launched inside use PDL only if `on` (and the device supports it)."""
+    token = _ALLOWED.set(bool(on))
+    try:
+        yield
+    finally:
+        _ALLOWED.reset(token)
+
+
+@functools.lru_cache(maxsize=None)
+def _enabled(device_index: int) -> bool:
+    if os.environ.get("FTMOE_PDL", "1") == "0" or os.environ.get("TRITON_INTERPRET") == "1":
+        return False
+    if torch.version.hip is not None:
+        return False
+    return torch.cuda.get_device_capability(device_index)[0] >= 9
+
+
+def launch_kwargs(t: torch.Tensor) -> dict:
+    if t.device.type != "cuda" or not _ALLOWED.get():
+        return {}
+    idx = t.device.index if t.device.index is not None else torch.cuda.current_device()
+    return {"USE_PDL": True, "launch_pdl": True} if _enabled(idx) else {}
