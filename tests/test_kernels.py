@@ -22,7 +22,7 @@ from ftmoe.kernels import reference as ref  # noqa: E402
 from ftmoe.kernels.attention import decode_attention, write_kv  # noqa: E402
 from ftmoe.kernels.fused_moe import fused_moe  # noqa: E402
 from ftmoe.kernels.norm import add_layernorm, embed_layernorm  # noqa: E402
-from ftmoe.kernels.routing import _moe_align_sorted, gate_topk, moe_align  # noqa: E402
+from ftmoe.kernels.routing import gate_topk, moe_align  # noqa: E402
 
 GPU = torch.cuda.is_available()
 DEV = "cuda" if GPU else "cpu"
@@ -120,18 +120,22 @@ def test_fused_gate_is_opt_in_for_small_batches(monkeypatch):
     assert not routing._fused_gate_default(routing.FUSED_GATE_MAX_ROWS + 1)
 
 
-@pytest.mark.parametrize("n,k,e,bm", [(1, 1, 64, 16), (7, 1, 8, 16), (40, 2, 8, 16), (300, 1, 64, 64),
-                                      (257, 1, 4, 32)])
+def _assert_align_equal(got, want):
+    """The whole outputs: placed slots, group padding and the tail past num_post (sentinel), and
+    every block's expert (clamped to E - 1 past the end)."""
+    assert int(got[2]) == int(want[2])
+    assert torch.equal(got[0].cpu(), want[0].cpu())
+    assert torch.equal(got[1].cpu(), want[1].cpu())
+
+
+@pytest.mark.parametrize("n,k,e,bm", [(1, 1, 64, 16), (7, 1, 8, 16), (40, 2, 8, 16), (256, 1, 64, 16),
+                                      (300, 1, 64, 64), (257, 1, 4, 32), (1000, 2, 64, 64), (4096, 1, 64, 128)])
 def test_moe_align(gen, n, k, e, bm):
+    """One program up to 64 slots; count + place over 64-slot chunks above (2 to 64 chunks here)."""
     ids = torch.randint(0, e, (n, k), generator=gen, dtype=torch.int32).to(DEV)
     if n > 100:
         ids[: n // 2] = 3          # skewed: one expert gets half the tokens, many get none
-    want = ref.moe_align_ref(ids, e, bm)
-    total = int(want[2])
-    for got in (moe_align(ids, e, bm), _moe_align_sorted(ids, e, bm)):   # one-program and sort-based
-        assert int(got[2]) == total
-        assert torch.equal(got[0][:total].cpu(), want[0][:total].cpu())
-        assert torch.equal(got[1][: total // bm].cpu(), want[1][: total // bm].cpu())
+    _assert_align_equal(moe_align(ids, e, bm), ref.moe_align_ref(ids, e, bm))
 
 
 def _routing(n, k, e, gen):
@@ -249,7 +253,7 @@ def test_write_kv(gen, dtype):
     assert torch.equal(kc, want_k) and torch.equal(vc, want_v)
 
 
-@pytest.mark.parametrize("n,k,e,bm", [(5, 1, 8, 16), (40, 2, 8, 16), (300, 1, 16, 32)])
+@pytest.mark.parametrize("n,k,e,bm", [(5, 1, 8, 16), (40, 2, 8, 16), (300, 1, 16, 32), (700, 2, 64, 16)])
 def test_moe_align_leaves_out_negative_ids(gen, n, k, e, bm):
     """Expert parallelism marks slots of other ranks' experts (and padding rows) with -1."""
     ids = torch.randint(-1, e, (n, k), generator=gen, dtype=torch.int32)
@@ -258,12 +262,10 @@ def test_moe_align_leaves_out_negative_ids(gen, n, k, e, bm):
     want = ref.moe_align_ref(ids, e, bm)
     total = int(want[2])
     assert total == sum(-(-int((ids == x).sum()) // bm) * bm for x in range(e))
-    for got in (moe_align(ids, e, bm), _moe_align_sorted(ids, e, bm)):
-        assert int(got[2]) == total
-        assert torch.equal(got[0][:total].cpu(), want[0][:total].cpu())
-        assert torch.equal(got[1][: total // bm].cpu(), want[1][: total // bm].cpu())
-        placed = got[0][:total]
-        assert not bool(torch.isin(placed, (ids.view(-1) < 0).nonzero().view(-1).int()).any())
+    got = moe_align(ids, e, bm)
+    _assert_align_equal(got, want)
+    placed = got[0][:total]
+    assert not bool(torch.isin(placed, (ids.view(-1) < 0).nonzero().view(-1).int()).any())
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
@@ -310,7 +312,7 @@ def test_tuned_config_lookup_and_expert_parallel_fallback():
 
 @pytest.mark.skipif(not GPU, reason="CUDA graphs need a GPU")
 def test_moe_align_is_graph_capturable_at_large_batches(gen):
-    """Decode at batch 1024 captures the sort-based alignment in a CUDA graph: no host copies."""
+    """Decode at batch 1024 captures the chunked alignment in a CUDA graph: no host copies."""
     ids = torch.randint(-1, 64, (1024, 1), generator=gen, dtype=torch.int32).to(DEV)
     want = ref.moe_align_ref(ids, 64, 64)
     moe_align(ids, 64, 64)                                   # warm up outside the capture

@@ -5,8 +5,9 @@ lower id) -> probs [N, k] fp32, ids [N, k] int32, in one kernel; `gate_topk` put
 gate GEMM (cuBLAS) in front of it, or (opt-in, small batches) runs the whole gate in one kernel.
 `moe_align`: ids [N, k] -> slots grouped by expert, each group padded to BLOCK_M (the
 sentinel N*k marks padding), the expert of every block and the padded total. Negative ids
-(another rank's experts under expert parallelism, padding rows) are left out. One
-single-program kernel, so it is cheap at decode batch sizes and graph-capturable.
+(another rank's experts under expert parallelism, padding rows) are left out. One program up
+to 64 slots, a count kernel and a place kernel over 64-slot chunks above (batch 256: 4 chunks);
+graph-capturable.
 """
 from __future__ import annotations
 
@@ -15,6 +16,8 @@ import os
 import torch
 import triton
 import triton.language as tl
+
+from .pdl import launch_kwargs, pdl_start
 
 
 @triton.jit
@@ -42,7 +45,8 @@ def _softmax_topk_store(logits, rows, rm, es, em, PROBS, IDS, SLOTS, K_TOP: tl.c
 
 @triton.jit
 def _softmax_topk_kernel(LOGITS, PROBS, IDS, SLOTS, N, E, stride_l, K_TOP: tl.constexpr, BLOCK_M: tl.constexpr,
-                         BLOCK_E: tl.constexpr, HAS_SLOTS: tl.constexpr):
+                         BLOCK_E: tl.constexpr, HAS_SLOTS: tl.constexpr, USE_PDL: tl.constexpr = False):
+    pdl_start(USE_PDL)
     rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     rm = rows < N
     es = tl.arange(0, BLOCK_E)
@@ -54,10 +58,12 @@ def _softmax_topk_kernel(LOGITS, PROBS, IDS, SLOTS, N, E, stride_l, K_TOP: tl.co
 
 @triton.jit
 def _gate_topk_kernel(U, WG, PROBS, IDS, SLOTS, N, H, E, stride_u, stride_w, K_TOP: tl.constexpr,
-                      BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_E: tl.constexpr, HAS_SLOTS: tl.constexpr):
+                      BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_E: tl.constexpr, HAS_SLOTS: tl.constexpr,
+                      USE_PDL: tl.constexpr = False):
     """The whole gate for BLOCK_M rows: fp32 logits u @ wg (u converted to fp32 on load, products
     and sums in fp32, no tensor cores), softmax and top-k. For small batches: one launch instead
     of a cuBLAS GEMV (two kernels at M = 1) and the top-k kernel."""
+    pdl_start(USE_PDL)
     rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     rm = rows < N
     es = tl.arange(0, BLOCK_E)
@@ -85,12 +91,13 @@ def softmax_topk(logits: torch.Tensor, k: int, probs_out=None, ids_out=None, slo
         assert slots.shape == (N,) and slots.stride(0) == 1
     _softmax_topk_kernel[(triton.cdiv(N, BLOCK_M),)](logits, probs, ids, slots if slots is not None else ids, N, E,
                                                      logits.stride(0), K_TOP=k, BLOCK_M=BLOCK_M, BLOCK_E=BLOCK_E,
-                                                     HAS_SLOTS=slots is not None)
+                                                     HAS_SLOTS=slots is not None, **launch_kwargs(logits))
     return probs, ids
 
 
-#: rows up to which `gate_topk` runs the one-kernel gate when FTMOE_FUSED_GATE=1 (off by default
-#: until measured on a GPU against cuBLAS + the top-k kernel)
+#: rows up to which `gate_topk` runs the one-kernel gate when FTMOE_FUSED_GATE=1. Off by default:
+#: on an H200 it took 16.2 us per layer at batch 1 against 6.1 us for cuBLAS + the top-k kernel
+#: (one program per row streams the 256 KB fp32 gate weight alone)
 FUSED_GATE_MAX_ROWS = 64
 
 
@@ -118,45 +125,73 @@ def gate_topk(u: torch.Tensor, wg32: torch.Tensor, k: int, slots: torch.Tensor |
     BLOCK_E = triton.next_power_of_2(E)
     _gate_topk_kernel[(N,)](u, wg32, probs, ids, slots if slots is not None else ids, N, H, E, u.stride(0),
                             wg32.stride(0), K_TOP=k, BLOCK_M=1, BLOCK_K=max(16, min(64, 4096 // BLOCK_E)),
-                            BLOCK_E=BLOCK_E, HAS_SLOTS=slots is not None, num_warps=4)
+                            BLOCK_E=BLOCK_E, HAS_SLOTS=slots is not None, num_warps=4, **launch_kwargs(u))
     return probs, ids
 
 
 @triton.jit
-def _moe_align_kernel(IDS, SORTED, BLOCK_EXPERT, NUM_POST, NK, E, MAX_LEN, MAX_BLOCKS,
-                      BLOCK_M: tl.constexpr, BLOCK_E: tl.constexpr, CHUNK: tl.constexpr):
+def _align_count_kernel(IDS, CNT, NK, CHUNK: tl.constexpr, BLOCK_E: tl.constexpr, USE_PDL: tl.constexpr = False):
+    """Program p: how many of slots [p*CHUNK, (p+1)*CHUNK) each expert got -> CNT[p, :]."""
+    pdl_start(USE_PDL)
+    p = tl.program_id(0)
+    offs = p * CHUNK + tl.arange(0, CHUNK)
+    e = tl.load(IDS + offs, mask=offs < NK, other=-1)
+    es = tl.arange(0, BLOCK_E)
+    tl.store(CNT + p * BLOCK_E + es, tl.sum((e[:, None] == es[None, :]).to(tl.int32), axis=0))
+
+
+@triton.jit
+def _align_place_kernel(IDS, CNT, SORTED, BLOCK_EXPERT, NUM_POST, NK, E, MAX_LEN, MAX_BLOCKS,
+                        BLOCK_M: tl.constexpr, BLOCK_E: tl.constexpr, CHUNK: tl.constexpr, BLOCK_P: tl.constexpr,
+                        COUNTED: tl.constexpr, USE_PDL: tl.constexpr = False):
+    """Program p of P places the slots of chunk p. It reads every chunk's expert counts (COUNTED:
+    from `_align_count_kernel`; else P = 1 and it counts its own chunk), so it knows each
+    expert's padded group [start, start + padded) and where its own chunk's slots of that expert
+    begin; a slot's rank among its chunk's slots of the same expert is a count over [CHUNK, CHUNK].
+    The sentinel goes where no slot is placed (group padding: expert e % P == p; the tail past
+    the last group and the block-to-expert map: a 1/P share each), so no two programs write
+    one element and none needs a barrier."""
+    pdl_start(USE_PDL)
+    p = tl.program_id(0)
+    P = tl.num_programs(0)
     es = tl.arange(0, BLOCK_E)
     em = es < E
-    counts = tl.zeros([BLOCK_E], dtype=tl.int32)
-    for c in range(0, NK, CHUNK):
-        offs = c + tl.arange(0, CHUNK)
-        e = tl.load(IDS + offs, mask=offs < NK, other=-1)
-        counts += tl.sum((e[:, None] == es[None, :]).to(tl.int32), axis=0)
+    offs = p * CHUNK + tl.arange(0, CHUNK)
+    om = offs < NK
+    e = tl.load(IDS + offs, mask=om, other=-1)
+    onehot = (e[:, None] == es[None, :]).to(tl.int32)                # [CHUNK, BLOCK_E]; ids outside [0, E) match none
+    if COUNTED:
+        ps = tl.arange(0, BLOCK_P)
+        cnt = tl.load(CNT + ps[:, None] * BLOCK_E + es[None, :], mask=(ps < P)[:, None], other=0)
+        counts = tl.sum(cnt, axis=0)
+        before = tl.sum(tl.where((ps < p)[:, None], cnt, 0), axis=0)  # this expert's slots in earlier chunks
+    else:
+        counts = tl.sum(onehot, axis=0)
+        before = counts * 0
     padded = (counts + BLOCK_M - 1) // BLOCK_M * BLOCK_M
     ends = tl.cumsum(padded, axis=0)
     starts = ends - padded
     total = tl.sum(padded, axis=0)
-    tl.store(NUM_POST, total)
-    for c in range(0, MAX_LEN, CHUNK):                              # sentinel everywhere first
-        offs = c + tl.arange(0, CHUNK)
-        tl.store(SORTED + offs, tl.zeros([CHUNK], dtype=tl.int32) + NK, mask=offs < MAX_LEN)
-    tl.debug_barrier()
-    running = starts
-    for c in range(0, NK, CHUNK):
-        offs = c + tl.arange(0, CHUNK)
-        om = offs < NK
-        e = tl.load(IDS + offs, mask=om, other=-1)
-        onehot = (e[:, None] == es[None, :]).to(tl.int32)            # [CHUNK, BLOCK_E]
-        rank = tl.sum(onehot * (tl.cumsum(onehot, axis=0) - 1), axis=1)
-        base = tl.sum(onehot * running[None, :], axis=1)
-        placed = om & (tl.sum(onehot, axis=1) > 0)                   # ids outside [0, E) are left out
-        tl.store(SORTED + base + rank, offs.to(tl.int32), mask=placed)
-        running += tl.sum(onehot, axis=0)
-    for b0 in range(0, MAX_BLOCKS, CHUNK):
-        bs = b0 + tl.arange(0, CHUNK)
-        start = bs * BLOCK_M
-        owner = tl.sum(((ends[None, :] <= start[:, None]) & em[None, :]).to(tl.int32), axis=1)
-        tl.store(BLOCK_EXPERT + bs, tl.minimum(owner, E - 1), mask=bs < MAX_BLOCKS)
+    i = tl.arange(0, CHUNK)                                          # rank in the chunk: earlier slots, same expert
+    rank = tl.sum(((e[:, None] == e[None, :]) & (i[None, :] < i[:, None])).to(tl.int32), axis=1)
+    base = tl.sum(onehot * (starts + before)[None, :], axis=1)
+    tl.store(SORTED + base + rank, offs.to(tl.int32), mask=om & (tl.sum(onehot, axis=1) > 0))
+    j = tl.arange(0, BLOCK_M)
+    pad_at = (starts + counts)[:, None] + j[None, :]                # [BLOCK_E, BLOCK_M]
+    pad_m = (j[None, :] < (padded - counts)[:, None]) & (em & (es % P == p))[:, None]
+    tl.store(SORTED + pad_at, tl.zeros([BLOCK_E, BLOCK_M], dtype=tl.int32) + NK, mask=pad_m)
+    tail = tl.cdiv(MAX_LEN - total, P)
+    for c in range(0, tail, CHUNK):                                  # [total, MAX_LEN): the tail, a share each
+        t = c + tl.arange(0, CHUNK)
+        at = total + p * tail + t
+        tl.store(SORTED + at, tl.zeros([CHUNK], dtype=tl.int32) + NK, mask=(t < tail) & (at < MAX_LEN))
+    if p == 0:
+        tl.store(NUM_POST, total)
+    nb = tl.cdiv(MAX_BLOCKS, P)
+    for c in range(0, nb, CHUNK):
+        bs = p * nb + c + tl.arange(0, CHUNK)
+        owner = tl.sum(((ends[None, :] <= (bs * BLOCK_M)[:, None]) & em[None, :]).to(tl.int32), axis=1)
+        tl.store(BLOCK_EXPERT + bs, tl.minimum(owner, E - 1), mask=(bs < MAX_BLOCKS) & (bs < (p + 1) * nb))
 
 
 def align_sizes(nk: int, num_experts: int, block_m: int) -> tuple[int, int]:
@@ -165,43 +200,36 @@ def align_sizes(nk: int, num_experts: int, block_m: int) -> tuple[int, int]:
     return max_blocks * block_m, max_blocks
 
 
-def moe_align(ids: torch.Tensor, num_experts: int, block_m: int, out=None):
+#: up to this many slots one program aligns them all (one launch); above, chunks of ALIGN_CHUNK
+#: slots are counted and placed by one program each (two launches). On an H200 one program took
+#: 12.8 us for 256 slots (a [256, 64] cumulative sum), a 128-slot-chunk place kernel 12.6 us.
+ALIGN_ONE_PROGRAM = 64
+ALIGN_CHUNK = 64
+
+
+def moe_align(ids: torch.Tensor, num_experts: int, block_m: int):
     """ids [N, k] int32 -> (sorted_slots [max_blocks*BM], block_expert [max_blocks], num_post [1]).
-    One program for small batches; above 256 slots, sort-based torch ops (still no host sync)."""
+    Slots grouped by expert in slot order, each group padded to BM with the sentinel N*k (as is
+    everything past num_post); negative ids are left out. No host synchronisation (graph-capturable)."""
+    ids = ids.reshape(-1).contiguous()
     nk = ids.numel()
-    if nk > 256 and out is None:
-        return _moe_align_sorted(ids, num_experts, block_m)
     max_len, max_blocks = align_sizes(nk, num_experts, block_m)
-    if out is None:
-        out = (torch.empty(max_len, dtype=torch.int32, device=ids.device),
-               torch.empty(max_blocks, dtype=torch.int32, device=ids.device),
-               torch.empty(1, dtype=torch.int32, device=ids.device))
-    sorted_slots, block_expert, num_post = out
-    _moe_align_kernel[(1,)](ids, sorted_slots, block_expert, num_post, nk, num_experts, max_len, max_blocks,
-                            BLOCK_M=block_m, BLOCK_E=triton.next_power_of_2(num_experts), CHUNK=128, num_warps=4)
+    dev = ids.device
+    sorted_slots = torch.empty(max_len, dtype=torch.int32, device=dev)
+    block_expert = torch.empty(max_blocks, dtype=torch.int32, device=dev)
+    num_post = torch.empty(1, dtype=torch.int32, device=dev)
+    BLOCK_E = triton.next_power_of_2(num_experts)
+    kw = launch_kwargs(ids)
+    if nk <= ALIGN_ONE_PROGRAM:
+        chunk = max(16, triton.next_power_of_2(nk))
+        _align_place_kernel[(1,)](ids, ids, sorted_slots, block_expert, num_post, nk, num_experts, max_len,
+                                  max_blocks, BLOCK_M=block_m, BLOCK_E=BLOCK_E, CHUNK=chunk, BLOCK_P=1,
+                                  COUNTED=False, num_warps=4, **kw)
+        return sorted_slots, block_expert, num_post
+    P = triton.cdiv(nk, ALIGN_CHUNK)
+    cnt = torch.empty(P, BLOCK_E, dtype=torch.int32, device=dev)
+    _align_count_kernel[(P,)](ids, cnt, nk, CHUNK=ALIGN_CHUNK, BLOCK_E=BLOCK_E, num_warps=4, **kw)
+    _align_place_kernel[(P,)](ids, cnt, sorted_slots, block_expert, num_post, nk, num_experts, max_len, max_blocks,
+                              BLOCK_M=block_m, BLOCK_E=BLOCK_E, CHUNK=ALIGN_CHUNK,
+                              BLOCK_P=triton.next_power_of_2(P), COUNTED=True, num_warps=4, **kw)
     return sorted_slots, block_expert, num_post
-
-
-def _moe_align_sorted(ids: torch.Tensor, num_experts: int, block_m: int):
-    """moe_align for many slots through a stable sort: same outputs, parallel on the GPU.
-    Only tensor ops with tensor or scalar operands (no item assignment, which copies from the
-    host): it runs inside CUDA-graph capture."""
-    E = num_experts
-    flat = ids.reshape(-1).long()
-    nk = flat.numel()
-    max_len, max_blocks = align_sizes(nk, E, block_m)
-    flat = torch.where(flat >= 0, flat, E)                               # negative ids: a last, dropped group
-    counts = torch.zeros(E + 1, dtype=torch.long, device=ids.device).scatter_add_(0, flat, torch.ones_like(flat))[:E]
-    padded = (counts + block_m - 1) // block_m * block_m
-    ends = torch.cumsum(padded, 0)
-    order = torch.sort(flat, stable=True).indices                        # slots grouped by expert, in order
-    sorted_e = flat[order]
-    e = sorted_e.clamp(max=E - 1)
-    first = torch.cumsum(counts, 0) - counts                             # unpadded group starts
-    dest = (ends - padded)[e] + torch.arange(nk, device=ids.device) - first[e]
-    dest = torch.where(sorted_e < E, dest, max_len)                      # the dropped group lands past the end
-    out = torch.full((max_len + 1,), nk, dtype=torch.int32, device=ids.device)
-    out.scatter_(0, dest, order.to(torch.int32))
-    starts = torch.arange(max_blocks, device=ids.device) * block_m
-    block_expert = torch.searchsorted(ends, starts, right=True).clamp_(max=E - 1).to(torch.int32)
-    return out[:max_len], block_expert, ends[-1:].to(torch.int32)
