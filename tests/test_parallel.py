@@ -175,7 +175,7 @@ def test_fast_path_sharded_equals_one_process(folders, single, tp, ep, pp):
 
 
 def test_distributed_prefill_graph_buckets(folders, single, monkeypatch):
-    """FTMOE_DIST_PREFILL_GRAPHS=1: every rank prefills through the same (batch, length) bucket
+    """Per-rank prefill graphs (the default): every rank prefills through the same (batch, length) bucket
     (padding rows and columns, the key-padding variant on every rank; captured on GPUs, the same
     static-buffer procedure here) and the logits still match one process (TP=2 x EP=2)."""
     pytest.importorskip("triton")
