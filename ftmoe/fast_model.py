@@ -11,8 +11,8 @@ Wo GEMM -> add+LayerNorm (bo, residual) -> MLP -> the next block's add+LayerNorm
 MLP output, its bias and the residual. The dense GEMMs run on cuBLAS or, where `ftmoe tune`
 found it faster (small batches), on the Triton kernel with split-K partials summed by the LN.
 Dense MLP: Triton GEMM with bias+GELU, then the second dense GEMM.
-MoE: add+LayerNorm (and its fp32 copy) -> fp32 gate GEMM + softmax/top-k (one kernel with
-FTMOE_FUSED_GATE=1) -> (align, past 32 slots) -> grouped GEMM W1 (+b1, GELU) -> grouped GEMM
+MoE: add+LayerNorm (and its fp32 copy) -> fp32 gate GEMM (cuBLAS, or the fused-MoE kernel with
+FTMOE_GATE=triton) + softmax/top-k -> (align, past 32 slots) -> grouped GEMM W1 (+b1, GELU) -> grouped GEMM
 W2 (+b2, x prob). The first block's LN also gathers and sums the embeddings. Steps of at most
 `pdl.MAX_ROWS` rows launch the Triton kernels with programmatic dependent launch (Hopper).
 Prefill uses torch SDPA (flash) for attention and the same MoE kernels with large tiles.
@@ -138,7 +138,7 @@ class FastGPTMoE:
             return self._ln2_moe_ep(L, res, o, slots >= 0, li)
         res, u, u32 = add_layernorm(res, L["ln2"].weight, L["ln2"].bias, eps, add=o, add_bias=L["bo"],
                                     want_fp32=True)
-        probs, ids = gate_topk(u32, L["wg32"], L["k"], slots=slots)   # fp32 gate GEMM on cuBLAS (no TF32) + top-k kernel
+        probs, ids = gate_topk(u32, L["wg32"], L["k"], slots=slots)   # fp32 gate GEMM (no TF32) + top-k kernel
         if self.trace is not None:
             self.trace.append(ids)
         y = self._experts(L, u, probs, ids, split_k_ok=True, zero_out=zero_padding)

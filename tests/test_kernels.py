@@ -22,7 +22,7 @@ from ftmoe.kernels import reference as ref  # noqa: E402
 from ftmoe.kernels.attention import decode_attention, write_kv  # noqa: E402
 from ftmoe.kernels.fused_moe import fused_moe  # noqa: E402
 from ftmoe.kernels.norm import add_layernorm, embed_layernorm  # noqa: E402
-from ftmoe.kernels.routing import gate_topk, moe_align  # noqa: E402
+from ftmoe.kernels.routing import gate_topk, moe_align, softmax_topk  # noqa: E402
 
 GPU = torch.cuda.is_available()
 DEV = "cuda" if GPU else "cpu"
@@ -77,47 +77,62 @@ def test_embed_layernorm(gen, dtype, shape, h):
     assert torch.equal(res, x) and rel(y, want_y) < TOL[dtype]
 
 
-@pytest.mark.parametrize("fused", [False, True])      # cuBLAS + top-k kernel, or the one-kernel gate
-@pytest.mark.parametrize("n,h,e,k", [(1, 64, 8, 1), (5, 96, 64, 1), (33, 64, 6, 2), (16, 32, 4, 4), (3, 100, 64, 2)])
-def test_gate_topk(gen, n, h, e, k, fused):
+@pytest.mark.parametrize("backend", ["cublas", "triton"])    # the gate GEMM on cuBLAS or the fused-MoE kernel
+@pytest.mark.parametrize("n,h,e,k", [(1, 64, 8, 1), (5, 96, 64, 1), (33, 64, 6, 2), (16, 32, 4, 4), (3, 100, 64, 2),
+                                     (70, 1024, 64, 1)])
+def test_gate_topk(gen, n, h, e, k, backend):
+    """Split-K partials (16, 8 or 4 of them) summed by the top-k kernel; K shorter than the split."""
     u, wg = rnd(n, h, dtype=torch.float16, gen=gen), rnd(h, e, dtype=torch.float16, gen=gen, scale=0.2)
-    probs, ids = gate_topk(u, wg.float(), k, fused=fused)
+    probs, ids = gate_topk(u, wg.float(), k, backend=backend)
     want_p, want_i = ref.gate_topk_ref(u, wg, k)
     assert torch.equal(ids.cpu(), want_i.cpu())
     assert rel(probs, want_p) < 1e-5
 
 
-@pytest.mark.parametrize("fused", [False, True])
+@pytest.mark.parametrize("backend", ["cublas", "triton"])
 @pytest.mark.parametrize("k", [1, 2])
-def test_gate_topk_padding_rows_get_no_expert(gen, k, fused):
+def test_gate_topk_padding_rows_get_no_expert(gen, k, backend):
     """Rows with a negative KV slot (graph-bucket padding, prompt padding) get id -1, prob 0."""
     u, wg = rnd(37, 64, dtype=torch.float16, gen=gen), rnd(64, 16, dtype=torch.float16, gen=gen, scale=0.2)
     slots = torch.randint(-1, 100, (37,), generator=gen).to(DEV)
     slots[0] = -1
-    probs, ids = gate_topk(u, wg.float(), k, slots=slots, fused=fused)
+    probs, ids = gate_topk(u, wg.float(), k, slots=slots, backend=backend)
     want_p, want_i = ref.gate_topk_ref(u, wg, k, slots)
     assert torch.equal(ids.cpu(), want_i.cpu()) and bool((ids[slots < 0] == -1).all())
     assert rel(probs, want_p) < 1e-5 and bool((probs[slots < 0] == 0).all())
 
 
-@pytest.mark.parametrize("fused", [False, True])
-def test_gate_topk_ties_go_to_lower_id(fused):
+@pytest.mark.parametrize("backend", ["cublas", "triton"])
+def test_gate_topk_ties_go_to_lower_id(backend):
     u = torch.zeros(3, 16, device=DEV)
     u[:, 0] = 1.0
     wg = torch.zeros(16, 8, device=DEV)
     wg[0, 2] = wg[0, 5] = 3.0     # experts 2 and 5 tie for every token
-    probs, ids = gate_topk(u, wg, 2, fused=fused)
+    probs, ids = gate_topk(u, wg, 2, backend=backend)
     assert ids.tolist() == [[2, 5]] * 3
 
 
-def test_fused_gate_is_opt_in_for_small_batches(monkeypatch):
+def test_gate_backend_choice(monkeypatch):
+    """cuBLAS unless FTMOE_GATE=triton, and then only up to TRITON_GATE_MAX_ROWS rows; a bad value
+    is an error naming the variable."""
     from ftmoe.kernels import routing
 
-    monkeypatch.delenv("FTMOE_FUSED_GATE", raising=False)
-    assert not routing._fused_gate_default(1)
-    monkeypatch.setenv("FTMOE_FUSED_GATE", "1")
-    assert routing._fused_gate_default(1) and routing._fused_gate_default(routing.FUSED_GATE_MAX_ROWS)
-    assert not routing._fused_gate_default(routing.FUSED_GATE_MAX_ROWS + 1)
+    monkeypatch.delenv("FTMOE_GATE", raising=False)
+    assert routing.gate_backend(1) == "cublas"
+    monkeypatch.setenv("FTMOE_GATE", "triton")
+    assert routing.gate_backend(1) == routing.gate_backend(routing.TRITON_GATE_MAX_ROWS) == "triton"
+    assert routing.gate_backend(routing.TRITON_GATE_MAX_ROWS + 1) == "cublas"
+    monkeypatch.setenv("FTMOE_GATE", "fast")
+    with pytest.raises(ValueError, match="FTMOE_GATE"):
+        routing.gate_backend(1)
+
+
+def test_softmax_topk_sums_partials(gen):
+    """[P, N, E] partials give the result of their sum."""
+    parts = rnd(3, 9, 64, dtype=torch.float32, gen=gen)
+    probs, ids = softmax_topk(parts, 2)
+    want_p, want_i = softmax_topk(parts.sum(0), 2)
+    assert torch.equal(ids, want_i) and rel(probs, want_p) < 1e-6
 
 
 def _assert_align_equal(got, want):

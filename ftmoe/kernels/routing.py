@@ -1,8 +1,9 @@
 """MoE routing on the GPU, without host synchronisation.
 
-`softmax_topk`: fp32 gate logits [N, E] -> softmax over all experts, top-k (ties to the
-lower id) -> probs [N, k] fp32, ids [N, k] int32, in one kernel; `gate_topk` puts the fp32
-gate GEMM (cuBLAS) in front of it, or (opt-in, small batches) runs the whole gate in one kernel.
+`softmax_topk`: fp32 gate logits [N, E] (or split-K partials of them) -> softmax over all
+experts, top-k (ties to the lower id) -> probs [N, k] fp32, ids [N, k] int32, in one kernel;
+`gate_topk` puts the fp32 gate GEMM in front of it (cuBLAS, or with FTMOE_GATE=triton the
+fused-MoE kernel in fp32 with split-K).
 `moe_align`: ids [N, k] -> slots grouped by expert, each group padded to BLOCK_M (the
 sentinel N*k marks padding), the expert of every block and the padded total. Negative ids
 (another rank's experts under expert parallelism, padding rows) are left out. One program up
@@ -17,6 +18,7 @@ import torch
 import triton
 import triton.language as tl
 
+from .fused_moe import fused_moe
 from .pdl import launch_kwargs, pdl_start
 
 
@@ -44,89 +46,81 @@ def _softmax_topk_store(logits, rows, rm, es, em, PROBS, IDS, SLOTS, K_TOP: tl.c
 
 
 @triton.jit
-def _softmax_topk_kernel(LOGITS, PROBS, IDS, SLOTS, N, E, stride_l, K_TOP: tl.constexpr, BLOCK_M: tl.constexpr,
-                         BLOCK_E: tl.constexpr, HAS_SLOTS: tl.constexpr, USE_PDL: tl.constexpr = False):
+def _softmax_topk_kernel(LOGITS, PROBS, IDS, SLOTS, N, E, stride_l, stride_p, K_TOP: tl.constexpr,
+                         BLOCK_M: tl.constexpr, BLOCK_E: tl.constexpr, HAS_SLOTS: tl.constexpr, PARTS: tl.constexpr,
+                         USE_PDL: tl.constexpr = False):
     pdl_start(USE_PDL)
     rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     rm = rows < N
     es = tl.arange(0, BLOCK_E)
     em = es < E
-    logits = tl.load(LOGITS + rows[:, None].to(tl.int64) * stride_l + es[None, :], mask=rm[:, None] & em[None, :],
-                     other=0.0).to(tl.float32)                 # padding rows stay finite
-    _softmax_topk_store(logits, rows, rm, es, em, PROBS, IDS, SLOTS, K_TOP, HAS_SLOTS)
-
-
-@triton.jit
-def _gate_topk_kernel(U, WG, PROBS, IDS, SLOTS, N, H, E, stride_u, stride_w, K_TOP: tl.constexpr,
-                      BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_E: tl.constexpr, HAS_SLOTS: tl.constexpr,
-                      USE_PDL: tl.constexpr = False):
-    """The whole gate for BLOCK_M rows: fp32 logits u @ wg (u converted to fp32 on load, products
-    and sums in fp32, no tensor cores), softmax and top-k. For small batches: one launch instead
-    of a cuBLAS GEMV (two kernels at M = 1) and the top-k kernel."""
-    pdl_start(USE_PDL)
-    rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
-    rm = rows < N
-    es = tl.arange(0, BLOCK_E)
-    em = es < E
-    acc = tl.zeros([BLOCK_M, BLOCK_E], dtype=tl.float32)
-    for k0 in range(0, H, BLOCK_K):
-        ks = k0 + tl.arange(0, BLOCK_K)
-        km = ks < H
-        a = tl.load(U + rows[:, None].to(tl.int64) * stride_u + ks[None, :], mask=rm[:, None] & km[None, :],
-                    other=0.0).to(tl.float32)
-        w = tl.load(WG + ks[:, None] * stride_w + es[None, :], mask=km[:, None] & em[None, :], other=0.0)
-        acc += tl.sum(a[:, :, None] * w[None, :, :], axis=1)
-    _softmax_topk_store(acc, rows, rm, es, em, PROBS, IDS, SLOTS, K_TOP, HAS_SLOTS)
+    ptrs = LOGITS + rows[:, None].to(tl.int64) * stride_l + es[None, :]
+    logits = tl.zeros([BLOCK_M, BLOCK_E], dtype=tl.float32)
+    for p in tl.static_range(PARTS):                   # split-K partials of the gate GEMM, summed in order
+        logits += tl.load(ptrs + p * stride_p, mask=rm[:, None] & em[None, :], other=0.0).to(tl.float32)
+    _softmax_topk_store(logits, rows, rm, es, em, PROBS, IDS, SLOTS, K_TOP, HAS_SLOTS)   # padding rows stay finite
 
 
 def softmax_topk(logits: torch.Tensor, k: int, probs_out=None, ids_out=None, slots: torch.Tensor | None = None):
-    """logits [N, E] fp32 -> (probs [N, k] fp32: softmax over all E, ids [N, k] int32; ties to the lower id).
-    slots [N] (optional, any int dtype): rows with a negative KV slot are padding and get id -1, prob 0."""
-    N, E = logits.shape
+    """logits [N, E] fp32, or split-K partials [P, N, E] (summed here) -> (probs [N, k] fp32: softmax
+    over all E, ids [N, k] int32; ties to the lower id). slots [N] (optional, any int dtype): rows
+    with a negative KV slot are padding and get id -1, prob 0."""
+    parts = logits if logits.dim() == 3 else logits.unsqueeze(0)
+    P, N, E = parts.shape
+    assert parts.stride(2) == 1
     probs = probs_out if probs_out is not None else torch.empty(N, k, dtype=torch.float32, device=logits.device)
     ids = ids_out if ids_out is not None else torch.empty(N, k, dtype=torch.int32, device=logits.device)
     BLOCK_E = triton.next_power_of_2(E)
     BLOCK_M = max(1, min(16, 4096 // BLOCK_E))
     if slots is not None:
         assert slots.shape == (N,) and slots.stride(0) == 1
-    _softmax_topk_kernel[(triton.cdiv(N, BLOCK_M),)](logits, probs, ids, slots if slots is not None else ids, N, E,
-                                                     logits.stride(0), K_TOP=k, BLOCK_M=BLOCK_M, BLOCK_E=BLOCK_E,
-                                                     HAS_SLOTS=slots is not None, **launch_kwargs(logits))
+    _softmax_topk_kernel[(triton.cdiv(N, BLOCK_M),)](parts, probs, ids, slots if slots is not None else ids, N, E,
+                                                     parts.stride(1), parts.stride(0), K_TOP=k, BLOCK_M=BLOCK_M,
+                                                     BLOCK_E=BLOCK_E, HAS_SLOTS=slots is not None, PARTS=P,
+                                                     **launch_kwargs(logits))
     return probs, ids
 
 
-#: rows up to which `gate_topk` runs the one-kernel gate when FTMOE_FUSED_GATE=1. Off by default:
-#: on an H200 it took 16.2 us per layer at batch 1 against 6.1 us for cuBLAS + the top-k kernel
-#: (one program per row streams the 256 KB fp32 gate weight alone)
-FUSED_GATE_MAX_ROWS = 64
+#: rows up to which FTMOE_GATE=triton runs the gate GEMM on the Triton kernel (decode batches);
+#: more rows (prefill) always take cuBLAS
+TRITON_GATE_MAX_ROWS = 256
 
 
-def _fused_gate_default(N: int) -> bool:
-    return N <= FUSED_GATE_MAX_ROWS and os.environ.get("FTMOE_FUSED_GATE", "0") == "1"
+def gate_backend(N: int) -> str:
+    """"cublas" or "triton" for an N-row gate: FTMOE_GATE (default cublas), triton only up to
+    TRITON_GATE_MAX_ROWS rows."""
+    want = os.environ.get("FTMOE_GATE", "cublas")
+    if want not in ("cublas", "triton"):
+        raise ValueError(f"FTMOE_GATE: expected 'cublas' or 'triton', found {want!r}")
+    return "triton" if want == "triton" and N <= TRITON_GATE_MAX_ROWS else "cublas"
+
+
+def gate_gemm_config(N: int) -> tuple[dict, int]:
+    """(tile config, split-K) of the fp32 gate GEMM [N, H] x [H, E] on the Triton kernel: few rows
+    spread K over more programs (the 256 KB fp32 weight of a 1024 x 64 gate is read by 16)."""
+    cfg = {"BLOCK_N": 64, "BLOCK_K": 64, "GROUP_M": 1, "num_warps": 4, "num_stages": 2}
+    if N <= 16:
+        return dict(cfg, BLOCK_M=16), 16
+    if N <= 64:
+        return dict(cfg, BLOCK_M=16), 8
+    return dict(cfg, BLOCK_M=32), 4
 
 
 def gate_topk(u: torch.Tensor, wg32: torch.Tensor, k: int, slots: torch.Tensor | None = None,
-              fused: bool | None = None):
+              backend: str | None = None):
     """The MoE gate: fp32 logits then softmax + top-k. u [N, H] (any float dtype; fp32 avoids a
-    cast), wg32 [H, E] fp32; slots as in `softmax_topk`. fused=False: cuBLAS (no TF32) then the
-    top-k kernel; fused=True: one Triton kernel for all of it (default: FTMOE_FUSED_GATE=1 and
-    N <= FUSED_GATE_MAX_ROWS)."""
-    N, H = u.shape
-    if fused is None:
-        fused = _fused_gate_default(N)
-    if not fused:
+    cast), wg32 [H, E] fp32; slots as in `softmax_topk`. backend "cublas": the GEMM on cuBLAS (no
+    TF32), then the top-k kernel; "triton": the GEMM on the fused-MoE kernel in fp32 (IEEE
+    products, split-K partials) and the top-k kernel sums the partials, two Triton launches that
+    chain under programmatic dependent launch. Default: `gate_backend(N)`."""
+    N = u.shape[0]
+    backend = backend or gate_backend(N)
+    if backend == "cublas":
         return softmax_topk(u.float() @ wg32, k, slots=slots)
-    E = wg32.shape[1]
-    assert u.stride(1) == 1 and wg32.stride(1) == 1 and wg32.dtype == torch.float32
-    probs = torch.empty(N, k, dtype=torch.float32, device=u.device)
-    ids = torch.empty(N, k, dtype=torch.int32, device=u.device)
-    if slots is not None:
-        assert slots.shape == (N,) and slots.stride(0) == 1
-    BLOCK_E = triton.next_power_of_2(E)
-    _gate_topk_kernel[(N,)](u, wg32, probs, ids, slots if slots is not None else ids, N, H, E, u.stride(0),
-                            wg32.stride(0), K_TOP=k, BLOCK_M=1, BLOCK_K=max(16, min(64, 4096 // BLOCK_E)),
-                            BLOCK_E=BLOCK_E, HAS_SLOTS=slots is not None, num_warps=4, **launch_kwargs(u))
-    return probs, ids
+    cfg, split_k = gate_gemm_config(N)
+    assert wg32.dtype == torch.float32 and wg32.stride(1) == 1
+    logits = fused_moe(u.float(), wg32.unsqueeze(0), None, N, config=cfg, split_k=split_k)
+    return softmax_topk(logits, k, slots=slots)
 
 
 @triton.jit
