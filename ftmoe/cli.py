@@ -211,6 +211,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default=None, help="JSON path (default: the package's configs folder)")
     p.add_argument("--no-dense", action="store_true", help="skip timing the dense GEMMs (Triton vs cuBLAS)")
     p.add_argument("--no-moe", action="store_true", help="skip the fused-MoE tiles (keep the table's)")
+    p.add_argument("--dense-m", default="1,2,4,8,16,32,64,128,256",
+                   help="batch sizes at which the dense GEMMs are timed (Triton vs cuBLAS)")
     p = sub.add_parser("demo", help="build the small embedded model, convert it and generate")
     p.add_argument("--workdir", default="demo_out")
     from .entrypoints.bench_serving import add_bench_serving_args
@@ -267,7 +269,8 @@ def main(argv: list[str] | None = None) -> int:
                 raise FtmoeError("ftmoe tune needs a CUDA GPU")
             cfg = ModelConfig.from_dir(resolve_model_dir(a.model)) if a.model else config_of(a.preset)
             run_tune([] if a.no_moe else model_shapes(cfg), parse_dtype(a.dtype), tuple(int(m) for m in a.m.split(",")),
-                     a.out, dense=[] if a.no_dense else dense_shapes(cfg))
+                     a.out, dense=[] if a.no_dense else dense_shapes(cfg),
+                     dense_ms=tuple(int(m) for m in a.dense_m.split(",")))
             return 0
         if a.cmd == "serve":
             if a.triton:

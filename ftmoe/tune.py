@@ -24,7 +24,7 @@ from .kernels.routing import moe_align
 
 DEFAULT_MS = (1, 8, 32, 64, 256, 1024, 4096)
 #: batch sizes at which the decode step's dense GEMMs are tried on Triton against cuBLAS
-DENSE_MS = (1, 2, 4, 8, 16, 32, 64)
+DENSE_MS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
 
 
 def candidate_configs(M: int) -> list[dict]:
