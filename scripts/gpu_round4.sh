@@ -4,7 +4,7 @@
 #          `ftmoe bench --profile` with the defaults (PDL and weight prefetch on);
 #   GPU 1: the same bench with FTMOE_PDL=0.
 # (The run of 2026-11-28 also timed an L2 weight prefetch before the PDL wait, since removed:
-# benchmarks/results/2026-11-28-h200-pdl-and-fused-gate-ab.txt.)
+# benchmarks/results/2026-11-28-h200-pdl-and-gate-ab.txt.)
 # Usage: OUT=dir bash scripts/gpu_round4.sh
 set -u
 OUT=${OUT:-/tmp/ftmoe_out}

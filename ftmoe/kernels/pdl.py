@@ -13,7 +13,7 @@ In: a tensor the kernel works on (its device decides). Out: the launch keyword a
 elsewhere (the CPU interpreter, older GPUs, FTMOE_PDL=0, or inside `allowed(False)`).
 
 Measured on H200s (2026-11-28, decode steps replayed from graphs, `ftmoe bench` with and
-without FTMOE_PDL=0; `benchmarks/results/2026-11-28-h200-pdl-and-fused-gate-ab.txt`): batch 1
+without FTMOE_PDL=0; `benchmarks/results/2026-11-28-h200-pdl-and-gate-ab.txt`): batch 1
 0.982 -> 0.853 ms, batch 8 1.276 -> 1.217, batch 16 1.800 -> 1.728, batch 32 2.123 -> 2.134 and
 batch 64 2.612 -> 2.606 (another run: 2.519 -> 2.658), batch 256 4.208 -> 4.354 ms. So the model
 turns it on for steps of at most `MAX_ROWS` rows only (`FastGPTMoE` wraps each step in
