@@ -5,17 +5,14 @@
 # GPU 1 the serving benchmark (scripts/gpu_serving_bench.sh), GPUs 2-3 NCCL parity for the
 # 2-rank layouts (tiny fp32 both paths, then the real shapes in bf16).
 # Usage: OUT=dir bash scripts/gpu_round1.sh   -> $OUT/round1.tgz and a summary on stdout.
-set -u
-OUT=${OUT:-/tmp/ftmoe_out}
-W=$(mktemp -d)
-export PYTHONPATH=$PWD PYTHONUNBUFFERED=1 TMPDIR=${TMPDIR:-/tmp}
-python3 -c "import pytest" 2>/dev/null || pip install -q --no-index --find-links .gpu_wheels pytest
-nvidia-smi -L > "$W/gpus.txt"; nvidia-smi topo -m >> "$W/gpus.txt" 2>&1
+ROUND=round1
+. scripts/gpu_env.sh
+nvidia-smi topo -m >> "$W/gpus.txt" 2>&1
 (CUDA_VISIBLE_DEVICES=0 OUT=$W/single TUNE="${TUNE---no-moe}" timeout 560 bash scripts/gpu_check.sh --prefill-graphs > "$W/single.log" 2>&1) &
 (CUDA_VISIBLE_DEVICES=1 OUT=$W/serve timeout 560 bash scripts/gpu_serving_bench.sh > "$W/serve.log" 2>&1) &
 (CUDA_VISIBLE_DEVICES=2,3 timeout 560 python3 scripts/gpu_parallel_check.py --tiny --real \
    --layouts 2x1x1,1x2x1,1x1x2 --steps 64 > "$W/parity2.log" 2>&1) &
 wait
-tar czf "$OUT/round1.tgz" -C "$W" .
+save end
 cat "$W/gpus.txt"; tail -4 "$W/single/tests.txt"; grep -E "^(decode|prefill)" "$W/single/bench.txt" | head -20
 cat "$W/serve/summary.txt" 2>/dev/null | head -20; grep -E "PASS|FAIL|Error|error" "$W/parity2.log" | head -20

@@ -7,13 +7,8 @@
 #      GPU 1 the serving benchmark (scripts/gpu_serving_bench.sh);
 #   4. 4-rank parity at the real shapes in bf16.
 # Usage: OUT=dir bash scripts/gpu_round2.sh
-set -u
-OUT=${OUT:-/tmp/ftmoe_out}
-W=$(mktemp -d)
-export PYTHONPATH=$PWD PYTHONUNBUFFERED=1 TMPDIR=${TMPDIR:-/tmp} NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1
-python3 -c "import pytest" 2>/dev/null || pip install -q --no-index --find-links .gpu_wheels pytest
-save() { tar czf "$OUT/round2.tgz" -C "$W" .; echo "[phase $1 done at ${SECONDS}s]"; }
-nvidia-smi -L > "$W/gpus.txt"
+ROUND=round2
+. scripts/gpu_env.sh
 ITERS=${ITERS:-10} PER_LAYOUT_S=${PER_LAYOUT_S:-45} OUT=$W/scaling timeout 300 bash scripts/gpu_scaling.sh > /dev/null 2>&1
 grep -E "^(decode|prefill|exit|skip)|rror" "$W/scaling/scaling.txt"; save 1
 timeout 120 python3 scripts/gpu_parallel_check.py --tiny --layouts 4x1x1,1x4x1,2x2x1 > "$W/parity4_tiny.log" 2>&1

@@ -5,12 +5,8 @@
 #   GPU 1: the whole `ftmoe tune` (MoE tiles and dense GEMMs) into a copy of the package's table,
 #          then `ftmoe bench` with that table.
 # Usage: OUT=dir bash scripts/gpu_round3.sh
-set -u
-OUT=${OUT:-/tmp/ftmoe_out}
-W=$(mktemp -d)
-export PYTHONPATH=$PWD PYTHONUNBUFFERED=1 TMPDIR=${TMPDIR:-/tmp}
-python3 -c "import pytest" 2>/dev/null || pip install -q --no-index --find-links .gpu_wheels pytest
-nvidia-smi -L > "$W/gpus.txt"
+ROUND=round3
+. scripts/gpu_env.sh
 B="python3 -m ftmoe.cli bench --no-eager --no-latency"
 (export CUDA_VISIBLE_DEVICES=0
  OUT=$W/single TUNE="" timeout 330 bash scripts/gpu_check.sh --no-eager --no-latency --profile --prefill-graphs > "$W/single.log" 2>&1
@@ -21,6 +17,6 @@ B="python3 -m ftmoe.cli bench --no-eager --no-latency"
  cp "$W/tuned.json" ftmoe/kernels/configs/NVIDIA_H200.json
  timeout 120 $B --prefill 8x512 --prefill-graphs --json "$W/bench_tuned.json" > "$W/bench_tuned.txt" 2>&1) &
 wait
-tar czf "$OUT/round3.tgz" -C "$W" .
+save end
 tail -3 "$W/single/tests.txt"; grep -E "^(decode|prefill)" "$W/single/bench.txt" "$W/fused_gate.txt" "$W/bench_tuned.txt"
 tail -3 "$W/tune.txt"

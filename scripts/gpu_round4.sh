@@ -6,12 +6,8 @@
 # (The run of 2026-11-28 also timed an L2 weight prefetch before the PDL wait, since removed:
 # benchmarks/results/2026-11-28-h200-pdl-and-gate-ab.txt.)
 # Usage: OUT=dir bash scripts/gpu_round4.sh
-set -u
-OUT=${OUT:-/tmp/ftmoe_out}
-W=$(mktemp -d)
-export PYTHONPATH=$PWD PYTHONUNBUFFERED=1 TMPDIR=${TMPDIR:-/tmp}
-python3 -c "import pytest" 2>/dev/null || pip install -q --no-index --find-links .gpu_wheels pytest
-nvidia-smi -L > "$W/gpus.txt"
+ROUND=round4
+. scripts/gpu_env.sh
 B="python3 -m ftmoe.cli bench --no-eager --no-latency --batches 1,8,64,256 --prefill 8x512 --prefill-graphs"
 (export CUDA_VISIBLE_DEVICES=0
  timeout 200 python3 -m pytest -q -x tests/test_kernels.py tests/test_fast_model.py > "$W/tests.txt" 2>&1
@@ -20,6 +16,6 @@ B="python3 -m ftmoe.cli bench --no-eager --no-latency --batches 1,8,64,256 --pre
 (export CUDA_VISIBLE_DEVICES=1
  FTMOE_PDL=0 timeout 150 $B --json "$W/bench_nopdl.json" > "$W/bench_nopdl.txt" 2>&1) &
 wait
-tar czf "$OUT/round4.tgz" -C "$W" .
+save end
 tail -3 "$W/tests.txt"; cat "$W/pdl_check.txt" | tail -7
 for f in bench_nopdl bench_pdl; do echo "== $f"; grep -E "^(decode|prefill)" "$W/$f.txt"; done

@@ -6,13 +6,8 @@
 #   phase 2, both GPUs: per-rank prefill graphs (FTMOE_DIST_PREFILL_GRAPHS=1): 2-rank NCCL parity
 #            (tiny fp32 and real-shape bf16), then the scaling rows 1x1x1, 2x1x1, 1x2x1.
 # Usage: OUT=dir bash scripts/gpu_round5.sh
-set -u
-OUT=${OUT:-/tmp/ftmoe_out}
-W=$(mktemp -d)
-export PYTHONPATH=$PWD PYTHONUNBUFFERED=1 TMPDIR=${TMPDIR:-/tmp} NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1
-python3 -c "import pytest" 2>/dev/null || pip install -q --no-index --find-links .gpu_wheels pytest
-save() { tar czf "$OUT/round5.tgz" -C "$W" .; echo "[phase $1 done at ${SECONDS}s]"; }
-nvidia-smi -L > "$W/gpus.txt"
+ROUND=round5
+. scripts/gpu_env.sh
 (export CUDA_VISIBLE_DEVICES=0
  timeout 200 python3 -m pytest -q -x tests/test_kernels.py tests/test_fast_model.py > "$W/tests.txt" 2>&1
  timeout 100 python3 scripts/pdl_check.py > "$W/pdl_check.txt" 2>&1

@@ -4,11 +4,8 @@
 #   2. on GPU 0, decode at batch 8 and 16 with programmatic dependent launch forced on for every
 #      step (FTMOE_PDL_MAX_ROWS=16) and off (FTMOE_PDL=0), to place pdl.MAX_ROWS.
 # Usage: OUT=dir bash scripts/gpu_round6.sh
-set -u
-OUT=${OUT:-/tmp/ftmoe_out}
-W=$(mktemp -d)
-export PYTHONPATH=$PWD PYTHONUNBUFFERED=1 TMPDIR=${TMPDIR:-/tmp} NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1
-save() { tar czf "$OUT/round6.tgz" -C "$W" .; echo "[phase $1 done at ${SECONDS}s]"; }
+ROUND=round6
+. scripts/gpu_env.sh
 timeout 260 python3 scripts/gpu_parallel_check.py --real --layouts 1x2x1 --steps 32 > "$W/parity_ep2_real.log" 2>&1
 grep -E "PASS|FAIL|rror" "$W/parity_ep2_real.log" | cut -c1-400; save 1
 B="python3 -m ftmoe.cli bench --no-eager --no-latency --batches 8,16 --prefill none"

@@ -3,11 +3,8 @@
 # Triton kernel (FTMOE_GATE=triton), side by side: GPU 0 the kernel/fast-path tests, then
 # `ftmoe bench` with the default gate; GPU 1 the same bench with FTMOE_GATE=triton.
 # Usage: OUT=dir bash scripts/gpu_round7.sh
-set -u
-OUT=${OUT:-/tmp/ftmoe_out}
-W=$(mktemp -d)
-export PYTHONPATH=$PWD PYTHONUNBUFFERED=1 TMPDIR=${TMPDIR:-/tmp}
-python3 -c "import pytest" 2>/dev/null || pip install -q --no-index --find-links .gpu_wheels pytest
+ROUND=round7
+. scripts/gpu_env.sh
 B="python3 -m ftmoe.cli bench --no-eager --no-latency --batches 1,8,16,64,256 --prefill none"
 (export CUDA_VISIBLE_DEVICES=0
  timeout 170 python3 -m pytest -q -x tests/test_kernels.py tests/test_fast_model.py > "$W/tests.txt" 2>&1
@@ -16,5 +13,5 @@ B="python3 -m ftmoe.cli bench --no-eager --no-latency --batches 1,8,16,64,256 --
  FTMOE_GATE=triton timeout 90 $B --json "$W/gate_triton.json" > "$W/gate_triton.txt" 2>&1
  FTMOE_GATE=triton timeout 120 python3 -m pytest -q -x tests/test_kernels.py -k "gate or softmax" > "$W/tests_gate.txt" 2>&1) &
 wait
-tar czf "$OUT/round7.tgz" -C "$W" .
+save end
 tail -2 "$W/tests.txt"; tail -2 "$W/tests_gate.txt"; grep -E "^(device|decode)" "$W/gate_cublas.txt" "$W/gate_triton.txt"
