@@ -2,8 +2,8 @@
 
 `softmax_topk`: fp32 gate logits [N, E] (or split-K partials of them) -> softmax over all
 experts, top-k (ties to the lower id) -> probs [N, k] fp32, ids [N, k] int32, in one kernel;
-`gate_topk` puts the fp32 gate GEMM in front of it (cuBLAS, or with FTMOE_GATE=triton the
-fused-MoE kernel in fp32 with split-K).
+`gate_topk` puts the fp32 gate GEMM in front of it (cuBLAS, or the fused-MoE kernel in fp32 with
+split-K: by default for 17-32 rows, where it measured faster; FTMOE_GATE chooses).
 `moe_align`: ids [N, k] -> slots grouped by expert, each group padded to BLOCK_M (the
 sentinel N*k marks padding), the expert of every block and the padded total. Negative ids
 (another rank's experts under expert parallelism, padding rows) are left out. One program up
@@ -84,14 +84,20 @@ def softmax_topk(logits: torch.Tensor, k: int, probs_out=None, ids_out=None, slo
 #: rows up to which FTMOE_GATE=triton runs the gate GEMM on the Triton kernel (decode batches);
 #: more rows (prefill) always take cuBLAS
 TRITON_GATE_MAX_ROWS = 256
+#: the rows for which the default ("auto") takes the Triton gate: where it measured faster on one
+#: H200 back to back (batch 32: 2.35 / 2.27 -> 2.17 / 2.17 ms; batches 1-16 within noise; batch 64
+#: 0.06 ms slower in a cross-GPU A/B; benchmarks/results/2026-11-28-h200-pdl-and-gate-ab.txt)
+AUTO_TRITON_GATE_ROWS = range(17, 33)
 
 
 def gate_backend(N: int) -> str:
-    """"cublas" or "triton" for an N-row gate: FTMOE_GATE (default cublas), triton only up to
-    TRITON_GATE_MAX_ROWS rows."""
-    want = os.environ.get("FTMOE_GATE", "cublas")
-    if want not in ("cublas", "triton"):
-        raise ValueError(f"FTMOE_GATE: expected 'cublas' or 'triton', found {want!r}")
+    """"cublas" or "triton" for an N-row gate. FTMOE_GATE: auto (default: triton for
+    AUTO_TRITON_GATE_ROWS rows), cublas, or triton (up to TRITON_GATE_MAX_ROWS rows)."""
+    want = os.environ.get("FTMOE_GATE", "auto")
+    if want not in ("auto", "cublas", "triton"):
+        raise ValueError(f"FTMOE_GATE: expected 'auto', 'cublas' or 'triton', found {want!r}")
+    if want == "auto":
+        return "triton" if N in AUTO_TRITON_GATE_ROWS else "cublas"
     return "triton" if want == "triton" and N <= TRITON_GATE_MAX_ROWS else "cublas"
 
 
