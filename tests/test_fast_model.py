@@ -278,6 +278,10 @@ def test_pdl_launch_arguments(monkeypatch):
     from ftmoe.kernels import pdl
 
     assert pdl.launch_kwargs(torch.zeros(1)) == {}
+    import triton
+
+    newer = tuple(int(x) for x in triton.__version__.split(".")[:2]) >= (3, 3)
+    assert pdl._triton_supports_pdl() == newer   # Triton < 3.3 lacks griddepcontrol: PDL stays off
     if torch.cuda.is_available():
         x = torch.zeros(1, device="cuda")
         pdl._enabled.cache_clear()

@@ -58,9 +58,18 @@ def allowed(on: bool):
 def _enabled(device_index: int) -> bool:
     if os.environ.get("FTMOE_PDL", "1") == "0" or os.environ.get("TRITON_INTERPRET") == "1":
         return False
-    if torch.version.hip is not None:
+    if torch.version.hip is not None or not _triton_supports_pdl():
         return False
     return torch.cuda.get_device_capability(device_index)[0] >= 9
+
+
+def _triton_supports_pdl() -> bool:
+    """Triton >= 3.3 has griddepcontrol (tl.extra.cuda.gdc_wait) and the launch_pdl option."""
+    try:
+        from triton.backends.nvidia.compiler import CUDAOptions
+    except ImportError:
+        return False
+    return hasattr(tl.extra.cuda, "gdc_wait") and "launch_pdl" in getattr(CUDAOptions, "__dataclass_fields__", {})
 
 
 def launch_kwargs(t: torch.Tensor) -> dict:
