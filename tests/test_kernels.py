@@ -147,9 +147,11 @@ def _assert_align_equal(got, want):
 
 
 @pytest.mark.parametrize("n,k,e,bm", [(1, 1, 64, 16), (7, 1, 8, 16), (40, 2, 8, 16), (256, 1, 64, 16),
-                                      (300, 1, 64, 64), (257, 1, 4, 32), (1000, 2, 64, 64), (4096, 1, 64, 128)])
+                                      (300, 1, 64, 64), (257, 1, 4, 32), (1000, 2, 64, 64), (4096, 1, 64, 128),
+                                      (5000, 2, 64, 16)])
 def test_moe_align(gen, n, k, e, bm):
-    """One program up to 64 slots; count + place over 64-slot chunks above (2 to 64 chunks here)."""
+    """One program up to 64 slots; count + place over 64-slot chunks above (2 to 64 programs
+    here; 10000 slots: 53 programs of 3 chunks each)."""
     ids = torch.randint(0, e, (n, k), generator=gen, dtype=torch.int32).to(DEV)
     if n > 100:
         ids[: n // 2] = 3          # skewed: one expert gets half the tokens, many get none

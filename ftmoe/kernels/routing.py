@@ -7,7 +7,8 @@ split-K: by default for 17-32 rows, where it measured faster; FTMOE_GATE chooses
 `moe_align`: ids [N, k] -> slots grouped by expert, each group padded to BLOCK_M (the
 sentinel N*k marks padding), the expert of every block and the padded total. Negative ids
 (another rank's experts under expert parallelism, padding rows) are left out. One program up
-to 64 slots, a count kernel and a place kernel over 64-slot chunks above (batch 256: 4 chunks);
+to 64 slots, a count kernel and a place kernel over 64-slot chunks above (batch 256: 4
+programs; at most 64, each taking several chunks for very long prompts);
 graph-capturable.
 """
 from __future__ import annotations
@@ -130,24 +131,29 @@ def gate_topk(u: torch.Tensor, wg32: torch.Tensor, k: int, slots: torch.Tensor |
 
 
 @triton.jit
-def _align_count_kernel(IDS, CNT, NK, CHUNK: tl.constexpr, BLOCK_E: tl.constexpr, USE_PDL: tl.constexpr = False):
-    """Program p: how many of slots [p*CHUNK, (p+1)*CHUNK) each expert got -> CNT[p, :]."""
+def _align_count_kernel(IDS, CNT, NK, SPAN, CHUNK: tl.constexpr, BLOCK_E: tl.constexpr,
+                        USE_PDL: tl.constexpr = False):
+    """Program p: how many of slots [p*SPAN, (p+1)*SPAN) each expert got -> CNT[p, :]."""
     pdl_start(USE_PDL)
     p = tl.program_id(0)
-    offs = p * CHUNK + tl.arange(0, CHUNK)
-    e = tl.load(IDS + offs, mask=offs < NK, other=-1)
     es = tl.arange(0, BLOCK_E)
-    tl.store(CNT + p * BLOCK_E + es, tl.sum((e[:, None] == es[None, :]).to(tl.int32), axis=0))
+    counts = tl.zeros([BLOCK_E], dtype=tl.int32)
+    for c in range(0, SPAN, CHUNK):
+        offs = p * SPAN + c + tl.arange(0, CHUNK)
+        e = tl.load(IDS + offs, mask=offs < NK, other=-1)
+        counts += tl.sum((e[:, None] == es[None, :]).to(tl.int32), axis=0)
+    tl.store(CNT + p * BLOCK_E + es, counts)
 
 
 @triton.jit
-def _align_place_kernel(IDS, CNT, SORTED, BLOCK_EXPERT, NUM_POST, NK, E, MAX_LEN, MAX_BLOCKS,
+def _align_place_kernel(IDS, CNT, SORTED, BLOCK_EXPERT, NUM_POST, NK, E, MAX_LEN, MAX_BLOCKS, SPAN,
                         BLOCK_M: tl.constexpr, BLOCK_E: tl.constexpr, CHUNK: tl.constexpr, BLOCK_P: tl.constexpr,
                         COUNTED: tl.constexpr, USE_PDL: tl.constexpr = False):
-    """Program p of P places the slots of chunk p. It reads every chunk's expert counts (COUNTED:
-    from `_align_count_kernel`; else P = 1 and it counts its own chunk), so it knows each
-    expert's padded group [start, start + padded) and where its own chunk's slots of that expert
-    begin; a slot's rank among its chunk's slots of the same expert is a count over [CHUNK, CHUNK].
+    """Program p of P places the slots of its span [p*SPAN, (p+1)*SPAN), CHUNK at a time. It reads
+    every program's expert counts (COUNTED: from `_align_count_kernel`; else P = 1, SPAN = CHUNK
+    and it counts its own slots), so it knows each expert's padded group [start, start + padded)
+    and where its span's slots of that expert begin; a slot's rank among its chunk's slots of the
+    same expert is a count over [CHUNK, CHUNK], and a running count carries it across chunks.
     The sentinel goes where no slot is placed (group padding: expert e % P == p; the tail past
     the last group and the block-to-expert map: a 1/P share each), so no two programs write
     one element and none needs a barrier."""
@@ -156,40 +162,43 @@ def _align_place_kernel(IDS, CNT, SORTED, BLOCK_EXPERT, NUM_POST, NK, E, MAX_LEN
     P = tl.num_programs(0)
     es = tl.arange(0, BLOCK_E)
     em = es < E
-    offs = p * CHUNK + tl.arange(0, CHUNK)
-    om = offs < NK
-    e = tl.load(IDS + offs, mask=om, other=-1)
-    onehot = (e[:, None] == es[None, :]).to(tl.int32)                # [CHUNK, BLOCK_E]; ids outside [0, E) match none
     if COUNTED:
         ps = tl.arange(0, BLOCK_P)
         cnt = tl.load(CNT + ps[:, None] * BLOCK_E + es[None, :], mask=(ps < P)[:, None], other=0)
         counts = tl.sum(cnt, axis=0)
-        before = tl.sum(tl.where((ps < p)[:, None], cnt, 0), axis=0)  # this expert's slots in earlier chunks
+        before = tl.sum(tl.where((ps < p)[:, None], cnt, 0), axis=0)  # this expert's slots in earlier spans
     else:
-        counts = tl.sum(onehot, axis=0)
+        e = tl.load(IDS + tl.arange(0, CHUNK), mask=tl.arange(0, CHUNK) < NK, other=-1)
+        counts = tl.sum((e[:, None] == es[None, :]).to(tl.int32), axis=0)
         before = counts * 0
     padded = (counts + BLOCK_M - 1) // BLOCK_M * BLOCK_M
     ends = tl.cumsum(padded, axis=0)
     starts = ends - padded
     total = tl.sum(padded, axis=0)
-    i = tl.arange(0, CHUNK)                                          # rank in the chunk: earlier slots, same expert
-    rank = tl.sum(((e[:, None] == e[None, :]) & (i[None, :] < i[:, None])).to(tl.int32), axis=1)
-    base = tl.sum(onehot * (starts + before)[None, :], axis=1)
-    tl.store(SORTED + base + rank, offs.to(tl.int32), mask=om & (tl.sum(onehot, axis=1) > 0))
+    i = tl.arange(0, CHUNK)
+    for c in range(0, SPAN, CHUNK):
+        offs = p * SPAN + c + i
+        om = offs < NK
+        e = tl.load(IDS + offs, mask=om, other=-1)
+        onehot = (e[:, None] == es[None, :]).to(tl.int32)            # [CHUNK, BLOCK_E]; ids outside [0, E) match none
+        rank = tl.sum(((e[:, None] == e[None, :]) & (i[None, :] < i[:, None])).to(tl.int32), axis=1)
+        base = tl.sum(onehot * (starts + before)[None, :], axis=1)
+        tl.store(SORTED + base + rank, offs.to(tl.int32), mask=om & (tl.sum(onehot, axis=1) > 0))
+        before += tl.sum(onehot, axis=0)
     j = tl.arange(0, BLOCK_M)
     pad_at = (starts + counts)[:, None] + j[None, :]                # [BLOCK_E, BLOCK_M]
     pad_m = (j[None, :] < (padded - counts)[:, None]) & (em & (es % P == p))[:, None]
     tl.store(SORTED + pad_at, tl.zeros([BLOCK_E, BLOCK_M], dtype=tl.int32) + NK, mask=pad_m)
     tail = tl.cdiv(MAX_LEN - total, P)
     for c in range(0, tail, CHUNK):                                  # [total, MAX_LEN): the tail, a share each
-        t = c + tl.arange(0, CHUNK)
+        t = c + i
         at = total + p * tail + t
         tl.store(SORTED + at, tl.zeros([CHUNK], dtype=tl.int32) + NK, mask=(t < tail) & (at < MAX_LEN))
     if p == 0:
         tl.store(NUM_POST, total)
     nb = tl.cdiv(MAX_BLOCKS, P)
     for c in range(0, nb, CHUNK):
-        bs = p * nb + c + tl.arange(0, CHUNK)
+        bs = p * nb + c + i
         owner = tl.sum(((ends[None, :] <= (bs * BLOCK_M)[:, None]) & em[None, :]).to(tl.int32), axis=1)
         tl.store(BLOCK_EXPERT + bs, tl.minimum(owner, E - 1), mask=(bs < MAX_BLOCKS) & (bs < (p + 1) * nb))
 
@@ -200,11 +209,14 @@ def align_sizes(nk: int, num_experts: int, block_m: int) -> tuple[int, int]:
     return max_blocks * block_m, max_blocks
 
 
-#: up to this many slots one program aligns them all (one launch); above, chunks of ALIGN_CHUNK
-#: slots are counted and placed by one program each (two launches). On an H200 one program took
-#: 12.8 us for 256 slots (a [256, 64] cumulative sum), a 128-slot-chunk place kernel 12.6 us.
+#: up to this many slots one program aligns them all (one launch); above, spans of whole
+#: ALIGN_CHUNK-slot chunks are counted and placed by one program each (two launches), at most
+#: ALIGN_MAX_PROGRAMS programs (longer spans past that: each program's count table row stays
+#: small). On an H200 one program took 12.8 us for 256 slots (a [256, 64] cumulative sum), a
+#: 128-slot-chunk place kernel 12.6 us, 64-slot chunks 3.7 us (+1.1 us counting).
 ALIGN_ONE_PROGRAM = 64
 ALIGN_CHUNK = 64
+ALIGN_MAX_PROGRAMS = 64
 
 
 def moe_align(ids: torch.Tensor, num_experts: int, block_m: int):
@@ -223,13 +235,15 @@ def moe_align(ids: torch.Tensor, num_experts: int, block_m: int):
     if nk <= ALIGN_ONE_PROGRAM:
         chunk = max(16, triton.next_power_of_2(nk))
         _align_place_kernel[(1,)](ids, ids, sorted_slots, block_expert, num_post, nk, num_experts, max_len,
-                                  max_blocks, BLOCK_M=block_m, BLOCK_E=BLOCK_E, CHUNK=chunk, BLOCK_P=1,
+                                  max_blocks, chunk, BLOCK_M=block_m, BLOCK_E=BLOCK_E, CHUNK=chunk, BLOCK_P=1,
                                   COUNTED=False, num_warps=4, **kw)
         return sorted_slots, block_expert, num_post
-    P = triton.cdiv(nk, ALIGN_CHUNK)
+    chunks = triton.cdiv(nk, ALIGN_CHUNK)
+    span = triton.cdiv(chunks, min(chunks, ALIGN_MAX_PROGRAMS)) * ALIGN_CHUNK
+    P = triton.cdiv(nk, span)
     cnt = torch.empty(P, BLOCK_E, dtype=torch.int32, device=dev)
-    _align_count_kernel[(P,)](ids, cnt, nk, CHUNK=ALIGN_CHUNK, BLOCK_E=BLOCK_E, num_warps=4, **kw)
+    _align_count_kernel[(P,)](ids, cnt, nk, span, CHUNK=ALIGN_CHUNK, BLOCK_E=BLOCK_E, num_warps=4, **kw)
     _align_place_kernel[(P,)](ids, cnt, sorted_slots, block_expert, num_post, nk, num_experts, max_len, max_blocks,
-                              BLOCK_M=block_m, BLOCK_E=BLOCK_E, CHUNK=ALIGN_CHUNK,
+                              span, BLOCK_M=block_m, BLOCK_E=BLOCK_E, CHUNK=ALIGN_CHUNK,
                               BLOCK_P=triton.next_power_of_2(P), COUNTED=True, num_warps=4, **kw)
     return sorted_slots, block_expert, num_post
