@@ -130,6 +130,19 @@ def test_gate_backend_choice(monkeypatch):
         routing.gate_backend(1)
 
 
+def test_softmax_topk_padding_rows_with_nan_logits():
+    """A padding row (KV slot -1) may carry NaN or inf (its hidden state is never cleaned): it
+    still gets id -1 and prob 0, and the real rows beside it are unaffected."""
+    logits = torch.randn(4, 8)
+    logits[1] = float("nan")
+    logits[3, :4] = float("inf")
+    slots = torch.tensor([5, -1, 7, -1])
+    probs, ids = softmax_topk(logits.to(DEV), 2, slots=slots.to(DEV))
+    want_p, want_i = torch.softmax(logits[[0, 2]], -1).topk(2, dim=-1)
+    assert ids[[1, 3]].tolist() == [[-1, -1]] * 2 and probs[[1, 3]].tolist() == [[0.0, 0.0]] * 2
+    assert torch.equal(ids[[0, 2]].cpu(), want_i.int()) and rel(probs[[0, 2]], want_p.to(DEV)) < 1e-6
+
+
 def test_softmax_topk_sums_partials(gen):
     """[P, N, E] partials give the result of their sum."""
     parts = rnd(3, 9, 64, dtype=torch.float32, gen=gen)

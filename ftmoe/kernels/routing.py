@@ -27,12 +27,15 @@ from .pdl import launch_kwargs, pdl_start
 def _softmax_topk_store(logits, rows, rm, es, em, PROBS, IDS, SLOTS, K_TOP: tl.constexpr, HAS_SLOTS: tl.constexpr):
     """Softmax over the E valid columns of fp32 logits [BLOCK_M, BLOCK_E], then the top K_TOP
     (ties to the lower id) stored for rows `rows` (mask rm); rows whose KV slot is < 0 get -1, 0."""
+    if HAS_SLOTS:   # rows without a KV slot are padding: no expert (id -1), so no expert weights are read
+        real = tl.load(SLOTS + rows, mask=rm, other=-1) >= 0
+        # a padding row's hidden state may hold anything (its expert outputs are never written):
+        # give it finite logits, so no NaN reaches the softmax and argmax
+        logits = tl.where(real[:, None], logits, 0.0)
     logits = tl.where(em[None, :], logits, float("-inf"))
     mx = tl.max(logits, axis=1)
     ex = tl.exp(logits - mx[:, None])
     p = ex / tl.sum(ex, axis=1)[:, None]
-    if HAS_SLOTS:   # rows without a KV slot are padding: no expert (id -1), so no expert weights are read
-        real = tl.load(SLOTS + rows, mask=rm, other=-1) >= 0
     for j in tl.static_range(K_TOP):
         idx = tl.argmax(p, axis=1, tie_break_left=True)
         sel = es[None, :] == idx[:, None]
