@@ -374,10 +374,7 @@ class DistributedModel:
         full = torch.empty(B, *shape_tail, V, dtype=torch.float32, device=self.device)
         last = par.pp - 1
         slices = par.config.vocab_slices(V)
-        chunks = self._chunks(B)
-        for d in range(par.ep):
-            rows = [_rows(lo, hi, d, par.ep) for lo, hi in chunks]
-            counts = [_count(r) for r in rows]
+        for d, (rows, counts) in enumerate(self._ep_rows(B)):
             if not sum(counts):
                 continue
             for t, vs in enumerate(slices):
@@ -397,10 +394,8 @@ class DistributedModel:
         par, V = self.par, self.config.vocab_size
         tail = () if last_only else (T,)
         slices = par.config.vocab_slices(V)
-        chunks = self._chunks(B)
-        rows = [[_rows(lo, hi, d, par.ep) for lo, hi in chunks] for d in range(par.ep)]
-        counts = [[_count(r) for r in rs] for rs in rows]
-        n_max, w_max = max(sum(c) for c in counts), max(len(vs) for vs in slices)
+        layout = self._ep_rows(B)
+        n_max, w_max = max(sum(c) for _, c in layout), max(len(vs) for vs in slices)
         part = torch.zeros(n_max, *tail, w_max, dtype=wire, device=self.device)
         if mine is not None:
             part[:mine.shape[0], ..., :mine.shape[-1]] = mine
@@ -409,7 +404,13 @@ class DistributedModel:
         if par.rank != 0:
             return None
         full = torch.empty(B, *tail, V, dtype=torch.float32, device=self.device)
-        for d in range(par.ep):
+        for d, (rows, counts) in enumerate(layout):
             for t, vs in enumerate(slices):
-                _place(full, rows[d], counts[d], parts[par.rank_of(0, d, t)], vs)
+                _place(full, rows, counts, parts[par.rank_of(0, d, t)], vs)
         return full
+
+    def _ep_rows(self, B: int) -> list[tuple[list[slice], list[int]]]:
+        """Per EP index d: the row slices it holds (one per micro-batch, in order) and their sizes."""
+        chunks = self._chunks(B)
+        rows = [[_rows(lo, hi, d, self.par.ep) for lo, hi in chunks] for d in range(self.par.ep)]
+        return [(rs, [_count(r) for r in rs]) for rs in rows]

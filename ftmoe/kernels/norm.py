@@ -95,7 +95,6 @@ def add_layernorm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps
     return (res, y, y32) if want_fp32 else (res, y)
 
 
-
 def embed_layernorm(wte: torch.Tensor, wpe: torch.Tensor, ids: torch.Tensor, positions: torch.Tensor,
                     weight: torch.Tensor, bias: torch.Tensor, eps: float):
     """(res = wte[ids] + wpe[positions], y = LN(res)) for ids/positions of any shape (flattened
