@@ -113,13 +113,13 @@ def test_gate_topk_ties_go_to_lower_id(backend):
 
 
 def test_gate_backend_choice(monkeypatch):
-    """Default (auto): Triton for 17-32 rows only; FTMOE_GATE=cublas always cuBLAS; =triton up
+    """Default (auto): Triton for 1-64 rows only; FTMOE_GATE=cublas always cuBLAS; =triton up
     to TRITON_GATE_MAX_ROWS rows; a bad value is an error naming the variable."""
     from ftmoe.kernels import routing
 
     monkeypatch.delenv("FTMOE_GATE", raising=False)
-    assert [routing.gate_backend(n) for n in (1, 16, 17, 32, 33, 4096)] == \
-        ["cublas", "cublas", "triton", "triton", "cublas", "cublas"]
+    assert [routing.gate_backend(n) for n in (1, 16, 64, 65, 256, 4096)] == \
+        ["triton", "triton", "triton", "cublas", "cublas", "cublas"]
     monkeypatch.setenv("FTMOE_GATE", "cublas")
     assert routing.gate_backend(32) == "cublas"
     monkeypatch.setenv("FTMOE_GATE", "triton")

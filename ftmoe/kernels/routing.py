@@ -3,7 +3,7 @@
 `softmax_topk`: fp32 gate logits [N, E] (or split-K partials of them) -> softmax over all
 experts, top-k (ties to the lower id) -> probs [N, k] fp32, ids [N, k] int32, in one kernel;
 `gate_topk` puts the fp32 gate GEMM in front of it (cuBLAS, or the fused-MoE kernel in fp32 with
-split-K: by default for 17-32 rows, where it measured faster; FTMOE_GATE chooses).
+split-K: by default for up to 64 rows, where it measured faster; FTMOE_GATE chooses).
 `moe_align`: ids [N, k] -> slots grouped by expert, each group padded to BLOCK_M (the
 sentinel N*k marks padding), the expert of every block and the padded total. Negative ids
 (another rank's experts under expert parallelism, padding rows) are left out. One program up
@@ -89,9 +89,10 @@ def softmax_topk(logits: torch.Tensor, k: int, probs_out=None, ids_out=None, slo
 #: more rows (prefill) always take cuBLAS
 TRITON_GATE_MAX_ROWS = 256
 #: the rows for which the default ("auto") takes the Triton gate: where it measured faster on one
-#: H200 back to back (batch 32: 2.35 / 2.27 -> 2.17 / 2.17 ms; batches 1-16 within noise; batch 64
-#: 0.06 ms slower in a cross-GPU A/B; benchmarks/results/2026-11-28-h200-pdl-and-gate-ab.txt)
-AUTO_TRITON_GATE_ROWS = range(17, 33)
+#: H200, in one process with every variant's graphs replayed in turn (scripts/ab_decode.py,
+#: 2026-11-28): batch 1 -1.5%, 8 -2.1%, 32 -0.3%, 64 -0.6%, but 128 +0.5% and 256 +0.3%
+#: (benchmarks/results/2026-11-28-h200-ab-decode.txt)
+AUTO_TRITON_GATE_ROWS = range(1, 65)
 
 
 def gate_backend(N: int) -> str:
