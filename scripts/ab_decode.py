@@ -1,0 +1,144 @@
+"""GPU A/B of decode-step variants in one process, interleaved, on the same weights and cache.
+
+Each variant is a set of switches applied while its decode graphs are captured (the switches
+are read at capture time): `pdl=N` (programmatic dependent launch up to N rows), `gate=auto|
+cublas|triton` (FTMOE_GATE), `table=PATH` (a kernel-config table in place of the package's).
+Every (variant, batch) graph is captured once; then R rounds replay each graph `iters` times
+in turn, so slow drifts of the card (clocks, temperature) hit every variant alike. Prints, per
+batch, each variant's median ms over the rounds and its ratio to the first variant.
+Usage: python3 scripts/ab_decode.py --batches 32,64,256 --variants "base" "pdl=4096" "gate=triton"
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import shutil
+import statistics
+import sys
+import tempfile
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from ftmoe.bench import config_of, random_model  # noqa: E402
+from ftmoe.cuda_graphs import DecodeGraphs  # noqa: E402
+from ftmoe.fast_model import FastGPTMoE  # noqa: E402
+from ftmoe.kernels import configs, pdl  # noqa: E402
+from ftmoe.kv_cache import KVCache  # noqa: E402
+
+
+@contextlib.contextmanager
+def switches(spec: str, device_name: str):
+    """Apply a variant's switches ("base", or comma-separated key=value) for the block."""
+    saved_rows, saved_gate, saved_dir = pdl.MAX_ROWS, os.environ.get("FTMOE_GATE"), configs.CONFIG_DIR
+    tmp = None
+    try:
+        for kv in [] if spec == "base" else spec.split(","):
+            key, value = kv.split("=", 1)
+            if key == "pdl":
+                pdl.MAX_ROWS = int(value)
+            elif key == "gate":
+                os.environ["FTMOE_GATE"] = value
+            elif key == "table":
+                tmp = tempfile.mkdtemp()
+                shutil.copy(value, os.path.join(tmp, configs.device_key(device_name) + ".json"))
+                configs.CONFIG_DIR = tmp
+                configs._table.cache_clear()
+                configs.get_dense_choice.cache_clear()
+            else:
+                raise SystemExit(f"unknown switch {key!r} in variant {spec!r}")
+        yield
+    finally:
+        pdl.MAX_ROWS = saved_rows
+        if saved_gate is None:
+            os.environ.pop("FTMOE_GATE", None)
+        else:
+            os.environ["FTMOE_GATE"] = saved_gate
+        configs.CONFIG_DIR = saved_dir
+        configs._table.cache_clear()
+        configs.get_dense_choice.cache_clear()
+        if tmp:
+            shutil.rmtree(tmp)
+
+
+def _time_replays(graph, inputs, iters: int) -> float:
+    """ms per replay of one captured step, its static inputs set first."""
+    g, s, _ = graph
+    for t, x in zip(("ids", "positions", "tables", "ctx", "slots"), inputs):
+        s[t].copy_(x)
+    g.replay()
+    torch.cuda.synchronize()
+    e0, e1 = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    e0.record()
+    for _ in range(iters):
+        g.replay()
+    e1.record()
+    e1.synchronize()
+    return e0.elapsed_time(e1) / iters
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--batches", default="1,8,32,64,128,256")
+    ap.add_argument("--variants", nargs="+", default=["base", "pdl=4096"])
+    ap.add_argument("--rounds", type=int, default=7)
+    ap.add_argument("--iters", type=int, default=30)
+    ap.add_argument("--ctx", type=int, default=128)
+    ap.add_argument("--json", default=None)
+    a = ap.parse_args()
+    dev = torch.device("cuda")
+    name = torch.cuda.get_device_name()
+    cfg = config_of("gpt-moe-0.35b-64e")
+    fast = FastGPTMoE(random_model(cfg, torch.bfloat16, dev))
+    batches = [int(b) for b in a.batches.split(",")]
+    bs, ctx = 16, a.ctx
+    cache = KVCache.for_model(cfg, max(batches) * (ctx + 2 * bs) + 64 * bs, block_size=bs, dtype=torch.bfloat16,
+                              device=dev)
+    cache.k.normal_()
+    cache.v.normal_()
+    nb = -(-cfg.max_pos_seq_len // bs)
+    inputs = {}
+    for B in batches:
+        for s in range(B):
+            if not cache.has(s):
+                cache.add(s)
+                cache.prepare([s], [ctx])
+                cache.reserve(s, 1)
+        seqs = range(B)
+        tables = torch.tensor([cache.block_table(s)[:nb] + [0] * (nb - len(cache.block_table(s)[:nb])) for s in seqs],
+                              dtype=torch.int32, device=dev)
+        slots = torch.tensor([cache.block_table(s)[ctx // bs] * bs + ctx % bs for s in seqs], dtype=torch.int32,
+                             device=dev)
+        inputs[B] = (torch.randint(0, cfg.vocab_size, (B,), device=dev), torch.full((B,), ctx, device=dev),
+                     tables, torch.full((B,), ctx, dtype=torch.int32, device=dev), slots)
+    graphs = {}
+    for v in a.variants:
+        with switches(v, name):
+            dg = DecodeGraphs(fast, cache, max_blocks_per_seq=nb, buckets=tuple(batches))
+            for B in batches:
+                dg.capture(B)
+            graphs[v] = dg
+        print(f"captured {v}", flush=True)
+    times = {(v, B): [] for v in a.variants for B in batches}
+    with torch.inference_mode():
+        for _ in range(a.rounds):
+            for B in batches:
+                for v in a.variants:
+                    times[(v, B)].append(_time_replays(graphs[v].graphs[B], inputs[B], a.iters))
+    rows = []
+    for B in batches:
+        ref = statistics.median(times[(a.variants[0], B)])
+        for v in a.variants:
+            ms = statistics.median(times[(v, B)])
+            spread = max(times[(v, B)]) - min(times[(v, B)])
+            rows.append({"batch": B, "variant": v, "ms": ms, "spread_ms": spread, "vs_first": ms / ref})
+            print(f"B={B:<5} {v:<40} {ms:8.4f} ms  (spread {spread:.4f})  x{ms / ref:.3f}", flush=True)
+    if a.json:
+        with open(a.json, "w") as f:
+            json.dump({"device": name, "rounds": a.rounds, "iters": a.iters, "ctx": ctx, "rows": rows}, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()
