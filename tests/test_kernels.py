@@ -79,9 +79,10 @@ def test_embed_layernorm(gen, dtype, shape, h):
 
 @pytest.mark.parametrize("backend", ["cublas", "triton"])    # the gate GEMM on cuBLAS or the fused-MoE kernel
 @pytest.mark.parametrize("n,h,e,k", [(1, 64, 8, 1), (5, 96, 64, 1), (33, 64, 6, 2), (16, 32, 4, 4), (3, 100, 64, 2),
-                                     (70, 1024, 64, 1)])
+                                     (70, 1024, 64, 1), (3, 1024, 64, 2)])
 def test_gate_topk(gen, n, h, e, k, backend):
-    """Split-K partials (16, 8 or 4 of them) summed by the top-k kernel; K shorter than the split."""
+    """Split-K partials (16, 8 or 4 of them, at most one per 64-wide slice of H) summed by the
+    top-k kernel; H shorter than one slice; a last slice cut short."""
     u, wg = rnd(n, h, dtype=torch.float16, gen=gen), rnd(h, e, dtype=torch.float16, gen=gen, scale=0.2)
     probs, ids = gate_topk(u, wg.float(), k, backend=backend)
     want_p, want_i = ref.gate_topk_ref(u, wg, k)
@@ -110,6 +111,13 @@ def test_gate_topk_ties_go_to_lower_id(backend):
     wg[0, 2] = wg[0, 5] = 3.0     # experts 2 and 5 tie for every token
     probs, ids = gate_topk(u, wg, 2, backend=backend)
     assert ids.tolist() == [[2, 5]] * 3
+
+
+def test_gate_split_k_never_exceeds_the_slices_of_h():
+    from ftmoe.kernels.routing import gate_gemm_config
+
+    assert [gate_gemm_config(n, h)[1] for n, h in ((1, 1024), (40, 1024), (70, 1024), (1, 64), (1, 100), (70, 32))] \
+        == [16, 8, 4, 1, 2, 1]
 
 
 def test_gate_backend_choice(monkeypatch):
@@ -212,8 +220,12 @@ def test_fused_moe_dense_mode(gen, dtype, m, K, N):
 
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("ctx", [[0], [5, 0, 70], [130, 1]])
-@pytest.mark.parametrize("launch", [(16, 4), (32, 1), (128, 8), (None, None)])   # None: launch_config's choice
+@pytest.mark.parametrize("launch", [(16, 4, 1), (32, 1, 1), (128, 8, 1), (None, None, 1),   # one pass per row
+                                    (None, None, None),        # None: launch_config's / num_splits' choice
+                                    (16, 1, 3), (8, 2, 16)])   # context split over 3 / 16 programs, then merged
 def test_decode_attention(gen, dtype, ctx, launch):
+    """Against the torch twin: one pass per row, and the context split over S programs (S larger
+    than the blocks of a row: empty splits must weigh nothing), for empty, short and long rows."""
     B, h, D, bs = len(ctx), 4, 16, 8
     nb_per = max(1, -(-(max(ctx) + 1) // bs))
     NB = B * nb_per + 1
@@ -225,10 +237,29 @@ def test_decode_attention(gen, dtype, ctx, launch):
     qkv = rnd(B, 3, h, D, dtype=dtype, gen=gen)
     kc2, vc2 = kc.clone(), vc.clone()
     out = torch.full((B, h, D), float("nan"), dtype=dtype, device=DEV)
-    decode_attention(qkv, kc, vc, perm, ctx_t, slots, 1 / math.sqrt(D), out=out, block_n=launch[0], num_warps=launch[1])
+    decode_attention(qkv, kc, vc, perm, ctx_t, slots, 1 / math.sqrt(D), out=out, block_n=launch[0], num_warps=launch[1],
+                     splits=launch[2])
     want = ref.decode_attention_ref(qkv, kc2, vc2, perm, ctx_t, slots, 1 / math.sqrt(D))
     assert rel(out, want) < TOL[dtype] * 2
     assert torch.equal(kc, kc2) and torch.equal(vc, vc2)   # the new K/V landed in the same slots
+
+
+def test_attention_splits_choice(monkeypatch):
+    """Up to SPLIT_MAX_PROGRAMS (row, head) programs split the context; FTMOE_ATTN_SPLIT forces a
+    count (0 = one pass) and a bad value is an error naming the variable."""
+    from ftmoe.kernels import attention
+
+    monkeypatch.delenv("FTMOE_ATTN_SPLIT", raising=False)
+    S = attention.SPLITS
+    assert S > 1
+    assert [attention.num_splits(p) for p in (1, 16, 256, 257, 4096)] == [S, S, S, 1, 1]
+    monkeypatch.setenv("FTMOE_ATTN_SPLIT", "0")
+    assert attention.num_splits(16) == 1
+    monkeypatch.setenv("FTMOE_ATTN_SPLIT", "4")
+    assert attention.num_splits(4096) == 4
+    monkeypatch.setenv("FTMOE_ATTN_SPLIT", "many")
+    with pytest.raises(ValueError, match="FTMOE_ATTN_SPLIT"):
+        attention.num_splits(16)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])

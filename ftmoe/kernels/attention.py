@@ -4,8 +4,17 @@ In:  qkv [B, 3, h, D] (one new token per row, FT's q|k|v layout), caches [NB, h,
      block_tables [B, nb], context_lens [B] (tokens already cached), slots [B] (where the
      new K/V go; -1 for padding rows). Out: ctx [B, h, D]. One program per (row, head): online softmax over
      the cached tokens, the new token taken from registers, then the new K/V stored.
+
+Few rows (B x heads up to 256 programs: batches 1-16 at 16 heads) split each row's context over
+S programs (flash-decoding): each writes its block range's (max, sum, weighted V)
+partial, and a second kernel, one program per (row, head), merges the S partials with the new
+token, writes the output and stores the new K/V. A one-program-per-row pass is a chain of
+dependent loads over the whole context in one SM (~10 us at batch 1 on an H200 whatever the
+context up to 128); the split shortens each chain S-fold.
 """
 from __future__ import annotations
+
+import os
 
 import torch
 import triton
@@ -15,24 +24,21 @@ from .pdl import launch_kwargs, pdl_start
 
 
 @triton.jit
-def _decode_attention_kernel(QKV, KC, VC, OUT, TABLES, CTX, SLOTS, scale,
-                             stride_qb, stride_q3, stride_cb, stride_cp, stride_ch, stride_tb, stride_ob,
-                             BS: tl.constexpr, D: tl.constexpr, BLOCK_N: tl.constexpr, USE_PDL: tl.constexpr = False):
-    pdl_start(USE_PDL)
-    b = tl.program_id(0).to(tl.int64)
-    h = tl.program_id(1)
+def _new_token(QKV, b, h, scale, stride_qb, stride_q3, D: tl.constexpr):
+    """Row b, head h of qkv: q (fp32, scaled), and the new token's k and v."""
+    base = QKV + b * stride_qb + h * D + tl.arange(0, D)
+    return tl.load(base).to(tl.float32) * scale, tl.load(base + stride_q3), tl.load(base + 2 * stride_q3)
+
+
+@triton.jit
+def _attend(q, KC, VC, TABLES, b, h, lo, hi, m_i, l_i, acc, stride_cb, stride_cp, stride_ch, stride_tb,
+            BS: tl.constexpr, D: tl.constexpr, BLOCK_N: tl.constexpr):
+    """Online softmax of q over the cached tokens [lo, hi) of row b, head h, continuing the running
+    (max m_i, sum l_i, weighted V acc) -> the updated triple."""
     d = tl.arange(0, D)
-    base = QKV + b * stride_qb + h * D + d
-    q = tl.load(base).to(tl.float32) * scale
-    k_new = tl.load(base + stride_q3)
-    v_new = tl.load(base + 2 * stride_q3)
-    n_ctx = tl.load(CTX + b)
-    m_i = tl.sum(q * k_new.to(tl.float32), axis=0)       # the new token starts the running max
-    l_i = m_i * 0.0 + 1.0
-    acc = v_new.to(tl.float32)
-    for start in range(0, n_ctx, BLOCK_N):
+    for start in range(lo, hi, BLOCK_N):
         pos = start + tl.arange(0, BLOCK_N)
-        pm = pos < n_ctx
+        pm = pos < hi
         blk = tl.load(TABLES + b * stride_tb + pos // BS, mask=pm, other=0).to(tl.int64)
         off = blk * stride_cb + (pos % BS) * stride_cp + h * stride_ch
         k = tl.load(KC + off[:, None] + d[None, :], mask=pm[:, None], other=0.0).to(tl.float32)
@@ -44,12 +50,88 @@ def _decode_attention_kernel(QKV, KC, VC, OUT, TABLES, CTX, SLOTS, scale,
         l_i = l_i * alpha + tl.sum(p, axis=0)
         acc = acc * alpha + tl.sum(p[:, None] * v, axis=0)
         m_i = m_new
+    return m_i, l_i, acc
+
+
+@triton.jit
+def _finish(OUT, KC, VC, SLOTS, b, h, acc, l_i, k_new, v_new, stride_cb, stride_cp, stride_ch, stride_ob,
+            BS: tl.constexpr, D: tl.constexpr):
+    """OUT[b, h] = acc / l_i; the new token's K/V stored at row b's slot (none for a padding row)."""
+    d = tl.arange(0, D)
     tl.store(OUT + b * stride_ob + h * D + d, (acc / l_i).to(OUT.dtype.element_ty))
     slot = tl.load(SLOTS + b).to(tl.int64)              # < 0: a padding row, nothing to store
     dst = (tl.maximum(slot, 0) // BS) * stride_cb + (tl.maximum(slot, 0) % BS) * stride_cp + h * stride_ch + d
     smask = (d * 0 + slot) >= 0
     tl.store(KC + dst, k_new.to(KC.dtype.element_ty), mask=smask)
     tl.store(VC + dst, v_new.to(VC.dtype.element_ty), mask=smask)
+
+
+@triton.jit
+def _decode_attention_kernel(QKV, KC, VC, OUT, TABLES, CTX, SLOTS, scale,
+                             stride_qb, stride_q3, stride_cb, stride_cp, stride_ch, stride_tb, stride_ob,
+                             BS: tl.constexpr, D: tl.constexpr, BLOCK_N: tl.constexpr, USE_PDL: tl.constexpr = False):
+    pdl_start(USE_PDL)
+    b = tl.program_id(0).to(tl.int64)
+    h = tl.program_id(1)
+    q, k_new, v_new = _new_token(QKV, b, h, scale, stride_qb, stride_q3, D)
+    n_ctx = tl.load(CTX + b)
+    m_i = tl.sum(q * k_new.to(tl.float32), axis=0)       # the new token starts the running max
+    m_i, l_i, acc = _attend(q, KC, VC, TABLES, b, h, 0, n_ctx, m_i, m_i * 0.0 + 1.0, v_new.to(tl.float32),
+                            stride_cb, stride_cp, stride_ch, stride_tb, BS, D, BLOCK_N)
+    _finish(OUT, KC, VC, SLOTS, b, h, acc, l_i, k_new, v_new, stride_cb, stride_cp, stride_ch, stride_ob, BS, D)
+
+
+@triton.jit
+def _decode_attention_split_kernel(QKV, KC, VC, PART, TABLES, CTX, scale,
+                                   stride_qb, stride_q3, stride_cb, stride_cp, stride_ch, stride_tb,
+                                   BS: tl.constexpr, D: tl.constexpr, BLOCK_N: tl.constexpr, SPLITS: tl.constexpr,
+                                   USE_PDL: tl.constexpr = False):
+    """Program (b, h, s): the cached tokens of split s (whole KV blocks, ceil(blocks / SPLITS) of
+    them) -> PART[b, h, s] = (unnormalised weighted V [D], running max, sum of exponentials)."""
+    pdl_start(USE_PDL)
+    b = tl.program_id(0).to(tl.int64)
+    h = tl.program_id(1)
+    sp = tl.program_id(2)
+    d = tl.arange(0, D)
+    q = tl.load(QKV + b * stride_qb + h * D + d).to(tl.float32) * scale
+    n_ctx = tl.load(CTX + b)
+    chunk = tl.cdiv(tl.cdiv(n_ctx, BS), SPLITS) * BS
+    lo = sp * chunk
+    hi = tl.minimum(lo + chunk, n_ctx)
+    l_i = tl.sum(tl.zeros([BLOCK_N], dtype=tl.float32), axis=0)    # scalars: 0 and -inf (an empty split)
+    m_i, l_i, acc = _attend(q, KC, VC, TABLES, b, h, lo, hi, l_i - float("inf"), l_i, tl.zeros([D], dtype=tl.float32),
+                            stride_cb, stride_cp, stride_ch, stride_tb, BS, D, BLOCK_N)
+    part = PART + ((b * tl.num_programs(1) + h) * SPLITS + sp) * (D + 2)
+    tl.store(part + d, acc)
+    tl.store(part + D, m_i)
+    tl.store(part + D + 1, l_i)
+
+
+@triton.jit
+def _decode_attention_merge_kernel(QKV, KC, VC, OUT, PART, SLOTS, scale,
+                                   stride_qb, stride_q3, stride_cb, stride_cp, stride_ch, stride_ob,
+                                   BS: tl.constexpr, D: tl.constexpr, SPLITS: tl.constexpr,
+                                   USE_PDL: tl.constexpr = False):
+    """Program (b, h): the new token, then the SPLITS partials in order (an empty split has max
+    -inf and weighs nothing) -> OUT[b, h]; the new K/V stored at the row's slot."""
+    pdl_start(USE_PDL)
+    b = tl.program_id(0).to(tl.int64)
+    h = tl.program_id(1)
+    q, k_new, v_new = _new_token(QKV, b, h, scale, stride_qb, stride_q3, D)
+    m = tl.sum(q * k_new.to(tl.float32), axis=0)
+    l_i = m * 0.0 + 1.0
+    acc = v_new.to(tl.float32)
+    d = tl.arange(0, D)
+    part = PART + (b * tl.num_programs(1) + h) * SPLITS * (D + 2)
+    for sp in tl.static_range(SPLITS):
+        m_s = tl.load(part + sp * (D + 2) + D)
+        m_new = tl.maximum(m, m_s)
+        alpha = tl.exp(m - m_new)
+        beta = tl.exp(m_s - m_new)
+        l_i = l_i * alpha + tl.load(part + sp * (D + 2) + D + 1) * beta
+        acc = acc * alpha + tl.load(part + sp * (D + 2) + d) * beta
+        m = m_new
+    _finish(OUT, KC, VC, SLOTS, b, h, acc, l_i, k_new, v_new, stride_cb, stride_cp, stride_ch, stride_ob, BS, D)
 
 
 def launch_config(programs: int) -> tuple[int, int]:
@@ -65,19 +147,51 @@ def launch_config(programs: int) -> tuple[int, int]:
     return 32, 1
 
 
+#: up to this many (row, head) programs the context is split over SPLITS programs each
+#: (flash-decoding); FTMOE_ATTN_SPLIT=0 turns the split off, =N forces N splits. Whole decode steps
+#: on an H200 against one pass per row (scripts/ab_decode.py, 2026-11-28): 8 splits -5.6 % at
+#: batch 1, -4.1 % at 4, -4.6 % at 8 and 16 (16 heads); at 32 and 64 any split was slower
+#: (benchmarks/results/2026-11-28-h200-attn-split.txt)
+SPLIT_MAX_PROGRAMS = 256
+SPLITS = 8
+
+
+def num_splits(programs: int) -> int:
+    """Context splits per (row, head) for B x heads = `programs`."""
+    forced = os.environ.get("FTMOE_ATTN_SPLIT")
+    if forced is not None:
+        if not forced.isdigit():
+            raise ValueError(f"FTMOE_ATTN_SPLIT: expected a number of splits (0 = off), found {forced!r}")
+        return max(1, int(forced))
+    return SPLITS if programs <= SPLIT_MAX_PROGRAMS else 1
+
+
 def decode_attention(qkv: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_tables: torch.Tensor,
                      context_lens: torch.Tensor, slots: torch.Tensor, scale: float,
                      out: torch.Tensor | None = None, block_n: int | None = None,
-                     num_warps: int | None = None) -> torch.Tensor:
+                     num_warps: int | None = None, splits: int | None = None) -> torch.Tensor:
+    """splits: context splits per (row, head) (default `num_splits`; 1 = one pass per row)."""
     B, three, h, D = qkv.shape
-    bn, nw = launch_config(B * h)
-    block_n, num_warps = block_n or bn, num_warps or nw
     assert three == 3 and qkv.stride(3) == 1 and k_cache.stride(3) == 1
     o = out if out is not None else torch.empty(B, h, D, dtype=qkv.dtype, device=qkv.device)
+    # more splits than the table has blocks per row would always be empty
+    splits = splits or min(num_splits(B * h), block_tables.shape[1])
+    strides = (qkv.stride(0), qkv.stride(1), k_cache.stride(0), k_cache.stride(2), k_cache.stride(1))
+    bs = k_cache.shape[2]
+    if splits > 1:
+        part = torch.empty(B, h, splits, D + 2, dtype=torch.float32, device=qkv.device)
+        _decode_attention_split_kernel[(B, h, splits)](
+            qkv, k_cache, v_cache, part, block_tables, context_lens, scale, *strides, block_tables.stride(0),
+            BS=bs, D=D, BLOCK_N=block_n or bs, SPLITS=splits, num_warps=num_warps or 1, **launch_kwargs(qkv))
+        _decode_attention_merge_kernel[(B, h)](
+            qkv, k_cache, v_cache, o, part, slots, scale, *strides, o.stride(0), BS=bs, D=D, SPLITS=splits,
+            num_warps=1, **launch_kwargs(qkv))
+        return o
+    bn, nw = launch_config(B * h)
+    block_n, num_warps = block_n or bn, num_warps or nw
     _decode_attention_kernel[(B, h)](
-        qkv, k_cache, v_cache, o, block_tables, context_lens, slots, scale,
-        qkv.stride(0), qkv.stride(1), k_cache.stride(0), k_cache.stride(2), k_cache.stride(1),
-        block_tables.stride(0), o.stride(0), BS=k_cache.shape[2], D=D, BLOCK_N=block_n, num_warps=num_warps,
+        qkv, k_cache, v_cache, o, block_tables, context_lens, slots, scale, *strides,
+        block_tables.stride(0), o.stride(0), BS=bs, D=D, BLOCK_N=block_n, num_warps=num_warps,
         **launch_kwargs(qkv))
     return o
 
