@@ -106,15 +106,17 @@ def gate_backend(N: int) -> str:
     return "triton" if want == "triton" and N <= TRITON_GATE_MAX_ROWS else "cublas"
 
 
-def gate_gemm_config(N: int) -> tuple[dict, int]:
+def gate_gemm_config(N: int, H: int) -> tuple[dict, int]:
     """(tile config, split-K) of the fp32 gate GEMM [N, H] x [H, E] on the Triton kernel: few rows
-    spread K over more programs (the 256 KB fp32 weight of a 1024 x 64 gate is read by 16)."""
+    spread K over more programs (the 256 KB fp32 weight of a 1024 x 64 gate is read by 16), but
+    never more splits than H has BLOCK_K slices (a split past them would only store zeros)."""
     cfg = {"BLOCK_N": 64, "BLOCK_K": 64, "GROUP_M": 1, "num_warps": 4, "num_stages": 2}
+    slices = triton.cdiv(H, cfg["BLOCK_K"])
     if N <= 16:
-        return dict(cfg, BLOCK_M=16), 16
+        return dict(cfg, BLOCK_M=16), min(16, slices)
     if N <= 64:
-        return dict(cfg, BLOCK_M=16), 8
-    return dict(cfg, BLOCK_M=32), 4
+        return dict(cfg, BLOCK_M=16), min(8, slices)
+    return dict(cfg, BLOCK_M=32), min(4, slices)
 
 
 def gate_topk(u: torch.Tensor, wg32: torch.Tensor, k: int, slots: torch.Tensor | None = None,
@@ -128,7 +130,7 @@ def gate_topk(u: torch.Tensor, wg32: torch.Tensor, k: int, slots: torch.Tensor |
     backend = backend or gate_backend(N)
     if backend == "cublas":
         return softmax_topk(u.float() @ wg32, k, slots=slots)
-    cfg, split_k = gate_gemm_config(N)
+    cfg, split_k = gate_gemm_config(N, u.shape[1])
     assert wg32.dtype == torch.float32 and wg32.stride(1) == 1
     logits = fused_moe(u.float(), wg32.unsqueeze(0), None, N, config=cfg, split_k=split_k)
     return softmax_topk(logits, k, slots=slots)
