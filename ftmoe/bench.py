@@ -235,7 +235,7 @@ def run_bench(preset: str = "gpt-moe-0.35b-64e", model_dir: str | None = None, d
         fast.trace = None
         floor = decode_bytes(m, B, ctx, touched, cache.k.element_size()) / bw * 1e3 if bw else None
         graphs.capture(B)
-        ms = _events_ms(lambda: graphs.step(ids, pos, tables, ctx_lens, slots), iters)
+        ms = _events_ms(lambda: graphs.step(ids, pos, tables, ctx_lens, slots), iters, _reps(3, iters))
         graphed = dev.type == "cuda"
         kernels = _count_kernels(lambda: graphs.graphs[B][0].replay()) if graphed else None
         if profile and graphed:
@@ -247,19 +247,21 @@ def run_bench(preset: str = "gpt-moe-0.35b-64e", model_dir: str | None = None, d
             meta = AttnMetadata(meta_pos, slots.long()[:, None], tables[:, :nb_ctx].long(), ctx_lens.long(),
                                 torch.ones(B, dtype=torch.long, device=dev))
             with torch.inference_mode():
-                eager_ms = _events_ms(lambda: m(ids[:, None], meta, cache, last_only=True), 5 if B <= 64 else 3, 1)
+                eager_ms = _events_ms(lambda: m(ids[:, None], meta, cache, last_only=True),
+                                      _reps(5 if B <= 64 else 3, iters), 1)
         rows.append(Row("decode", B, ms, floor, B / ms * 1e3, eager_ms, ctx=ctx, kernels_per_step=kernels))
         log(_fmt(rows[-1]) + f"  experts touched/layer {statistics.mean(touched):.1f}")
     for s in range(max_b):
         cache.free(s)
     if prefill:
-        rows.append(_bench_prefill(m, fast, cache, prefill, bw, rate, eager, log, profile))
+        rows.append(_bench_prefill(m, fast, cache, prefill, bw, rate, eager, log, profile, iters=iters))
     if prefill_graphs:
         fast.prefill_graphs = PrefillGraphs(fast, cache)
         if prefill:
-            rows.append(_bench_prefill(m, fast, cache, prefill, bw, rate, False, log, profile, variant="cuda-graph"))
+            rows.append(_bench_prefill(m, fast, cache, prefill, bw, rate, False, log, profile, variant="cuda-graph",
+                                       iters=iters))
     if latency:
-        rows += _bench_latency(fast, graphs, cache, log, latency_batches, latency_shapes)
+        rows += _bench_latency(fast, graphs, cache, log, latency_batches, latency_shapes, iters=iters)
     result = {"device": torch.cuda.get_device_name() if dev.type == "cuda" else "cpu",
               "date": datetime.date.today().isoformat(), "command": "ftmoe " + " ".join(sys.argv[1:]),
               "env": {k: v for k, v in sorted(os.environ.items()) if k.startswith("FTMOE_")},
@@ -298,7 +300,13 @@ def _fmt(r: Row) -> str:
             + (f"  kernels/step {r.kernels_per_step}" if r.kernels_per_step else ""))
 
 
-def _bench_prefill(m, fast, cache, shape, bw, rate, eager, log, profile=False, variant=None) -> Row:
+def _reps(n: int, iters: int) -> int:
+    """Repeats of a timing that takes n by default: fewer when the run asks for fewer iterations
+    (`--iters`; a CPU smoke run takes 2)."""
+    return max(1, min(n, iters))
+
+
+def _bench_prefill(m, fast, cache, shape, bw, rate, eager, log, profile=False, variant=None, iters: int = 50) -> Row:
     B, T = shape
     cfg = m.config
     dev = m.device
@@ -315,10 +323,10 @@ def _bench_prefill(m, fast, cache, shape, bw, rate, eager, log, profile=False, v
             cache.free(s)
         return out
 
-    ms = _events_ms(lambda: run(fast), 5, 2)
+    ms = _events_ms(lambda: run(fast), _reps(5, iters), _reps(2, iters))
     if profile:
         _profile_table(lambda: run(fast), f"prefill {B}x{T}", log, cpu=True)
-    eager_ms = _events_ms(lambda: run(m), 2, 1) if eager else None
+    eager_ms = _events_ms(lambda: run(m), _reps(2, iters), 1) if eager else None
     weight_bytes = sum(_bytes(p) for p in m.parameters())   # ~all experts are touched by B*T tokens
     floor, bytes_ms, flops_ms = prefill_floor_ms(cfg, weight_bytes, B, T, bw, rate) if bw else (None, 0, 0)
     row = Row("prefill", B, ms, floor, B * T / ms * 1e3, eager_ms, in_len=T, variant=variant)
@@ -335,7 +343,8 @@ def prefill_floor_ms(cfg, weight_bytes: int, B: int, T: int, bw: float, rate: fl
     return max(bytes_ms, flops_ms), bytes_ms, flops_ms
 
 
-def _bench_latency(fast, graphs, cache, log, batches=(1, 8, 32, 64), shapes=((128, 8), (512, 32))) -> list[Row]:
+def _bench_latency(fast, graphs, cache, log, batches=(1, 8, 32, 64), shapes=((128, 8), (512, 32)),
+                   iters: int = 50) -> list[Row]:
     """FasterTransformer-style end-to-end latency: prefill + greedy decode, batch x (in, out)."""
     cfg = fast.config
     dev = fast.device
@@ -366,7 +375,7 @@ def _bench_latency(fast, graphs, cache, log, batches=(1, 8, 32, 64), shapes=((12
                     cache.free(s)
                 return tok
 
-            ms = _events_ms(run, 3, 1)
+            ms = _events_ms(run, _reps(3, iters), 1)
             row = Row("latency", B, ms, None, B * T_out / ms * 1e3, in_len=T_in, out_len=T_out)
             rows.append(row)
             log(f"latency B={B:<3} {T_in}/{T_out}: {ms:8.2f} ms end to end")
