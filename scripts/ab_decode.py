@@ -2,10 +2,12 @@
 
 Each variant is a set of switches applied while its decode graphs are captured (the switches
 are read at capture time): `pdl=N` (programmatic dependent launch up to N rows), `gate=auto|
-cublas|triton` (FTMOE_GATE), `table=PATH` (a kernel-config table in place of the package's).
+cublas|triton` (FTMOE_GATE), `attn=S` (FTMOE_ATTN_SPLIT: decode-attention context splits, 0 =
+one pass), `table=PATH` (a kernel-config table in place of the package's).
 Every (variant, batch) graph is captured once; then R rounds replay each graph `iters` times
 in turn, so slow drifts of the card (clocks, temperature) hit every variant alike. Prints, per
-batch, each variant's median ms over the rounds and its ratio to the first variant.
+batch, each variant's median ms over the rounds and its ratio to the first variant. --synced
+times each step alone with its input copies (as `ftmoe bench` does) instead of back to back.
 Usage: python3 scripts/ab_decode.py --batches 32,64,256 --variants "base" "pdl=4096" "gate=triton"
 """
 from __future__ import annotations
@@ -22,25 +24,29 @@ import tempfile
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from ftmoe.bench import config_of, random_model  # noqa: E402
+from ftmoe.bench import _events_ms, config_of, random_model  # noqa: E402
 from ftmoe.cuda_graphs import DecodeGraphs  # noqa: E402
 from ftmoe.fast_model import FastGPTMoE  # noqa: E402
 from ftmoe.kernels import configs, pdl  # noqa: E402
 from ftmoe.kv_cache import KVCache  # noqa: E402
 
 
+ENV_SWITCHES = {"gate": "FTMOE_GATE", "attn": "FTMOE_ATTN_SPLIT"}
+
+
 @contextlib.contextmanager
 def switches(spec: str, device_name: str):
     """Apply a variant's switches ("base", or comma-separated key=value) for the block."""
-    saved_rows, saved_gate, saved_dir = pdl.MAX_ROWS, os.environ.get("FTMOE_GATE"), configs.CONFIG_DIR
+    saved_rows, saved_dir = pdl.MAX_ROWS, configs.CONFIG_DIR
+    saved_env = {v: os.environ.get(v) for v in ENV_SWITCHES.values()}
     tmp = None
     try:
         for kv in [] if spec == "base" else spec.split(","):
             key, value = kv.split("=", 1)
             if key == "pdl":
                 pdl.MAX_ROWS = int(value)
-            elif key == "gate":
-                os.environ["FTMOE_GATE"] = value
+            elif key in ENV_SWITCHES:
+                os.environ[ENV_SWITCHES[key]] = value
             elif key == "table":
                 tmp = tempfile.mkdtemp()
                 shutil.copy(value, os.path.join(tmp, configs.device_key(device_name) + ".json"))
@@ -52,10 +58,11 @@ def switches(spec: str, device_name: str):
         yield
     finally:
         pdl.MAX_ROWS = saved_rows
-        if saved_gate is None:
-            os.environ.pop("FTMOE_GATE", None)
-        else:
-            os.environ["FTMOE_GATE"] = saved_gate
+        for var, value in saved_env.items():
+            if value is None:
+                os.environ.pop(var, None)
+            else:
+                os.environ[var] = value
         configs.CONFIG_DIR = saved_dir
         configs._table.cache_clear()
         configs.get_dense_choice.cache_clear()
@@ -63,13 +70,21 @@ def switches(spec: str, device_name: str):
             shutil.rmtree(tmp)
 
 
-def _time_replays(graph, inputs, iters: int) -> float:
-    """ms per replay of one captured step, its static inputs set first."""
+def _time_replays(graph, inputs, iters: int, synced: bool) -> float:
+    """ms per replay of one captured step, its static inputs set first: back to back (the host
+    enqueues the next replay while the GPU runs this one: GPU time), or synced (each step's input
+    copies and replay timed alone, then waited for, as `ftmoe bench` and a serving loop that
+    samples on the host do: the host's launch work is inside; median)."""
     g, s, _ = graph
-    for t, x in zip(("ids", "positions", "tables", "ctx", "slots"), inputs):
-        s[t].copy_(x)
+
+    def copy_inputs():
+        for t, x in zip(("ids", "positions", "tables", "ctx", "slots"), inputs):
+            s[t].copy_(x)
+    copy_inputs()
     g.replay()
     torch.cuda.synchronize()
+    if synced:
+        return _events_ms(lambda: (copy_inputs(), g.replay()), iters, warmup=1)
     e0, e1 = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
     e0.record()
     for _ in range(iters):
@@ -86,6 +101,7 @@ def main():
     ap.add_argument("--rounds", type=int, default=7)
     ap.add_argument("--iters", type=int, default=30)
     ap.add_argument("--ctx", type=int, default=128)
+    ap.add_argument("--synced", action="store_true", help="time each step alone, input copies included")
     ap.add_argument("--json", default=None)
     a = ap.parse_args()
     dev = torch.device("cuda")
@@ -126,7 +142,7 @@ def main():
         for _ in range(a.rounds):
             for B in batches:
                 for v in a.variants:
-                    times[(v, B)].append(_time_replays(graphs[v].graphs[B], inputs[B], a.iters))
+                    times[(v, B)].append(_time_replays(graphs[v].graphs[B], inputs[B], a.iters, a.synced))
     rows = []
     for B in batches:
         ref = statistics.median(times[(a.variants[0], B)])
@@ -137,7 +153,8 @@ def main():
             print(f"B={B:<5} {v:<40} {ms:8.4f} ms  (spread {spread:.4f})  x{ms / ref:.3f}", flush=True)
     if a.json:
         with open(a.json, "w") as f:
-            json.dump({"device": name, "rounds": a.rounds, "iters": a.iters, "ctx": ctx, "rows": rows}, f, indent=1)
+            json.dump({"device": name, "rounds": a.rounds, "iters": a.iters, "ctx": ctx, "synced": a.synced, "rows": rows},
+                      f, indent=1)
 
 
 if __name__ == "__main__":

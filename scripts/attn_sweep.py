@@ -1,39 +1,84 @@
 """Decode-attention launch sweep: (BLOCK_N, num_warps) against batch and context, on a GPU.
 
-Usage (repo root, GPU host): python3 scripts/attn_sweep.py
+Usage (repo root, GPU host): python3 scripts/attn_sweep.py [--split]
 Prints, per (B, ctx), the time and KV read bandwidth of the current choice
 (`kernels.attention.launch_config`) and of the four fastest candidates. The 0.35B model's
 attention: 16 heads of 64, bf16, KV blocks of 16 tokens scattered over the cache.
+--split: the small batches (1-16) with the context split over S programs and merged
+(`attention.num_splits`), S x BLOCK_N x warps, timed as 100 calls in a CUDA graph with
+programmatic dependent launch, as a decode step runs them.
 """
 from __future__ import annotations
 
+import argparse
 import itertools
 import math
+import os
+import sys
 
 import torch
 import triton
 
-from ftmoe.kernels.attention import decode_attention, launch_config
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from ftmoe.kernels import pdl  # noqa: E402
+from ftmoe.kernels.attention import decode_attention, launch_config, num_splits  # noqa: E402
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from launch_probe import graph_us  # noqa: E402
+
+
+def _inputs(B: int, ctx: int, h: int = 16, D: int = 64, bs: int = 16, dev: str = "cuda"):
+    nb = -(-(ctx + 1) // bs)
+    NB = B * nb + 1
+    kc = torch.randn(NB, h, bs, D, device=dev, dtype=torch.bfloat16)
+    vc = torch.randn_like(kc)
+    tables = torch.randperm(NB - 1, device=dev)[:B * nb].view(B, nb).int()
+    ctx_t = torch.full((B,), ctx, device=dev, dtype=torch.int32)
+    slots = (tables[:, ctx // bs] * bs + ctx % bs).int()
+    qkv = torch.randn(B, 3, h, D, device=dev, dtype=torch.bfloat16)
+    out = torch.empty(B, h, D, device=dev, dtype=torch.bfloat16)
+    return qkv, kc, vc, tables, ctx_t, slots, out, 2 * B * (ctx + 1) * h * D * 2
+
+
+def split_sweep() -> None:
+    torch.manual_seed(0)
+    h, D = 16, 64
+    for B, ctx in itertools.product((1, 4, 16), (128, 2048)):
+        qkv, kc, vc, tables, ctx_t, slots, out, kv_bytes = _inputs(B, ctx)
+        res = []
+        with pdl.allowed(True):
+            for S, bn, nw in itertools.product((1, 4, 8, 16), (16, 64), (1, 4)):
+                if S == 1:
+                    bn, nw = launch_config(B * h)
+                    if (bn, nw) in [(b, w) for _, _, b, w in res]:
+                        continue
+
+                def call(S=S, bn=bn, nw=nw):
+                    decode_attention(qkv, kc, vc, tables, ctx_t, slots, 1 / math.sqrt(D), out=out, block_n=bn,
+                                     num_warps=nw, splits=S)
+                res.append((graph_us(lambda: [call() for _ in range(100)], 100), S, bn, nw))
+        res.sort()
+        S0 = num_splits(B * h)
+        cur = [r for r in res if r[1] == S0 and (S0 > 1 and r[2:] == (16, 1) or S0 == 1)]
+        one = [r for r in res if r[1] == 1]
+        print(f"B={B} ctx={ctx}: one pass {one[0][0]:.2f} us; default split {S0}: {cur[0][0]:.2f} us; fastest "
+              + ", ".join(f"S={S} BN={bn} w={nw} {t:.2f} us ({kv_bytes / t / 1e3:.0f} GB/s)" for t, S, bn, nw in res[:4]),
+              flush=True)
 
 
 def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--split", action="store_true")
+    if ap.parse_args().split:
+        return split_sweep()
     torch.manual_seed(0)
-    dev, h, D, bs = "cuda", 16, 64, 16
+    h, D = 16, 64
     for B, ctx in [(1, 128), (8, 128), (64, 128), (256, 128), (1024, 128), (64, 1024), (8, 2048)]:
-        nb = -(-(ctx + 1) // bs)
-        NB = B * nb + 1
-        kc = torch.randn(NB, h, bs, D, device=dev, dtype=torch.bfloat16)
-        vc = torch.randn_like(kc)
-        tables = torch.randperm(NB - 1, device=dev)[:B * nb].view(B, nb).int()
-        ctx_t = torch.full((B,), ctx, device=dev, dtype=torch.int32)
-        slots = (tables[:, ctx // bs] * bs + ctx % bs).int()
-        qkv = torch.randn(B, 3, h, D, device=dev, dtype=torch.bfloat16)
-        out = torch.empty(B, h, D, device=dev, dtype=torch.bfloat16)
-        kv_bytes = 2 * B * (ctx + 1) * h * D * 2
+        qkv, kc, vc, tables, ctx_t, slots, out, kv_bytes = _inputs(B, ctx)
 
         def time_us(bn, nw):
             return triton.testing.do_bench(lambda: decode_attention(
-                qkv, kc, vc, tables, ctx_t, slots, 1 / math.sqrt(D), out=out, block_n=bn, num_warps=nw),
+                qkv, kc, vc, tables, ctx_t, slots, 1 / math.sqrt(D), out=out, block_n=bn, num_warps=nw, splits=1),
                 warmup=20, rep=100) * 1e3
 
         res = sorted((time_us(bn, nw), bn, nw) for bn, nw in itertools.product((32, 64, 128, 256), (1, 2, 4, 8))

@@ -20,6 +20,7 @@ from ftmoe.kernels import pdl  # noqa: E402
 from ftmoe.kernels.configs import get_config, get_dense_choice  # noqa: E402
 from ftmoe.kernels.fused_moe import fused_moe  # noqa: E402
 from ftmoe.kernels.pdl import launch_kwargs, pdl_start  # noqa: E402
+from ftmoe.tune import _time  # noqa: E402
 
 
 @triton.jit
@@ -29,20 +30,8 @@ def _bump(X, Y, USE_PDL: tl.constexpr = False):
 
 
 def graph_us(fn, calls: int) -> float:
-    fn()
-    torch.cuda.synchronize()
-    g = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(g):
-        fn()
-    g.replay()
-    torch.cuda.synchronize()
-    e0, e1 = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    e0.record()
-    for _ in range(10):
-        g.replay()
-    e1.record()
-    e1.synchronize()
-    return e0.elapsed_time(e1) / 10 / calls * 1e3
+    """us per launch of fn() (which makes `calls` launches), replayed from a CUDA graph."""
+    return _time(lambda _: fn(), 1, iters=1) / calls * 1e3
 
 
 def main():
