@@ -174,7 +174,7 @@ def test_bench_procedure_smoke(tmp_path, monkeypatch):
     out = tmp_path / "bench.json"
     dev = "cuda" if torch.cuda.is_available() else "cpu"
     r = run_bench("tiny", dtype="float32", batches=(1, 2), ctx=8, prefill=(2, 8), eager=True, latency=True,
-                  iters=2, json_path=str(out), log=lambda *_: None, device=dev, latency_batches=(1, 2),
+                  iters=1, json_path=str(out), log=lambda *_: None, device=dev, latency_batches=(1, 2),
                   latency_shapes=((8, 4),), prefill_graphs=True)
     phases = [(row["phase"], row["batch"]) for row in r["rows"]]
     assert phases[:4] == [("decode", 1), ("decode", 2), ("prefill", 2), ("prefill", 2)]
