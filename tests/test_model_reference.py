@@ -6,6 +6,7 @@ must agree to a relative error under 1e-5 in fp32, from any TP folder.
 """
 from __future__ import annotations
 
+import dataclasses
 import random
 
 import pytest
@@ -219,6 +220,9 @@ def test_prepare_twin_under_random_operations():
             assert meta.positions.tolist() == pos and meta.slot_mapping.tolist() == slots
             assert meta.block_tables.tolist() == tabs
             assert meta.context_lens.tolist() == [before[1][s] for s in seqs] and meta.seq_lens.tolist() == new
+            fields = [getattr(meta, f.name) for f in dataclasses.fields(meta)]
+            assert all(f.dtype == torch.long for f in fields)
+            assert len({f.untyped_storage().data_ptr() for f in fields}) == 1    # one copy to the device
             assert all(cache.length(s) == before[1][s] + n for s, n in zip(seqs, new))
             used = [b for s in live for b in cache.block_table(s)]
             assert len(set(used)) == len(used) and len(used) + cache.num_free_blocks == 40
