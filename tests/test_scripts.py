@@ -1,0 +1,43 @@
+"""The GPU A/B script's switches (scripts/ab_decode.py): each variant sets what it names while its
+graphs are captured, and everything is restored afterwards, so the next variant starts clean."""
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+
+import pytest
+
+from ftmoe.kernels import attention, configs, pdl, routing
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@pytest.fixture(scope="module")
+def ab():
+    spec = importlib.util.spec_from_file_location("ab_decode", os.path.join(ROOT, "scripts", "ab_decode.py"))
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_switches_apply_and_restore(ab, tmp_path, monkeypatch):
+    monkeypatch.delenv("FTMOE_ATTN_SPLIT", raising=False)
+    monkeypatch.setenv("FTMOE_GATE", "cublas")
+    table = tmp_path / "t.json"
+    entry = {"BLOCK_M": 16, "BLOCK_N": 32, "BLOCK_K": 64, "GROUP_M": 1, "num_warps": 4, "num_stages": 2}
+    table.write_text(json.dumps({configs.shape_key(3, 40, 24, "bf16"): {"1": entry}}))
+    rows, cfg_dir = pdl.MAX_ROWS, configs.CONFIG_DIR
+    before = configs.get_config(3, 40, 24, "bf16", 1, "Probe GPU")
+    with ab.switches(f"pdl=4096,gate=triton,attn=0,table={table}", "Probe GPU"):
+        assert pdl.MAX_ROWS == 4096
+        assert routing.gate_backend(8) == "triton" and attention.num_splits(16) == 1
+        assert configs.get_config(3, 40, 24, "bf16", 1, "Probe GPU") == entry
+    assert (pdl.MAX_ROWS, configs.CONFIG_DIR) == (rows, cfg_dir)
+    assert os.environ["FTMOE_GATE"] == "cublas" and "FTMOE_ATTN_SPLIT" not in os.environ
+    assert configs.get_config(3, 40, 24, "bf16", 1, "Probe GPU") == before
+    with ab.switches("base", "Probe GPU"):
+        assert pdl.MAX_ROWS == rows
+    with pytest.raises(SystemExit, match="unknown switch"), ab.switches("warp=9", "Probe GPU"):
+        pass
+    assert pdl.MAX_ROWS == rows
