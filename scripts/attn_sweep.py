@@ -45,23 +45,20 @@ def split_sweep() -> None:
     h, D = 16, 64
     for B, ctx in itertools.product((1, 4, 16), (128, 2048)):
         qkv, kc, vc, tables, ctx_t, slots, out, kv_bytes = _inputs(B, ctx)
+        one_pass = (1, *launch_config(B * h))
+        S0 = min(num_splits(B * h), tables.shape[1])
+        default = one_pass if S0 == 1 else (S0, 16, 1)       # decode_attention's defaults: BLOCK_N = 16, 1 warp
+        cands = [one_pass] + list(itertools.product((4, 8, 16), (16, 64), (1, 4)))
         res = []
         with pdl.allowed(True):
-            for S, bn, nw in itertools.product((1, 4, 8, 16), (16, 64), (1, 4)):
-                if S == 1:
-                    bn, nw = launch_config(B * h)
-                    if (bn, nw) in [(b, w) for _, _, b, w in res]:
-                        continue
-
+            for S, bn, nw in cands:
                 def call(S=S, bn=bn, nw=nw):
                     decode_attention(qkv, kc, vc, tables, ctx_t, slots, 1 / math.sqrt(D), out=out, block_n=bn,
                                      num_warps=nw, splits=S)
                 res.append((graph_us(lambda: [call() for _ in range(100)], 100), S, bn, nw))
+        us = {r[1:]: r[0] for r in res}
         res.sort()
-        S0 = num_splits(B * h)
-        cur = [r for r in res if r[1] == S0 and (S0 > 1 and r[2:] == (16, 1) or S0 == 1)]
-        one = [r for r in res if r[1] == 1]
-        print(f"B={B} ctx={ctx}: one pass {one[0][0]:.2f} us; default split {S0}: {cur[0][0]:.2f} us; fastest "
+        print(f"B={B} ctx={ctx}: one pass {us[one_pass]:.2f} us; default split {S0}: {us[default]:.2f} us; fastest "
               + ", ".join(f"S={S} BN={bn} w={nw} {t:.2f} us ({kv_bytes / t / 1e3:.0f} GB/s)" for t, S, bn, nw in res[:4]),
               flush=True)
 
