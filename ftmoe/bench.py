@@ -9,6 +9,9 @@ Out: a table on stdout and a JSON file: one row per measurement with phase (deco
 Floor of a decode step = bytes it must read (attention and dense weights, the experts its
 tokens actually route to, the tied head, the KV cache) / copy bandwidth measured here.
 Prefill floor = max(bytes / bandwidth, FLOPs / matmul rate).
+A decode step is timed as the engine runs one: token ids and metadata on the host, one copy to
+the GPU, the graph replay, waited for (`DecodeGraphs.step_host`). The latency table runs the
+engine's path too (`FastGPTMoE.__call__`, the next tokens taken to the host every step).
 """
 from __future__ import annotations
 
@@ -24,7 +27,7 @@ import torch
 
 from .config import ModelConfig
 from .errors import FtmoeError
-from .kv_cache import KVCache
+from .kv_cache import AttnMetadata, KVCache
 from .model import GPTMoE
 from .synthetic import PRESETS
 
@@ -212,6 +215,7 @@ def run_bench(preset: str = "gpt-moe-0.35b-64e", model_dir: str | None = None, d
     else:
         graphs = _EagerSteps(fast, cache, nb, tuple(sorted(set(batches))))
     rows: list[Row] = []
+    graphed = dev.type == "cuda"
     g = torch.Generator(device=dev).manual_seed(0)
     for B in batches:
         seqs = list(range(B))
@@ -235,17 +239,17 @@ def run_bench(preset: str = "gpt-moe-0.35b-64e", model_dir: str | None = None, d
         fast.trace = None
         floor = decode_bytes(m, B, ctx, touched, cache.k.element_size()) / bw * 1e3 if bw else None
         graphs.capture(B)
-        ms = _events_ms(lambda: graphs.step(ids, pos, tables, ctx_lens, slots), iters, _reps(3, iters))
-        graphed = dev.type == "cuda"
+        # timed as the engine runs a step: ids and metadata on the host, one copy, then the replay
+        meta_h = AttnMetadata(pos[:, None].cpu(), slots.long()[:, None].cpu(), tables[:, :nb_ctx].long().cpu(),
+                              ctx_lens.long().cpu(), torch.ones(B, dtype=torch.long))
+        ids_h = ids.cpu()
+        ms = _events_ms(lambda: graphs.step_host(ids_h, meta_h), iters, _reps(3, iters))
         kernels = _count_kernels(lambda: graphs.graphs[B][0].replay()) if graphed else None
         if profile and graphed:
             _profile_table(lambda: graphs.graphs[B][0].replay(), f"decode B={B}", log)
         eager_ms = None
         if eager:
-            meta_pos = pos[:, None]
-            from .kv_cache import AttnMetadata
-            meta = AttnMetadata(meta_pos, slots.long()[:, None], tables[:, :nb_ctx].long(), ctx_lens.long(),
-                                torch.ones(B, dtype=torch.long, device=dev))
+            meta = meta_h.to(dev)
             with torch.inference_mode():
                 eager_ms = _events_ms(lambda: m(ids[:, None], meta, cache, last_only=True),
                                       _reps(5 if B <= 64 else 3, iters), 1)
@@ -261,6 +265,8 @@ def run_bench(preset: str = "gpt-moe-0.35b-64e", model_dir: str | None = None, d
             rows.append(_bench_prefill(m, fast, cache, prefill, bw, rate, False, log, profile, variant="cuda-graph",
                                        iters=iters))
     if latency:
+        if graphed:
+            fast.graphs, cache.meta_device = graphs, "cpu"      # what enable_cuda_graphs sets up
         rows += _bench_latency(fast, graphs, cache, log, latency_batches, latency_shapes, iters=iters)
     result = {"device": torch.cuda.get_device_name() if dev.type == "cuda" else "cpu",
               "date": datetime.date.today().isoformat(), "command": "ftmoe " + " ".join(sys.argv[1:]),
@@ -287,6 +293,11 @@ class _EagerSteps:
     @torch.inference_mode()
     def step(self, ids, positions, tables, ctx, slots):
         return self.fast.decode_step(ids, positions, tables, ctx, slots, self.cache)
+
+    def step_host(self, ids, meta):
+        meta = meta.to(self.fast.device)
+        return self.step(ids.reshape(-1).to(self.fast.device), meta.positions[:, 0], meta.block_tables,
+                         meta.context_lens, meta.slot_mapping[:, 0])
 
 
 def _fmt(r: Row) -> str:
@@ -354,7 +365,7 @@ def _bench_latency(fast, graphs, cache, log, batches=(1, 8, 32, 64), shapes=((12
         for B in batches:
             if B > graphs.buckets[-1] or B * (T_in + T_out) > cache.num_free_blocks * bs:
                 continue
-            ids = torch.randint(0, cfg.vocab_size, (B, T_in), device=dev)
+            ids = torch.randint(0, cfg.vocab_size, (B, T_in))
             seqs = list(range(20_000, 20_000 + B))
             nb_needed = -(-(T_in + T_out) // bs)
             if nb_needed > graphs.nb:
@@ -364,13 +375,12 @@ def _bench_latency(fast, graphs, cache, log, batches=(1, 8, 32, 64), shapes=((12
                 for s in seqs:
                     cache.add(s)
                 meta = cache.prepare(seqs, [T_in] * B)
-                with torch.inference_mode():
-                    tok = fast.prefill(ids, meta, cache).argmax(-1)
+                with torch.inference_mode():     # the engine's path: tokens to the host every step
+                    tok = fast(ids.to(meta.positions.device), meta, cache, last_only=True).argmax(-1).cpu()
                     for step in range(T_out - 1):
                         meta = cache.prepare(seqs, [1] * B)
-                        logits = graphs.step(tok, meta.positions[:, 0], meta.block_tables.int(),
-                                             meta.context_lens.int(), meta.slot_mapping[:, 0].int())
-                        tok = logits.argmax(-1)
+                        logits = fast(tok[:, None].to(meta.positions.device), meta, cache, last_only=True)
+                        tok = logits.argmax(-1).cpu()
                 for s in seqs:
                     cache.free(s)
                 return tok

@@ -7,7 +7,8 @@ Out: logits [B, V] from replaying the graph of the smallest bucket >= B; rows pa
      padding (slot -1, context 0), so they read and write no cache.
 
 A graph bakes in the cache tensors and the block-table width, so a runner belongs to one
-cache; inputs are copied into static buffers before each replay (no allocation per step).
+cache; inputs are copied into static buffers before each replay (no allocation per step):
+from the host in one copy (`step_host`), or field by field from device tensors (`step`).
 On a shard of a parallel model the graphs hold its collectives (NCCL is captured), every
 rank captures and replays the same buckets in the same order, and a pipeline stage after
 the first takes the residual [B, H] instead of token ids.
@@ -45,6 +46,7 @@ class DecodeGraphs:
         self.buckets = tuple(sorted(buckets))
         self.graphs: dict[int, tuple[torch.cuda.CUDAGraph, dict, torch.Tensor]] = {}
         self.pool = None
+        self._stage: dict[int, list] = {}       # bucket -> pinned staging buffers (step_host)
 
     def bucket_for(self, B: int) -> int:
         for b in self.buckets:
@@ -53,14 +55,18 @@ class DecodeGraphs:
         raise ValueError(f"batch {B} is larger than the largest graph bucket {self.buckets[-1]}")
 
     def _static(self, B: int) -> dict:
+        """A bucket's static inputs: one int32 buffer [(4 + nb) * B] holding the token ids,
+        positions, context lengths, slots and the [B, nb] block tables, so a step's inputs reach
+        the GPU in one copy (`step_host`); a later pipeline stage takes a residual [B, H] instead
+        of ids."""
         dev = self.fast.device
-        first = self.fast.par.is_first_stage
-        return {"ids": torch.zeros(B, dtype=torch.long, device=dev) if first else
-                torch.zeros(B, self.fast.H, dtype=self.fast.dtype, device=dev),
-                "positions": torch.zeros(B, dtype=torch.long, device=dev),
-                "tables": torch.zeros(B, self.nb, dtype=torch.int32, device=dev),
-                "ctx": torch.zeros(B, dtype=torch.int32, device=dev),
-                "slots": torch.full((B,), -1, dtype=torch.int32, device=dev)}
+        packed = torch.zeros((4 + self.nb) * B, dtype=torch.int32, device=dev)
+        s = {"packed": packed, "ids": packed[:B], "positions": packed[B:2 * B], "ctx": packed[2 * B:3 * B],
+             "slots": packed[3 * B:4 * B], "tables": packed[4 * B:].view(B, self.nb)}
+        s["slots"].fill_(-1)
+        if not self.fast.par.is_first_stage:
+            s["ids"] = torch.zeros(B, self.fast.H, dtype=self.fast.dtype, device=dev)
+        return s
 
     def _run(self, s: dict) -> torch.Tensor:
         return self.fast.decode_step(s["ids"], s["positions"], s["tables"], s["ctx"], s["slots"], self.cache)
@@ -70,19 +76,32 @@ class DecodeGraphs:
         if B in self.graphs:
             return
         s = self._static(B)
+        if self.fast.device.type != "cuda":       # CPU (tests): the same static buffers, run eagerly
+            self.graphs[B] = (None, s, None)
+            return
         g, out = _capture(lambda: self._run(s), self.pool, warmups=2)
         if self.pool is None:
             self.pool = g.pool()
         self.graphs[B] = (g, s, out)
 
+    def _replay(self, g, s: dict, out: torch.Tensor | None, B: int) -> torch.Tensor:
+        if g is None:
+            return self._run(s)[:B]
+        g.replay()
+        return out[:B]
+
+    def _bucket(self, B: int, min_rows: int) -> tuple[int, tuple]:
+        bucket = self.bucket_for(max(B, min_rows))
+        self.capture(bucket)
+        return bucket, self.graphs[bucket]
+
     @torch.inference_mode()
     def step(self, ids: torch.Tensor, positions: torch.Tensor, block_tables: torch.Tensor,
              context_lens: torch.Tensor, slots: torch.Tensor, min_rows: int = 0) -> torch.Tensor:
-        """min_rows: replay a bucket of at least this many rows (expert-parallel ranks must agree)."""
+        """Inputs already on the device (any integer dtype), one copy each.
+        min_rows: replay a bucket of at least this many rows (expert-parallel ranks must agree)."""
         B = ids.shape[0]
-        bucket = self.bucket_for(max(B, min_rows))
-        self.capture(bucket)
-        g, s, out = self.graphs[bucket]
+        bucket, (g, s, out) = self._bucket(B, min_rows)
         s["ids"][:B].copy_(ids)
         s["positions"][:B].copy_(positions)
         s["tables"][:B, : block_tables.shape[1]].copy_(block_tables)
@@ -91,8 +110,52 @@ class DecodeGraphs:
         if B < bucket:
             s["slots"][B:].fill_(-1)
             s["ctx"][B:].fill_(0)
-        g.replay()
-        return out[:B]
+        return self._replay(g, s, out, B)
+
+    @torch.inference_mode()
+    def step_host(self, ids: torch.Tensor, meta: AttnMetadata) -> torch.Tensor:
+        """One decode step from the host: token ids [B] or [B, 1] and `meta` (T = 1) on the CPU,
+        as a serving loop holds them. They are written into a pinned staging buffer laid out like
+        the bucket's static inputs and reach the GPU in one copy (no per-field copies, casts or
+        fills on the device), then the graph replays. Padding rows get slot -1 and context 0."""
+        B = meta.positions.shape[0]
+        if not self.fast.par.is_first_stage:
+            raise ValueError("step_host takes token ids: a later pipeline stage's residual comes through step()")
+        if meta.positions.dim() != 2 or meta.positions.shape[1] != 1:
+            raise ValueError(f"decode graphs take one new token per row, got positions of shape "
+                             f"{tuple(meta.positions.shape)}")
+        w = meta.block_tables.shape[1]
+        if w > self.nb:
+            raise ValueError(f"block tables of {w} blocks are wider than the graphs' {self.nb}")
+        bucket, (g, s, out) = self._bucket(B, 0)
+        buf, done = self._staging(bucket)
+        h = buf.numpy()
+        head = h[:4 * bucket].reshape(4, bucket)
+        head[0, :B] = ids.reshape(-1).numpy()
+        head[1, :B] = meta.positions[:, 0].numpy()
+        head[2, :B] = meta.context_lens.numpy()
+        head[3, :B] = meta.slot_mapping[:, 0].numpy()
+        head[:3, B:] = 0
+        head[3, B:] = -1
+        h[4 * bucket:].reshape(bucket, self.nb)[:B, :w] = meta.block_tables.numpy()
+        s["packed"].copy_(buf, non_blocking=True)
+        if done is not None:
+            done.record()
+        return self._replay(g, s, out, B)
+
+    def _staging(self, bucket: int) -> tuple[torch.Tensor, torch.cuda.Event | None]:
+        """The next of two pinned host buffers for this bucket, once its previous copy to the GPU
+        has finished (the copy reads the buffer asynchronously), with the event to record."""
+        ring = self._stage.get(bucket)
+        if ring is None:
+            gpu = self.fast.device.type == "cuda"
+            ring = self._stage[bucket] = [(torch.zeros((4 + self.nb) * bucket, dtype=torch.int32, pin_memory=gpu),
+                                           torch.cuda.Event() if gpu else None) for _ in range(2)]
+        buf, done = ring[0]
+        ring.reverse()
+        if done is not None:
+            done.synchronize()                  # not yet recorded: returns at once
+        return buf, done
 
 
 PREFILL_T_BUCKETS = (16, 32, 64, 128, 256, 512, 1024, 2048)
@@ -166,7 +229,8 @@ class PrefillGraphs:
         if bucket is None:
             return None
         if causal_only is None:
-            causal_only = bucket == (B, T) and not bool((meta.seq_lens != T).any())
+            causal_only = not bool((meta.seq_lens != T).any()) if bucket == (B, T) else False
+        causal_only = causal_only and bucket == (B, T)       # a padded bucket needs the key mask
         key = (*bucket, causal_only)
         if key not in self.graphs:
             self.capture(key)

@@ -86,13 +86,15 @@ class FastGPTMoE:
         self.prefill_graphs = None
 
     def enable_cuda_graphs(self, cache: KVCache, prefill: bool | None = None) -> None:
-        """Decode steps on `cache` replay CUDA graphs (one per batch-size bucket). prefill: fresh
+        """Decode steps on `cache` replay CUDA graphs (one per batch-size bucket); the cache's
+        metadata then stays on the host (`__call__` packs it). prefill: fresh
         prompts too (one graph per (batch, length) bucket, captured on first use; default on,
         FTMOE_PREFILL_GRAPHS=0 turns them off: 8 x 512 prefill on an H200 took 9.3 ms replayed
         against 21.3 ms launched eagerly)."""
         from .cuda_graphs import DecodeGraphs, PrefillGraphs
 
         self.graphs = DecodeGraphs(self, cache, max_blocks_per_seq=cache.blocks_for(self.config.max_pos_seq_len))
+        cache.meta_device = "cpu"      # callers pass ids and metadata on the host: one copy per decode step
         if prefill is None:
             prefill = os.environ.get("FTMOE_PREFILL_GRAPHS", "1") != "0"
         self.prefill_graphs = PrefillGraphs(self, cache) if prefill else None
@@ -281,28 +283,42 @@ class FastGPTMoE:
                     causal_only: bool | None = None) -> torch.Tensor:
         """Fresh prompts: replayed from a prefill graph when they are enabled for `cache`, only the
         last tokens' logits are wanted and a bucket fits (causal_only as in `PrefillGraphs.step`);
-        launched eagerly otherwise."""
+        launched eagerly otherwise. causal_only=True: every row is T long (known on the host),
+        None: find out (a host sync)."""
         pg = self.prefill_graphs
         if pg is not None and pg.cache is cache and last_only:
             out = pg.step(input_ids, meta, causal_only)
             if out is not None:
                 return out
-        return self.prefill(input_ids, meta, cache, last_only)
+        return self.prefill(input_ids, meta, cache, last_only, ragged=None if causal_only is None else not causal_only)
 
     # ---- GPTMoE-compatible entry point ----------------------------------------
     @torch.inference_mode()
     def __call__(self, input_ids: torch.Tensor, meta: AttnMetadata | None = None, cache: KVCache | None = None,
                  last_only: bool = False) -> torch.Tensor:
+        """input_ids and meta on the model's device, or both on the CPU (a cache whose
+        `meta_device` is "cpu", as `enable_cuda_graphs` sets it): a decode step then reaches the
+        GPU in one copy. One new token per row is a decode step (rows with no new token have no
+        slot: padding); fresh prompts are a prefill; anything else runs on the reference path."""
         if meta is None or cache is None:
             return self.model(input_ids, meta, cache, last_only)
-        if input_ids.shape[1] == 1 and bool((meta.seq_lens == 1).all()):
-            args = (input_ids[:, 0], meta.positions[:, 0], meta.block_tables.int(), meta.context_lens.int(),
-                    meta.slot_mapping[:, 0].int())
-            if self.graphs is not None and self.graphs.cache is cache and input_ids.shape[0] <= self.graphs.buckets[-1]:
-                out = self.graphs.step(*args)
+        B, T = input_ids.shape
+        on_host = meta.positions.device.type == "cpu"
+        graphs = self.graphs
+        if T == 1 and graphs is not None and graphs.cache is cache and B <= graphs.buckets[-1]:
+            if on_host and input_ids.device.type == "cpu":
+                out = graphs.step_host(input_ids, meta)
             else:
-                out = self.decode_step(*args, cache)
+                out = graphs.step(input_ids[:, 0], meta.positions[:, 0], meta.block_tables, meta.context_lens,
+                                  meta.slot_mapping[:, 0])
             return out if last_only else out[:, None]
-        if bool((meta.context_lens == 0).all()):
-            return self.run_prefill(input_ids, meta, cache, last_only)
+        fresh = T > 1 and bool((meta.context_lens == 0).all())
+        causal_only = bool((meta.seq_lens == T).all()) if on_host and fresh else None   # free on the host
+        input_ids, meta = input_ids.to(self.device), meta.to(self.device)
+        if T == 1:
+            out = self.decode_step(input_ids[:, 0], meta.positions[:, 0], meta.block_tables, meta.context_lens,
+                                   meta.slot_mapping[:, 0], cache)
+            return out if last_only else out[:, None]
+        if fresh:
+            return self.run_prefill(input_ids, meta, cache, last_only, causal_only)
         return self.model(input_ids, meta, cache, last_only)  # chunked prefill: reference path for now

@@ -231,7 +231,7 @@ class Generator:
     def _forward(self, ids: torch.Tensor, seq_ids: list[int], lens: list[int]) -> torch.Tensor:
         meta = self.cache.prepare(seq_ids, lens)
         with torch.no_grad():
-            return self.model(ids.to(self.model.device), meta, self.cache, last_only=True)   # [B, V]
+            return self.model(ids.to(meta.positions.device), meta, self.cache, last_only=True)   # [B, V]
 
     def _run(self, reqs_in, outputs: list) -> Iterator[StreamEvent]:
         for wave in self._waves(reqs_in):

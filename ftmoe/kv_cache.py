@@ -40,9 +40,23 @@ class AttnMetadata:
     def total_lens(self) -> torch.Tensor:
         return self.context_lens + self.seq_lens
 
+    @property
+    def fields(self) -> tuple[torch.Tensor, ...]:
+        return (self.positions, self.slot_mapping, self.block_tables, self.context_lens, self.seq_lens)
+
+    def to(self, device: torch.device | str) -> "AttnMetadata":
+        """The same metadata on `device`, moved in one copy (the fields become views of it)."""
+        f, dev = self.fields, torch.device(device)
+        if all(t.device.type == dev.type and dev.index in (None, t.device.index) for t in f):
+            return self
+        flat = torch.cat([t.reshape(-1).long() for t in f]).to(device)
+        return AttnMetadata(*(v.view(t.shape) for v, t in zip(flat.split([t.numel() for t in f]), f)))
+
 
 class KVCache:
-    #: where `prepare` puts the metadata (None: the storage's device)
+    #: where `prepare` puts the metadata (None: the storage's device). "cpu" where the consumer
+    #: packs it on the host itself: the parallel runner, and decode graphs (`enable_cuda_graphs`),
+    #: which take a step's token ids and metadata to the GPU in one copy.
     meta_device: str | None = None
 
     def __init__(self, num_layers: int, num_heads: int, head_dim: int, num_blocks: int,

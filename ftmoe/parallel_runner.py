@@ -331,8 +331,9 @@ class DistributedModel:
         graphed = graphs is not None and graphs.cache is self.cache and n_pad <= graphs.buckets[-1]
         if not graphed and n_pad > n:          # a graph pads its own bucket
             x, meta = _pad_rows(x, meta, n_pad, 1)
-        args = (x[:, 0] if self.par.is_first_stage else x, meta.positions[:, 0], meta.block_tables.int(),
-                meta.context_lens.int(), meta.slot_mapping[:, 0].int())
+        # an EP rank's rows are a strided slice of the step's rows: the kernels take contiguous ones
+        args = (x[:, 0] if self.par.is_first_stage else x, meta.positions[:, 0], meta.block_tables,
+                meta.context_lens.contiguous(), meta.slot_mapping[:, 0].contiguous())
         if graphed:
             return graphs.step(*args, min_rows=n_pad)
         return self.fast.decode_step(*args, self.cache)[:n]

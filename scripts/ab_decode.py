@@ -7,7 +7,8 @@ one pass), `table=PATH` (a kernel-config table in place of the package's).
 Every (variant, batch) graph is captured once; then R rounds replay each graph `iters` times
 in turn, so slow drifts of the card (clocks, temperature) hit every variant alike. Prints, per
 batch, each variant's median ms over the rounds and its ratio to the first variant. --synced
-times each step alone with its input copies (as `ftmoe bench` does) instead of back to back.
+times each step alone with its input copies (as `ftmoe bench` does) instead of back to back:
+from the host in one copy (the engine's path), or `--synced device` from device tensors.
 Usage: python3 scripts/ab_decode.py --batches 32,64,256 --variants "base" "pdl=4096" "gate=triton"
 """
 from __future__ import annotations
@@ -28,7 +29,7 @@ from ftmoe.bench import _events_ms, config_of, random_model  # noqa: E402
 from ftmoe.cuda_graphs import DecodeGraphs  # noqa: E402
 from ftmoe.fast_model import FastGPTMoE  # noqa: E402
 from ftmoe.kernels import configs, pdl  # noqa: E402
-from ftmoe.kv_cache import KVCache  # noqa: E402
+from ftmoe.kv_cache import AttnMetadata, KVCache  # noqa: E402
 
 
 ENV_SWITCHES = {"gate": "FTMOE_GATE", "attn": "FTMOE_ATTN_SPLIT"}
@@ -70,21 +71,22 @@ def switches(spec: str, device_name: str):
             shutil.rmtree(tmp)
 
 
-def _time_replays(graph, inputs, iters: int, synced: bool) -> float:
+def _time_replays(dg: DecodeGraphs, B: int, inputs, iters: int, synced: str | None) -> float:
     """ms per replay of one captured step, its static inputs set first: back to back (the host
-    enqueues the next replay while the GPU runs this one: GPU time), or synced (each step's input
-    copies and replay timed alone, then waited for, as `ftmoe bench` and a serving loop that
-    samples on the host do: the host's launch work is inside; median)."""
-    g, s, _ = graph
-
-    def copy_inputs():
-        for t, x in zip(("ids", "positions", "tables", "ctx", "slots"), inputs):
-            s[t].copy_(x)
-    copy_inputs()
-    g.replay()
+    enqueues the next replay while the GPU runs this one: GPU time), or synced (each step timed
+    alone, then waited for, as `ftmoe bench` and a serving loop that samples on the host do: the
+    host's launch work is inside; median). synced "host": ids and metadata from the host in one
+    copy (`step_host`, the engine's path); "device": device tensors copied field by field (`step`)."""
+    g, s, _ = dg.graphs[B]
+    ids, meta = inputs
+    dev_args = (ids.to(s["ids"].device)[:, 0], *(t.to(s["ids"].device) for t in (
+        meta.positions[:, 0], meta.block_tables, meta.context_lens, meta.slot_mapping[:, 0])))
+    dg.step(*dev_args)
     torch.cuda.synchronize()
-    if synced:
-        return _events_ms(lambda: (copy_inputs(), g.replay()), iters, warmup=1)
+    if synced == "host":
+        return _events_ms(lambda: dg.step_host(ids, meta), iters, warmup=1)
+    if synced == "device":
+        return _events_ms(lambda: dg.step(*dev_args), iters, warmup=1)
     e0, e1 = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
     e0.record()
     for _ in range(iters):
@@ -101,7 +103,9 @@ def main():
     ap.add_argument("--rounds", type=int, default=7)
     ap.add_argument("--iters", type=int, default=30)
     ap.add_argument("--ctx", type=int, default=128)
-    ap.add_argument("--synced", action="store_true", help="time each step alone, input copies included")
+    ap.add_argument("--synced", nargs="?", const="host", choices=("host", "device"), default=None,
+                    help="time each step alone, its input copies included: from the host in one copy "
+                         "(default, the engine's path) or from device tensors field by field")
     ap.add_argument("--json", default=None)
     a = ap.parse_args()
     dev = torch.device("cuda")
@@ -117,18 +121,17 @@ def main():
     nb = -(-cfg.max_pos_seq_len // bs)
     inputs = {}
     for B in batches:
-        for s in range(B):
-            if not cache.has(s):
-                cache.add(s)
-                cache.prepare([s], [ctx])
-                cache.reserve(s, 1)
+        for seq in range(B):
+            if not cache.has(seq):
+                cache.add(seq)
+                cache.prepare([seq], [ctx])
+                cache.reserve(seq, 1)
         seqs = range(B)
-        tables = torch.tensor([cache.block_table(s)[:nb] + [0] * (nb - len(cache.block_table(s)[:nb])) for s in seqs],
-                              dtype=torch.int32, device=dev)
-        slots = torch.tensor([cache.block_table(s)[ctx // bs] * bs + ctx % bs for s in seqs], dtype=torch.int32,
-                             device=dev)
-        inputs[B] = (torch.randint(0, cfg.vocab_size, (B,), device=dev), torch.full((B,), ctx, device=dev),
-                     tables, torch.full((B,), ctx, dtype=torch.int32, device=dev), slots)
+        tables = torch.tensor([cache.block_table(q)[:nb] + [0] * (nb - len(cache.block_table(q)[:nb])) for q in seqs])
+        slots = torch.tensor([cache.block_table(q)[ctx // bs] * bs + ctx % bs for q in seqs])
+        meta = AttnMetadata(torch.full((B, 1), ctx), slots[:, None], tables, torch.full((B,), ctx),
+                            torch.ones(B, dtype=torch.long))
+        inputs[B] = (torch.randint(0, cfg.vocab_size, (B, 1)), meta)       # on the host, as the engine has them
     graphs = {}
     for v in a.variants:
         with switches(v, name):
@@ -142,7 +145,7 @@ def main():
         for _ in range(a.rounds):
             for B in batches:
                 for v in a.variants:
-                    times[(v, B)].append(_time_replays(graphs[v].graphs[B], inputs[B], a.iters, a.synced))
+                    times[(v, B)].append(_time_replays(graphs[v], B, inputs[B], a.iters, a.synced))
     rows = []
     for B in batches:
         ref = statistics.median(times[(a.variants[0], B)])

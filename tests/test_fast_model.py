@@ -55,6 +55,40 @@ def test_prefill_then_decode_matches_reference(models, lens, block_size):
             assert rel(out[i], full[i][n + step]) < 1e-4, (i, step)
 
 
+def test_generation_through_graphs_with_host_metadata(models):
+    """With graphs enabled the cache keeps its metadata on the host and the model takes ids and
+    metadata from there (prefill through a prefill graph bucket, decode through `step_host`,
+    one batch with rows of different lengths); logits equal the reference's."""
+    ref, fast = models
+    lens = [5, 11, 1]
+    g = torch.Generator().manual_seed(7)
+    V = ref.config.vocab_size
+    seqs = [torch.randint(0, V, (n + 3,), generator=g) for n in lens]
+    full = [ref(s[None].to(DEV))[0] for s in seqs]
+    cache = KVCache.for_model(ref.config, 256, block_size=4, dtype=torch.float32, device=DEV)
+    fast.enable_cuda_graphs(cache)
+    try:
+        assert cache.meta_device == "cpu"
+        ids = list(range(len(lens)))
+        for i in ids:
+            cache.add(i)
+        batch = torch.zeros(len(lens), max(lens), dtype=torch.long)
+        for i, n in enumerate(lens):
+            batch[i, :n] = seqs[i][:n]
+        meta = cache.prepare(ids, lens)
+        assert meta.positions.device.type == "cpu"
+        out = fast(batch, meta, cache, last_only=True)
+        assert all(rel(out[i], full[i][n - 1]) < 1e-4 for i, n in enumerate(lens))
+        for step in range(3):
+            tok = torch.stack([s[n + step] for s, n in zip(seqs, lens)])[:, None]
+            out = fast(tok, cache.prepare(ids, [1] * len(ids)), cache, last_only=True)
+            for i, n in enumerate(lens):
+                assert rel(out[i], full[i][n + step]) < 1e-4, (i, step)
+        assert fast.graphs.graphs and fast.graphs._stage     # the decode steps went through step_host
+    finally:
+        fast.graphs = fast.prefill_graphs = None
+
+
 def test_padding_rows_write_nothing(models):
     """Rows with slot -1 (graph-bucket padding) write no KV and route to no expert; a real row
     beside them is unaffected."""
@@ -99,10 +133,14 @@ def test_triton_gate_decode_equals_cublas_gate(models, monkeypatch):
     assert rel(out["triton"][0], ref(ids[:, None])[:, 0]) < 1e-4
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")
-@pytest.mark.parametrize("B", [1, 3, 8])
+@pytest.mark.parametrize("B", [1, 3, 8] if DEV == "cuda" else [3])     # the CPU runs the padded bucket only
 def test_cuda_graph_replay_equals_eager(models, B):
+    """A decode graph's replay (on the CPU: the same static buffers, run eagerly) equals the eager
+    step, fed from device tensors field by field (`step`) or from the host in one packed copy
+    (`step_host`); B = 3 replays bucket 4 with a padding row. The packed layout is checked by
+    what it feeds: ids, positions, tables, context lengths and slots all change the logits."""
     from ftmoe.cuda_graphs import DecodeGraphs
+    from ftmoe.kv_cache import AttnMetadata
 
     ref, fast = models
     cache = KVCache.for_model(ref.config, 512, block_size=8, dtype=torch.float32, device=DEV)
@@ -114,16 +152,27 @@ def test_cuda_graph_replay_equals_eager(models, B):
     prompt = torch.randint(0, ref.config.vocab_size, (B, max(lens)), generator=g).to(DEV)
     fast(prompt, cache.prepare(seqs, lens), cache, last_only=True)
     graphs = DecodeGraphs(fast, cache, max_blocks_per_seq=8, buckets=(1, 4, 8))
-    for step in range(3):
-        tok = torch.randint(0, ref.config.vocab_size, (B,), generator=g).to(DEV)
+    for step in range(2):
+        tok = torch.randint(0, ref.config.vocab_size, (B,), generator=g)
         meta = cache.prepare(seqs, [1] * B)
-        args = (tok, meta.positions[:, 0], meta.block_tables.int(), meta.context_lens.int(),
+        host = AttnMetadata(*(t.cpu() for t in meta.fields))
+        args = (tok.to(DEV), meta.positions[:, 0], meta.block_tables.int(), meta.context_lens.int(),
                 meta.slot_mapping[:, 0].int())
-        k_before = cache.k.clone()
+        k_before, v_before = cache.k.clone(), cache.v.clone()
         eager = fast.decode_step(*args, cache)
-        cache.k.copy_(k_before)
-        graphed = graphs.step(*args)
-        assert torch.allclose(graphed, eager, rtol=1e-5, atol=1e-5), step
+        k_after = cache.k.clone()
+        for run in (lambda: graphs.step(*args), lambda: graphs.step_host(tok[:, None], host)):
+            cache.k.copy_(k_before)
+            cache.v.copy_(v_before)
+            graphed = run()
+            assert graphed.shape == eager.shape
+            assert torch.allclose(graphed, eager, rtol=1e-5, atol=1e-5), step
+            # the new K landed in the same slots (bit-equal up to the GEMM's rounding at another M)
+            assert torch.allclose(cache.k, k_after, rtol=1e-5, atol=1e-5)
+            assert not torch.equal(cache.k, k_before)
+    staged = graphs._stage[graphs.bucket_for(B)][0][0].view(4 + 8, -1) if B == 3 else None
+    if staged is not None:                                   # the padding row of bucket 4
+        assert staged[3, 3] == -1 and staged[2, 3] == 0
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
@@ -335,3 +384,4 @@ def test_pdl_graph_replay_equals_plain_launches(models, monkeypatch, B):
     pdl._enabled.cache_clear()
     for a, b in zip(*results):
         assert torch.equal(a, b)
+

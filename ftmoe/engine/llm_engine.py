@@ -181,7 +181,7 @@ class LLMEngine:
         try:
             meta = self.cache.prepare([r.seq_id for r in reqs], lens)
             with torch.no_grad():
-                logits = self.model(ids.to(self.model.device), meta, self.cache, last_only=True)   # [B, V]
+                logits = self.model(ids.to(meta.positions.device), meta, self.cache, last_only=True)   # [B, V]
         except Exception as e:  # noqa: BLE001 - the requests of this call fail, the engine goes on
             log.exception("model call failed for %d request(s); aborting them", len(reqs))
             for r in reqs:
