@@ -9,9 +9,11 @@ Out: a table on stdout and a JSON file: one row per measurement with phase (deco
 Floor of a decode step = bytes it must read (attention and dense weights, the experts its
 tokens actually route to, the tied head, the KV cache) / copy bandwidth measured here.
 Prefill floor = max(bytes / bandwidth, FLOPs / matmul rate).
-A decode step is timed as the engine runs one: token ids and metadata on the host, one copy to
-the GPU, the graph replay, waited for (`DecodeGraphs.step_host`). The latency table runs the
-engine's path too (`FastGPTMoE.__call__`, the next tokens taken to the host every step).
+A decode step is timed as the serving engine runs one: token ids and metadata on the host, one
+copy to the GPU, the graph replay, waited for (`DecodeGraphs.step_host`); and as greedy
+`generate` runs it (`--greedy-chunk N`, a second row per batch: N steps back to back, each
+argmax fed back on the GPU, the tokens read once per chunk; per-step time). The latency table
+runs greedy generate's path (prefill through `FastGPTMoE.__call__`, then chunks of steps).
 """
 from __future__ import annotations
 
@@ -152,7 +154,7 @@ class Row:
     in_len: int | None = None
     out_len: int | None = None
     kernels_per_step: int | None = None
-    variant: str | None = None          # prefill: "cuda-graph" when replayed from a prefill graph
+    variant: str | None = None          # prefill: "cuda-graph" (replayed from a graph); decode: "greedy-chunk-N"
 
     @property
     def ratio(self) -> float | None:
@@ -176,9 +178,12 @@ def run_bench(preset: str = "gpt-moe-0.35b-64e", model_dir: str | None = None, d
               batches=(1, 8, 64, 256), ctx: int = 128, prefill=(8, 512), eager: bool = True,
               latency: bool = True, iters: int = 50, json_path: str | None = None, log=print,
               profile: bool = False, device: str = "cuda", latency_batches=(1, 8, 32, 64),
-              latency_shapes=((128, 8), (512, 32)), prefill_graphs: bool = False) -> dict:
+              latency_shapes=((128, 8), (512, 32)), prefill_graphs: bool = False, greedy_chunk: int = 16) -> dict:
     """device "cpu" is a smoke test of the whole procedure (Triton interpreter, no graphs, no floors).
-    prefill_graphs: also time prefill replayed from a CUDA graph (and use it in the latency table)."""
+    prefill_graphs: also time prefill replayed from a CUDA graph (and use it in the latency table).
+    greedy_chunk: also time decode steps run that many at a time (`DecodeGraphs.greedy_chunk`: the
+    argmax fed back on the GPU, steps back to back, tokens read once per chunk), as greedy
+    generation runs them; 0 skips it."""
     from .cuda_graphs import DecodeGraphs, PrefillGraphs
     from .fast_model import FastGPTMoE
     from .launch import limit_host_threads
@@ -203,7 +208,7 @@ def run_bench(preset: str = "gpt-moe-0.35b-64e", model_dir: str | None = None, d
     fast = FastGPTMoE(m)
     bs = 16
     max_b = max(batches)
-    per_seq = -(-(ctx + 1) // bs) * bs
+    per_seq = -(-(ctx + max(1, greedy_chunk)) // bs) * bs
     tokens = max(max_b * per_seq, 64 * (512 + 32 + bs), prefill[0] * (prefill[1] + bs) if prefill else 0) + 64 * bs
     cache = KVCache.for_model(cfg, tokens, block_size=bs, dtype=tdtype, device=dev)
     cache.k.normal_()
@@ -255,6 +260,21 @@ def run_bench(preset: str = "gpt-moe-0.35b-64e", model_dir: str | None = None, d
                                       _reps(5 if B <= 64 else 3, iters), 1)
         rows.append(Row("decode", B, ms, floor, B / ms * 1e3, eager_ms, ctx=ctx, kernels_per_step=kernels))
         log(_fmt(rows[-1]) + f"  experts touched/layer {statistics.mean(touched):.1f}")
+        if greedy_chunk > 1:
+            for s in seqs:
+                cache.reserve(s, greedy_chunk)       # the chunk's tokens: positions ctx .. ctx + chunk - 1
+            nb_c = cache.blocks_for(ctx + greedy_chunk)
+            meta_c = AttnMetadata(meta_h.positions, meta_h.slot_mapping,
+                                  torch.tensor([cache.block_table(s)[:nb_c] for s in seqs]), meta_h.context_lens,
+                                  meta_h.seq_lens)
+            ms_c = _events_ms(lambda: graphs.greedy_chunk(ids_h, meta_c, greedy_chunk),
+                              max(3, iters // greedy_chunk), 1) / greedy_chunk
+            # the floor at the chunk's mean context (its steps read ctx .. ctx + chunk - 1 cached tokens)
+            floor_c = (decode_bytes(m, B, ctx + (greedy_chunk - 1) / 2, touched, cache.k.element_size()) / bw * 1e3
+                       if bw else None)
+            rows.append(Row("decode", B, ms_c, floor_c, B / ms_c * 1e3, None, ctx=ctx, kernels_per_step=None,
+                            variant=f"greedy-chunk-{greedy_chunk}"))
+            log(_fmt(rows[-1]) + f"  ({greedy_chunk} steps back to back, argmax fed back on the GPU)")
     for s in range(max_b):
         cache.free(s)
     if prefill:
@@ -298,6 +318,17 @@ class _EagerSteps:
         meta = meta.to(self.fast.device)
         return self.step(ids.reshape(-1).to(self.fast.device), meta.positions[:, 0], meta.block_tables,
                          meta.context_lens, meta.slot_mapping[:, 0])
+
+    def greedy_chunk(self, ids, meta, steps, logprobs=False):
+        """The chunk's steps one by one (the CPU smoke run: no graphs)."""
+        bs, tok, toks = self.cache.block_size, ids.reshape(-1), []
+        for j in range(steps):
+            pos = meta.positions[:, 0] + j
+            slot = meta.block_tables.gather(1, (pos // bs)[:, None])[:, 0] * bs + pos % bs
+            m = AttnMetadata(pos[:, None], slot[:, None], meta.block_tables, meta.context_lens + j, meta.seq_lens)
+            tok = self.step_host(tok, m).argmax(-1).cpu()
+            toks.append(tok)
+        return torch.stack(toks), None
 
 
 def _fmt(r: Row) -> str:
@@ -356,7 +387,11 @@ def prefill_floor_ms(cfg, weight_bytes: int, B: int, T: int, bw: float, rate: fl
 
 def _bench_latency(fast, graphs, cache, log, batches=(1, 8, 32, 64), shapes=((128, 8), (512, 32)),
                    iters: int = 50) -> list[Row]:
-    """FasterTransformer-style end-to-end latency: prefill + greedy decode, batch x (in, out)."""
+    """FasterTransformer-style end-to-end latency: prefill + greedy decode, batch x (in, out), as
+    greedy `generate` runs it (the decode steps in chunks of FTMOE_DECODE_CHUNK)."""
+    from .generation import decode_chunk_steps
+
+    chunk = decode_chunk_steps()
     cfg = fast.config
     dev = fast.device
     rows = []
@@ -375,12 +410,13 @@ def _bench_latency(fast, graphs, cache, log, batches=(1, 8, 32, 64), shapes=((12
                 for s in seqs:
                     cache.add(s)
                 meta = cache.prepare(seqs, [T_in] * B)
-                with torch.inference_mode():     # the engine's path: tokens to the host every step
+                with torch.inference_mode():     # greedy generate's path: prefill, then chunks of steps
                     tok = fast(ids.to(meta.positions.device), meta, cache, last_only=True).argmax(-1).cpu()
-                    for step in range(T_out - 1):
-                        meta = cache.prepare(seqs, [1] * B)
-                        logits = fast(tok[:, None].to(meta.positions.device), meta, cache, last_only=True)
-                        tok = logits.argmax(-1).cpu()
+                    left = T_out - 1
+                    while left:
+                        k = min(chunk, left)
+                        toks, _ = graphs.greedy_chunk(tok, cache.prepare_chunk(seqs, k), k)
+                        tok, left = toks[-1], left - k
                 for s in seqs:
                     cache.free(s)
                 return tok

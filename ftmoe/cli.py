@@ -197,6 +197,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--profile", action="store_true", help="print per-kernel GPU times of a decode step")
     p.add_argument("--prefill-graphs", action="store_true", help="also time prefill replayed from CUDA graphs "
                    "(generate/serve use them unless FTMOE_PREFILL_GRAPHS=0)")
+    p.add_argument("--greedy-chunk", type=int, default=16, help="also time decode steps run N at a time back "
+                   "to back, as greedy generate runs them (0: skip)")
     p.add_argument("--tp", type=int, default=1)
     p.add_argument("--ep", type=int, default=1)
     p.add_argument("--pp", type=int, default=1)
@@ -255,7 +257,8 @@ def main(argv: list[str] | None = None) -> int:
                                    a.ctx, min(a.iters, 20), a.json, prefill=prefill)
                 return 0
             run_bench(a.preset, a.model, a.dtype, batches, a.ctx, prefill, not a.no_eager, not a.no_latency,
-                      a.iters, a.json, profile=a.profile, device=a.device, prefill_graphs=a.prefill_graphs)
+                      a.iters, a.json, profile=a.profile, device=a.device, prefill_graphs=a.prefill_graphs,
+                      greedy_chunk=a.greedy_chunk)
             return 0
         if a.cmd == "tune":
             import torch

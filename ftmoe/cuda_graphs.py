@@ -9,6 +9,9 @@ Out: logits [B, V] from replaying the graph of the smallest bucket >= B; rows pa
 A graph bakes in the cache tensors and the block-table width, so a runner belongs to one
 cache; inputs are copied into static buffers before each replay (no allocation per step):
 from the host in one copy (`step_host`), or field by field from device tensors (`step`).
+Greedy chunks (`greedy_chunk`): a second graph per bucket appends the argmax and
+`kernels.advance` (tokens fed back, rows moved one position on), so N steps replay back to back
+from one host copy and the host reads N tokens per row once.
 On a shard of a parallel model the graphs hold its collectives (NCCL is captured), every
 rank captures and replays the same buckets in the same order, and a pipeline stage after
 the first takes the residual [B, H] instead of token ids.
@@ -18,9 +21,12 @@ from __future__ import annotations
 import torch
 
 from .fast_model import FastGPTMoE
+from .kernels.advance import advance_decode
 from .kv_cache import AttnMetadata, KVCache
 
 DEFAULT_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024)
+#: most steps in one greedy chunk (the chunk's token buffer rows)
+MAX_CHUNK = 32
 
 
 def _capture(run, pool, warmups: int) -> tuple[torch.cuda.CUDAGraph, torch.Tensor]:
@@ -47,6 +53,7 @@ class DecodeGraphs:
         self.graphs: dict[int, tuple[torch.cuda.CUDAGraph, dict, torch.Tensor]] = {}
         self.pool = None
         self._stage: dict[int, list] = {}       # bucket -> pinned staging buffers (step_host)
+        self.greedy: dict[tuple[int, bool], tuple] = {}   # (bucket, logprobs) -> greedy-chunk graph
 
     def bucket_for(self, B: int) -> int:
         for b in self.buckets:
@@ -54,15 +61,19 @@ class DecodeGraphs:
                 return b
         raise ValueError(f"batch {B} is larger than the largest graph bucket {self.buckets[-1]}")
 
+    def _packed_len(self, B: int) -> int:
+        return (4 + self.nb) * B + 1
+
     def _static(self, B: int) -> dict:
-        """A bucket's static inputs: one int32 buffer [(4 + nb) * B] holding the token ids,
-        positions, context lengths, slots and the [B, nb] block tables, so a step's inputs reach
-        the GPU in one copy (`step_host`); a later pipeline stage takes a residual [B, H] instead
-        of ids."""
+        """A bucket's static inputs: one int32 buffer [(4 + nb) * B + 1] holding the token ids,
+        positions, context lengths, slots, the [B, nb] block tables and a greedy chunk's step
+        counter, so a step's inputs reach the GPU in one copy (`step_host`); a later pipeline
+        stage takes a residual [B, H] instead of ids."""
         dev = self.fast.device
-        packed = torch.zeros((4 + self.nb) * B, dtype=torch.int32, device=dev)
+        packed = torch.zeros(self._packed_len(B), dtype=torch.int32, device=dev)
         s = {"packed": packed, "ids": packed[:B], "positions": packed[B:2 * B], "ctx": packed[2 * B:3 * B],
-             "slots": packed[3 * B:4 * B], "tables": packed[4 * B:].view(B, self.nb)}
+             "slots": packed[3 * B:4 * B], "tables": packed[4 * B:(4 + self.nb) * B].view(B, self.nb),
+             "ctr": packed[-1:]}
         s["slots"].fill_(-1)
         if not self.fast.par.is_first_stage:
             s["ids"] = torch.zeros(B, self.fast.H, dtype=self.fast.dtype, device=dev)
@@ -119,6 +130,13 @@ class DecodeGraphs:
         the bucket's static inputs and reach the GPU in one copy (no per-field copies, casts or
         fills on the device), then the graph replays. Padding rows get slot -1 and context 0."""
         B = meta.positions.shape[0]
+        bucket, (g, s, out) = self._bucket(B, 0)
+        self._load(ids, meta, bucket)
+        return self._replay(g, s, out, B)
+
+    def _load(self, ids: torch.Tensor, meta: AttnMetadata, bucket: int) -> None:
+        """Host ids and metadata -> the bucket's static inputs, in one copy (step counter 0)."""
+        B = meta.positions.shape[0]
         if not self.fast.par.is_first_stage:
             raise ValueError("step_host takes token ids: a later pipeline stage's residual comes through step()")
         if meta.positions.dim() != 2 or meta.positions.shape[1] != 1:
@@ -127,7 +145,7 @@ class DecodeGraphs:
         w = meta.block_tables.shape[1]
         if w > self.nb:
             raise ValueError(f"block tables of {w} blocks are wider than the graphs' {self.nb}")
-        bucket, (g, s, out) = self._bucket(B, 0)
+        s = self.graphs[bucket][1]
         buf, done = self._staging(bucket)
         h = buf.numpy()
         head = h[:4 * bucket].reshape(4, bucket)
@@ -137,11 +155,64 @@ class DecodeGraphs:
         head[3, :B] = meta.slot_mapping[:, 0].numpy()
         head[:3, B:] = 0
         head[3, B:] = -1
-        h[4 * bucket:].reshape(bucket, self.nb)[:B, :w] = meta.block_tables.numpy()
+        h[4 * bucket:-1].reshape(bucket, self.nb)[:B, :w] = meta.block_tables.numpy()
+        h[-1] = 0
         s["packed"].copy_(buf, non_blocking=True)
         if done is not None:
             done.record()
-        return self._replay(g, s, out, B)
+
+    # ---- greedy chunks: steps replayed back to back, each one's tokens fed back on the GPU ----
+    @torch.inference_mode()
+    def capture_greedy(self, B: int, logprobs: bool) -> None:
+        """The greedy-chunk graph of bucket B: a decode step, the argmax of its logits (first
+        index on ties, as the host's greedy), optionally their log-softmax there, then
+        `advance_decode`, which feeds the tokens back and moves every live row one position on.
+        It shares the bucket's static inputs; they are set to padding first, because the
+        warm-up steps run on whatever they hold (padding rows read and write no cache)."""
+        key = (B, logprobs)
+        if key in self.greedy:
+            return
+        self.capture(B)
+        s = self.graphs[B][1]
+        s["slots"].fill_(-1)
+        s["ctx"].zero_()
+        dev = self.fast.device
+        toks = torch.zeros(MAX_CHUNK, B, dtype=torch.long, device=dev)
+        lps = torch.zeros(MAX_CHUNK, B, dtype=torch.float32, device=dev) if logprobs else None
+
+        def run():
+            logits = self._run(s)
+            tok = torch.argmax(logits, dim=-1)
+            lp = logits.gather(1, tok[:, None])[:, 0] - torch.logsumexp(logits, dim=-1) if logprobs else None
+            advance_decode(tok, lp, toks, lps, s, self.cache.block_size)
+            return tok
+
+        if dev.type != "cuda":
+            self.greedy[key] = (None, run, toks, lps)
+            return
+        g, _ = _capture(run, self.pool, warmups=2)
+        self.greedy[key] = (g, None, toks, lps)
+
+    @torch.inference_mode()
+    def greedy_chunk(self, ids: torch.Tensor, meta: AttnMetadata, steps: int,
+                     logprobs: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """`steps` greedy decode steps from one host copy, replayed back to back with no host
+        work between them. ids [B] or [B, 1] and meta (T = 1) on the host as for `step_host`;
+        every row's block table must already hold its `steps` new tokens (`KVCache.prepare_chunk`).
+        Returns the tokens [steps, B] and, with logprobs, their log-softmax [steps, B] (CPU)."""
+        if not 1 <= steps <= MAX_CHUNK:
+            raise ValueError(f"a greedy chunk takes 1..{MAX_CHUNK} steps, got {steps}")
+        B = meta.positions.shape[0]
+        bucket = self.bucket_for(B)
+        self.capture_greedy(bucket, logprobs)
+        g, run, toks, lps = self.greedy[(bucket, logprobs)]
+        self._load(ids, meta, bucket)
+        for _ in range(steps):
+            if g is None:
+                run()
+            else:
+                g.replay()
+        return toks[:steps, :B].cpu(), None if lps is None else lps[:steps, :B].cpu()
 
     def _staging(self, bucket: int) -> tuple[torch.Tensor, torch.cuda.Event | None]:
         """The next of two pinned host buffers for this bucket, once its previous copy to the GPU
@@ -149,7 +220,7 @@ class DecodeGraphs:
         ring = self._stage.get(bucket)
         if ring is None:
             gpu = self.fast.device.type == "cuda"
-            ring = self._stage[bucket] = [(torch.zeros((4 + self.nb) * bucket, dtype=torch.int32, pin_memory=gpu),
+            ring = self._stage[bucket] = [(torch.zeros(self._packed_len(bucket), dtype=torch.int32, pin_memory=gpu),
                                            torch.cuda.Event() if gpu else None) for _ in range(2)]
         buf, done = ring[0]
         ring.reverse()

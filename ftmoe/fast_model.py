@@ -292,6 +292,18 @@ class FastGPTMoE:
                 return out
         return self.prefill(input_ids, meta, cache, last_only, ragged=None if causal_only is None else not causal_only)
 
+    def greedy_chunk(self, input_ids: torch.Tensor, meta: AttnMetadata, cache: KVCache, steps: int,
+                     logprobs: bool = False):
+        """`steps` greedy decode steps run back to back on the GPU (`DecodeGraphs.greedy_chunk`;
+        meta from `cache.prepare_chunk`, on the host), or None where this model cannot: no graphs
+        for `cache`, a batch past the largest bucket, or a sharded model."""
+        g = self.graphs
+        par = self.par
+        if (g is None or g.cache is not cache or input_ids.shape[0] > g.buckets[-1] or par.tp > 1 or par.ep > 1
+                or not (par.is_first_stage and par.is_last_stage) or meta.positions.device.type != "cpu"):
+            return None
+        return g.greedy_chunk(input_ids, meta, steps, logprobs)
+
     # ---- GPTMoE-compatible entry point ----------------------------------------
     @torch.inference_mode()
     def __call__(self, input_ids: torch.Tensor, meta: AttnMetadata | None = None, cache: KVCache | None = None,

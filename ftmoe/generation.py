@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import dataclasses
 import operator
+import os
 from collections.abc import Iterator, Sequence
 
 import torch
@@ -159,6 +160,7 @@ class Generator:
         else:
             self.cache = KVCache.for_model(self.config, cap, block_size, dtype=model.dtype, device=model.device)
         self._next_seq = 0
+        self.decode_chunk = decode_chunk_steps()
 
     # ---- public ------------------------------------------------------------------
     def generate(self, prompts: Sequence[Sequence[int]],
@@ -233,6 +235,44 @@ class Generator:
         with torch.no_grad():
             return self.model(ids.to(meta.positions.device), meta, self.cache, last_only=True)   # [B, V]
 
+    def _greedy_chunk(self, active: list) -> list[StreamEvent] | None:
+        """Up to `decode_chunk` greedy steps for every active request at once, run back to back on
+        the GPU (the model feeds each step's argmax to the next; `FastGPTMoE.greedy_chunk`), then
+        accepted on the host token by token in step order, as single steps would be: a request
+        that ends inside the chunk ignores the chunk's later tokens (their KV is freed with it).
+        None when a single step must run instead: the model has no greedy chunks here, a request
+        samples, penalises, bans words, wants log probs at a temperature other than 1, or has
+        fewer than 2 tokens left."""
+        fn = getattr(self.model, "greedy_chunk", None)
+        if fn is None or self.decode_chunk < 2:
+            return None
+        reqs = [r for _, r in active]
+        if not all(isinstance(r, SampleRequest) and r.is_plain_greedy() and r.params.temperature == 1.0
+                   for r in reqs):
+            return None
+        steps = min(self.decode_chunk, min(r.max_gen - len(r.tokens) for r in reqs))
+        if steps < 2:
+            return None
+        logprobs = any(r.params.return_log_probs for r in reqs)
+        seq_ids = [r.seq_id for r in reqs]
+        ids = torch.tensor([r.tokens[-1] for r in reqs], dtype=torch.long)
+        lens = [self.cache.length(q) for q in seq_ids]
+        meta = self.cache.prepare_chunk(seq_ids, steps)
+        with torch.no_grad():
+            got = fn(ids.to(meta.positions.device), meta, self.cache, steps, logprobs)
+        if got is None:                      # the model cannot after all: undo the reservation
+            for q, n in zip(seq_ids, lens):
+                self.cache.truncate(q, n)
+            return None
+        toks, lps = got
+        toks, lps = toks.tolist(), lps.tolist() if lps is not None else None
+        events = []
+        for j in range(steps):
+            for b, (i, r) in enumerate(active):
+                if not r.done:
+                    events += [StreamEvent(i, *ev) for ev in r.accept(toks[j][b], lps[j][b] if lps else 0.0)]
+        return events
+
     def _run(self, reqs_in, outputs: list) -> Iterator[StreamEvent]:
         for wave in self._waves(reqs_in):
             reqs = []
@@ -252,6 +292,10 @@ class Generator:
                     active = [(i, r) for i, r in zip(wave, reqs) if not r.done]
                     if not active:
                         break
+                    chunk = self._greedy_chunk(active)
+                    if chunk is not None:
+                        yield from chunk
+                        continue
                     rows = [r.rows() for _, r in active]
                     flat = [x for rr in rows for x in rr]
                     toks = torch.tensor([[t] for _, t in flat], dtype=torch.long)
@@ -267,6 +311,15 @@ class Generator:
             finally:
                 for r in reqs:
                     r.release()
+
+
+def decode_chunk_steps() -> int:
+    """Greedy steps run back to back on the GPU between host visits, where the model can
+    (FTMOE_DECODE_CHUNK, default 8; 1 = every step on its own)."""
+    v = os.environ.get("FTMOE_DECODE_CHUNK", "8")
+    if not v.isdigit() or not 1 <= int(v) <= 32:
+        raise RequestError(f"FTMOE_DECODE_CHUNK: expected a number of steps 1..32, found {v!r}")
+    return int(v)
 
 
 def resolve_end_id(cfg, params: SamplingParams) -> int | None:

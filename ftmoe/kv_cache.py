@@ -238,3 +238,12 @@ class KVCache:
         parts = (positions, slots, tables, ctx, n_new)
         flat = torch.from_numpy(np.concatenate([a.ravel() for a in parts])).to(self.meta_device or self.k.device)
         return AttnMetadata(*(v.view(a.shape) for v, a in zip(flat.split([a.size for a in parts]), parts)))
+
+    def prepare_chunk(self, seq_ids: list[int], steps: int) -> AttnMetadata:
+        """Metadata of a greedy chunk (`DecodeGraphs.greedy_chunk`): room for `steps` more tokens
+        of every sequence is reserved and their lengths advance by `steps`, as `steps` decode
+        steps would; the metadata describes the first step only (T = 1), with block tables that
+        hold all `steps` tokens (the GPU moves the rows on from there)."""
+        m = self.prepare(seq_ids, [steps] * len(seq_ids))
+        return AttnMetadata(m.positions[:, :1], m.slot_mapping[:, :1], m.block_tables, m.context_lens,
+                            torch.ones_like(m.seq_lens))

@@ -89,6 +89,43 @@ def test_generation_through_graphs_with_host_metadata(models):
         fast.graphs = fast.prefill_graphs = None
 
 
+def test_greedy_chunk_equals_greedy_steps(models, logprobs=True):
+    """A greedy chunk (steps replayed back to back, each argmax fed back on the device, rows moved
+    on by the advance kernel, one block boundary crossed) gives the tokens that single steps with
+    a host argmax give, and log-softmax log probs; 3 rows in bucket 4 (one padding row)."""
+    from ftmoe.cuda_graphs import DecodeGraphs
+
+    ref, fast = models
+    lens, steps = [5, 2, 7], 5
+    g = torch.Generator().manual_seed(11 + logprobs)
+    prompt = torch.randint(0, ref.config.vocab_size, (3, max(lens)), generator=g)
+    got = {}
+    for mode in ("chunk", "steps"):
+        cache = KVCache.for_model(ref.config, 256, block_size=4, dtype=torch.float32, device=DEV)
+        cache.meta_device = "cpu"
+        graphs = DecodeGraphs(fast, cache, max_blocks_per_seq=8, buckets=(1, 4))
+        seqs = [0, 1, 2]
+        for q in seqs:
+            cache.add(q)
+        first = fast(prompt.to(DEV), cache.prepare(seqs, lens).to(DEV), cache, last_only=True).argmax(-1).cpu()
+        if mode == "chunk":
+            toks, lps = graphs.greedy_chunk(first, cache.prepare_chunk(seqs, steps), steps, logprobs)
+            got[mode] = (toks, lps)
+            assert [cache.length(q) for q in seqs] == [n + steps for n in lens]
+        else:
+            tok, toks, lps = first, [], []
+            for _ in range(steps):
+                logits = graphs.step_host(tok, cache.prepare(seqs, [1] * 3))
+                tok = logits.argmax(-1).cpu()
+                toks.append(tok)
+                lps.append(torch.log_softmax(logits, -1).gather(1, tok[:, None].to(DEV))[:, 0].cpu())
+            got[mode] = (torch.stack(toks), torch.stack(lps))
+    assert torch.equal(got["chunk"][0], got["steps"][0])
+    assert torch.allclose(got["chunk"][1], got["steps"][1], atol=1e-5)
+    with pytest.raises(ValueError, match="a greedy chunk takes 1..32 steps, got 33"):
+        graphs.greedy_chunk(first, cache.prepare_chunk([0, 1, 2], 1), 33)
+
+
 def test_padding_rows_write_nothing(models):
     """Rows with slot -1 (graph-bucket padding) write no KV and route to no expert; a real row
     beside them is unaffected."""
@@ -170,8 +207,8 @@ def test_cuda_graph_replay_equals_eager(models, B):
             # the new K landed in the same slots (bit-equal up to the GEMM's rounding at another M)
             assert torch.allclose(cache.k, k_after, rtol=1e-5, atol=1e-5)
             assert not torch.equal(cache.k, k_before)
-    staged = graphs._stage[graphs.bucket_for(B)][0][0].view(4 + 8, -1) if B == 3 else None
-    if staged is not None:                                   # the padding row of bucket 4
+    if B == 3:                                               # the padding row of bucket 4
+        staged = graphs._stage[4][0][0][:16].view(4, 4)     # ids, positions, ctx, slots
         assert staged[3, 3] == -1 and staged[2, 3] == 0
 
 
@@ -214,8 +251,8 @@ def test_bf16_fast_generation_follows_fp32_reference(tiny_model_dir):
 
 def test_bench_procedure_smoke(tmp_path, monkeypatch):
     """`ftmoe bench` end to end on a tiny preset (the CPU: interpreter, no graphs, no floors; a GPU:
-    graphs and floors): decode rows per batch, prefill, the FT-style latency rows, JSON with the
-    FTMOE_* switches the run saw."""
+    graphs and floors): decode rows per batch (single steps and greedy chunks), prefill, the
+    FT-style latency rows, JSON with the FTMOE_* switches the run saw."""
     from ftmoe.bench import run_bench
 
     monkeypatch.setenv("FTMOE_GATE", "triton")
@@ -224,10 +261,10 @@ def test_bench_procedure_smoke(tmp_path, monkeypatch):
     dev = "cuda" if torch.cuda.is_available() else "cpu"
     r = run_bench("tiny", dtype="float32", batches=(1, 2), ctx=8, prefill=(2, 8), eager=True, latency=True,
                   iters=1, json_path=str(out), log=lambda *_: None, device=dev, latency_batches=(1, 2),
-                  latency_shapes=((8, 4),), prefill_graphs=True)
+                  latency_shapes=((8, 4),), prefill_graphs=True, greedy_chunk=2)
     phases = [(row["phase"], row["batch"]) for row in r["rows"]]
-    assert phases[:4] == [("decode", 1), ("decode", 2), ("prefill", 2), ("prefill", 2)]
-    assert [row["variant"] for row in r["rows"][2:4]] == [None, "cuda-graph"]
+    assert phases[:6] == [("decode", 1)] * 2 + [("decode", 2)] * 2 + [("prefill", 2), ("prefill", 2)]
+    assert [row["variant"] for row in r["rows"][:6]] == [None, "greedy-chunk-2"] * 2 + [None, "cuda-graph"]
     assert [b for p, b in phases if p == "latency"] == [1, 2]
     for row in r["rows"]:
         assert row["ms"] > 0 and row["tokens_per_s"] > 0

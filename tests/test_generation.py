@@ -414,3 +414,59 @@ def test_llm_text_prompts_stop_strings_and_streaming(model_dir, tmp_path):
     stopped = llm.generate("hello", dataclasses.replace(p, stop_words=[tok.decode([g[k]])]))[0]
     assert stopped.generated_ids == g[:k + 1] and stopped.finish_reason == "stop"
     assert stopped.text == tok.decode(g[:k + 1])
+
+
+# ---- greedy chunks (several steps per host visit) ------------------------------------
+class _StepwiseChunks:
+    """The reference model with `greedy_chunk`: each chunk's steps run one at a time from the
+    chunk's metadata as the GPU's advance kernel moves it (position + j, the slot of that
+    position from the row's table), so the Generator's chunk path runs on the CPU."""
+
+    def __init__(self, model):
+        self.model, self.config, self.dtype, self.device = model, model.config, model.dtype, model.device
+        self.chunks = []
+
+    def __call__(self, *a, **kw):
+        return self.model(*a, **kw)
+
+    def greedy_chunk(self, ids, meta, cache, steps, logprobs=False):
+        from ftmoe.kv_cache import AttnMetadata
+        self.chunks.append((ids.shape[0], steps))
+        bs, toks, lps = cache.block_size, [], []
+        tok = ids.reshape(-1)
+        for j in range(steps):
+            pos = meta.positions[:, 0] + j
+            slot = meta.block_tables.gather(1, (pos // bs)[:, None])[:, 0] * bs + pos % bs
+            m = AttnMetadata(pos[:, None], slot[:, None], meta.block_tables, meta.context_lens + j, meta.seq_lens)
+            logits = self.model(tok[:, None], m, cache, last_only=True)
+            tok = logits.argmax(-1)
+            toks.append(tok)
+            lps.append(torch.log_softmax(logits, -1).gather(1, tok[:, None])[:, 0])
+        return torch.stack(toks), torch.stack(lps) if logprobs else None
+
+
+def test_greedy_chunks_generate_what_single_steps_do(model, gen):
+    """Generation through greedy chunks (4 steps per host visit) equals single steps: tokens, log
+    probs, finish reasons, for requests ending inside a chunk (stop word, end id after
+    min_length, max_new_tokens not a multiple of 4); a batch with a sampled request steps one by
+    one; every cache block is free afterwards."""
+    chunked = Generator(_StepwiseChunks(model))
+    chunked.decode_chunk = 4
+    base = greedy(gen, PROMPTS[0], n=20).generated_ids
+    params = [SamplingParams(max_new_tokens=10, return_log_probs=True),
+              SamplingParams(max_new_tokens=13, stop_words=[[base[6]]]),
+              SamplingParams(max_new_tokens=20, end_id=base[2], min_length=1),
+              SamplingParams(max_new_tokens=7)]
+    prompts = [PROMPTS[1], PROMPTS[0], PROMPTS[0], PROMPTS[3]]
+    want = gen.generate(prompts, params)
+    got = chunked.generate(prompts, params)
+    for w, o in zip(want, got):
+        assert o.output_ids == w.output_ids and o.finish_reason == w.finish_reason
+    assert got[0].output_log_probs == pytest.approx(want[0].output_log_probs, abs=1e-5)
+    assert chunked.model.chunks and all(s <= 4 for _, s in chunked.model.chunks)
+    assert chunked.cache.num_free_blocks == chunked.cache.num_blocks
+    chunked.model.chunks.clear()
+    mixed = [SamplingParams(max_new_tokens=6), SamplingParams(max_new_tokens=6, top_k=5, seed=3)]
+    assert [o.output_ids for o in chunked.generate(prompts[:2], mixed)] == \
+        [o.output_ids for o in gen.generate(prompts[:2], mixed)]
+    assert not chunked.model.chunks                      # a sampled request: single steps only

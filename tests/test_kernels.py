@@ -427,3 +427,54 @@ def test_dense_gemm_choice_tuning_and_lookup(monkeypatch):
     configs.get_dense_choice.cache_clear()
     assert configs.get_dense_choice(3072, 1024, "bf16", 1, "GPU") is None
     configs.get_dense_choice.cache_clear()
+
+
+@pytest.mark.parametrize("B", [1, 3, 37])
+@pytest.mark.parametrize("with_lp", [False, True])
+@pytest.mark.parametrize("ctr", [0, 5, 8])
+def test_advance_decode_matches_twin(B, with_lp, ctr):
+    """The greedy-chunk update against its twin: tokens recorded at row ctr (none past the
+    buffer's 8 rows), fed back as ids, live rows (slot >= 0) one position on with the slot of the
+    new position from their table (crossing a block boundary included), padding rows untouched."""
+    from ftmoe.kernels.advance import advance_decode, advance_decode_ref
+
+    g = torch.Generator().manual_seed(B * 10 + ctr + with_lp)
+    bs, nb, steps = 4, 6, 8
+    pos = torch.randint(0, nb * bs - 1, (B,), generator=g)
+    pos[0] = bs - 1                                                    # the next position opens a new block
+    tables = torch.randint(0, 500, (B, nb), generator=g)
+    slots = tables.gather(1, (pos // bs)[:, None])[:, 0] * bs + pos % bs
+    slots[torch.rand(B, generator=g) < 0.3] = -1                       # padding rows
+    packed = torch.zeros((4 + nb) * B + 1, dtype=torch.int32)
+
+    def static(p):
+        return {"ids": p[:B], "positions": p[B:2 * B], "ctx": p[2 * B:3 * B], "slots": p[3 * B:4 * B],
+                "tables": p[4 * B:(4 + nb) * B].view(B, nb), "ctr": p[-1:]}
+    s0 = static(packed)
+    s0["ids"].copy_(torch.randint(0, 1000, (B,), generator=g))
+    s0["positions"].copy_(pos)
+    s0["ctx"].copy_(pos)
+    s0["slots"].copy_(slots)
+    s0["tables"].copy_(tables)
+    s0["ctr"].fill_(ctr)
+    tok = torch.randint(0, 50000, (B,), generator=g)
+    lp = -torch.rand(B, generator=g) if with_lp else None
+    out = {}
+    for name, fn in (("kernel", advance_decode), ("twin", advance_decode_ref)):
+        p = packed.clone().to(DEV)
+        toks = torch.full((steps, B), -7, dtype=torch.long, device=DEV)
+        lps = torch.full((steps, B), float("nan"), device=DEV) if with_lp else None
+        fn(tok.to(DEV), lp.to(DEV) if with_lp else None, toks, lps, static(p), bs)
+        out[name] = (p.cpu(), toks.cpu(), lps.cpu() if with_lp else None)
+    (pk, tk, lk), (pt, tt, lt) = out["kernel"], out["twin"]
+    assert torch.equal(pk, pt) and torch.equal(tk, tt)
+    if with_lp:
+        assert torch.equal(lk.nan_to_num(9.0), lt.nan_to_num(9.0))
+    s = static(pk)
+    assert int(s["ctr"][0]) == ctr + 1 and torch.equal(s["ids"].long(), tok)
+    live = slots >= 0
+    assert torch.equal(s["positions"][live].long(), pos[live] + 1) and torch.equal(s["positions"][~live].long(), pos[~live])
+    if bool(live[0]):
+        assert int(s["slots"][0]) == int(tables[0, 1]) * bs            # block 1, offset 0
+    assert (s["slots"][~live] == -1).all()
+    assert torch.equal(tk[ctr], tok) if ctr < steps else bool((tk == -7).all())
