@@ -210,7 +210,7 @@ class FastGPTMoE:
         A later pipeline stage takes the residual [B, H] instead of ids; a stage before the last
         returns its residual [B, H]; under TP the logits are this rank's vocabulary slice."""
         B = ids.shape[0]
-        with pdl.allowed(B <= pdl.MAX_ROWS):
+        with pdl.allowed(pdl.mode_for(B)):
             return self._decode_step(ids, positions, block_tables, context_lens, slots, cache)
 
     def _decode_step(self, ids, positions, block_tables, context_lens, slots, cache):
@@ -244,7 +244,7 @@ class FastGPTMoE:
         """ids [B, T] (a later pipeline stage: the residual [B*T, H]) -> logits [B, (T,) V] fp32, or
         the residual [B*T, H] on a stage before the last. ragged: whether some row is shorter than
         T (None: find out, a host sync; a CUDA graph passes it)."""
-        with pdl.allowed(meta.positions.numel() <= pdl.MAX_ROWS):
+        with pdl.allowed(pdl.mode_for(meta.positions.numel())):
             return self._prefill(input_ids, meta, cache, last_only, ragged)
 
     def _prefill(self, input_ids, meta, cache, last_only, ragged):

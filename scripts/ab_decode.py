@@ -1,7 +1,8 @@
 """GPU A/B of decode-step variants in one process, interleaved, on the same weights and cache.
 
 Each variant is a set of switches applied while its decode graphs are captured (the switches
-are read at capture time): `pdl=N` (programmatic dependent launch up to N rows), `gate=auto|
+are read at capture time): `pdl=N` (programmatic dependent launch, early trigger, up to N rows),
+`pdlx=N` (the trigger at exit, for larger steps up to N rows), `gate=auto|
 cublas|triton` (FTMOE_GATE), `attn=S` (FTMOE_ATTN_SPLIT: decode-attention context splits, 0 =
 one pass), `table=PATH` (a kernel-config table in place of the package's).
 Every (variant, batch) graph is captured once; then R rounds replay each graph `iters` times
@@ -38,7 +39,7 @@ ENV_SWITCHES = {"gate": "FTMOE_GATE", "attn": "FTMOE_ATTN_SPLIT"}
 @contextlib.contextmanager
 def switches(spec: str, device_name: str):
     """Apply a variant's switches ("base", or comma-separated key=value) for the block."""
-    saved_rows, saved_dir = pdl.MAX_ROWS, configs.CONFIG_DIR
+    saved_rows, saved_exit, saved_dir = pdl.MAX_ROWS, pdl.EXIT_MAX_ROWS, configs.CONFIG_DIR
     saved_env = {v: os.environ.get(v) for v in ENV_SWITCHES.values()}
     tmp = None
     try:
@@ -46,6 +47,8 @@ def switches(spec: str, device_name: str):
             key, value = kv.split("=", 1)
             if key == "pdl":
                 pdl.MAX_ROWS = int(value)
+            elif key == "pdlx":
+                pdl.EXIT_MAX_ROWS = int(value)
             elif key in ENV_SWITCHES:
                 os.environ[ENV_SWITCHES[key]] = value
             elif key == "table":
@@ -58,7 +61,7 @@ def switches(spec: str, device_name: str):
                 raise SystemExit(f"unknown switch {key!r} in variant {spec!r}")
         yield
     finally:
-        pdl.MAX_ROWS = saved_rows
+        pdl.MAX_ROWS, pdl.EXIT_MAX_ROWS = saved_rows, saved_exit
         for var, value in saved_env.items():
             if value is None:
                 os.environ.pop(var, None)

@@ -364,6 +364,9 @@ def test_pdl_launch_arguments(monkeypatch):
     from ftmoe.kernels import pdl
 
     assert pdl.launch_kwargs(torch.zeros(1)) == {}
+    monkeypatch.setattr(pdl, "MAX_ROWS", 16)
+    monkeypatch.setattr(pdl, "EXIT_MAX_ROWS", 256)
+    assert [pdl.mode_for(r) for r in (1, 16, 17, 256, 257)] == [pdl.EARLY] * 2 + [pdl.AT_EXIT] * 2 + [pdl.OFF]
     import triton
 
     newer = tuple(int(x) for x in triton.__version__.split(".")[:2]) >= (3, 3)
@@ -381,6 +384,8 @@ def test_pdl_launch_arguments(monkeypatch):
             assert pdl.launch_kwargs(x) == {}
             with pdl.allowed(True):
                 assert bool(pdl.launch_kwargs(x)) == want
+            with pdl.allowed(pdl.AT_EXIT):
+                assert pdl.launch_kwargs(x).get("USE_PDL") == (pdl.AT_EXIT if want else None)
         assert bool(pdl.launch_kwargs(x)) == want
         pdl._enabled.cache_clear()
     else:
@@ -403,8 +408,11 @@ def test_pdl_graph_replay_equals_plain_launches(models, monkeypatch, B):
     prompt = torch.randint(0, ref.config.vocab_size, (B, max(lens)), generator=g).to(DEV)
     toks = [torch.randint(0, ref.config.vocab_size, (B,), generator=g).to(DEV) for _ in range(4)]
     results = []
-    for flag in ("0", "1"):
-        monkeypatch.setenv("FTMOE_PDL", flag)
+    for flag in ("0", "1", "exit"):            # off, early trigger, trigger at exit
+        monkeypatch.setenv("FTMOE_PDL", "0" if flag == "0" else "1")
+        if flag == "exit":
+            monkeypatch.setattr(pdl, "MAX_ROWS", 0)
+            monkeypatch.setattr(pdl, "EXIT_MAX_ROWS", 4096)
         pdl._enabled.cache_clear()
         cache = KVCache.for_model(ref.config, 512, block_size=8, dtype=torch.float32, device=DEV)
         seqs = list(range(B))
@@ -419,6 +427,7 @@ def test_pdl_graph_replay_equals_plain_launches(models, monkeypatch, B):
                                     meta.slot_mapping[:, 0].int()).clone())
         results.append((torch.stack(outs), cache.k.clone(), cache.v.clone()))
     pdl._enabled.cache_clear()
-    for a, b in zip(*results):
-        assert torch.equal(a, b)
+    for r in results[1:]:
+        for a, b in zip(results[0], r):
+            assert torch.equal(a, b)
 

@@ -9,8 +9,10 @@ scheduling of the next kernel, which overlap the tail of this one (about a micro
 kernel boundary inside a CUDA graph, where a batch-1 decode step is ~200 short kernels).
 
 In: a tensor the kernel works on (its device decides). Out: the launch keyword arguments:
-`USE_PDL=True, launch_pdl=True` on a CUDA device of compute capability 9.0 or later, nothing
-elsewhere (the CPU interpreter, older GPUs, FTMOE_PDL=0, or inside `allowed(False)`).
+`USE_PDL=mode, launch_pdl=True` on a CUDA device of compute capability 9.0 or later, nothing
+elsewhere (the CPU interpreter, older GPUs, FTMOE_PDL=0, or inside `allowed(False)`). Mode
+EARLY lets the next kernel launch right after the wait (best when a kernel is one wave);
+AT_EXIT lets it launch as the programs exit (for multi-wave kernels of larger steps).
 
 Measured on H200s (2026-11-28, decode steps replayed from graphs, `ftmoe bench` with and
 without FTMOE_PDL=0; `benchmarks/results/2026-11-28-h200-pdl-and-gate-ab.txt`): batch 1
@@ -31,23 +33,41 @@ import triton
 import triton.language as tl
 
 
+OFF, EARLY, AT_EXIT = 0, 1, 2     # launch modes (USE_PDL)
+
+
 @triton.jit
 def pdl_start(USE_PDL: tl.constexpr):
+    """USE_PDL 1 (EARLY): wait, then let the next kernel launch at once; 2 (AT_EXIT): wait only,
+    so the next kernel launches as this one's programs exit (its programs do not take SM room
+    from this kernel's later waves)."""
     if USE_PDL:
         tl.extra.cuda.gdc_wait()
-        tl.extra.cuda.gdc_launch_dependents()
+        if USE_PDL == 1:
+            tl.extra.cuda.gdc_launch_dependents()
 
 
-#: steps with more rows than this launch their kernels without PDL (it cost time at batch 64);
+#: steps of at most this many rows launch with the early trigger (it cost time at batch 64);
 #: FTMOE_PDL_MAX_ROWS overrides it (read at import)
 MAX_ROWS = int(os.environ.get("FTMOE_PDL_MAX_ROWS", "16"))
-_ALLOWED = contextvars.ContextVar("ftmoe_pdl_allowed", default=True)
+#: larger steps of at most this many rows launch with the trigger at exit (0: none; every decode
+#: bucket by default). Whole decode steps on an H200 against no PDL (scripts/ab_decode.py, sixth
+#: session): -0.6 % at batch 32, -0.7 % at 64, -0.5 % at 128 and 256, where the early trigger
+#: cost +1.7, +0.4, +1.5 and +3.9 %. FTMOE_PDL_EXIT_MAX_ROWS overrides it (read at import)
+EXIT_MAX_ROWS = int(os.environ.get("FTMOE_PDL_EXIT_MAX_ROWS", "1024"))
+_ALLOWED = contextvars.ContextVar("ftmoe_pdl_allowed", default=EARLY)
+
+
+def mode_for(rows: int) -> int:
+    """The launch mode of a step of `rows` rows."""
+    return EARLY if rows <= MAX_ROWS else AT_EXIT if rows <= EXIT_MAX_ROWS else OFF
 
 
 @contextlib.contextmanager
-def allowed(on: bool):
-    """Kernels launched inside use PDL only if `on` (and the device supports it)."""
-    token = _ALLOWED.set(bool(on))
+def allowed(mode: bool | int):
+    """Kernels launched inside use PDL in this mode (True = EARLY, False = OFF), where the device
+    supports it."""
+    token = _ALLOWED.set(int(mode))
     try:
         yield
     finally:
@@ -73,7 +93,8 @@ def _triton_supports_pdl() -> bool:
 
 
 def launch_kwargs(t: torch.Tensor) -> dict:
-    if t.device.type != "cuda" or not _ALLOWED.get():
+    mode = _ALLOWED.get()
+    if t.device.type != "cuda" or not mode:
         return {}
     idx = t.device.index if t.device.index is not None else torch.cuda.current_device()
-    return {"USE_PDL": True, "launch_pdl": True} if _enabled(idx) else {}
+    return {"USE_PDL": mode, "launch_pdl": True} if _enabled(idx) else {}
