@@ -4,7 +4,10 @@ Each variant is a set of switches applied while its decode graphs are captured (
 are read at capture time): `pdl=N` (programmatic dependent launch, early trigger, up to N rows),
 `pdlx=N` (the trigger at exit, for larger steps up to N rows), `gate=auto|
 cublas|triton` (FTMOE_GATE), `attn=S` (FTMOE_ATTN_SPLIT: decode-attention context splits, 0 =
-one pass), `table=PATH` (a kernel-config table in place of the package's).
+one pass), `preload=0|1` (FTMOE_ATTN_PRELOAD: attention's first K/V tile loaded before the PDL
+wait), `table=PATH` (a kernel-config table in place of the package's), `skip=ln+attn+gate` (those kernels
+replaced by stand-ins that launch nothing: wrong results, timing only; what each costs in a step;
+skip ln with gate at batches past 1, or the zero gate input sends every token to one expert).
 Every (variant, batch) graph is captured once; then R rounds replay each graph `iters` times
 in turn, so slow drifts of the card (clocks, temperature) hit every variant alike. Prints, per
 batch, each variant's median ms over the rounds and its ratio to the first variant. --synced
@@ -28,18 +31,54 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from ftmoe.bench import _events_ms, config_of, random_model  # noqa: E402
 from ftmoe.cuda_graphs import DecodeGraphs  # noqa: E402
+from ftmoe import fast_model  # noqa: E402
 from ftmoe.fast_model import FastGPTMoE  # noqa: E402
 from ftmoe.kernels import configs, pdl  # noqa: E402
 from ftmoe.kv_cache import AttnMetadata, KVCache  # noqa: E402
 
 
-ENV_SWITCHES = {"gate": "FTMOE_GATE", "attn": "FTMOE_ATTN_SPLIT"}
+ENV_SWITCHES = {"gate": "FTMOE_GATE", "attn": "FTMOE_ATTN_SPLIT", "preload": "FTMOE_ATTN_PRELOAD"}
+
+
+def _knock_out(part: str):
+    """Replace one of the step's kernels by a stand-in that launches nothing (wrong results, for
+    timing only: what the step would cost without it). Returns (name, original) to restore."""
+    cache = {}
+
+    def zeros(shape, dtype, device):
+        """A persistent zero tensor, made in a warm-up step (outside capture): the stand-ins'
+        outputs stay finite, so the kernels after them route and address as usual."""
+        key = (tuple(shape), dtype)
+        if key not in cache:
+            cache[key] = torch.zeros(shape, dtype=dtype, device=device)
+        return cache[key]
+
+    def ln(x, weight, bias, eps, add=None, add_bias=None, want_fp32=False, res_out=None, y_out=None):
+        return (x, x, zeros(x.shape, torch.float32, x.device)) if want_fp32 else (x, x)
+
+    def attn(qkv, *args, **kw):
+        return zeros((qkv.shape[0], qkv.shape[2], qkv.shape[3]), qkv.dtype, qkv.device)
+
+    def gate(u, wg32, k, slots=None, backend=None):
+        N, E = u.shape[0], wg32.shape[1]
+        if (N, k) not in cache:       # made in a warm-up step, outside capture: distinct experts per slot
+            cache[(N, k)] = (torch.full((N, k), 1.0 / k, device=u.device),
+                             (torch.arange(N * k, device=u.device, dtype=torch.int32) % E).view(N, k))
+        return cache[(N, k)]
+
+    if part not in ("ln", "attn", "gate"):
+        raise SystemExit(f"skip: expected ln, attn or gate, found {part!r}")
+    name, fn = {"ln": ("add_layernorm", ln), "attn": ("decode_attention", attn), "gate": ("gate_topk", gate)}[part]
+    old = getattr(fast_model, name)
+    setattr(fast_model, name, fn)
+    return name, old
 
 
 @contextlib.contextmanager
 def switches(spec: str, device_name: str):
     """Apply a variant's switches ("base", or comma-separated key=value) for the block."""
     saved_rows, saved_exit, saved_dir = pdl.MAX_ROWS, pdl.EXIT_MAX_ROWS, configs.CONFIG_DIR
+    saved_fns = []
     saved_env = {v: os.environ.get(v) for v in ENV_SWITCHES.values()}
     tmp = None
     try:
@@ -49,6 +88,9 @@ def switches(spec: str, device_name: str):
                 pdl.MAX_ROWS = int(value)
             elif key == "pdlx":
                 pdl.EXIT_MAX_ROWS = int(value)
+            elif key == "skip":
+                for part in value.split("+"):
+                    saved_fns.append(_knock_out(part))
             elif key in ENV_SWITCHES:
                 os.environ[ENV_SWITCHES[key]] = value
             elif key == "table":
@@ -61,6 +103,8 @@ def switches(spec: str, device_name: str):
                 raise SystemExit(f"unknown switch {key!r} in variant {spec!r}")
         yield
     finally:
+        for name, fn in saved_fns:
+            setattr(fast_model, name, fn)
         pdl.MAX_ROWS, pdl.EXIT_MAX_ROWS = saved_rows, saved_exit
         for var, value in saved_env.items():
             if value is None:

@@ -244,6 +244,20 @@ def test_decode_attention(gen, dtype, ctx, launch):
     assert torch.equal(kc, kc2) and torch.equal(vc, vc2)   # the new K/V landed in the same slots
 
 
+def test_attention_preload_choice(monkeypatch):
+    """Grids of at most PRELOAD_MAX_PROGRAMS load their first K/V tile before the PDL wait;
+    FTMOE_ATTN_PRELOAD forces it either way."""
+    from ftmoe.kernels import attention
+
+    monkeypatch.delenv("FTMOE_ATTN_PRELOAD", raising=False)
+    n = attention.PRELOAD_MAX_PROGRAMS
+    assert attention.preload(n) and not attention.preload(n + 1)
+    monkeypatch.setenv("FTMOE_ATTN_PRELOAD", "0")
+    assert not attention.preload(1)
+    monkeypatch.setenv("FTMOE_ATTN_PRELOAD", "1")
+    assert attention.preload(10 ** 6)
+
+
 def test_attention_splits_choice(monkeypatch):
     """Up to SPLIT_MAX_PROGRAMS (row, head) programs split the context; FTMOE_ATTN_SPLIT forces a
     count (0 = one pass) and a bad value is an error naming the variable."""

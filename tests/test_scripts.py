@@ -7,6 +7,7 @@ import json
 import os
 
 import pytest
+import torch
 
 from ftmoe.kernels import attention, configs, pdl, routing
 
@@ -41,3 +42,23 @@ def test_switches_apply_and_restore(ab, tmp_path, monkeypatch):
     with pytest.raises(SystemExit, match="unknown switch"), ab.switches("warp=9", "Probe GPU"):
         pass
     assert pdl.MAX_ROWS == rows
+
+
+def test_skip_switch_knocks_kernels_out_and_restores(ab):
+    """skip=ln+attn+gate replaces those kernels in the model's step by stand-ins (timing only) and
+    puts the originals back afterwards; an unknown part is an error."""
+    from ftmoe import fast_model
+
+    before = (fast_model.add_layernorm, fast_model.decode_attention, fast_model.gate_topk)
+    with ab.switches("skip=ln+attn+gate", "Probe GPU"):
+        assert fast_model.add_layernorm is not before[0] and fast_model.gate_topk is not before[2]
+        x = torch.randn(3, 8)
+        assert fast_model.add_layernorm(x, None, None, 1e-5)[1] is x
+        probs, ids = fast_model.gate_topk(x, torch.zeros(8, 5), 2)
+        assert ids.tolist() == [[0, 1], [2, 3], [4, 0]] and probs.shape == (3, 2)
+        assert fast_model.decode_attention(torch.zeros(3, 3, 4, 16)).shape == (3, 4, 16)
+    assert (fast_model.add_layernorm, fast_model.decode_attention, fast_model.gate_topk) == before
+    with pytest.raises(SystemExit, match="skip: expected ln, attn or gate, found 'mlp'"), \
+            ab.switches("skip=mlp", "Probe GPU"):
+        pass
+    assert (fast_model.add_layernorm, fast_model.decode_attention, fast_model.gate_topk) == before

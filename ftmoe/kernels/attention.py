@@ -31,25 +31,38 @@ def _new_token(QKV, b, h, scale, stride_qb, stride_q3, D: tl.constexpr):
 
 
 @triton.jit
+def _load_tile(KC, VC, TABLES, b, h, start, hi, stride_cb, stride_cp, stride_ch, stride_tb,
+               BS: tl.constexpr, D: tl.constexpr, BLOCK_N: tl.constexpr):
+    """Cached tokens [start, start + BLOCK_N) of row b, head h (those < hi): (mask, k, v), fp32."""
+    d = tl.arange(0, D)
+    pos = start + tl.arange(0, BLOCK_N)
+    pm = pos < hi
+    blk = tl.load(TABLES + b * stride_tb + pos // BS, mask=pm, other=0).to(tl.int64)
+    off = blk * stride_cb + (pos % BS) * stride_cp + h * stride_ch
+    k = tl.load(KC + off[:, None] + d[None, :], mask=pm[:, None], other=0.0).to(tl.float32)
+    v = tl.load(VC + off[:, None] + d[None, :], mask=pm[:, None], other=0.0).to(tl.float32)
+    return pm, k, v
+
+
+@triton.jit
+def _consume(q, pm, k, v, m_i, l_i, acc):
+    """The online-softmax update of (max m_i, sum l_i, weighted V acc) by one tile."""
+    s = tl.where(pm, tl.sum(q[None, :] * k, axis=1), float("-inf"))
+    m_new = tl.maximum(m_i, tl.max(s, axis=0))
+    alpha = tl.exp(m_i - m_new)
+    p = tl.exp(s - m_new)
+    return m_new, l_i * alpha + tl.sum(p, axis=0), acc * alpha + tl.sum(p[:, None] * v, axis=0)
+
+
+@triton.jit
 def _attend(q, KC, VC, TABLES, b, h, lo, hi, m_i, l_i, acc, stride_cb, stride_cp, stride_ch, stride_tb,
             BS: tl.constexpr, D: tl.constexpr, BLOCK_N: tl.constexpr):
     """Online softmax of q over the cached tokens [lo, hi) of row b, head h, continuing the running
     (max m_i, sum l_i, weighted V acc) -> the updated triple."""
-    d = tl.arange(0, D)
     for start in range(lo, hi, BLOCK_N):
-        pos = start + tl.arange(0, BLOCK_N)
-        pm = pos < hi
-        blk = tl.load(TABLES + b * stride_tb + pos // BS, mask=pm, other=0).to(tl.int64)
-        off = blk * stride_cb + (pos % BS) * stride_cp + h * stride_ch
-        k = tl.load(KC + off[:, None] + d[None, :], mask=pm[:, None], other=0.0).to(tl.float32)
-        v = tl.load(VC + off[:, None] + d[None, :], mask=pm[:, None], other=0.0).to(tl.float32)
-        s = tl.where(pm, tl.sum(q[None, :] * k, axis=1), float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(s, axis=0))
-        alpha = tl.exp(m_i - m_new)
-        p = tl.exp(s - m_new)
-        l_i = l_i * alpha + tl.sum(p, axis=0)
-        acc = acc * alpha + tl.sum(p[:, None] * v, axis=0)
-        m_i = m_new
+        pm, k, v = _load_tile(KC, VC, TABLES, b, h, start, hi, stride_cb, stride_cp, stride_ch, stride_tb,
+                              BS, D, BLOCK_N)
+        m_i, l_i, acc = _consume(q, pm, k, v, m_i, l_i, acc)
     return m_i, l_i, acc
 
 
@@ -69,14 +82,25 @@ def _finish(OUT, KC, VC, SLOTS, b, h, acc, l_i, k_new, v_new, stride_cb, stride_
 @triton.jit
 def _decode_attention_kernel(QKV, KC, VC, OUT, TABLES, CTX, SLOTS, scale,
                              stride_qb, stride_q3, stride_cb, stride_cp, stride_ch, stride_tb, stride_ob,
-                             BS: tl.constexpr, D: tl.constexpr, BLOCK_N: tl.constexpr, USE_PDL: tl.constexpr = False):
-    pdl_start(USE_PDL)
+                             BS: tl.constexpr, D: tl.constexpr, BLOCK_N: tl.constexpr, PRELOAD: tl.constexpr = True,
+                             USE_PDL: tl.constexpr = False):
     b = tl.program_id(0).to(tl.int64)
     h = tl.program_id(1)
-    q, k_new, v_new = _new_token(QKV, b, h, scale, stride_qb, stride_q3, D)
+    # before the wait: the first tile of cached tokens (earlier steps wrote them; the tables and
+    # lengths are the step's inputs), so its loads overlap the kernel before this one
     n_ctx = tl.load(CTX + b)
+    if PRELOAD:
+        pm, k, v = _load_tile(KC, VC, TABLES, b, h, 0, n_ctx, stride_cb, stride_cp, stride_ch, stride_tb, BS, D,
+                              BLOCK_N)
+        pdl_start(USE_PDL)
+    else:
+        pdl_start(USE_PDL)
+        pm, k, v = _load_tile(KC, VC, TABLES, b, h, 0, n_ctx, stride_cb, stride_cp, stride_ch, stride_tb, BS, D,
+                              BLOCK_N)
+    q, k_new, v_new = _new_token(QKV, b, h, scale, stride_qb, stride_q3, D)
     m_i = tl.sum(q * k_new.to(tl.float32), axis=0)       # the new token starts the running max
-    m_i, l_i, acc = _attend(q, KC, VC, TABLES, b, h, 0, n_ctx, m_i, m_i * 0.0 + 1.0, v_new.to(tl.float32),
+    m_i, l_i, acc = _consume(q, pm, k, v, m_i, m_i * 0.0 + 1.0, v_new.to(tl.float32))
+    m_i, l_i, acc = _attend(q, KC, VC, TABLES, b, h, BLOCK_N, n_ctx, m_i, l_i, acc,
                             stride_cb, stride_cp, stride_ch, stride_tb, BS, D, BLOCK_N)
     _finish(OUT, KC, VC, SLOTS, b, h, acc, l_i, k_new, v_new, stride_cb, stride_cp, stride_ch, stride_ob, BS, D)
 
@@ -85,21 +109,33 @@ def _decode_attention_kernel(QKV, KC, VC, OUT, TABLES, CTX, SLOTS, scale,
 def _decode_attention_split_kernel(QKV, KC, VC, PART, TABLES, CTX, scale,
                                    stride_qb, stride_q3, stride_cb, stride_cp, stride_ch, stride_tb,
                                    BS: tl.constexpr, D: tl.constexpr, BLOCK_N: tl.constexpr, SPLITS: tl.constexpr,
-                                   USE_PDL: tl.constexpr = False):
+                                   PRELOAD: tl.constexpr = True, USE_PDL: tl.constexpr = False):
     """Program (b, h, s): the cached tokens of split s (whole KV blocks, ceil(blocks / SPLITS) of
     them) -> PART[b, h, s] = (unnormalised weighted V [D], running max, sum of exponentials)."""
-    pdl_start(USE_PDL)
     b = tl.program_id(0).to(tl.int64)
     h = tl.program_id(1)
     sp = tl.program_id(2)
     d = tl.arange(0, D)
-    q = tl.load(QKV + b * stride_qb + h * D + d).to(tl.float32) * scale
     n_ctx = tl.load(CTX + b)
     chunk = tl.cdiv(tl.cdiv(n_ctx, BS), SPLITS) * BS
     lo = sp * chunk
     hi = tl.minimum(lo + chunk, n_ctx)
+    # before the wait, as in the one-pass kernel: the split's first tile of cached tokens
+    if PRELOAD:
+        pm, k, v = _load_tile(KC, VC, TABLES, b, h, lo, hi, stride_cb, stride_cp, stride_ch, stride_tb, BS, D,
+                              BLOCK_N)
+        pdl_start(USE_PDL)
+    else:
+        pdl_start(USE_PDL)
+        pm, k, v = _load_tile(KC, VC, TABLES, b, h, lo, hi, stride_cb, stride_cp, stride_ch, stride_tb, BS, D,
+                              BLOCK_N)
+    q = tl.load(QKV + b * stride_qb + h * D + d).to(tl.float32) * scale
     l_i = tl.sum(tl.zeros([BLOCK_N], dtype=tl.float32), axis=0)    # scalars: 0 and -inf (an empty split)
-    m_i, l_i, acc = _attend(q, KC, VC, TABLES, b, h, lo, hi, l_i - float("inf"), l_i, tl.zeros([D], dtype=tl.float32),
+    m_i = l_i - float("inf")
+    acc = tl.zeros([D], dtype=tl.float32)
+    if lo < hi:
+        m_i, l_i, acc = _consume(q, pm, k, v, m_i, l_i, acc)
+    m_i, l_i, acc = _attend(q, KC, VC, TABLES, b, h, lo + BLOCK_N, hi, m_i, l_i, acc,
                             stride_cb, stride_cp, stride_ch, stride_tb, BS, D, BLOCK_N)
     part = PART + ((b * tl.num_programs(1) + h) * SPLITS + sp) * (D + 2)
     tl.store(part + d, acc)
@@ -132,6 +168,22 @@ def _decode_attention_merge_kernel(QKV, KC, VC, OUT, PART, SLOTS, scale,
         acc = acc * alpha + tl.load(part + sp * (D + 2) + d) * beta
         m = m_new
     _finish(OUT, KC, VC, SLOTS, b, h, acc, l_i, k_new, v_new, stride_cb, stride_cp, stride_ch, stride_ob, BS, D)
+
+
+#: grids of at most this many programs load their first K/V tile before the PDL wait. Whole decode
+#: steps on an H200 against loading after it (scripts/ab_decode.py, sixth session): -1.8 % at
+#: batch 1 (128 programs: they fit beside the QKV kernel), +2.0 % at 8, +0.9 % at 64, +0.4 % at 256
+PRELOAD_MAX_PROGRAMS = 128
+
+
+def preload(programs: int) -> bool:
+    """Whether a grid of `programs` loads its first tile of cached K/V before the programmatic-
+    dependent-launch wait, so those loads overlap the kernel before it (nothing in the step writes
+    those tokens; the new token's K/V is stored after the wait). FTMOE_ATTN_PRELOAD=1 / 0 forces it."""
+    forced = os.environ.get("FTMOE_ATTN_PRELOAD")
+    if forced is not None:
+        return forced != "0"
+    return programs <= PRELOAD_MAX_PROGRAMS
 
 
 def launch_config(programs: int) -> tuple[int, int]:
@@ -182,7 +234,8 @@ def decode_attention(qkv: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Te
         part = torch.empty(B, h, splits, D + 2, dtype=torch.float32, device=qkv.device)
         _decode_attention_split_kernel[(B, h, splits)](
             qkv, k_cache, v_cache, part, block_tables, context_lens, scale, *strides, block_tables.stride(0),
-            BS=bs, D=D, BLOCK_N=block_n or bs, SPLITS=splits, num_warps=num_warps or 1, **launch_kwargs(qkv))
+            BS=bs, D=D, BLOCK_N=block_n or bs, SPLITS=splits, PRELOAD=preload(B * h * splits), num_warps=num_warps or 1,
+            **launch_kwargs(qkv))
         _decode_attention_merge_kernel[(B, h)](
             qkv, k_cache, v_cache, o, part, slots, scale, *strides, o.stride(0), BS=bs, D=D, SPLITS=splits,
             num_warps=1, **launch_kwargs(qkv))
@@ -191,7 +244,7 @@ def decode_attention(qkv: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Te
     block_n, num_warps = block_n or bn, num_warps or nw
     _decode_attention_kernel[(B, h)](
         qkv, k_cache, v_cache, o, block_tables, context_lens, slots, scale, *strides,
-        block_tables.stride(0), o.stride(0), BS=bs, D=D, BLOCK_N=block_n, num_warps=num_warps,
+        block_tables.stride(0), o.stride(0), BS=bs, D=D, BLOCK_N=block_n, PRELOAD=preload(B * h), num_warps=num_warps,
         **launch_kwargs(qkv))
     return o
 
