@@ -29,8 +29,8 @@ from .kernels import pdl
 from .kernels.attention import decode_attention, write_kv
 from .kernels.configs import get_config, get_dense_choice
 from .kernels.fused_moe import fused_moe
-from .kernels.norm import add_layernorm, embed_layernorm
-from .kernels.routing import gate_topk, moe_align
+from .kernels.norm import add_layernorm, add_layernorm_gate, embed_layernorm
+from .kernels.routing import gate_topk, ln_gate, moe_align, softmax_topk
 from .kv_cache import AttnMetadata, KVCache
 from .model import GPTMoE
 
@@ -138,9 +138,14 @@ class FastGPTMoE:
             return res, self.par.tp_all_reduce(self._dense(h, L["w2"], None, parts_ok=True)), L["b2"]
         if self.par.ep > 1:
             return self._ln2_moe_ep(L, res, o, slots >= 0, li)
-        res, u, u32 = add_layernorm(res, L["ln2"].weight, L["ln2"].bias, eps, add=o, add_bias=L["bo"],
-                                    want_fp32=True)
-        probs, ids = gate_topk(u32, L["wg32"], L["k"], slots=slots)   # fp32 gate GEMM (no TF32) + top-k kernel
+        if ln_gate(res.shape[0]):     # few rows: the gate logits from the LN kernel, then the top-k kernel
+            res, u, logits = add_layernorm_gate(res, L["ln2"].weight, L["ln2"].bias, eps, L["wg32"], add=o,
+                                                add_bias=L["bo"])
+            probs, ids = softmax_topk(logits, L["k"], slots=slots)
+        else:
+            res, u, u32 = add_layernorm(res, L["ln2"].weight, L["ln2"].bias, eps, add=o, add_bias=L["bo"],
+                                        want_fp32=True)
+            probs, ids = gate_topk(u32, L["wg32"], L["k"], slots=slots)   # fp32 gate GEMM (no TF32) + top-k
         if self.trace is not None:
             self.trace.append(ids)
         y = self._experts(L, u, probs, ids, split_k_ok=True, zero_out=zero_padding)

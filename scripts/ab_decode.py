@@ -5,7 +5,7 @@ are read at capture time): `pdl=N` (programmatic dependent launch, early trigger
 `pdlx=N` (the trigger at exit, for larger steps up to N rows), `gate=auto|
 cublas|triton` (FTMOE_GATE), `attn=S` (FTMOE_ATTN_SPLIT: decode-attention context splits, 0 =
 one pass), `preload=0|1` (FTMOE_ATTN_PRELOAD: attention's first K/V tile loaded before the PDL
-wait), `table=PATH` (a kernel-config table in place of the package's), `skip=ln+attn+gate` (those kernels
+wait), `lngate=auto|0|1` (FTMOE_LN_GATE: the gate logits computed in the LN2 kernel: up to 64 rows, never, always), `table=PATH` (a kernel-config table in place of the package's), `skip=ln+attn+gate` (those kernels
 replaced by stand-ins that launch nothing: wrong results, timing only; what each costs in a step;
 skip ln with gate at batches past 1, or the zero gate input sends every token to one expert).
 Every (variant, batch) graph is captured once; then R rounds replay each graph `iters` times
@@ -37,7 +37,8 @@ from ftmoe.kernels import configs, pdl  # noqa: E402
 from ftmoe.kv_cache import AttnMetadata, KVCache  # noqa: E402
 
 
-ENV_SWITCHES = {"gate": "FTMOE_GATE", "attn": "FTMOE_ATTN_SPLIT", "preload": "FTMOE_ATTN_PRELOAD"}
+ENV_SWITCHES = {"gate": "FTMOE_GATE", "attn": "FTMOE_ATTN_SPLIT", "preload": "FTMOE_ATTN_PRELOAD",
+                "lngate": "FTMOE_LN_GATE"}
 
 
 def _knock_out(part: str):

@@ -149,7 +149,8 @@ def test_padding_rows_write_nothing(models):
 
 def test_triton_gate_decode_equals_cublas_gate(models, monkeypatch):
     """FTMOE_GATE=triton (the gate GEMM on the fused-MoE kernel, split-K partials summed by the
-    top-k kernel) routes every token to the same experts as the cuBLAS gate, same logits."""
+    top-k kernel) and FTMOE_LN_GATE=1 (the logits from the LN2 kernel) route every token to the
+    same experts as the cuBLAS gate, same logits."""
     ref, fast = models
     ids = torch.tensor([3, 9, 4, 17, 250], device=DEV)
     B = ids.shape[0]
@@ -157,16 +158,18 @@ def test_triton_gate_decode_equals_cublas_gate(models, monkeypatch):
     tables = torch.arange(B, dtype=torch.int32, device=DEV)[:, None]
     slots = (tables[:, 0] * 4).int()
     out = {}
-    for flag in ("cublas", "triton"):
-        monkeypatch.setenv("FTMOE_GATE", flag)
+    for flag in ("cublas", "triton", "ln"):    # ln: the logits from the LN2 kernel (FTMOE_LN_GATE)
+        monkeypatch.setenv("FTMOE_GATE", "cublas" if flag == "ln" else flag)
+        monkeypatch.setenv("FTMOE_LN_GATE", "1" if flag == "ln" else "0")
         cache = KVCache.for_model(ref.config, 64, block_size=4, dtype=torch.float32, device=DEV)
         fast.trace = []
         logits = fast.decode_step(ids, zeros.long(), tables, zeros, slots, cache)
         out[flag] = (logits, [t.clone() for t in fast.trace])
         fast.trace = None
-    assert len(out["triton"][1]) == len(out["cublas"][1]) > 0
-    assert all(torch.equal(a, b) for a, b in zip(out["cublas"][1], out["triton"][1]))
-    assert rel(out["triton"][0], out["cublas"][0]) < 1e-5
+    for other in ("triton", "ln"):
+        assert len(out[other][1]) == len(out["cublas"][1]) > 0
+        assert all(torch.equal(a, b) for a, b in zip(out["cublas"][1], out[other][1]))
+        assert rel(out[other][0], out["cublas"][0]) < 1e-5
     assert rel(out["triton"][0], ref(ids[:, None])[:, 0]) < 1e-4
 
 

@@ -492,3 +492,36 @@ def test_advance_decode_matches_twin(B, with_lp, ctr):
         assert int(s["slots"][0]) == int(tables[0, 1]) * bs            # block 1, offset 0
     assert (s["slots"][~live] == -1).all()
     assert torch.equal(tk[ctr], tok) if ctr < steps else bool((tk == -7).all())
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("N,H,E,parts,rows", [(1, 64, 16, 1, 1), (3, 96, 24, 4, 1), (5, 64, 64, 2, 2)])
+def test_add_layernorm_gate(gen, dtype, N, H, E, parts, rows):
+    """The LN2 + gate kernel: res and y equal add_layernorm's bit for bit (same arithmetic, stored
+    by one program of the row), the logits equal the fp32 gate GEMM on the rounded y; E not a
+    multiple of the column slice; the add as split-K partials of top-k rows."""
+    from ftmoe.kernels.norm import add_layernorm_gate
+
+    x = rnd(N, H, dtype=dtype, gen=gen)
+    add = rnd(parts, N * rows, H, gen=gen) if parts > 1 or rows > 1 else rnd(N, H, dtype=dtype, gen=gen)
+    bias, w, b = rnd(H, dtype=dtype, gen=gen), 1 + rnd(H, dtype=dtype, gen=gen, scale=0.1), rnd(H, dtype=dtype, gen=gen)
+    wg = rnd(H, E, gen=gen, scale=H ** -0.5)
+    res, y, logits = add_layernorm_gate(x, w, b, 1e-5, wg, add=add, add_bias=bias, cols=8)
+    want_res, want_y = add_layernorm(x, w, b, 1e-5, add=add, add_bias=bias)
+    assert torch.equal(res, want_res) and torch.equal(y, want_y)
+    assert rel(logits, y.float() @ wg) < 1e-5
+
+
+def test_ln_gate_choice(monkeypatch):
+    from ftmoe.kernels import routing
+
+    monkeypatch.delenv("FTMOE_LN_GATE", raising=False)
+    n = routing.LN_GATE_MAX_ROWS
+    assert routing.ln_gate(n) and not routing.ln_gate(n + 1)
+    monkeypatch.setenv("FTMOE_LN_GATE", "0")
+    assert not routing.ln_gate(1)
+    monkeypatch.setenv("FTMOE_LN_GATE", "1")
+    assert routing.ln_gate(4096)
+    monkeypatch.setenv("FTMOE_LN_GATE", "yes")
+    with pytest.raises(ValueError, match="FTMOE_LN_GATE: expected auto, 0 or 1, found 'yes'"):
+        routing.ln_gate(1)

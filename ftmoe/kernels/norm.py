@@ -3,7 +3,8 @@
 In:  x [N, H], optional add [N, H] (or [P, N*k, H] partials) and add_bias [H] (the previous GEMM's output and bias),
      LN weight/bias [H]. Out: (res = x + add + add_bias, y = LN(res)), both [N, H] in x.dtype.
 One program per row; statistics in fp32. Replaces three kernels (bias add, residual add,
-LayerNorm) between the GEMMs of a block. `embed_layernorm` does the same for the first
+LayerNorm) between the GEMMs of a block. `add_layernorm_gate` also computes the MoE gate's fp32
+logits from the LN output (several programs per row). `embed_layernorm` does the same for the first
 block: token and position embedding gathers, their sum, LN1.
 """
 from __future__ import annotations
@@ -50,6 +51,67 @@ def _layernorm_store(x, row, cols, m, W, B, Y, Y32, H, eps, stride_y, WRITE_Y32:
     tl.store(Y + row * stride_y + cols, y, mask=m)
     if WRITE_Y32:  # the rounded output again in fp32, for the fp32 MoE gate GEMM
         tl.store(Y32 + row * H + cols, y.to(tl.float32), mask=m)
+
+
+@triton.jit
+def _add_layernorm_gate_kernel(X, ADD, ADD_BIAS, W, B, RES, Y, WG, LOGITS, H, E, eps, stride_x, stride_add,
+                               stride_add_part, stride_res, stride_y, HAS_ADD: tl.constexpr, ADD_PARTS: tl.constexpr,
+                               ADD_ROWS: tl.constexpr, HAS_ADD_BIAS: tl.constexpr, BLOCK: tl.constexpr,
+                               COLS: tl.constexpr, USE_PDL: tl.constexpr = False):
+    """Program (row, g): the row's add + LayerNorm (every program of the row the same, program 0
+    stores res and y), then the fp32 gate logits of experts [g*COLS, (g+1)*COLS) from the rounded
+    LN output: LOGITS[row, cols] = float(y) @ WG[:, cols]."""
+    pdl_start(USE_PDL)
+    row = tl.program_id(0).to(tl.int64)
+    g = tl.program_id(1)
+    cols = tl.arange(0, BLOCK)
+    m = cols < H
+    x = tl.load(X + row * stride_x + cols, mask=m, other=0.0).to(tl.float32)
+    if HAS_ADD:
+        for p in tl.static_range(ADD_PARTS):
+            for j in tl.static_range(ADD_ROWS):
+                x += tl.load(ADD + p * stride_add_part + (row * ADD_ROWS + j) * stride_add + cols, mask=m,
+                             other=0.0).to(tl.float32)
+    if HAS_ADD_BIAS:
+        x += tl.load(ADD_BIAS + cols, mask=m, other=0.0).to(tl.float32)
+    mean = tl.sum(x, axis=0) / H
+    xc = tl.where(m, x - mean, 0.0)
+    var = tl.sum(xc * xc, axis=0) / H
+    rstd = 1.0 / tl.sqrt(var + eps)
+    w = tl.load(W + cols, mask=m, other=0.0).to(tl.float32)
+    b = tl.load(B + cols, mask=m, other=0.0).to(tl.float32)
+    y = (xc * rstd * w + b).to(Y.dtype.element_ty)
+    if g == 0:
+        tl.store(RES + row * stride_res + cols, x.to(RES.dtype.element_ty), mask=m)
+        tl.store(Y + row * stride_y + cols, y, mask=m)
+    e = g * COLS + tl.arange(0, COLS)
+    wg = tl.load(WG + cols[:, None] * E + e[None, :], mask=m[:, None] & (e < E)[None, :], other=0.0)
+    logits = tl.sum(y.to(tl.float32)[:, None] * wg, axis=0)
+    tl.store(LOGITS + row * E + e, logits, mask=e < E)
+
+
+def add_layernorm_gate(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: float, wg32: torch.Tensor,
+                       add: torch.Tensor | None = None, add_bias: torch.Tensor | None = None, cols: int = 8):
+    """`add_layernorm` (res, y: the same values) and the MoE gate's fp32 logits [N, E] =
+    y.float() @ wg32 in one kernel: E / cols programs per row each recompute the row's LN (from L2)
+    and take `cols` experts, so the gate needs no kernel of its own (the top-k kernel follows)."""
+    N, H = x.shape
+    E = wg32.shape[1]
+    assert wg32.dtype == torch.float32 and wg32.is_contiguous() and wg32.shape[0] == H
+    res, y = torch.empty_like(x), torch.empty_like(x)
+    logits = torch.empty(N, E, dtype=torch.float32, device=x.device)
+    parts, rows = 1, 1
+    if add is not None:
+        a3 = add if add.dim() == 3 else add.unsqueeze(0)
+        parts, rows = a3.shape[0], a3.shape[1] // N
+        assert a3.shape[1] == N * rows and a3.stride(2) == 1
+    _add_layernorm_gate_kernel[(N, triton.cdiv(E, cols))](
+        x, add if add is not None else x, add_bias if add_bias is not None else weight, weight, bias, res, y, wg32,
+        logits, H, E, eps, x.stride(0), a3.stride(1) if add is not None else 0, a3.stride(0) if add is not None else 0,
+        res.stride(0), y.stride(0), HAS_ADD=add is not None, ADD_PARTS=parts, ADD_ROWS=rows,
+        HAS_ADD_BIAS=add_bias is not None, BLOCK=triton.next_power_of_2(H), COLS=cols,
+        num_warps=4 if H <= 2048 else 8, **launch_kwargs(x))
+    return res, y, logits
 
 
 @triton.jit

@@ -119,6 +119,21 @@ def gate_gemm_config(N: int, H: int) -> tuple[dict, int]:
     return dict(cfg, BLOCK_M=32), min(4, slices)
 
 
+#: steps of at most this many rows compute the gate logits in the LN2 kernel (`add_layernorm_gate`).
+#: Whole decode steps on an H200 against a separate gate GEMM (scripts/ab_decode.py, sixth session):
+#: -6.4 % at batch 1, -6.2 % at 2, -5.3 % at 4, -3.7 % at 8, -3.1 % at 16, -2.1 % at 32, -0.7 % at 64
+LN_GATE_MAX_ROWS = 64
+
+
+def ln_gate(N: int) -> bool:
+    """Whether a step of N rows takes the gate logits from the LN2 kernel. FTMOE_LN_GATE: auto
+    (default: up to LN_GATE_MAX_ROWS rows), 0 (never), 1 (always)."""
+    v = os.environ.get("FTMOE_LN_GATE", "auto")
+    if v not in ("auto", "0", "1"):
+        raise ValueError(f"FTMOE_LN_GATE: expected auto, 0 or 1, found {v!r}")
+    return v == "1" or (v == "auto" and N <= LN_GATE_MAX_ROWS)
+
+
 def gate_topk(u: torch.Tensor, wg32: torch.Tensor, k: int, slots: torch.Tensor | None = None,
               backend: str | None = None):
     """The MoE gate: fp32 logits then softmax + top-k. u [N, H] (any float dtype; fp32 avoids a
