@@ -1,13 +1,18 @@
 """GPU A/B of decode-step variants in one process, interleaved, on the same weights and cache.
 
 Each variant is a set of switches applied while its decode graphs are captured (the switches
-are read at capture time): `pdl=N` (programmatic dependent launch, early trigger, up to N rows),
-`pdlx=N` (the trigger at exit, for larger steps up to N rows), `gate=auto|
-cublas|triton` (FTMOE_GATE), `attn=S` (FTMOE_ATTN_SPLIT: decode-attention context splits, 0 =
-one pass), `preload=0|1` (FTMOE_ATTN_PRELOAD: attention's first K/V tile loaded before the PDL
-wait), `lngate=auto|0|1` (FTMOE_LN_GATE: the gate logits computed in the LN2 kernel: up to 64 rows, never, always), `table=PATH` (a kernel-config table in place of the package's), `skip=ln+attn+gate` (those kernels
-replaced by stand-ins that launch nothing: wrong results, timing only; what each costs in a step;
-skip ln with gate at batches past 1, or the zero gate input sends every token to one expert).
+are read at capture time):
+- `pdl=N`: programmatic dependent launch with the early trigger up to N rows; `pdlx=N`: the
+  trigger at exit, for larger steps up to N rows;
+- `gate=auto|cublas|triton` (FTMOE_GATE); `lngate=auto|0|1` (FTMOE_LN_GATE: the gate logits in the
+  LN2 kernel: up to 64 rows, never, always);
+- `attn=S` (FTMOE_ATTN_SPLIT: decode-attention context splits, 0 = one pass); `preload=0|1`
+  (FTMOE_ATTN_PRELOAD: attention's first K/V tile loaded before the PDL wait);
+- `lnfold=0|1` (FTMOE_LN_FOLD: LN1 inside the QKV GEMM and a dense LN2 inside W1, up to 16 rows);
+- `table=PATH`: a kernel-config table in place of the package's;
+- `skip=ln+attn+gate`: those kernels replaced by stand-ins that launch nothing (wrong results,
+  timing only: what each costs in a step; past batch 1 skip ln together with gate, or the zero
+  gate input sends every token to one expert).
 Every (variant, batch) graph is captured once; then R rounds replay each graph `iters` times
 in turn, so slow drifts of the card (clocks, temperature) hit every variant alike. Prints, per
 batch, each variant's median ms over the rounds and its ratio to the first variant. --synced
@@ -38,7 +43,7 @@ from ftmoe.kv_cache import AttnMetadata, KVCache  # noqa: E402
 
 
 ENV_SWITCHES = {"gate": "FTMOE_GATE", "attn": "FTMOE_ATTN_SPLIT", "preload": "FTMOE_ATTN_PRELOAD",
-                "lngate": "FTMOE_LN_GATE"}
+                "lngate": "FTMOE_LN_GATE", "lnfold": "FTMOE_LN_FOLD"}
 
 
 def _knock_out(part: str):

@@ -33,10 +33,15 @@ def models(tiny_model_dir):
 @pytest.mark.parametrize("lens", [[7], [5, 11, 1], [4, 4]])
 @pytest.mark.parametrize("block_size", [4, 16])
 def test_prefill_then_decode_matches_reference(models, lens, block_size):
-    ref, fast = models
-    g = torch.Generator().manual_seed(sum(lens) + block_size)
+    _prefill_then_decode(*models, lens, block_size, steps=6, seed=sum(lens) + block_size)
+
+
+def _prefill_then_decode(ref, fast, lens, block_size, steps, seed):
+    """Prompts of `lens` tokens prefilled in one right-padded batch, then `steps` decode steps:
+    every call's last-token logits equal the reference's full forward at that position."""
+    g = torch.Generator().manual_seed(seed)
     V = ref.config.vocab_size
-    seqs = [torch.randint(0, V, (n + 6,), generator=g).to(DEV) for n in lens]
+    seqs = [torch.randint(0, V, (n + steps,), generator=g).to(DEV) for n in lens]
     full = [ref(s[None])[0] for s in seqs]
     cache = KVCache.for_model(ref.config, 256, block_size=block_size, dtype=torch.float32, device=DEV)
     ids = list(range(len(lens)))
@@ -48,7 +53,7 @@ def test_prefill_then_decode_matches_reference(models, lens, block_size):
     out = fast(batch, cache.prepare(ids, lens), cache, last_only=True)
     for i, n in enumerate(lens):
         assert rel(out[i], full[i][n - 1]) < 1e-4
-    for step in range(6):
+    for step in range(steps):
         tok = torch.stack([s[n + step] for s, n in zip(seqs, lens)])[:, None]
         out = fast(tok, cache.prepare(ids, [1] * len(ids)), cache, last_only=True)
         for i, n in enumerate(lens):
@@ -124,6 +129,19 @@ def test_greedy_chunk_equals_greedy_steps(models, logprobs=True):
     assert torch.allclose(got["chunk"][1], got["steps"][1], atol=1e-5)
     with pytest.raises(ValueError, match="a greedy chunk takes 1..32 steps, got 33"):
         graphs.greedy_chunk(first, cache.prepare_chunk([0, 1, 2], 1), 33)
+
+
+def test_ln_fold_decode_matches_reference(models, monkeypatch):
+    """FTMOE_LN_FOLD=1: each LN1 inside the QKV GEMM and a dense layer's LN2 inside its W1 (the
+    add's split-K partials summed in the GEMM's prologue); decode logits equal the reference's."""
+    from ftmoe import fast_model
+
+    calls = []
+    real = fast_model.ln_gemm
+    monkeypatch.setattr(fast_model, "ln_gemm", lambda *a, **kw: calls.append(1) or real(*a, **kw))
+    monkeypatch.setenv("FTMOE_LN_FOLD", "1")
+    _prefill_then_decode(*models, [5, 11, 1], 4, steps=2, seed=21)
+    assert calls
 
 
 def test_padding_rows_write_nothing(models):

@@ -17,6 +17,33 @@ from .pdl import launch_kwargs, pdl_start
 
 
 @triton.jit
+def _row_input(X, ADD, ADD_BIAS, row, cols, m, stride_x, stride_add, stride_add_part, HAS_ADD: tl.constexpr,
+               ADD_PARTS: tl.constexpr, ADD_ROWS: tl.constexpr, HAS_ADD_BIAS: tl.constexpr):
+    """x + add + add_bias of one row, fp32. add is [ADD_PARTS, rows * ADD_ROWS, H]: split-K
+    partials x top-k slots, all summed here."""
+    x = tl.load(X + row * stride_x + cols, mask=m, other=0.0).to(tl.float32)
+    if HAS_ADD:
+        for p in tl.static_range(ADD_PARTS):
+            for j in tl.static_range(ADD_ROWS):
+                x += tl.load(ADD + p * stride_add_part + (row * ADD_ROWS + j) * stride_add + cols, mask=m,
+                             other=0.0).to(tl.float32)
+    if HAS_ADD_BIAS:
+        x += tl.load(ADD_BIAS + cols, mask=m, other=0.0).to(tl.float32)
+    return x
+
+
+def add_layout(add: torch.Tensor | None, N: int) -> tuple[int, int, int, int]:
+    """(parts P, rows per token k, row stride, part stride) of an add [N, H] or [P, N*k, H]
+    (zeros without one), as the kernels that sum it take them."""
+    if add is None:
+        return 1, 1, 0, 0
+    a3 = add if add.dim() == 3 else add.unsqueeze(0)
+    parts, rows = a3.shape[0], a3.shape[1] // N
+    assert a3.shape[1] == N * rows and a3.stride(2) == 1
+    return parts, rows, a3.stride(1), a3.stride(0)
+
+
+@triton.jit
 def _add_layernorm_kernel(X, ADD, ADD_BIAS, W, B, RES, Y, Y32, H, eps, stride_x, stride_add, stride_add_part,
                           stride_res, stride_y, HAS_ADD: tl.constexpr, ADD_PARTS: tl.constexpr,
                           ADD_ROWS: tl.constexpr, HAS_ADD_BIAS: tl.constexpr, WRITE_RES: tl.constexpr,
@@ -25,29 +52,29 @@ def _add_layernorm_kernel(X, ADD, ADD_BIAS, W, B, RES, Y, Y32, H, eps, stride_x,
     row = tl.program_id(0).to(tl.int64)
     cols = tl.arange(0, BLOCK)
     m = cols < H
-    x = tl.load(X + row * stride_x + cols, mask=m, other=0.0).to(tl.float32)
-    if HAS_ADD:  # add is [ADD_PARTS, rows * ADD_ROWS, H]: split-K partials x top-k slots, summed here
-        for p in tl.static_range(ADD_PARTS):
-            for j in tl.static_range(ADD_ROWS):
-                x += tl.load(ADD + p * stride_add_part + (row * ADD_ROWS + j) * stride_add + cols, mask=m,
-                             other=0.0).to(tl.float32)
-    if HAS_ADD_BIAS:
-        x += tl.load(ADD_BIAS + cols, mask=m, other=0.0).to(tl.float32)
+    x = _row_input(X, ADD, ADD_BIAS, row, cols, m, stride_x, stride_add, stride_add_part, HAS_ADD, ADD_PARTS,
+                   ADD_ROWS, HAS_ADD_BIAS)
     if WRITE_RES:
         tl.store(RES + row * stride_res + cols, x.to(RES.dtype.element_ty), mask=m)
     _layernorm_store(x, row, cols, m, W, B, Y, Y32, H, eps, stride_y, WRITE_Y32)
 
 
 @triton.jit
-def _layernorm_store(x, row, cols, m, W, B, Y, Y32, H, eps, stride_y, WRITE_Y32: tl.constexpr):
-    """LayerNorm of one fp32 row x (statistics in fp32) stored to Y (and to Y32 in fp32)."""
+def _layernorm(x, cols, m, W, B, Y, H, eps):
+    """LayerNorm of one fp32 row x (statistics in fp32), rounded to Y's dtype."""
     mean = tl.sum(x, axis=0) / H
     xc = tl.where(m, x - mean, 0.0)
     var = tl.sum(xc * xc, axis=0) / H
     rstd = 1.0 / tl.sqrt(var + eps)
     w = tl.load(W + cols, mask=m, other=0.0).to(tl.float32)
     b = tl.load(B + cols, mask=m, other=0.0).to(tl.float32)
-    y = (xc * rstd * w + b).to(Y.dtype.element_ty)
+    return (xc * rstd * w + b).to(Y.dtype.element_ty)
+
+
+@triton.jit
+def _layernorm_store(x, row, cols, m, W, B, Y, Y32, H, eps, stride_y, WRITE_Y32: tl.constexpr):
+    """`_layernorm` of one fp32 row x stored to Y (and to Y32 in fp32)."""
+    y = _layernorm(x, cols, m, W, B, Y, H, eps)
     tl.store(Y + row * stride_y + cols, y, mask=m)
     if WRITE_Y32:  # the rounded output again in fp32, for the fp32 MoE gate GEMM
         tl.store(Y32 + row * H + cols, y.to(tl.float32), mask=m)
@@ -66,21 +93,9 @@ def _add_layernorm_gate_kernel(X, ADD, ADD_BIAS, W, B, RES, Y, WG, LOGITS, H, E,
     g = tl.program_id(1)
     cols = tl.arange(0, BLOCK)
     m = cols < H
-    x = tl.load(X + row * stride_x + cols, mask=m, other=0.0).to(tl.float32)
-    if HAS_ADD:
-        for p in tl.static_range(ADD_PARTS):
-            for j in tl.static_range(ADD_ROWS):
-                x += tl.load(ADD + p * stride_add_part + (row * ADD_ROWS + j) * stride_add + cols, mask=m,
-                             other=0.0).to(tl.float32)
-    if HAS_ADD_BIAS:
-        x += tl.load(ADD_BIAS + cols, mask=m, other=0.0).to(tl.float32)
-    mean = tl.sum(x, axis=0) / H
-    xc = tl.where(m, x - mean, 0.0)
-    var = tl.sum(xc * xc, axis=0) / H
-    rstd = 1.0 / tl.sqrt(var + eps)
-    w = tl.load(W + cols, mask=m, other=0.0).to(tl.float32)
-    b = tl.load(B + cols, mask=m, other=0.0).to(tl.float32)
-    y = (xc * rstd * w + b).to(Y.dtype.element_ty)
+    x = _row_input(X, ADD, ADD_BIAS, row, cols, m, stride_x, stride_add, stride_add_part, HAS_ADD, ADD_PARTS,
+                   ADD_ROWS, HAS_ADD_BIAS)
+    y = _layernorm(x, cols, m, W, B, Y, H, eps)
     if g == 0:
         tl.store(RES + row * stride_res + cols, x.to(RES.dtype.element_ty), mask=m)
         tl.store(Y + row * stride_y + cols, y, mask=m)
@@ -100,15 +115,11 @@ def add_layernorm_gate(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor
     assert wg32.dtype == torch.float32 and wg32.is_contiguous() and wg32.shape[0] == H
     res, y = torch.empty_like(x), torch.empty_like(x)
     logits = torch.empty(N, E, dtype=torch.float32, device=x.device)
-    parts, rows = 1, 1
-    if add is not None:
-        a3 = add if add.dim() == 3 else add.unsqueeze(0)
-        parts, rows = a3.shape[0], a3.shape[1] // N
-        assert a3.shape[1] == N * rows and a3.stride(2) == 1
+    parts, rows, stride_add, stride_part = add_layout(add, N)
     _add_layernorm_gate_kernel[(N, triton.cdiv(E, cols))](
         x, add if add is not None else x, add_bias if add_bias is not None else weight, weight, bias, res, y, wg32,
-        logits, H, E, eps, x.stride(0), a3.stride(1) if add is not None else 0, a3.stride(0) if add is not None else 0,
-        res.stride(0), y.stride(0), HAS_ADD=add is not None, ADD_PARTS=parts, ADD_ROWS=rows,
+        logits, H, E, eps, x.stride(0), stride_add, stride_part, res.stride(0), y.stride(0),
+        HAS_ADD=add is not None, ADD_PARTS=parts, ADD_ROWS=rows,
         HAS_ADD_BIAS=add_bias is not None, BLOCK=triton.next_power_of_2(H), COLS=cols,
         num_warps=4 if H <= 2048 else 8, **launch_kwargs(x))
     return res, y, logits
@@ -143,15 +154,11 @@ def add_layernorm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps
     res = (res_out if res_out is not None else torch.empty_like(x)) if write_res else x
     y = y_out if y_out is not None else torch.empty_like(x)
     y32 = torch.empty(N, H, dtype=torch.float32, device=x.device) if want_fp32 else y
-    parts, rows = 1, 1
-    if add is not None:
-        a3 = add if add.dim() == 3 else add.unsqueeze(0)
-        parts, rows = a3.shape[0], a3.shape[1] // N
-        assert a3.shape[1] == N * rows and a3.stride(2) == 1
+    parts, rows, stride_add, stride_part = add_layout(add, N)
     _add_layernorm_kernel[(N,)](
         x, add if add is not None else x, add_bias if add_bias is not None else weight, weight, bias, res, y, y32,
-        H, eps, x.stride(0), a3.stride(1) if add is not None else 0, a3.stride(0) if add is not None else 0,
-        res.stride(0), y.stride(0), HAS_ADD=add is not None, ADD_PARTS=parts, ADD_ROWS=rows,
+        H, eps, x.stride(0), stride_add, stride_part, res.stride(0), y.stride(0), HAS_ADD=add is not None,
+        ADD_PARTS=parts, ADD_ROWS=rows,
         HAS_ADD_BIAS=add_bias is not None, WRITE_RES=write_res, WRITE_Y32=want_fp32,
         BLOCK=triton.next_power_of_2(H), num_warps=4 if H <= 2048 else 8, **launch_kwargs(x))
     return (res, y, y32) if want_fp32 else (res, y)
