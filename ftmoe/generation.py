@@ -29,7 +29,7 @@ from collections.abc import Iterator, Sequence
 import torch
 
 from .beam_search import BeamRequest
-from .errors import RequestError
+from .errors import FtmoeError, RequestError
 from .kv_cache import KVCache
 from .sampling import SamplingParams, ends_with_word, process_logits, sample
 
@@ -241,8 +241,8 @@ class Generator:
         accepted on the host token by token in step order, as single steps would be: a request
         that ends inside the chunk ignores the chunk's later tokens (their KV is freed with it).
         None when a single step must run instead: the model has no greedy chunks here, a request
-        samples, penalises, bans words, wants log probs at a temperature other than 1, or has
-        fewer than 2 tokens left."""
+        samples, penalises, bans words, has a temperature other than 1 (its argmax of logits /
+        temperature could break a tie differently), or has fewer than 2 tokens left."""
         fn = getattr(self.model, "greedy_chunk", None)
         if fn is None or self.decode_chunk < 2:
             return None
@@ -318,7 +318,7 @@ def decode_chunk_steps() -> int:
     (FTMOE_DECODE_CHUNK, default 8; 1 = every step on its own)."""
     v = os.environ.get("FTMOE_DECODE_CHUNK", "8")
     if not v.isdigit() or not 1 <= int(v) <= 32:
-        raise RequestError(f"FTMOE_DECODE_CHUNK: expected a number of steps 1..32, found {v!r}")
+        raise FtmoeError(f"FTMOE_DECODE_CHUNK: expected a number of steps 1..32, found {v!r}")
     return int(v)
 
 

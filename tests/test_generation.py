@@ -470,3 +470,13 @@ def test_greedy_chunks_generate_what_single_steps_do(model, gen):
     assert [o.output_ids for o in chunked.generate(prompts[:2], mixed)] == \
         [o.output_ids for o in gen.generate(prompts[:2], mixed)]
     assert not chunked.model.chunks                      # a sampled request: single steps only
+
+
+def test_decode_chunk_setting_is_checked(model, monkeypatch):
+    from ftmoe.errors import FtmoeError
+
+    monkeypatch.setenv("FTMOE_DECODE_CHUNK", "40")
+    with pytest.raises(FtmoeError, match="FTMOE_DECODE_CHUNK: expected a number of steps 1..32, found '40'"):
+        Generator(model)
+    monkeypatch.setenv("FTMOE_DECODE_CHUNK", "1")
+    assert Generator(model).decode_chunk == 1
