@@ -110,6 +110,9 @@ def ln_gemm(x: torch.Tensor, weight: torch.Tensor, ln_bias: torch.Tensor, eps: f
     N = w.shape[1]
     assert M <= MAX_ROWS and w.shape[0] == K and w.stride(1) == 1 and x.stride(1) == 1
     t = dict(DEFAULT_TILE, **(tile or {}))
+    # the A side is 1 + P (split-K partials) fp32 tiles per K step: keep the pipeline's shared
+    # memory in bounds for P up to 8 (a dense W2's split-K) whatever the GEMM's own tile asked for
+    t["BLOCK_K"], t["num_stages"] = min(t["BLOCK_K"], 128), min(t["num_stages"], 2)
     res = torch.empty_like(x)
     c = torch.empty(M, N, dtype=x.dtype, device=x.device)
     parts, rows, stride_add, stride_part = add_layout(add, M)
