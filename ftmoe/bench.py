@@ -321,12 +321,9 @@ class _EagerSteps:
 
     def greedy_chunk(self, ids, meta, steps, logprobs=False):
         """The chunk's steps one by one (the CPU smoke run: no graphs)."""
-        bs, tok, toks = self.cache.block_size, ids.reshape(-1), []
+        tok, toks = ids.reshape(-1), []
         for j in range(steps):
-            pos = meta.positions[:, 0] + j
-            slot = meta.block_tables.gather(1, (pos // bs)[:, None])[:, 0] * bs + pos % bs
-            m = AttnMetadata(pos[:, None], slot[:, None], meta.block_tables, meta.context_lens + j, meta.seq_lens)
-            tok = self.step_host(tok, m).argmax(-1).cpu()
+            tok = self.step_host(tok, meta.chunk_step(j, self.cache.block_size)).argmax(-1).cpu()
             toks.append(tok)
         return torch.stack(toks), None
 

@@ -135,10 +135,8 @@ class FastGPTMoE:
         if not L["moe"]:
             N, F = res.shape[0], L["w1"].shape[2]
             if fold:                  # LN2 inside the dense W1 GEMM (few rows)
-                cfg = self._cfg(1, F, self.H, N)
                 res, h = ln_gemm(res, L["ln2"].weight, L["ln2"].bias, eps, L["w1"][0], L["b1"][0], add=o,
-                                 add_bias=L["bo"], gelu=True,
-                                 tile={k: cfg[k] for k in ("BLOCK_N", "BLOCK_K", "num_warps", "num_stages") if k in cfg})
+                                 add_bias=L["bo"], gelu=True, tile=self._cfg(1, F, self.H, N))
             else:
                 res, u = add_layernorm(res, L["ln2"].weight, L["ln2"].bias, eps, add=o, add_bias=L["bo"])
                 h = fused_moe(u, L["w1"], L["b1"], N, gelu=True, config=self._cfg(1, F, self.H, N))
@@ -236,7 +234,9 @@ class FastGPTMoE:
                 qkv = self._dense(a, L["wqkv"], L["bqkv"], parts_ok=False)
             else:
                 res, qkv = ln_gemm(pending[0], L["ln1"].weight, L["ln1"].bias, eps, L["wqkv"], L["bqkv"],
-                                   add=pending[1], add_bias=pending[2], tile=self._tile(3 * self.HL, self.H, B))
+                                   add=pending[1], add_bias=pending[2],
+                                   tile=get_dense_choice(3 * self.HL, self.H, _DT.get(self.dtype, "fp32"), B,
+                                                         self.device_name))
             qkv = qkv.view(B, 3, self.heads, self.D)
             ctx = decode_attention(qkv, cache.k[i], cache.v[i], block_tables, context_lens, slots, self.scale)
             res, y, y_bias = self._ln2_mlp(L, res, self._dense(ctx.view(B, self.HL), L["wo"], None, parts_ok=True),
@@ -247,11 +247,6 @@ class FastGPTMoE:
             nxt = self.layers[i + 1]["ln1"] if i + 1 < len(self.layers) else self.final_ln
             res, a = add_layernorm(res, nxt.weight, nxt.bias, eps, add=y, add_bias=y_bias)
         return self._head(a) if self.par.is_last_stage else res
-
-    def _tile(self, N: int, K: int, M: int) -> dict | None:
-        """The dense GEMM's tuned Triton tile for this shape and M, if `ftmoe tune` chose Triton."""
-        choice = get_dense_choice(N, K, _DT.get(self.dtype, "fp32"), M, self.device_name)
-        return None if choice is None else {k: choice[k] for k in ("BLOCK_N", "BLOCK_K", "num_warps", "num_stages") if k in choice}
 
     def _first_ln(self, x: torch.Tensor, positions: torch.Tensor):
         """(residual, LN1 of it) of the first local layer: from token ids (embeddings gathered and

@@ -49,8 +49,21 @@ class AttnMetadata:
         f, dev = self.fields, torch.device(device)
         if all(t.device.type == dev.type and dev.index in (None, t.device.index) for t in f):
             return self
-        flat = torch.cat([t.reshape(-1).long() for t in f]).to(device)
-        return AttnMetadata(*(v.view(t.shape) for v, t in zip(flat.split([t.numel() for t in f]), f)))
+        return _packed([t.long() for t in f], device)
+
+    def chunk_step(self, j: int, block_size: int) -> "AttnMetadata":
+        """Step j of the greedy chunk this metadata starts (`KVCache.prepare_chunk`): positions and
+        context lengths + j, each row's slot for its new position from its block table; what
+        `kernels.advance` does on the GPU between a chunk's steps."""
+        pos = self.positions[:, 0] + j
+        slot = self.block_tables.gather(1, (pos // block_size)[:, None])[:, 0] * block_size + pos % block_size
+        return AttnMetadata(pos[:, None], slot[:, None], self.block_tables, self.context_lens + j, self.seq_lens)
+
+
+def _packed(fields: list[torch.Tensor], device: torch.device | str) -> AttnMetadata:
+    """AttnMetadata of these fields on `device`, in one copy: the fields are views of it."""
+    flat = torch.cat([t.reshape(-1) for t in fields]).to(device)
+    return AttnMetadata(*(v.view(t.shape) for v, t in zip(flat.split([t.numel() for t in fields]), fields)))
 
 
 class KVCache:
@@ -234,10 +247,9 @@ class KVCache:
         positions = ctx[:, None] + t[None, :]                                     # [B, T]
         blk = np.take_along_axis(tables, np.minimum(positions // bs, nb - 1), axis=1)
         slots = np.where(t[None, :] < n_new[:, None], blk * bs + positions % bs, -1)
-        # one host-to-device copy for the whole call (not one per field): the fields are views of it
-        parts = (positions, slots, tables, ctx, n_new)
-        flat = torch.from_numpy(np.concatenate([a.ravel() for a in parts])).to(self.meta_device or self.k.device)
-        return AttnMetadata(*(v.view(a.shape) for v, a in zip(flat.split([a.size for a in parts]), parts)))
+        # one host-to-device copy for the whole call (not one per field)
+        return _packed([torch.from_numpy(a) for a in (positions, slots, tables, ctx, n_new)],
+                       self.meta_device or self.k.device)
 
     def prepare_chunk(self, seq_ids: list[int], steps: int) -> AttnMetadata:
         """Metadata of a greedy chunk (`DecodeGraphs.greedy_chunk`): room for `steps` more tokens

@@ -419,8 +419,8 @@ def test_llm_text_prompts_stop_strings_and_streaming(model_dir, tmp_path):
 # ---- greedy chunks (several steps per host visit) ------------------------------------
 class _StepwiseChunks:
     """The reference model with `greedy_chunk`: each chunk's steps run one at a time from the
-    chunk's metadata as the GPU's advance kernel moves it (position + j, the slot of that
-    position from the row's table), so the Generator's chunk path runs on the CPU."""
+    chunk's metadata as the GPU's advance kernel moves it (`AttnMetadata.chunk_step`), so the
+    Generator's chunk path runs on the CPU."""
 
     def __init__(self, model):
         self.model, self.config, self.dtype, self.device = model, model.config, model.dtype, model.device
@@ -430,15 +430,11 @@ class _StepwiseChunks:
         return self.model(*a, **kw)
 
     def greedy_chunk(self, ids, meta, cache, steps, logprobs=False):
-        from ftmoe.kv_cache import AttnMetadata
         self.chunks.append((ids.shape[0], steps))
-        bs, toks, lps = cache.block_size, [], []
+        toks, lps = [], []
         tok = ids.reshape(-1)
         for j in range(steps):
-            pos = meta.positions[:, 0] + j
-            slot = meta.block_tables.gather(1, (pos // bs)[:, None])[:, 0] * bs + pos % bs
-            m = AttnMetadata(pos[:, None], slot[:, None], meta.block_tables, meta.context_lens + j, meta.seq_lens)
-            logits = self.model(tok[:, None], m, cache, last_only=True)
+            logits = self.model(tok[:, None], meta.chunk_step(j, cache.block_size), cache, last_only=True)
             tok = logits.argmax(-1)
             toks.append(tok)
             lps.append(torch.log_softmax(logits, -1).gather(1, tok[:, None])[:, 0])

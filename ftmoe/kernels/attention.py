@@ -45,6 +45,23 @@ def _load_tile(KC, VC, TABLES, b, h, start, hi, stride_cb, stride_cp, stride_ch,
 
 
 @triton.jit
+def _first_tile(KC, VC, TABLES, b, h, start, hi, stride_cb, stride_cp, stride_ch, stride_tb, BS: tl.constexpr,
+                D: tl.constexpr, BLOCK_N: tl.constexpr, PRELOAD: tl.constexpr, USE_PDL: tl.constexpr):
+    """`_load_tile` of the first tile and the PDL wait, in that order with PRELOAD (the tile's
+    loads then overlap the kernel before: earlier steps wrote those tokens, and the tables and
+    lengths are the step's inputs), else wait first."""
+    if PRELOAD:
+        pm, k, v = _load_tile(KC, VC, TABLES, b, h, start, hi, stride_cb, stride_cp, stride_ch, stride_tb, BS, D,
+                              BLOCK_N)
+        pdl_start(USE_PDL)
+    else:
+        pdl_start(USE_PDL)
+        pm, k, v = _load_tile(KC, VC, TABLES, b, h, start, hi, stride_cb, stride_cp, stride_ch, stride_tb, BS, D,
+                              BLOCK_N)
+    return pm, k, v
+
+
+@triton.jit
 def _consume(q, pm, k, v, m_i, l_i, acc):
     """The online-softmax update of (max m_i, sum l_i, weighted V acc) by one tile."""
     s = tl.where(pm, tl.sum(q[None, :] * k, axis=1), float("-inf"))
@@ -86,17 +103,9 @@ def _decode_attention_kernel(QKV, KC, VC, OUT, TABLES, CTX, SLOTS, scale,
                              USE_PDL: tl.constexpr = False):
     b = tl.program_id(0).to(tl.int64)
     h = tl.program_id(1)
-    # before the wait: the first tile of cached tokens (earlier steps wrote them; the tables and
-    # lengths are the step's inputs), so its loads overlap the kernel before this one
     n_ctx = tl.load(CTX + b)
-    if PRELOAD:
-        pm, k, v = _load_tile(KC, VC, TABLES, b, h, 0, n_ctx, stride_cb, stride_cp, stride_ch, stride_tb, BS, D,
-                              BLOCK_N)
-        pdl_start(USE_PDL)
-    else:
-        pdl_start(USE_PDL)
-        pm, k, v = _load_tile(KC, VC, TABLES, b, h, 0, n_ctx, stride_cb, stride_cp, stride_ch, stride_tb, BS, D,
-                              BLOCK_N)
+    pm, k, v = _first_tile(KC, VC, TABLES, b, h, 0, n_ctx, stride_cb, stride_cp, stride_ch, stride_tb, BS, D,
+                           BLOCK_N, PRELOAD, USE_PDL)
     q, k_new, v_new = _new_token(QKV, b, h, scale, stride_qb, stride_q3, D)
     m_i = tl.sum(q * k_new.to(tl.float32), axis=0)       # the new token starts the running max
     m_i, l_i, acc = _consume(q, pm, k, v, m_i, m_i * 0.0 + 1.0, v_new.to(tl.float32))
@@ -120,15 +129,8 @@ def _decode_attention_split_kernel(QKV, KC, VC, PART, TABLES, CTX, scale,
     chunk = tl.cdiv(tl.cdiv(n_ctx, BS), SPLITS) * BS
     lo = sp * chunk
     hi = tl.minimum(lo + chunk, n_ctx)
-    # before the wait, as in the one-pass kernel: the split's first tile of cached tokens
-    if PRELOAD:
-        pm, k, v = _load_tile(KC, VC, TABLES, b, h, lo, hi, stride_cb, stride_cp, stride_ch, stride_tb, BS, D,
-                              BLOCK_N)
-        pdl_start(USE_PDL)
-    else:
-        pdl_start(USE_PDL)
-        pm, k, v = _load_tile(KC, VC, TABLES, b, h, lo, hi, stride_cb, stride_cp, stride_ch, stride_tb, BS, D,
-                              BLOCK_N)
+    pm, k, v = _first_tile(KC, VC, TABLES, b, h, lo, hi, stride_cb, stride_cp, stride_ch, stride_tb, BS, D,
+                           BLOCK_N, PRELOAD, USE_PDL)
     q = tl.load(QKV + b * stride_qb + h * D + d).to(tl.float32) * scale
     l_i = tl.sum(tl.zeros([BLOCK_N], dtype=tl.float32), axis=0)    # scalars: 0 and -inf (an empty split)
     m_i = l_i - float("inf")

@@ -105,11 +105,12 @@ def _ln_gemm_kernel(X, ADD, ADD_BIAS, LNW, LNB, RES, W, BIAS, C, M, N, K, eps,
 def ln_gemm(x: torch.Tensor, weight: torch.Tensor, ln_bias: torch.Tensor, eps: float, w: torch.Tensor,
             bias: torch.Tensor | None, add: torch.Tensor | None = None, add_bias: torch.Tensor | None = None,
             gelu: bool = False, tile: dict | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """(res, act(LN(res) @ w + bias)) for x [M, H] with M <= 16; see the module docstring."""
+    """(res, act(LN(res) @ w + bias)) for x [M, H] with M <= 16; see the module docstring. tile:
+    a GEMM config (a fused-MoE or dense-table entry); its BLOCK_N, BLOCK_K and launch sizes."""
     M, K = x.shape
     N = w.shape[1]
     assert M <= MAX_ROWS and w.shape[0] == K and w.stride(1) == 1 and x.stride(1) == 1
-    t = dict(DEFAULT_TILE, **(tile or {}))
+    t = dict(DEFAULT_TILE, **{k: v for k, v in (tile or {}).items() if k in DEFAULT_TILE})
     # the A side is 1 + P (split-K partials) fp32 tiles per K step: keep the pipeline's shared
     # memory in bounds for P up to 8 (a dense W2's split-K) whatever the GEMM's own tile asked for
     t["BLOCK_K"], t["num_stages"] = min(t["BLOCK_K"], 128), min(t["num_stages"], 2)

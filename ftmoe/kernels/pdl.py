@@ -3,11 +3,12 @@
 A kernel launched with PDL may be scheduled while the kernel before it in the stream is still
 running. Every kernel here starts with `pdl_start`: it waits (griddepcontrol.wait) until the
 previous kernel has finished and its writes are visible, then lets the next kernel launch
-(griddepcontrol.launch_dependents). Nothing is written before the wait, and nothing is read
-before it that a kernel of the step writes (decode attention's first tile of cached K/V, from
-earlier steps, is; `attention.preload`), so the results are those of plain stream order; what is gained is the launch and the CTA
-scheduling of the next kernel, which overlap the tail of this one (about a microsecond per
-kernel boundary inside a CUDA graph, where a batch-1 decode step is ~200 short kernels).
+(griddepcontrol.launch_dependents). Nothing is written before the wait, and the only reads
+before it are of data no kernel of the step writes (decode attention's first tile of cached
+K/V, written by earlier steps: `attention.preload`), so the results are those of plain stream
+order; what is gained is the launch and the CTA scheduling of the next kernel, which overlap
+the tail of this one (about a microsecond per kernel boundary inside a CUDA graph, where a
+batch-1 decode step is ~200 short kernels).
 
 In: a tensor the kernel works on (its device decides). Out: the launch keyword arguments:
 `USE_PDL=mode, launch_pdl=True` on a CUDA device of compute capability 9.0 or later, nothing
