@@ -29,7 +29,6 @@ from .kernels import pdl
 from .kernels.attention import decode_attention, write_kv
 from .kernels.configs import get_config, get_dense_choice
 from .kernels.fused_moe import fused_moe
-from .kernels.ln_gemm import enabled as ln_gemm_enabled, ln_gemm
 from .kernels.norm import add_layernorm, add_layernorm_gate, embed_layernorm
 from .kernels.routing import gate_topk, ln_gate, moe_align, softmax_topk
 from .kv_cache import AttnMetadata, KVCache
@@ -123,7 +122,7 @@ class FastGPTMoE:
 
     # ---- post-attention LN and the MLP, shared by decode and prefill ----------
     def _ln2_mlp(self, L: dict, res: torch.Tensor, o: torch.Tensor, slots: torch.Tensor | None = None, li: int = 0,
-                 zero_padding: bool = False, fold: bool = False):
+                 zero_padding: bool = False):
         """res += o + bo; u = LN2(res); returns (res, y, bias of y still to add or None).
         slots [N]: each token's KV slot; tokens without one (-1: padding rows of a graph bucket or
         of a right-padded prompt) are routed to no expert, so they cost no expert weight reads.
@@ -134,12 +133,8 @@ class FastGPTMoE:
         o = self.par.tp_all_reduce(o)                    # row-parallel attention output (TP)
         if not L["moe"]:
             N, F = res.shape[0], L["w1"].shape[2]
-            if fold:                  # LN2 inside the dense W1 GEMM (few rows)
-                res, h = ln_gemm(res, L["ln2"].weight, L["ln2"].bias, eps, L["w1"][0], L["b1"][0], add=o,
-                                 add_bias=L["bo"], gelu=True, tile=self._cfg(1, F, self.H, N))
-            else:
-                res, u = add_layernorm(res, L["ln2"].weight, L["ln2"].bias, eps, add=o, add_bias=L["bo"])
-                h = fused_moe(u, L["w1"], L["b1"], N, gelu=True, config=self._cfg(1, F, self.H, N))
+            res, u = add_layernorm(res, L["ln2"].weight, L["ln2"].bias, eps, add=o, add_bias=L["bo"])
+            h = fused_moe(u, L["w1"], L["b1"], N, gelu=True, config=self._cfg(1, F, self.H, N))
             return res, self.par.tp_all_reduce(self._dense(h, L["w2"], None, parts_ok=True)), L["b2"]
         if self.par.ep > 1:
             return self._ln2_moe_ep(L, res, o, slots >= 0, li)
@@ -226,24 +221,12 @@ class FastGPTMoE:
     def _decode_step(self, ids, positions, block_tables, context_lens, slots, cache):
         B = ids.shape[0]
         eps = self.config.layernorm_eps
-        fold = ln_gemm_enabled(B)            # few rows: each LN1 runs inside the QKV GEMM that follows it
         res, a = self._first_ln(ids, positions)                                    # [B, H] each
-        pending = None                       # (residual, its add, its bias) of a folded LN1
         for i, L in enumerate(self.layers):
-            if pending is None:
-                qkv = self._dense(a, L["wqkv"], L["bqkv"], parts_ok=False)
-            else:
-                res, qkv = ln_gemm(pending[0], L["ln1"].weight, L["ln1"].bias, eps, L["wqkv"], L["bqkv"],
-                                   add=pending[1], add_bias=pending[2],
-                                   tile=get_dense_choice(3 * self.HL, self.H, _DT.get(self.dtype, "fp32"), B,
-                                                         self.device_name))
-            qkv = qkv.view(B, 3, self.heads, self.D)
+            qkv = self._dense(a, L["wqkv"], L["bqkv"], parts_ok=False).view(B, 3, self.heads, self.D)
             ctx = decode_attention(qkv, cache.k[i], cache.v[i], block_tables, context_lens, slots, self.scale)
             res, y, y_bias = self._ln2_mlp(L, res, self._dense(ctx.view(B, self.HL), L["wo"], None, parts_ok=True),
-                                           slots, i, fold=fold)
-            if fold and i + 1 < len(self.layers):
-                pending = (res, y, y_bias)
-                continue
+                                           slots, i)
             nxt = self.layers[i + 1]["ln1"] if i + 1 < len(self.layers) else self.final_ln
             res, a = add_layernorm(res, nxt.weight, nxt.bias, eps, add=y, add_bias=y_bias)
         return self._head(a) if self.par.is_last_stage else res

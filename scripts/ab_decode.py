@@ -8,7 +8,6 @@ are read at capture time):
   LN2 kernel: up to 64 rows, never, always);
 - `attn=S` (FTMOE_ATTN_SPLIT: decode-attention context splits, 0 = one pass); `preload=0|1`
   (FTMOE_ATTN_PRELOAD: attention's first K/V tile loaded before the PDL wait);
-- `lnfold=0|1` (FTMOE_LN_FOLD: LN1 inside the QKV GEMM and a dense LN2 inside W1, up to 16 rows);
 - `table=PATH`: a kernel-config table in place of the package's;
 - `skip=ln+attn+gate`: those kernels replaced by stand-ins that launch nothing (wrong results,
   timing only: what each costs in a step; past batch 1 skip ln together with gate, or the zero
@@ -43,7 +42,7 @@ from ftmoe.kv_cache import AttnMetadata, KVCache  # noqa: E402
 
 
 ENV_SWITCHES = {"gate": "FTMOE_GATE", "attn": "FTMOE_ATTN_SPLIT", "preload": "FTMOE_ATTN_PRELOAD",
-                "lngate": "FTMOE_LN_GATE", "lnfold": "FTMOE_LN_FOLD"}
+                "lngate": "FTMOE_LN_GATE"}
 
 
 def _knock_out(part: str):

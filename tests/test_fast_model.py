@@ -131,19 +131,6 @@ def test_greedy_chunk_equals_greedy_steps(models, logprobs=True):
         graphs.greedy_chunk(first, cache.prepare_chunk([0, 1, 2], 1), 33)
 
 
-def test_ln_fold_decode_matches_reference(models, monkeypatch):
-    """FTMOE_LN_FOLD=1: each LN1 inside the QKV GEMM and a dense layer's LN2 inside its W1 (the
-    add's split-K partials summed in the GEMM's prologue); decode logits equal the reference's."""
-    from ftmoe import fast_model
-
-    calls = []
-    real = fast_model.ln_gemm
-    monkeypatch.setattr(fast_model, "ln_gemm", lambda *a, **kw: calls.append(1) or real(*a, **kw))
-    monkeypatch.setenv("FTMOE_LN_FOLD", "1")
-    _prefill_then_decode(*models, [5, 11, 1], 4, steps=2, seed=21)
-    assert calls
-
-
 def test_padding_rows_write_nothing(models):
     """Rows with slot -1 (graph-bucket padding) write no KV and route to no expert; a real row
     beside them is unaffected."""

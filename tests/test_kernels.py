@@ -525,22 +525,3 @@ def test_ln_gate_choice(monkeypatch):
     monkeypatch.setenv("FTMOE_LN_GATE", "yes")
     with pytest.raises(ValueError, match="FTMOE_LN_GATE: expected auto, 0 or 1, found 'yes'"):
         routing.ln_gate(1)
-
-
-@pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("M,K,N,parts,rows,gelu", [(1, 64, 96, 1, 1, False), (3, 96, 40, 4, 1, True),
-                                                   (16, 64, 64, 2, 2, False)])
-def test_ln_gemm(gen, dtype, M, K, N, parts, rows, gelu):
-    """LayerNorm folded into the GEMM (small M): res bit-equal to add_layernorm's, the product
-    against the twin (LN in fp32, GEMM of the rounded LN output), N not a multiple of the tile,
-    the add as split-K partials of top-k rows, bias and GELU."""
-    from ftmoe.kernels.ln_gemm import ln_gemm, ln_gemm_ref
-
-    x = rnd(M, K, dtype=dtype, gen=gen)
-    add = rnd(parts, M * rows, K, gen=gen) if parts > 1 or rows > 1 else rnd(M, K, dtype=dtype, gen=gen)
-    ab, lw, lb = rnd(K, dtype=dtype, gen=gen), 1 + rnd(K, dtype=dtype, gen=gen, scale=0.1), rnd(K, dtype=dtype, gen=gen)
-    w, bias = rnd(K, N, dtype=dtype, gen=gen, scale=K ** -0.5), rnd(N, dtype=dtype, gen=gen)
-    res, c = ln_gemm(x, lw, lb, 1e-5, w, bias, add=add, add_bias=ab, gelu=gelu, tile={"BLOCK_N": 32, "BLOCK_K": 32})
-    want_res, want_c = ln_gemm_ref(x, lw, lb, 1e-5, w, bias, add=add, add_bias=ab, gelu=gelu)
-    assert torch.equal(res, add_layernorm(x, lw, lb, 1e-5, add=add, add_bias=ab)[0])
-    assert rel(c, want_c) < TOL[dtype] * 2
