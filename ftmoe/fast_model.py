@@ -303,12 +303,15 @@ class FastGPTMoE:
         """`steps` greedy decode steps run back to back on the GPU (`DecodeGraphs.greedy_chunk`;
         meta from `cache.prepare_chunk`, on the host), or None where this model cannot: no graphs
         for `cache`, a batch past the largest bucket, or a sharded model."""
-        g = self.graphs
-        par = self.par
-        if (g is None or g.cache is not cache or input_ids.shape[0] > g.buckets[-1] or par.tp > 1 or par.ep > 1
-                or not (par.is_first_stage and par.is_last_stage) or meta.positions.device.type != "cpu"):
+        if not self.can_greedy_chunk(cache, input_ids.shape[0]) or meta.positions.device.type != "cpu":
             return None
-        return g.greedy_chunk(input_ids, meta, steps, logprobs)
+        return self.graphs.greedy_chunk(input_ids, meta, steps, logprobs)
+
+    def can_greedy_chunk(self, cache: KVCache, batch: int) -> bool:
+        """Whether `greedy_chunk` runs for `batch` rows on `cache` (checked before its metadata is built)."""
+        g, par = self.graphs, self.par
+        return (g is not None and g.cache is cache and batch <= g.buckets[-1] and par.tp == 1 and par.ep == 1
+                and par.is_first_stage and par.is_last_stage)
 
     # ---- GPTMoE-compatible entry point ----------------------------------------
     @torch.inference_mode()

@@ -236,38 +236,16 @@ class Generator:
             return self.model(ids.to(meta.positions.device), meta, self.cache, last_only=True)   # [B, V]
 
     def _greedy_chunk(self, active: list) -> list[StreamEvent] | None:
-        """Up to `decode_chunk` greedy steps for every active request at once, run back to back on
-        the GPU (the model feeds each step's argmax to the next; `FastGPTMoE.greedy_chunk`), then
+        """Up to `decode_chunk` greedy steps for every active request at once (`run_greedy_chunk`),
         accepted on the host token by token in step order, as single steps would be: a request
         that ends inside the chunk ignores the chunk's later tokens (their KV is freed with it).
-        None when a single step must run instead: the model has no greedy chunks here, a request
-        samples, penalises, bans words, has a temperature other than 1 (its argmax of logits /
-        temperature could break a tie differently), or has fewer than 2 tokens left."""
-        fn = getattr(self.model, "greedy_chunk", None)
-        if fn is None or self.decode_chunk < 2:
-            return None
-        reqs = [r for _, r in active]
-        if not all(isinstance(r, SampleRequest) and r.is_plain_greedy() and r.params.temperature == 1.0
-                   for r in reqs):
-            return None
-        steps = min(self.decode_chunk, min(r.max_gen - len(r.tokens) for r in reqs))
-        if steps < 2:
-            return None
-        logprobs = any(r.params.return_log_probs for r in reqs)
-        seq_ids = [r.seq_id for r in reqs]
-        ids = torch.tensor([r.tokens[-1] for r in reqs], dtype=torch.long)
-        lens = [self.cache.length(q) for q in seq_ids]
-        meta = self.cache.prepare_chunk(seq_ids, steps)
-        with torch.no_grad():
-            got = fn(ids.to(meta.positions.device), meta, self.cache, steps, logprobs)
-        if got is None:                      # the model cannot after all: undo the reservation
-            for q, n in zip(seq_ids, lens):
-                self.cache.truncate(q, n)
+        None when a single step must run instead."""
+        got = run_greedy_chunk(self.model, self.cache, [r for _, r in active], self.decode_chunk)
+        if got is None:
             return None
         toks, lps = got
-        toks, lps = toks.tolist(), lps.tolist() if lps is not None else None
         events = []
-        for j in range(steps):
+        for j in range(len(toks)):
             for b, (i, r) in enumerate(active):
                 if not r.done:
                     events += [StreamEvent(i, *ev) for ev in r.accept(toks[j][b], lps[j][b] if lps else 0.0)]
@@ -311,6 +289,40 @@ class Generator:
             finally:
                 for r in reqs:
                     r.release()
+
+
+def run_greedy_chunk(model, cache: KVCache, reqs: list, limit: int):
+    """Up to `limit` greedy decode steps of every request in `reqs` run back to back on the GPU
+    (the model feeds each step's argmax to the next: `FastGPTMoE.greedy_chunk`), with KV room
+    for them reserved and each sequence's length advanced by the steps taken. Returns (tokens,
+    log probs or None) as lists [steps][row], for the caller to accept in step order; or None
+    (nothing reserved) when single steps must run instead: the model has no greedy chunks here,
+    a request samples, penalises, bans words, has a temperature other than 1 (its argmax of
+    logits / temperature could break a tie differently) or fewer than 2 tokens left, or the
+    cache has no free blocks for 2 steps of every row (fewer steps are taken when that is what fits)."""
+    fn = getattr(model, "greedy_chunk", None)
+    if fn is None or limit < 2 or not reqs or not getattr(model, "can_greedy_chunk", lambda c, b: True)(cache, len(reqs)):
+        return None
+    if not all(isinstance(r, SampleRequest) and r.is_plain_greedy() and r.params.temperature == 1.0 for r in reqs):
+        return None
+    seq_ids = [r.seq_id for r in reqs]
+    lens = [cache.length(q) for q in seq_ids]
+    held = [len(cache.block_table(q)) for q in seq_ids]
+    steps = min(limit, min(r.max_gen - len(r.tokens) for r in reqs))
+    while steps >= 2 and sum(max(0, cache.blocks_for(n + steps) - h) for n, h in zip(lens, held)) > cache.num_free_blocks:
+        steps -= 1
+    if steps < 2:
+        return None
+    ids = torch.tensor([r.tokens[-1] for r in reqs], dtype=torch.long)
+    meta = cache.prepare_chunk(seq_ids, steps)
+    with torch.no_grad():
+        got = fn(ids.to(meta.positions.device), meta, cache, steps, any(r.params.return_log_probs for r in reqs))
+    if got is None:                          # the model cannot after all: undo the reservation
+        for q, n in zip(seq_ids, lens):
+            cache.truncate(q, n)
+        return None
+    toks, lps = got
+    return toks.tolist(), lps.tolist() if lps is not None else None
 
 
 def decode_chunk_steps() -> int:

@@ -23,6 +23,7 @@ from ftmoe.engine import AsyncEngine, LLMEngine, QueueFullError, TokenEvent
 from ftmoe.errors import FtmoeError, RequestError
 from ftmoe.generation import Generator
 from ftmoe.sampling import SamplingParams
+from tests.oracles.stepwise_chunks import StepwiseChunks
 
 
 
@@ -222,6 +223,76 @@ def test_a_failing_model_call_aborts_only_its_requests(model, gen):
         assert str(eng.pop_error(rid)) == "boom"
     _assert_same_as_generator({k: events[k] for k in ("f0", "f1")}, reqs[:2], ref)
     assert eng.stats()["kv_blocks_used"] == 0 and eng.pop_error("f0") is None
+
+
+# ---- greedy chunks (multi-step decoding) ------------------------------------------------
+class _WatchedChunks(StepwiseChunks):
+    """Chunks on the CPU that also record how many requests waited when each chunk ran."""
+
+    def __init__(self, model):
+        super().__init__(model)
+        self.engine = None
+        self.waiting = []
+
+    def greedy_chunk(self, *a, **kw):
+        self.waiting.append(len(self.engine.scheduler.waiting))
+        return super().greedy_chunk(*a, **kw)
+
+
+def _greedy_requests(gen, n: int, seed: int) -> list[tuple[str, list[int], SamplingParams]]:
+    """Plain-greedy requests; some end inside a chunk (end id, stop word, odd max_new_tokens)."""
+    rng = random.Random(seed)
+    reqs = []
+    for i in range(n):
+        prompt = [rng.randrange(512) for _ in range(rng.choice([1, 3, 8, 21]))]
+        p = SamplingParams(max_new_tokens=rng.randint(2, 15), return_log_probs=i % 2 == 0)
+        g = gen.generate([prompt], SamplingParams(max_new_tokens=8))[0].generated_ids
+        if i % 4 == 1:
+            p.end_id = g[5]
+        elif i % 4 == 2:
+            p.stop_words = [[g[2], g[3]]]
+        reqs.append((f"g{i}", prompt, p))
+    return reqs
+
+
+@pytest.mark.parametrize("kv_tokens", [4096, 64])     # 64: chunks shrink to the free blocks, preemption
+def test_greedy_chunks_serve_what_single_steps_do(model, gen, kv_tokens):
+    """With only plain-greedy decodes running and nobody waiting, the engine runs up to
+    decode_chunk steps per engine step; streams, tokens, log probs and finish reasons equal
+    single steps' (the Generator), no chunk runs while a request waits, and every block is freed."""
+    reqs = _greedy_requests(gen, 12, seed=kv_tokens)
+    ref = _reference(gen, reqs)
+    chunked = _WatchedChunks(model)
+    eng = LLMEngine(chunked, kv_cache_tokens=kv_tokens, block_size=8, decode_chunk=4)
+    chunked.engine = eng
+    events = _drive(eng, _staggered(reqs, per_step=2))
+    _assert_same_as_generator(events, reqs, ref)
+    assert chunked.chunks and all(2 <= steps <= 4 for _, steps in chunked.chunks)
+    assert set(chunked.waiting) == {0}
+    s = eng.stats()
+    assert s["finished"] == 12 and s["kv_blocks_used"] == 0
+    assert s["generated_tokens"] == sum(len(o.generated_ids) for o in ref.values())
+    if kv_tokens == 64:
+        assert s["preemptions"] > 0
+
+
+def test_greedy_chunks_only_for_plain_greedy_batches(model, gen):
+    """A running request that samples keeps the engine on single steps; decode_chunk=1 turns
+    chunks off; a bad decode_chunk is named."""
+    reqs = [("a", [5, 6, 7], SamplingParams(max_new_tokens=8)),
+            ("b", [9], SamplingParams(max_new_tokens=8, temperature=1.2, top_k=20, seed=4))]
+    ref = _reference(gen, reqs)
+    chunked = _WatchedChunks(model)
+    eng = LLMEngine(chunked, kv_cache_tokens=1024, decode_chunk=8)
+    chunked.engine = eng
+    _assert_same_as_generator(_drive(eng, {0: reqs}), reqs, ref)
+    assert not chunked.chunks
+    eng = LLMEngine(chunked, kv_cache_tokens=1024, decode_chunk=1)
+    chunked.engine = eng
+    _assert_same_as_generator(_drive(eng, {0: reqs[:1]}), reqs[:1], ref)
+    assert not chunked.chunks
+    with pytest.raises(FtmoeError, match="engine option decode_chunk must be an integer 1..32, found 0"):
+        LLMEngine(model, kv_cache_tokens=1024, decode_chunk=0)
 
 
 def test_queue_full(model):

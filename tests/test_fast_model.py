@@ -131,6 +131,39 @@ def test_greedy_chunk_equals_greedy_steps(models, logprobs=True):
         graphs.greedy_chunk(first, cache.prepare_chunk([0, 1, 2], 1), 33)
 
 
+def test_serving_engine_decodes_greedy_chunks(models, monkeypatch):
+    """The serving engine over the fast path with graphs on its cache runs plain-greedy decodes in
+    chunks (`FastGPTMoE.greedy_chunk`), and streams the tokens and log probs that one step at a
+    time gives; every block is freed."""
+    from ftmoe.engine import LLMEngine
+    from ftmoe.sampling import SamplingParams
+
+    ref, fast = models
+    reqs = [("a", [5, 9, 2, 7], SamplingParams(max_new_tokens=7, return_log_probs=True)),
+            ("b", [3], SamplingParams(max_new_tokens=5, return_log_probs=True))]
+    got = {}
+    for chunk in (4, 1):
+        eng = LLMEngine(fast, kv_cache_tokens=256, block_size=4, decode_chunk=chunk)
+        fast.enable_cuda_graphs(eng.cache, prefill=False)
+        calls = []
+        real = fast.graphs.greedy_chunk
+        monkeypatch.setattr(fast.graphs, "greedy_chunk", lambda *a, **kw: calls.append(a[2]) or real(*a, **kw))
+        try:
+            for rid, prompt, p in reqs:
+                eng.add_request(rid, prompt, p)
+            evs = []
+            while eng.has_unfinished():
+                evs += eng.step()
+        finally:
+            fast.graphs = fast.prefill_graphs = None
+        got[chunk] = {rid: [(e.token_id, e.logprob) for e in evs if e.request_id == rid] for rid, _, _ in reqs}
+        assert (calls == []) == (chunk == 1) and all(2 <= s <= 4 for s in calls)
+        assert eng.cache.num_free_blocks == eng.cache.num_blocks
+    for rid, _, p in reqs:
+        assert [t for t, _ in got[4][rid]] == [t for t, _ in got[1][rid]] and len(got[1][rid]) == p.max_new_tokens
+        assert [lp for _, lp in got[4][rid]] == pytest.approx([lp for _, lp in got[1][rid]], abs=1e-5)
+
+
 def test_padding_rows_write_nothing(models):
     """Rows with slot -1 (graph-bucket padding) write no KV and route to no expert; a real row
     beside them is unaffected."""

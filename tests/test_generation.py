@@ -17,6 +17,7 @@ import torch
 from ftmoe.errors import RequestError
 from ftmoe.generation import Generator, StreamEvent
 from ftmoe.sampling import SamplingParams
+from tests.oracles.stepwise_chunks import StepwiseChunks
 
 
 
@@ -417,36 +418,12 @@ def test_llm_text_prompts_stop_strings_and_streaming(model_dir, tmp_path):
 
 
 # ---- greedy chunks (several steps per host visit) ------------------------------------
-class _StepwiseChunks:
-    """The reference model with `greedy_chunk`: each chunk's steps run one at a time from the
-    chunk's metadata as the GPU's advance kernel moves it (`AttnMetadata.chunk_step`), so the
-    Generator's chunk path runs on the CPU."""
-
-    def __init__(self, model):
-        self.model, self.config, self.dtype, self.device = model, model.config, model.dtype, model.device
-        self.chunks = []
-
-    def __call__(self, *a, **kw):
-        return self.model(*a, **kw)
-
-    def greedy_chunk(self, ids, meta, cache, steps, logprobs=False):
-        self.chunks.append((ids.shape[0], steps))
-        toks, lps = [], []
-        tok = ids.reshape(-1)
-        for j in range(steps):
-            logits = self.model(tok[:, None], meta.chunk_step(j, cache.block_size), cache, last_only=True)
-            tok = logits.argmax(-1)
-            toks.append(tok)
-            lps.append(torch.log_softmax(logits, -1).gather(1, tok[:, None])[:, 0])
-        return torch.stack(toks), torch.stack(lps) if logprobs else None
-
-
 def test_greedy_chunks_generate_what_single_steps_do(model, gen):
     """Generation through greedy chunks (4 steps per host visit) equals single steps: tokens, log
     probs, finish reasons, for requests ending inside a chunk (stop word, end id after
     min_length, max_new_tokens not a multiple of 4); a batch with a sampled request steps one by
     one; every cache block is free afterwards."""
-    chunked = Generator(_StepwiseChunks(model))
+    chunked = Generator(StepwiseChunks(model))
     chunked.decode_chunk = 4
     base = greedy(gen, PROMPTS[0], n=20).generated_ids
     params = [SamplingParams(max_new_tokens=10, return_log_probs=True),

@@ -372,6 +372,16 @@ def test_bench_serving_cli_errors(tmp_path, capsys):
     assert "comma-separated numbers" in capsys.readouterr().err
 
 
+def test_serve_option_errors(model_dir, capsys):
+    """serve's engine options are checked before anything loads: one line, exit status 1."""
+    from ftmoe.cli import main
+
+    assert main(["serve", "--model", model_dir, "--decode-chunk", "0"]) == 1
+    assert capsys.readouterr().err.strip() == "ftmoe: error: --decode-chunk must be 1..32, found 0"
+    assert main(["serve", "--model", model_dir, "--max-num-seqs", "0"]) == 1
+    assert capsys.readouterr().err.strip() == "ftmoe: error: --max-num-seqs must be >= 1, found 0"
+
+
 # ---- the serve command: start-up, SIGTERM drains in-flight streams ----------------------
 def test_serve_subprocess_sigterm_drains(model_dir):
     with socket.socket() as s:

@@ -9,7 +9,9 @@ Out: `step()` -> the `TokenEvent`s of one iteration: one per sequence that ran (
 
 Each step is at most two model calls, so FastGPTMoE stays on its fast paths: one prefill call
 for the sequences the scheduler admitted (context 0, right-padded [B, T]) and one decode call
-(one token per running sequence). Sampling, stop words, min_length, end_id, the context limit
+(one token per running sequence), or, when nothing waits and every running request decodes
+plain-greedy, one greedy chunk of up to `decode_chunk` steps back to back on the GPU (vLLM's
+multi-step decoding; same tokens as single steps). Sampling, stop words, min_length, end_id, the context limit
 and seeds are generation.py's per-request sampler (`SampleRequest`), so a request's tokens
 equal `Generator.generate`'s for the same prompt and params, whatever it is batched with and
 however often it is preempted (a preempted sequence is re-prefilled from prompt + generated
@@ -29,7 +31,8 @@ from collections import OrderedDict
 import torch
 
 from ..errors import FtmoeError, RequestError
-from ..generation import SampleRequest, check_prompt, max_new_tokens_for, resolve_end_id
+from ..generation import (SampleRequest, check_prompt, decode_chunk_steps, max_new_tokens_for, resolve_end_id,
+                          run_greedy_chunk)
 from ..kv_cache import KVCache
 from ..sampling import SamplingParams
 from .metrics import Metrics
@@ -71,9 +74,17 @@ class LLMEngine:
         return max_new_tokens_for(self.config, prompt_len, params)
 
     def __init__(self, model, *, kv_cache_tokens: int | None = None, block_size: int = 16,
-                 max_num_seqs: int = 256, max_num_batched_tokens: int = 4096, max_queue: int = 1024):
+                 max_num_seqs: int = 256, max_num_batched_tokens: int = 4096, max_queue: int = 1024,
+                 decode_chunk: int | None = None):
+        """decode_chunk: greedy steps run back to back per engine step when only plain-greedy
+        decodes run and nothing waits (default FTMOE_DECODE_CHUNK, 8; 1 = one step at a time)."""
         self.model = model
         self.config = cfg = model.config
+        if decode_chunk is None:
+            decode_chunk = decode_chunk_steps()
+        elif not isinstance(decode_chunk, int) or not 1 <= decode_chunk <= 32:
+            raise FtmoeError(f"engine option decode_chunk must be an integer 1..32, found {decode_chunk!r}")
+        self.decode_chunk = decode_chunk
         for name, v, lo in (("block_size", block_size, 1), ("max_num_seqs", max_num_seqs, 1),
                             ("max_queue", max_queue, 0), ("max_num_batched_tokens", max_num_batched_tokens,
                                                           cfg.max_pos_seq_len)):
@@ -169,7 +180,12 @@ class LLMEngine:
             for b, x in enumerate(rows):
                 ids[b, :lens[b]] = torch.tensor(x, dtype=torch.long)
             events += self._run(batch.prefill, ids, lens)
-        if batch.decode:
+        chunk = None
+        if batch.decode and not batch.prefill and not self.scheduler.waiting:
+            chunk = self._greedy_chunk(batch.decode)
+        if chunk is not None:
+            events += chunk
+        elif batch.decode:
             ids = torch.tensor([[r.sampler.tokens[-1]] for r in batch.decode], dtype=torch.long)   # [B, 1]
             events += self._run(batch.decode, ids, [1] * len(batch.decode))
         self.scheduler.drop_finished()
@@ -200,10 +216,45 @@ class LLMEngine:
                 log.exception("sampling failed for request %r; aborting it", r.request_id)
                 self._fail(r, e)
                 continue
-            self._observe(r, now)
-            out.append(TokenEvent(r.request_id, tok, lp, done, reason, r.prompt_length, r.num_generated))
-            if done:
-                self._finish(r, reason)
+            self._emit(r, tok, lp, done, reason, now, out)
+        return self._counted(now, out)
+
+    def _greedy_chunk(self, reqs: list[Request]) -> list[TokenEvent] | None:
+        """vLLM's multi-step decoding for plain-greedy batches: up to `decode_chunk` steps on the
+        GPU per engine step (`generation.run_greedy_chunk`), taken only when nothing waits, so a
+        new request waits at most one chunk for its prefill. The tokens are accepted in step order
+        as single steps would accept them (a request that stops inside the chunk drops the later
+        ones), so outputs equal single steps'; a stream receives the chunk's tokens together.
+        None: single steps run (a sampled request, too few tokens left or blocks free, no chunks
+        on this model); a failed chunk aborts its requests like a failed step."""
+        try:
+            got = run_greedy_chunk(self.model, self.cache, [r.sampler for r in reqs], self.decode_chunk)
+        except Exception as e:  # noqa: BLE001 - the requests of this call fail, the engine goes on
+            log.exception("greedy chunk failed for %d request(s); aborting them", len(reqs))
+            for r in reqs:
+                self._fail(r, e)
+            return []
+        if got is None:
+            return None
+        toks, lps = got
+        now = time.monotonic()
+        out = []
+        for j in range(len(toks)):
+            for b, r in enumerate(reqs):
+                if r.status != "running":
+                    continue
+                self._emit(r, *r.sampler.accept(toks[j][b], lps[j][b] if lps else 0.0)[0], now, out)
+        return self._counted(now, out)
+
+    def _emit(self, r: Request, tok: int, lp: float, done: bool, reason: str | None, now: float,
+              out: list[TokenEvent]) -> None:
+        """A token the request's sampler accepted: timing, its event, the request's end."""
+        self._observe(r, now)
+        out.append(TokenEvent(r.request_id, tok, lp, done, reason, r.prompt_length, r.num_generated))
+        if done:
+            self._finish(r, reason)
+
+    def _counted(self, now: float, out: list[TokenEvent]) -> list[TokenEvent]:
         self.metrics.tokens(now, len(out))
         self._counts["generated_tokens"] += len(out)
         return out

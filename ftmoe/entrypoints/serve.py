@@ -44,6 +44,9 @@ def add_serve_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--kv-cache-tokens", type=int, default=None, help="KV-cache capacity in tokens "
                                                                      "(default: the engine's choice)")
     p.add_argument("--block-size", type=int, default=16, help="KV-cache block size in tokens")
+    p.add_argument("--decode-chunk", type=int, default=None,
+                   help="greedy decode steps run back to back when every running request decodes plain-greedy "
+                        "and none waits (1-32; default $FTMOE_DECODE_CHUNK, else 8; 1 = one step at a time)")
     p.add_argument("--tp", type=int, default=1, help="tensor-parallel size")
     p.add_argument("--ep", type=int, default=1, help="expert-parallel size")
     p.add_argument("--pp", type=int, default=1, help="pipeline-parallel size")
@@ -107,12 +110,14 @@ def run_serve(args, hooks=()) -> int:
     for name in ("max_num_seqs", "max_num_batched_tokens", "max_queue", "block_size"):
         if getattr(args, name) < 1:
             raise FtmoeError(f"--{name.replace('_', '-')} must be >= 1, found {getattr(args, name)}")
+    if args.decode_chunk is not None and not 1 <= args.decode_chunk <= 32:
+        raise FtmoeError(f"--decode-chunk must be 1..32, found {args.decode_chunk}")
     _check_port(args.host, args.port)
     llm, model, tokenizer = load_for_serving(args)
     try:
         core = LLMEngine(model, kv_cache_tokens=args.kv_cache_tokens, block_size=args.block_size,
                          max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
-                         max_queue=args.max_queue)
+                         max_queue=args.max_queue, decode_chunk=args.decode_chunk)
         if getattr(model, "graphs", None) is not None:   # LLM chose CUDA graphs: bind them to the engine's cache
             model.enable_cuda_graphs(core.cache)
         engine = AsyncEngine(core)
