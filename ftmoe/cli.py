@@ -213,6 +213,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default=None, help="JSON path (default: the package's configs folder)")
     p.add_argument("--no-dense", action="store_true", help="skip timing the dense GEMMs (Triton vs cuBLAS)")
     p.add_argument("--no-moe", action="store_true", help="skip the fused-MoE tiles (keep the table's)")
+    p.add_argument("--in-step", default=None, metavar="BATCHES",
+                   help="instead of timing kernels alone, refine the existing table's entries for these decode "
+                        "batches (e.g. 1,2,4,8,16) by timing whole decode steps replayed from CUDA graphs")
     p.add_argument("--dense-m", default="1,2,4,8,16,32,64,128,256",
                    help="batch sizes at which the dense GEMMs are timed (Triton vs cuBLAS)")
     p = sub.add_parser("demo", help="build the small embedded model, convert it and generate")
@@ -268,9 +271,26 @@ def main(argv: list[str] | None = None) -> int:
             from .loader import parse_dtype, resolve_model_dir
             from .tune import dense_shapes, model_shapes, run_tune
 
+            if a.in_step is not None:
+                try:
+                    batches = [int(b) for b in a.in_step.split(",")]
+                except ValueError:
+                    batches = []
+                if not batches or min(batches) < 1:
+                    raise FtmoeError(f"--in-step: expected comma-separated batch sizes >= 1, found {a.in_step!r}")
             if not torch.cuda.is_available():
                 raise FtmoeError("ftmoe tune needs a CUDA GPU")
             cfg = ModelConfig.from_dir(resolve_model_dir(a.model)) if a.model else config_of(a.preset)
+            if a.in_step is not None:
+                from .tune import run_tune_in_step
+
+                model = None
+                if a.model:
+                    from .loader import load_model
+
+                    model = load_model(resolve_model_dir(a.model), dtype=parse_dtype(a.dtype), device="cuda")
+                run_tune_in_step(cfg, parse_dtype(a.dtype), batches, a.out, model=model)
+                return 0
             run_tune([] if a.no_moe else model_shapes(cfg), parse_dtype(a.dtype), tuple(int(m) for m in a.m.split(",")),
                      a.out, dense=[] if a.no_dense else dense_shapes(cfg),
                      dense_ms=tuple(int(m) for m in a.dense_m.split(",")))

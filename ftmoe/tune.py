@@ -17,6 +17,7 @@ import time
 
 import torch
 
+from .errors import FtmoeError
 from .kernels.configs import CONFIG_DIR, dense_key, device_key, shape_key
 from .kernels.fused_moe import fused_moe
 from .fast_model import SMALL_BATCH_SLOTS, small_batch_split_k
@@ -153,6 +154,29 @@ def run_tune(shapes: list[tuple[int, int, int, str]], dtype: torch.dtype, ms=DEF
             log(f"[{time.time() - t0:6.1f}s] {dense_key(N, K, dt)} M={M:<3} cuBLAS {cub * 1e3:7.1f} us, Triton "
                 f"{tri * 1e3:7.1f} us -> {choice['backend']} {choice if choice['backend'] == 'triton' else ''}")
             _write_table(table, path)
+    _write_table(table, path)
+    log(f"wrote {path}")
+    return path
+
+
+def run_tune_in_step(cfg, dtype: torch.dtype, batches: list[int], out: str | None = None, log=print,
+                     model=None) -> str:
+    """Refine the table's small-batch entries inside whole decode steps (`tune_step`): random
+    weights at cfg's shapes (or `model`, a loaded GPTMoE), the table at `out` (default: this
+    card's in the package) read, refined for `batches` and written back."""
+    from .bench import random_model
+    from .fast_model import FastGPTMoE
+    from .tune_step import StepRig, refine_in_step
+
+    name = torch.cuda.get_device_name()
+    path = out or os.path.join(CONFIG_DIR, device_key(name) + ".json")
+    if not os.path.isfile(path):
+        raise FtmoeError(f"{path}: no tuned table to refine (run `ftmoe tune` first)")
+    with open(path) as f:
+        table = json.load(f)
+    log(f"refining {path} inside decode steps at batches {', '.join(map(str, batches))}")
+    fast = FastGPTMoE(model if model is not None else random_model(cfg, dtype, torch.device("cuda")))
+    table = refine_in_step(StepRig(fast, batches), table, log=log)
     _write_table(table, path)
     log(f"wrote {path}")
     return path

@@ -25,20 +25,18 @@ import argparse
 import contextlib
 import json
 import os
-import shutil
 import statistics
 import sys
-import tempfile
 
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from ftmoe.bench import _events_ms, config_of, random_model  # noqa: E402
 from ftmoe.cuda_graphs import DecodeGraphs  # noqa: E402
+from ftmoe.tune_step import StepRig, back_to_back_ms  # noqa: E402
 from ftmoe import fast_model  # noqa: E402
 from ftmoe.fast_model import FastGPTMoE  # noqa: E402
 from ftmoe.kernels import configs, pdl  # noqa: E402
-from ftmoe.kv_cache import AttnMetadata, KVCache  # noqa: E402
 
 
 ENV_SWITCHES = {"gate": "FTMOE_GATE", "attn": "FTMOE_ATTN_SPLIT", "preload": "FTMOE_ATTN_PRELOAD",
@@ -82,10 +80,10 @@ def _knock_out(part: str):
 @contextlib.contextmanager
 def switches(spec: str, device_name: str):
     """Apply a variant's switches ("base", or comma-separated key=value) for the block."""
-    saved_rows, saved_exit, saved_dir = pdl.MAX_ROWS, pdl.EXIT_MAX_ROWS, configs.CONFIG_DIR
+    saved_rows, saved_exit = pdl.MAX_ROWS, pdl.EXIT_MAX_ROWS
     saved_fns = []
     saved_env = {v: os.environ.get(v) for v in ENV_SWITCHES.values()}
-    tmp = None
+    tables = contextlib.ExitStack()
     try:
         for kv in [] if spec == "base" else spec.split(","):
             key, value = kv.split("=", 1)
@@ -99,11 +97,8 @@ def switches(spec: str, device_name: str):
             elif key in ENV_SWITCHES:
                 os.environ[ENV_SWITCHES[key]] = value
             elif key == "table":
-                tmp = tempfile.mkdtemp()
-                shutil.copy(value, os.path.join(tmp, configs.device_key(device_name) + ".json"))
-                configs.CONFIG_DIR = tmp
-                configs._table.cache_clear()
-                configs.get_dense_choice.cache_clear()
+                with open(value) as f:
+                    tables.enter_context(configs.using_table(json.load(f)))
             else:
                 raise SystemExit(f"unknown switch {key!r} in variant {spec!r}")
         yield
@@ -116,11 +111,7 @@ def switches(spec: str, device_name: str):
                 os.environ.pop(var, None)
             else:
                 os.environ[var] = value
-        configs.CONFIG_DIR = saved_dir
-        configs._table.cache_clear()
-        configs.get_dense_choice.cache_clear()
-        if tmp:
-            shutil.rmtree(tmp)
+        tables.close()
 
 
 def _time_replays(dg: DecodeGraphs, B: int, inputs, iters: int, synced: str | None) -> float:
@@ -129,9 +120,10 @@ def _time_replays(dg: DecodeGraphs, B: int, inputs, iters: int, synced: str | No
     alone, then waited for, as `ftmoe bench` and a serving loop that samples on the host do: the
     host's launch work is inside; median). synced "host": ids and metadata from the host in one
     copy (`step_host`, the engine's path); "device": device tensors copied field by field (`step`)."""
-    g, s, _ = dg.graphs[B]
+    g = dg.graphs[B][0]
     ids, meta = inputs
-    dev_args = (ids.to(s["ids"].device)[:, 0], *(t.to(s["ids"].device) for t in (
+    dev = dg.fast.device
+    dev_args = (ids.to(dev)[:, 0], *(t.to(dev) for t in (
         meta.positions[:, 0], meta.block_tables, meta.context_lens, meta.slot_mapping[:, 0])))
     dg.step(*dev_args)
     torch.cuda.synchronize()
@@ -139,13 +131,7 @@ def _time_replays(dg: DecodeGraphs, B: int, inputs, iters: int, synced: str | No
         return _events_ms(lambda: dg.step_host(ids, meta), iters, warmup=1)
     if synced == "device":
         return _events_ms(lambda: dg.step(*dev_args), iters, warmup=1)
-    e0, e1 = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    e0.record()
-    for _ in range(iters):
-        g.replay()
-    e1.record()
-    e1.synchronize()
-    return e0.elapsed_time(e1) / iters
+    return back_to_back_ms(g.replay, iters)
 
 
 def main():
@@ -163,31 +149,13 @@ def main():
     dev = torch.device("cuda")
     name = torch.cuda.get_device_name()
     cfg = config_of("gpt-moe-0.35b-64e")
-    fast = FastGPTMoE(random_model(cfg, torch.bfloat16, dev))
     batches = [int(b) for b in a.batches.split(",")]
-    bs, ctx = 16, a.ctx
-    cache = KVCache.for_model(cfg, max(batches) * (ctx + 2 * bs) + 64 * bs, block_size=bs, dtype=torch.bfloat16,
-                              device=dev)
-    cache.k.normal_()
-    cache.v.normal_()
-    nb = -(-cfg.max_pos_seq_len // bs)
-    inputs = {}
-    for B in batches:
-        for seq in range(B):
-            if not cache.has(seq):
-                cache.add(seq)
-                cache.prepare([seq], [ctx])
-                cache.reserve(seq, 1)
-        seqs = range(B)
-        tables = torch.tensor([cache.block_table(q)[:nb] + [0] * (nb - len(cache.block_table(q)[:nb])) for q in seqs])
-        slots = torch.tensor([cache.block_table(q)[ctx // bs] * bs + ctx % bs for q in seqs])
-        meta = AttnMetadata(torch.full((B, 1), ctx), slots[:, None], tables, torch.full((B,), ctx),
-                            torch.ones(B, dtype=torch.long))
-        inputs[B] = (torch.randint(0, cfg.vocab_size, (B, 1)), meta)       # on the host, as the engine has them
+    rig = StepRig(FastGPTMoE(random_model(cfg, torch.bfloat16, dev)), batches, ctx=a.ctx)
+    ctx, inputs = a.ctx, rig.inputs
     graphs = {}
     for v in a.variants:
         with switches(v, name):
-            dg = DecodeGraphs(fast, cache, max_blocks_per_seq=nb, buckets=tuple(batches))
+            dg = rig.graphs()
             for B in batches:
                 dg.capture(B)
             graphs[v] = dg

@@ -66,6 +66,13 @@ def test_generate_errors_are_one_line(tiny_model_dir, capsys, argv, needle):
     assert err.startswith("ftmoe: error: ") and err.count("\n") == 1 and needle in err, err
 
 
+@pytest.mark.parametrize("spec", ["1,x", "0,8", ""])
+def test_tune_in_step_batches_are_checked(spec, capsys):
+    assert main(["tune", "--in-step", spec]) == 1
+    err = capsys.readouterr().err
+    assert err == f"ftmoe: error: --in-step: expected comma-separated batch sizes >= 1, found {spec!r}\n"
+
+
 def test_missing_model_folder(tmp_path, capsys):
     assert main(["info", str(tmp_path / "nope")]) == 1
     assert "model folder not found" in capsys.readouterr().err

@@ -4,6 +4,8 @@ Runs compiled on a GPU, or through Triton's interpreter on the CPU (fp32, tiny m
 """
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 
@@ -162,6 +164,44 @@ def test_serving_engine_decodes_greedy_chunks(models, monkeypatch):
     for rid, _, p in reqs:
         assert [t for t, _ in got[4][rid]] == [t for t, _ in got[1][rid]] and len(got[1][rid]) == p.max_new_tokens
         assert [lp for _, lp in got[4][rid]] == pytest.approx([lp for _, lp in got[1][rid]], abs=1e-5)
+
+
+def test_tune_in_step_refines_the_entries_a_step_uses(models):
+    """`ftmoe tune --in-step` on the CPU (interpreter, a fake timer): the entries batch 2's step
+    resolves get their own M = 2 entries, a variant that times faster replaces only its entry,
+    a cuBLAS choice and the input table stay untouched, and every variant ran as a real step."""
+    from ftmoe.kernels import configs
+    from ftmoe.tune_step import StepRig, refine_in_step
+
+    ref, fast = models
+    cfg = ref.config
+    H, F, E = cfg.hidden_size, cfg.inter_size, cfg.expert_num
+    tile = {"BLOCK_M": 16, "BLOCK_N": 32, "BLOCK_K": 64, "GROUP_M": 1, "num_warps": 4, "num_stages": 3}
+    w1, w2, mlp = (configs.shape_key(E, F, H, "fp32"), configs.shape_key(E, H, F, "fp32"),
+                   configs.shape_key(1, F, H, "fp32"))
+    qkv, wo = configs.dense_key(3 * H, H, "fp32"), configs.dense_key(H, H, "fp32")
+    table = {w1: {"1": tile}, w2: {"1": tile}, mlp: {"8": dict(tile, num_stages=2)},
+             qkv: {"1": dict(tile, backend="triton", split_k=1)}, wo: {"1": {"backend": "cublas"}}}
+    saved = json.dumps(table, sort_keys=True)
+    ran, lines, steps = [], [], []
+
+    def timer(fn, B, key, v):
+        ran.append((key, v))
+        return 0.5 if key == w1 and v == dict(tile, BLOCK_K=32) else 1.0
+
+    rig = StepRig(fast, [2], ctx=6, block_size=4)
+    real = rig.step_fn
+    rig.step_fn = lambda *a, **kw: steps.append(1) or real(*a, **kw)
+    got = refine_in_step(rig, table, rounds=1, stages=(), log=lines.append, timer=timer)   # BLOCK_K 32, 128
+    assert json.dumps(table, sort_keys=True) == saved
+    k = cfg.moe_k
+    assert got[w1][str(2 * k)] == dict(tile, BLOCK_K=32) and got[w1]["1"] == tile
+    assert got[w2][str(2 * k)] == tile and got[mlp] == {"8": dict(tile, num_stages=2), "2": dict(tile, num_stages=2)}
+    assert got[qkv]["2"] == dict(tile, backend="triton", split_k=1)
+    assert got[wo] == {"1": {"backend": "cublas"}}
+    assert any("-> BK 32 stages 3" in line and w1 in line for line in lines)
+    assert len(ran) == 4 * 3                       # 4 entries x (base, BK 32, BK 128), one round
+    assert len(steps) == 1 + 4 * 3                 # the recording step, then one real step per trial
 
 
 def test_padding_rows_write_nothing(models):

@@ -388,6 +388,29 @@ def test_tuned_config_lookup_and_expert_parallel_fallback():
     assert configs.get_config(64, 1024, 4096, "bf16", 64, "NVIDIA H100 80GB HBM3") == e64["64"]
 
 
+def test_using_table_overrides_and_records_lookups():
+    """Inside `using_table` lookups read the given table and, with a record, log (key, M asked,
+    M of the entry used); outside they read the card's file again."""
+    from ftmoe.kernels import configs
+
+    moe = {"BLOCK_M": 16, "BLOCK_N": 32, "BLOCK_K": 128, "GROUP_M": 1, "num_warps": 4, "num_stages": 4}
+    dense = {"BLOCK_M": 16, "BLOCK_N": 64, "BLOCK_K": 64, "GROUP_M": 1, "num_warps": 4, "num_stages": 5,
+             "split_k": 2, "backend": "triton"}
+    k1, k2 = configs.shape_key(64, 1024, 4096, "bf16"), configs.dense_key(3072, 1024, "bf16")
+    before = configs.get_config(64, 1024, 4096, "bf16", 2, "NVIDIA H200")
+    before_dense = configs.get_dense_choice(3072, 1024, "bf16", 1, "NVIDIA H200")
+    assert before != moe and before_dense["split_k"] != 2
+    used = []
+    with configs.using_table({k1: {"1": moe, "8": dict(moe, num_stages=3)}, k2: {"2": dense}}, record=used):
+        assert configs.get_config(64, 1024, 4096, "bf16", 2, "NVIDIA H200") == moe
+        assert configs.get_config(16, 1024, 4096, "bf16", 7, "NVIDIA H200")["num_stages"] == 3   # EP fallback
+        assert configs.get_dense_choice(3072, 1024, "bf16", 1, "NVIDIA H200")["split_k"] == 2
+        assert configs.get_dense_choice(1024, 1024, "bf16", 1, "NVIDIA H200") is None
+    assert used == [(k1, 2, "1"), (k1, 7, "8"), (k2, 1, "2")]
+    assert configs.get_config(64, 1024, 4096, "bf16", 2, "NVIDIA H200") == before
+    assert configs.get_dense_choice(3072, 1024, "bf16", 1, "NVIDIA H200") == before_dense
+
+
 @pytest.mark.skipif(not GPU, reason="CUDA graphs need a GPU")
 def test_moe_align_is_graph_capturable_at_large_batches(gen):
     """Decode at batch 1024 captures the chunked alignment in a CUDA graph: no host copies."""

@@ -14,6 +14,7 @@ an entry (or past twice the largest tuned M, or with FTMOE_DENSE_GEMM=cublas) cu
 """
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
 import os
@@ -33,8 +34,32 @@ def shape_key(E: int, N: int, K: int, dtype: str) -> str:
 _FAMILIES = (("H100", "H200", "H800", "H20", "GH200"),)
 
 
-@functools.lru_cache(maxsize=None)
+_override: dict | None = None          # `using_table`'s table, read instead of the card's file
+_record: list | None = None            # `using_table`'s log of resolved entries
+
+
 def _table(device_name: str) -> dict:
+    return _override if _override is not None else _file_table(device_name)
+
+
+@contextlib.contextmanager
+def using_table(table: dict, record: list | None = None):
+    """Inside the block every lookup reads `table` instead of the card's file; with `record`, each
+    tuned entry a lookup resolves is appended as (key, M asked for, M of the entry used). For
+    timing table variants in one process (`ftmoe tune --in-step`, `scripts/ab_decode.py`)."""
+    global _override, _record
+    saved = _override, _record
+    _override, _record = table, record
+    get_dense_choice.cache_clear()
+    try:
+        yield
+    finally:
+        _override, _record = saved
+        get_dense_choice.cache_clear()
+
+
+@functools.lru_cache(maxsize=None)
+def _file_table(device_name: str) -> dict:
     """The card's own tuned table; else a tuned sibling's of the same architecture; else {}."""
     path = os.path.join(CONFIG_DIR, device_key(device_name) + ".json")
     if os.path.isfile(path):
@@ -60,7 +85,8 @@ def default_config(M: int, E: int = 1) -> dict:
 def _nearest_shape(table: dict, E: int, N: int, K: int, dtype: str):
     """An expert-parallel rank's E/ep experts see the same routed slots M as the whole layer
     (tokens per expert ~ M / E_total either way): reuse the table of the same (N, K, dtype)
-    with the nearest E > 1 (dense, E = 1, only matches itself)."""
+    with the nearest E > 1 (dense, E = 1, only matches itself). Returns (key, entries), both None
+    when nothing matches."""
     best = None
     for key, entries in table.items():
         if not key.startswith("E="):                # the dense GEMMs' entries live in the same table
@@ -69,21 +95,27 @@ def _nearest_shape(table: dict, E: int, N: int, K: int, dtype: str):
         if (int(f["N"]), int(f["K"]), f["dtype"]) == (N, K, dtype) and (int(f["E"]) > 1) == (E > 1):
             d = abs(int(f["E"]) - E)
             if best is None or d < best[0]:
-                best = (d, entries)
-    return best[1] if best else None
+                best = (d, key, entries)
+    return best[1:] if best else (None, None)
 
 
 def get_config(E: int, N: int, K: int, dtype: str, M: int, device_name: str = "") -> dict:
     table = _table(device_name)
-    entries = table.get(shape_key(E, N, K, dtype)) or _nearest_shape(table, E, N, K, dtype)
+    key = shape_key(E, N, K, dtype)
+    entries = table.get(key)
+    if not entries:
+        key, entries = _nearest_shape(table, E, N, K, dtype)
     if entries:
-        return dict(_nearest_m(entries, M))
+        return dict(_nearest_m(entries, M, key))
     return default_config(M, E)
 
 
-def _nearest_m(entries: dict, M: int) -> dict:
+def _nearest_m(entries: dict, M: int, key: str) -> dict:
     """The entry tuned for the routed-slot / row count nearest M (keys are M as strings)."""
-    return entries[min(entries, key=lambda m: abs(int(m) - M))]
+    m = min(entries, key=lambda m: abs(int(m) - M))
+    if _record is not None:
+        _record.append((key, M, m))
+    return entries[m]
 
 
 def dense_key(N: int, K: int, dtype: str) -> str:
@@ -100,7 +132,7 @@ def get_dense_choice(N: int, K: int, dtype: str, M: int, device_name: str = "") 
         return None
     if M > 2 * max(int(m) for m in entries):
         return None
-    best = dict(_nearest_m(entries, M))
+    best = dict(_nearest_m(entries, M, dense_key(N, K, dtype)))
     if best.pop("backend", "cublas") != "triton":
         return None
     return best
