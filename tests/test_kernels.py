@@ -244,20 +244,6 @@ def test_decode_attention(gen, dtype, ctx, launch):
     assert torch.equal(kc, kc2) and torch.equal(vc, vc2)   # the new K/V landed in the same slots
 
 
-def test_attention_preload_choice(monkeypatch):
-    """Grids of at most PRELOAD_MAX_PROGRAMS load their first K/V tile before the PDL wait;
-    FTMOE_ATTN_PRELOAD forces it either way."""
-    from ftmoe.kernels import attention
-
-    monkeypatch.delenv("FTMOE_ATTN_PRELOAD", raising=False)
-    n = attention.PRELOAD_MAX_PROGRAMS
-    assert attention.preload(n) and not attention.preload(n + 1)
-    monkeypatch.setenv("FTMOE_ATTN_PRELOAD", "0")
-    assert not attention.preload(1)
-    monkeypatch.setenv("FTMOE_ATTN_PRELOAD", "1")
-    assert attention.preload(10 ** 6)
-
-
 def test_attention_splits_choice(monkeypatch):
     """Up to SPLIT_MAX_PROGRAMS (row, head) programs split the context; FTMOE_ATTN_SPLIT forces a
     count (0 = one pass) and a bad value is an error naming the variable."""
@@ -535,16 +521,21 @@ def test_add_layernorm_gate(gen, dtype, N, H, E, parts, rows):
     assert rel(logits, y.float() @ wg) < 1e-5
 
 
-def test_ln_gate_choice(monkeypatch):
-    from ftmoe.kernels import routing
+@pytest.mark.parametrize("module,fn,limit,var", [
+    ("attention", "preload", "PRELOAD_MAX_PROGRAMS", "FTMOE_ATTN_PRELOAD"),   # first K/V tile before the PDL wait
+    ("routing", "ln_gate", "LN_GATE_MAX_ROWS", "FTMOE_LN_GATE")])             # gate logits in the LN2 kernel
+def test_size_switches(monkeypatch, module, fn, limit, var):
+    """auto (default): on up to the measured limit; 0 never; 1 always; anything else is named."""
+    import importlib
 
-    monkeypatch.delenv("FTMOE_LN_GATE", raising=False)
-    n = routing.LN_GATE_MAX_ROWS
-    assert routing.ln_gate(n) and not routing.ln_gate(n + 1)
-    monkeypatch.setenv("FTMOE_LN_GATE", "0")
-    assert not routing.ln_gate(1)
-    monkeypatch.setenv("FTMOE_LN_GATE", "1")
-    assert routing.ln_gate(4096)
-    monkeypatch.setenv("FTMOE_LN_GATE", "yes")
-    with pytest.raises(ValueError, match="FTMOE_LN_GATE: expected auto, 0 or 1, found 'yes'"):
-        routing.ln_gate(1)
+    mod = importlib.import_module(f"ftmoe.kernels.{module}")
+    choose, n = getattr(mod, fn), getattr(mod, limit)
+    monkeypatch.delenv(var, raising=False)
+    assert choose(n) and not choose(n + 1)
+    monkeypatch.setenv(var, "0")
+    assert not choose(1)
+    monkeypatch.setenv(var, "1")
+    assert choose(10 ** 6)
+    monkeypatch.setenv(var, "yes")
+    with pytest.raises(ValueError, match=f"{var}: expected auto, 0 or 1, found 'yes'"):
+        choose(1)

@@ -16,3 +16,11 @@ def available() -> bool:
     import torch
 
     return torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET") == "1"
+
+
+def size_switch(var: str, size: int, limit: int) -> bool:
+    """An environment switch `var` of auto (the default: on up to `limit`), 0 (never) or 1 (always)."""
+    v = os.environ.get(var, "auto")
+    if v not in ("auto", "0", "1"):
+        raise ValueError(f"{var}: expected auto, 0 or 1, found {v!r}")
+    return v == "1" or (v == "auto" and size <= limit)

@@ -20,6 +20,7 @@ import torch
 import triton
 import triton.language as tl
 
+from . import size_switch
 from .pdl import launch_kwargs, pdl_start
 
 
@@ -182,10 +183,7 @@ def preload(programs: int) -> bool:
     """Whether a grid of `programs` loads its first tile of cached K/V before the programmatic-
     dependent-launch wait, so those loads overlap the kernel before it (nothing in the step writes
     those tokens; the new token's K/V is stored after the wait). FTMOE_ATTN_PRELOAD=1 / 0 forces it."""
-    forced = os.environ.get("FTMOE_ATTN_PRELOAD")
-    if forced is not None:
-        return forced != "0"
-    return programs <= PRELOAD_MAX_PROGRAMS
+    return size_switch("FTMOE_ATTN_PRELOAD", programs, PRELOAD_MAX_PROGRAMS)
 
 
 def launch_config(programs: int) -> tuple[int, int]:

@@ -19,6 +19,7 @@ import torch
 import triton
 import triton.language as tl
 
+from . import size_switch
 from .fused_moe import fused_moe
 from .pdl import launch_kwargs, pdl_start
 
@@ -128,10 +129,7 @@ LN_GATE_MAX_ROWS = 64
 def ln_gate(N: int) -> bool:
     """Whether a step of N rows takes the gate logits from the LN2 kernel. FTMOE_LN_GATE: auto
     (default: up to LN_GATE_MAX_ROWS rows), 0 (never), 1 (always)."""
-    v = os.environ.get("FTMOE_LN_GATE", "auto")
-    if v not in ("auto", "0", "1"):
-        raise ValueError(f"FTMOE_LN_GATE: expected auto, 0 or 1, found {v!r}")
-    return v == "1" or (v == "auto" and N <= LN_GATE_MAX_ROWS)
+    return size_switch("FTMOE_LN_GATE", N, LN_GATE_MAX_ROWS)
 
 
 def gate_topk(u: torch.Tensor, wg32: torch.Tensor, k: int, slots: torch.Tensor | None = None,
