@@ -155,6 +155,7 @@ class Row:
     out_len: int | None = None
     kernels_per_step: int | None = None
     variant: str | None = None          # prefill: "cuda-graph" (replayed from a graph); decode: "greedy-chunk-N"
+    experts_touched: float | None = None  # decode: distinct experts per MoE layer, mean (over the chunk's steps)
 
     @property
     def ratio(self) -> float | None:
@@ -258,8 +259,9 @@ def run_bench(preset: str = "gpt-moe-0.35b-64e", model_dir: str | None = None, d
             with torch.inference_mode():
                 eager_ms = _events_ms(lambda: m(ids[:, None], meta, cache, last_only=True),
                                       _reps(5 if B <= 64 else 3, iters), 1)
-        rows.append(Row("decode", B, ms, floor, B / ms * 1e3, eager_ms, ctx=ctx, kernels_per_step=kernels))
-        log(_fmt(rows[-1]) + f"  experts touched/layer {statistics.mean(touched):.1f}")
+        rows.append(Row("decode", B, ms, floor, B / ms * 1e3, eager_ms, ctx=ctx, kernels_per_step=kernels,
+                        experts_touched=statistics.mean(touched) if touched else None))
+        log(_fmt(rows[-1]) + f"  experts touched/layer {statistics.mean(touched) if touched else 0:.1f}")
         if greedy_chunk > 1:
             for s in seqs:
                 cache.reserve(s, greedy_chunk)       # the chunk's tokens: positions ctx .. ctx + chunk - 1
@@ -269,12 +271,18 @@ def run_bench(preset: str = "gpt-moe-0.35b-64e", model_dir: str | None = None, d
                                   meta_h.seq_lens)
             ms_c = _events_ms(lambda: graphs.greedy_chunk(ids_h, meta_c, greedy_chunk),
                               max(3, iters // greedy_chunk), 1) / greedy_chunk
-            # the floor at the chunk's mean context (its steps read ctx .. ctx + chunk - 1 cached tokens)
-            floor_c = (decode_bytes(m, B, ctx + (greedy_chunk - 1) / 2, touched, cache.k.element_size()) / bw * 1e3
-                       if bw else None)
+            # the chunk feeds its own tokens back, so its steps route differently from the step above:
+            # each step's experts, from the chunk's tokens; the floor is the mean of the steps' floors
+            # (step j reads ctx + j cached tokens)
+            toks, _ = graphs.greedy_chunk(ids_h, meta_c, greedy_chunk)
+            touched_c = _chunk_routing(fast, cache, ids_h, toks, meta_c)
+            floor_c = (statistics.mean(decode_bytes(m, B, ctx + j, t, cache.k.element_size())
+                                       for j, t in enumerate(touched_c)) / bw * 1e3 if bw else None)
+            mean_c = statistics.mean(statistics.mean(t) for t in touched_c) if touched_c[0] else None
             rows.append(Row("decode", B, ms_c, floor_c, B / ms_c * 1e3, None, ctx=ctx, kernels_per_step=None,
-                            variant=f"greedy-chunk-{greedy_chunk}"))
-            log(_fmt(rows[-1]) + f"  ({greedy_chunk} steps back to back, argmax fed back on the GPU)")
+                            variant=f"greedy-chunk-{greedy_chunk}", experts_touched=mean_c))
+            log(_fmt(rows[-1]) + f"  experts touched/layer {mean_c or 0:.1f} "
+                f"({greedy_chunk} steps back to back, argmax fed back on the GPU)")
     for s in range(max_b):
         cache.free(s)
     if prefill:
@@ -299,6 +307,27 @@ def run_bench(preset: str = "gpt-moe-0.35b-64e", model_dir: str | None = None, d
         with open(json_path, "w") as f:
             json.dump(result, f, indent=1)
     return result
+
+
+@torch.inference_mode()
+def _chunk_routing(fast, cache: KVCache, ids: torch.Tensor, toks: torch.Tensor,
+                   meta: AttnMetadata) -> list[list[int]]:
+    """Distinct experts per MoE layer in each step of a greedy chunk that started from `ids` with
+    `meta` (`KVCache.prepare_chunk`'s, on the host) and produced `toks` [steps, B]: its steps
+    re-run one by one, eagerly, on those tokens (their K/V rewritten in place)."""
+    dev = fast.device
+    out = []
+    for j in range(toks.shape[0]):
+        mj = meta.chunk_step(j, cache.block_size).to(dev)
+        step_ids = (ids.reshape(-1) if j == 0 else toks[j - 1]).to(dev)
+        fast.trace = []
+        try:
+            fast.decode_step(step_ids, mj.positions[:, 0], mj.block_tables.int(), mj.context_lens.int(),
+                             mj.slot_mapping[:, 0].int(), cache)
+            out.append([int(torch.unique(t[t >= 0]).numel()) for t in fast.trace])
+        finally:
+            fast.trace = None
+    return out
 
 
 class _EagerSteps:
@@ -390,7 +419,6 @@ def _bench_latency(fast, graphs, cache, log, batches=(1, 8, 32, 64), shapes=((12
 
     chunk = decode_chunk_steps()
     cfg = fast.config
-    dev = fast.device
     rows = []
     bs = cache.block_size
     for T_in, T_out in shapes:

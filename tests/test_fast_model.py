@@ -350,6 +350,10 @@ def test_bench_procedure_smoke(tmp_path, monkeypatch):
     for row in r["rows"]:
         assert row["ms"] > 0 and row["tokens_per_s"] > 0
         assert (row["floor_ms"] is not None) == (dev == "cuda" and row["phase"] != "latency")
+        # routing measured for single steps and for each chunk's own tokens (top-1: 1..B experts per layer)
+        assert (row["experts_touched"] is not None) == (row["phase"] == "decode")
+        if row["phase"] == "decode":
+            assert 1 <= row["experts_touched"] <= row["batch"]
     import json
     saved = json.loads(out.read_text())
     assert saved["rows"][0]["phase"] == "decode" and saved["env"]["FTMOE_GATE"] == "triton"
