@@ -11,8 +11,9 @@ steps 3.6-4.4 % faster (`benchmarks/results/2026-11-28-h200-seventh-session-ab.t
 batch B this records which entries B's step resolves (`configs.using_table(record=...)`), gives
 each its own exact entry for B's row or slot count (so tuning B leaves the other batches' steps
 alone), then, one entry at a time, times whole steps replayed from CUDA graphs with that entry's
-variants (pipeline stages, BLOCK_K halved and doubled) in one process, interleaved over rounds,
-and keeps a variant only when its median step is faster by more than `min_gain`.
+variants (pipeline stages, BLOCK_K halved and doubled; for a dense GEMM left on cuBLAS, Triton
+tiles) in one process, interleaved over rounds, and keeps a variant only when its median step is
+faster by more than `min_gain`.
 `StepRig` (the model, a KV cache at a fixed context, host inputs per batch, one captured step per
 table) is shared with `scripts/ab_decode.py`.
 """
@@ -105,9 +106,17 @@ def back_to_back_ms(fn: Callable[[], object], iters: int) -> float:
     return e0.elapsed_time(e1) / iters
 
 
-def variants(entry: dict, stages=(3, 4, 5, 6)) -> list[dict]:
+def variants(entry: dict, M: int, stages=(3, 4, 5, 6), others=()) -> list[dict]:
     """An entry's neighbours to try in a step: other pipeline depths, BLOCK_K halved and doubled
-    (32-512). Tiles that do not fit in shared memory fail when captured and are skipped."""
+    (32-512). For a cuBLAS choice (a dense GEMM), Triton instead: the tiles its key holds for other
+    M, and the heuristic tile for M, without split-K. Tiles that do not fit in shared memory fail
+    when captured and are skipped."""
+    if "num_stages" not in entry:
+        out = []
+        for e in [*others, dict(configs.default_config(M), backend="triton", split_k=1)]:
+            if "num_stages" in e and e not in out:
+                out.append(dict(e))
+        return out
     out = [dict(entry, num_stages=s) for s in stages if s != entry.get("num_stages")]
     out += [dict(entry, BLOCK_K=bk) for bk in (entry["BLOCK_K"] // 2, entry["BLOCK_K"] * 2)
             if 32 <= bk <= 512]
@@ -127,15 +136,13 @@ def refine_in_step(rig: StepRig, table: dict, *, rounds: int = 5, iters: int = 2
         targets = []
         for key, M, m in dict.fromkeys(used):           # in the step's order, once each
             entry = table[key][m]
-            if "num_stages" not in entry:               # a cuBLAS choice: nothing to tile
-                continue
             table[key].setdefault(str(M), dict(entry))  # this batch's own entry
             if (key, str(M)) not in targets:
                 targets.append((key, str(M)))
         for key, m in targets:
             base = table[key][m]
             trials = [(base, table)]
-            for v in variants(base, stages):
+            for v in variants(base, int(m), stages, [e for k, e in table[key].items() if k != m]):
                 t = copy.deepcopy(table)
                 t[key][m] = v
                 trials.append((v, t))
@@ -166,4 +173,7 @@ def refine_in_step(rig: StepRig, table: dict, *, rounds: int = 5, iters: int = 2
 
 
 def _short(entry: dict) -> str:
-    return f"BK {entry['BLOCK_K']} stages {entry['num_stages']}"
+    if "num_stages" not in entry:
+        return "cuBLAS"
+    return (f"BM {entry['BLOCK_M']} BN {entry['BLOCK_N']} BK {entry['BLOCK_K']} stages {entry['num_stages']}"
+            + (f" split-K {entry['split_k']}" if entry.get("split_k", 1) > 1 else ""))

@@ -168,8 +168,9 @@ def test_serving_engine_decodes_greedy_chunks(models, monkeypatch):
 
 def test_tune_in_step_refines_the_entries_a_step_uses(models):
     """`ftmoe tune --in-step` on the CPU (interpreter, a fake timer): the entries batch 2's step
-    resolves get their own M = 2 entries, a variant that times faster replaces only its entry,
-    a cuBLAS choice and the input table stay untouched, and every variant ran as a real step."""
+    resolves get their own M = 2 entries, a variant that times faster replaces only its entry (a
+    cuBLAS choice can become a Triton tile), the input table stays untouched, and every variant
+    ran as a real step."""
     from ftmoe.kernels import configs
     from ftmoe.tune_step import StepRig, refine_in_step
 
@@ -187,6 +188,8 @@ def test_tune_in_step_refines_the_entries_a_step_uses(models):
 
     def timer(fn, B, key, v):
         ran.append((key, v))
+        if key == wo:                              # the cuBLAS choice loses to its Triton candidate
+            return 0.9 if "num_stages" in v else 1.0
         return 0.5 if key == w1 and v == dict(tile, BLOCK_K=32) else 1.0
 
     rig = StepRig(fast, [2], ctx=6, block_size=4)
@@ -198,10 +201,11 @@ def test_tune_in_step_refines_the_entries_a_step_uses(models):
     assert got[w1][str(2 * k)] == dict(tile, BLOCK_K=32) and got[w1]["1"] == tile
     assert got[w2][str(2 * k)] == tile and got[mlp] == {"8": dict(tile, num_stages=2), "2": dict(tile, num_stages=2)}
     assert got[qkv]["2"] == dict(tile, backend="triton", split_k=1)
-    assert got[wo] == {"1": {"backend": "cublas"}}
-    assert any("-> BK 32 stages 3" in line and w1 in line for line in lines)
-    assert len(ran) == 4 * 3                       # 4 entries x (base, BK 32, BK 128), one round
-    assert len(steps) == 1 + 4 * 3                 # the recording step, then one real step per trial
+    assert got[wo] == {"1": {"backend": "cublas"}, "2": dict(configs.default_config(2), backend="triton", split_k=1)}
+    assert any("BK 64 stages 3 -> BM 16 BN 32 BK 32 stages 3" in line and w1 in line for line in lines)
+    assert any("cuBLAS -> BM 16" in line and wo in line for line in lines)
+    assert len(ran) == 4 * 3 + 2                   # 4 Triton entries x (base, BK 32, BK 128); cuBLAS + 1 tile
+    assert len(steps) == 1 + 4 * 3 + 2             # the recording step, then one real step per trial
 
 
 def test_padding_rows_write_nothing(models):
