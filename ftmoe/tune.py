@@ -176,8 +176,7 @@ def run_tune_in_step(cfg, dtype: torch.dtype, batches: list[int], out: str | Non
         table = json.load(f)
     log(f"refining {path} inside decode steps at batches {', '.join(map(str, batches))}")
     fast = FastGPTMoE(model if model is not None else random_model(cfg, dtype, torch.device("cuda")))
-    table = refine_in_step(StepRig(fast, batches), table, log=log)
-    _write_table(table, path)
+    refine_in_step(StepRig(fast, batches), table, log=log, save=lambda t: _write_table(t, path))
     log(f"wrote {path}")
     return path
 

@@ -124,10 +124,12 @@ def variants(entry: dict, M: int, stages=(3, 4, 5, 6), others=()) -> list[dict]:
 
 
 def refine_in_step(rig: StepRig, table: dict, *, rounds: int = 5, iters: int = 20, min_gain: float = 0.003,
-                   stages=(3, 4, 5, 6), log=print, timer: Callable | None = None) -> dict:
+                   stages=(3, 4, 5, 6), log=print, timer: Callable | None = None,
+                   save: Callable[[dict], None] | None = None) -> dict:
     """The table with the entries used by each of rig's batches refined in whole steps (see the
     module doc). `timer(fn, B, key, entry)` -> ms of one step (default: back-to-back replays);
-    a variant wins on the median of `rounds` interleaved timings."""
+    a variant wins on the median of `rounds` interleaved timings. `save(table)` runs after each
+    batch, so a run cut short keeps what it refined."""
     table = copy.deepcopy(table)
     t0 = time.time()
     for B in rig.batches:
@@ -169,6 +171,8 @@ def refine_in_step(rig: StepRig, table: dict, *, rounds: int = 5, iters: int = 2
                 log(f"[{time.time() - t0:6.1f}s] B={B} {key} M={m}: {_short(base)} kept ({med[0]:.4f} ms; best "
                     f"other {min(med[1:]):.4f})")
             del fns
+        if save is not None:
+            save(table)
     return table
 
 

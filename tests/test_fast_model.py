@@ -195,7 +195,10 @@ def test_tune_in_step_refines_the_entries_a_step_uses(models):
     rig = StepRig(fast, [2], ctx=6, block_size=4)
     real = rig.step_fn
     rig.step_fn = lambda *a, **kw: steps.append(1) or real(*a, **kw)
-    got = refine_in_step(rig, table, rounds=1, stages=(), log=lines.append, timer=timer)   # BLOCK_K 32, 128
+    saved_tables = []
+    got = refine_in_step(rig, table, rounds=1, stages=(), log=lines.append, timer=timer,   # BLOCK_K 32, 128
+                         save=saved_tables.append)
+    assert saved_tables == [got]                   # written after the (one) batch
     assert json.dumps(table, sort_keys=True) == saved
     k = cfg.moe_k
     assert got[w1][str(2 * k)] == dict(tile, BLOCK_K=32) and got[w1]["1"] == tile
