@@ -55,6 +55,10 @@ class DecodeGraphs:
         self._stage: dict[int, list] = {}       # bucket -> pinned staging buffers (step_host)
         self.greedy: dict[tuple[int, bool], tuple] = {}   # (bucket, logprobs) -> greedy-chunk graph
 
+    def serves(self, cache: KVCache, B: int) -> bool:
+        """Whether a step of B rows on `cache` can replay these graphs (their cache, a bucket that fits)."""
+        return cache is self.cache and B <= self.buckets[-1]
+
     def bucket_for(self, B: int) -> int:
         for b in self.buckets:
             if b >= B:

@@ -310,7 +310,7 @@ class FastGPTMoE:
     def can_greedy_chunk(self, cache: KVCache, batch: int) -> bool:
         """Whether `greedy_chunk` runs for `batch` rows on `cache` (checked before its metadata is built)."""
         g, par = self.graphs, self.par
-        return (g is not None and g.cache is cache and batch <= g.buckets[-1] and par.tp == 1 and par.ep == 1
+        return (g is not None and g.serves(cache, batch) and par.tp == 1 and par.ep == 1
                 and par.is_first_stage and par.is_last_stage)
 
     # ---- GPTMoE-compatible entry point ----------------------------------------
@@ -326,7 +326,7 @@ class FastGPTMoE:
         B, T = input_ids.shape
         on_host = meta.positions.device.type == "cpu"
         graphs = self.graphs
-        if T == 1 and graphs is not None and graphs.cache is cache and B <= graphs.buckets[-1]:
+        if T == 1 and graphs is not None and graphs.serves(cache, B):
             if on_host and input_ids.device.type == "cpu":
                 out = graphs.step_host(input_ids, meta)
             else:

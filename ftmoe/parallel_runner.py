@@ -328,7 +328,7 @@ class DistributedModel:
         [n, H]), replayed from a graph when one fits; rows [n, n_pad) are padding with no KV slot."""
         n = meta.positions.shape[0]
         graphs = self.fast.graphs
-        graphed = graphs is not None and graphs.cache is self.cache and n_pad <= graphs.buckets[-1]
+        graphed = graphs is not None and graphs.serves(self.cache, n_pad)
         if not graphed and n_pad > n:          # a graph pads its own bucket
             x, meta = _pad_rows(x, meta, n_pad, 1)
         # an EP rank's rows are a strided slice of the step's rows: the kernels take contiguous ones
