@@ -225,24 +225,12 @@ def run_bench(preset: str = "gpt-moe-0.35b-64e", model_dir: str | None = None, d
     g = torch.Generator(device=dev).manual_seed(0)
     for B in batches:
         seqs = list(range(B))
-        for s in seqs:
-            if not cache.has(s):
-                cache.add(s)
-                cache.prepare([s], [ctx])            # ctx tokens "already cached" (random K/V)
-                cache.reserve(s, 1)                  # and room for the step's new token
-        tables = torch.tensor([cache.block_table(s)[:nb] + [0] * (nb - len(cache.block_table(s)[:nb]))
-                               for s in seqs], dtype=torch.int32, device=dev)
+        tables, slots = seat_rows(cache, B, ctx, nb)
+        tables, slots = tables.to(dev, torch.int32), slots.to(dev, torch.int32)
         ctx_lens = torch.full((B,), ctx, dtype=torch.int32, device=dev)
-        slots = torch.tensor([cache.block_table(s)[ctx // bs] * bs + ctx % bs for s in seqs],
-                             dtype=torch.int32, device=dev)
         ids = torch.randint(0, cfg.vocab_size, (B,), device=dev, generator=g)
         pos = torch.full((B,), ctx, dtype=torch.long, device=dev)
-        # routing of this step, for the floor (distinct experts per MoE layer)
-        fast.trace = []
-        with torch.inference_mode():
-            fast.decode_step(ids, pos, tables, ctx_lens, slots, cache)
-        touched = [int(torch.unique(t[t >= 0]).numel()) for t in fast.trace]
-        fast.trace = None
+        touched = _routed(fast, cache, ids, pos, tables, ctx_lens, slots)    # for the floor
         floor = decode_bytes(m, B, ctx, touched, cache.k.element_size()) / bw * 1e3 if bw else None
         graphs.capture(B)
         # timed as the engine runs a step: ids and metadata on the host, one copy, then the replay
@@ -320,14 +308,37 @@ def _chunk_routing(fast, cache: KVCache, ids: torch.Tensor, toks: torch.Tensor,
     for j in range(toks.shape[0]):
         mj = meta.chunk_step(j, cache.block_size).to(dev)
         step_ids = (ids.reshape(-1) if j == 0 else toks[j - 1]).to(dev)
-        fast.trace = []
-        try:
-            fast.decode_step(step_ids, mj.positions[:, 0], mj.block_tables.int(), mj.context_lens.int(),
-                             mj.slot_mapping[:, 0].int(), cache)
-            out.append([int(torch.unique(t[t >= 0]).numel()) for t in fast.trace])
-        finally:
-            fast.trace = None
+        out.append(_routed(fast, cache, step_ids, mj.positions[:, 0], mj.block_tables.int(), mj.context_lens.int(),
+                           mj.slot_mapping[:, 0].int()))
     return out
+
+
+@torch.inference_mode()
+def _routed(fast, cache: KVCache, *step) -> list[int]:
+    """Distinct experts per MoE layer of one eager decode step (ids, positions, tables, context
+    lengths, slots on the device), from the fast path's routing trace."""
+    fast.trace = []
+    try:
+        fast.decode_step(*step, cache)
+        return [int(torch.unique(t[t >= 0]).numel()) for t in fast.trace]
+    finally:
+        fast.trace = None
+
+
+def seat_rows(cache: KVCache, B: int, ctx: int, nb: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Sequences 0..B-1 in `cache`, each with `ctx` tokens "already cached" (whatever K/V the
+    cache holds) and room for one more (those that exist are kept). Returns their block tables
+    [B, nb] (zero-padded) and the new token's slots [B], long, on the host: a decode step at
+    context ctx."""
+    bs = cache.block_size
+    for s in range(B):
+        if not cache.has(s):
+            cache.add(s)
+            cache.prepare([s], [ctx])
+            cache.reserve(s, 1)
+    tables = torch.tensor([(cache.block_table(s) + [0] * nb)[:nb] for s in range(B)])
+    slots = torch.tensor([cache.block_table(s)[ctx // bs] * bs + ctx % bs for s in range(B)])
+    return tables, slots
 
 
 class _EagerSteps:

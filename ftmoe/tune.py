@@ -126,8 +126,7 @@ def dense_shapes(cfg, tp: int = 1) -> list[tuple[int, int, bool, bool]]:
 
 def run_tune(shapes: list[tuple[int, int, int, str]], dtype: torch.dtype, ms=DEFAULT_MS, out: str | None = None,
              log=print, dense: list[tuple[int, int, bool, bool]] = (), dense_ms=DENSE_MS) -> str:
-    name = torch.cuda.get_device_name()
-    path = out or os.path.join(CONFIG_DIR, device_key(name) + ".json")
+    path = _table_path(out)
     table = {}
     if os.path.isfile(path):
         with open(path) as f:
@@ -168,8 +167,7 @@ def run_tune_in_step(cfg, dtype: torch.dtype, batches: list[int], out: str | Non
     from .fast_model import FastGPTMoE
     from .tune_step import StepRig, refine_in_step
 
-    name = torch.cuda.get_device_name()
-    path = out or os.path.join(CONFIG_DIR, device_key(name) + ".json")
+    path = _table_path(out)
     if not os.path.isfile(path):
         raise FtmoeError(f"{path}: no tuned table to refine (run `ftmoe tune` first)")
     with open(path) as f:
@@ -179,6 +177,11 @@ def run_tune_in_step(cfg, dtype: torch.dtype, batches: list[int], out: str | Non
     refine_in_step(StepRig(fast, batches), table, log=log, save=lambda t: _write_table(t, path))
     log(f"wrote {path}")
     return path
+
+
+def _table_path(out: str | None) -> str:
+    """`out`, or this card's table in the package's configs folder."""
+    return out or os.path.join(CONFIG_DIR, device_key(torch.cuda.get_device_name()) + ".json")
 
 
 def _write_table(table: dict, path: str) -> None:

@@ -27,6 +27,7 @@ from typing import Callable
 
 import torch
 
+from .bench import seat_rows
 from .cuda_graphs import DecodeGraphs
 from .fast_model import FastGPTMoE
 from .kernels import configs
@@ -49,14 +50,7 @@ class StepRig:
         self.inputs = {}
         ids = torch.randint(0, cfg.vocab_size, (max(batches), 1), generator=torch.Generator().manual_seed(seed))
         for B in self.batches:
-            for seq in range(B):
-                if not cache.has(seq):
-                    cache.add(seq)
-                    cache.prepare([seq], [ctx])
-                    cache.reserve(seq, 1)
-            seqs = range(B)
-            tables = torch.tensor([(cache.block_table(q) + [0] * nb)[:nb] for q in seqs])
-            slots = torch.tensor([cache.block_table(q)[ctx // bs] * bs + ctx % bs for q in seqs])
+            tables, slots = seat_rows(cache, B, ctx, nb)
             meta = AttnMetadata(torch.full((B, 1), ctx), slots[:, None], tables, torch.full((B,), ctx),
                                 torch.ones(B, dtype=torch.long))
             self.inputs[B] = (ids[:B], meta)             # on the host, as the engine has them
