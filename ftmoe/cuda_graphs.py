@@ -23,6 +23,7 @@ import torch
 from .fast_model import FastGPTMoE
 from .kernels.advance import advance_decode
 from .kv_cache import AttnMetadata, KVCache
+from .progress import Progress
 
 DEFAULT_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024)
 #: most steps in one greedy chunk (the chunk's token buffer rows)
@@ -164,6 +165,24 @@ class DecodeGraphs:
         s["packed"].copy_(buf, non_blocking=True)
         if done is not None:
             done.record()
+
+    @torch.inference_mode()
+    def capture_upto(self, max_batch: int, greedy: bool = False, progress: bool = False) -> list[int]:
+        """Capture every bucket a batch of up to `max_batch` rows can use (and, with greedy, its
+        greedy-chunk graph) now, as a server does before it takes requests: a bucket captured
+        lazily stalls the first steps that reach it (its warm-up runs compile the kernels of that
+        batch size: seconds at a large bucket). Returns the buckets."""
+        top = self.bucket_for(min(max_batch, self.buckets[-1]))
+        todo = [b for b in self.buckets if b <= top]
+        bar = Progress(len(todo), f"capturing CUDA graphs (batch 1..{top}{', greedy chunks' if greedy else ''})",
+                       enabled=progress, unit="graphs")
+        for b in todo:
+            self.capture(b)
+            if greedy:
+                self.capture_greedy(b, False)
+            bar.update(1, f"batch {b}")
+        bar.close()
+        return todo
 
     # ---- greedy chunks: steps replayed back to back, each one's tokens fed back on the GPU ----
     @torch.inference_mode()

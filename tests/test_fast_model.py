@@ -147,6 +147,9 @@ def test_serving_engine_decodes_greedy_chunks(models, monkeypatch):
     for chunk in (4, 1):
         eng = LLMEngine(fast, kv_cache_tokens=256, block_size=4, decode_chunk=chunk)
         fast.enable_cuda_graphs(eng.cache, prefill=False)
+        if chunk > 1:       # as `ftmoe serve` does at start-up: every bucket up to max_num_seqs first
+            assert fast.graphs.capture_upto(3, greedy=True) == [1, 2, 4]
+            assert sorted(fast.graphs.graphs) == [1, 2, 4] and sorted(fast.graphs.greedy) == [(1, False), (2, False), (4, False)]
         calls = []
         real = fast.graphs.greedy_chunk
         monkeypatch.setattr(fast.graphs, "greedy_chunk", lambda *a, **kw: calls.append(a[2]) or real(*a, **kw))

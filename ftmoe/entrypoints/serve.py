@@ -47,6 +47,9 @@ def add_serve_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--decode-chunk", type=int, default=None,
                    help="greedy decode steps run back to back when every running request decodes plain-greedy "
                         "and none waits (1-32; default $FTMOE_DECODE_CHUNK, else 8; 1 = one step at a time)")
+    p.add_argument("--lazy-graphs", action="store_true",
+                   help="capture each CUDA-graph batch bucket on first use instead of at start-up "
+                        "(faster start; the first requests that reach a new bucket stall while it compiles)")
     p.add_argument("--tp", type=int, default=1, help="tensor-parallel size")
     p.add_argument("--ep", type=int, default=1, help="expert-parallel size")
     p.add_argument("--pp", type=int, default=1, help="pipeline-parallel size")
@@ -120,6 +123,9 @@ def run_serve(args, hooks=()) -> int:
                          max_queue=args.max_queue, decode_chunk=args.decode_chunk)
         if getattr(model, "graphs", None) is not None:   # LLM chose CUDA graphs: bind them to the engine's cache
             model.enable_cuda_graphs(core.cache)
+            if not args.lazy_graphs:                      # every decode bucket now, not on the first requests
+                model.graphs.capture_upto(args.max_num_seqs, greedy=core.decode_chunk > 1 and
+                                          model.can_greedy_chunk(core.cache, 1), progress=True)
         engine = AsyncEngine(core)
         name = args.served_model_name or args.model
         app = build_app(engine, tokenizer, name, api_key=args.api_key or os.environ.get("FTMOE_API_KEY") or None,

@@ -1,0 +1,16 @@
+#!/usr/bin/env bash
+# Eighth session's GPU calls on one H200 (issue 3), each under 10 minutes:
+#   OUT=dir bash scripts/gpu_round17.sh bench     `ftmoe bench --prefill-graphs` (v14: the in-step-tuned
+#       table; greedy-chunk rows with their own routing and floor);
+#   OUT=dir bash scripts/gpu_round17.sh serving   the serving A/B of scripts/gpu_serving_ab.sh (graphs
+#       captured at start-up now), into $OUT/serving/chunk{8,1}.
+ROUND=round17-${1:?usage: gpu_round17.sh bench|serving}
+. scripts/gpu_env.sh
+case "$1" in
+bench)
+    timeout 330 python3 -m ftmoe.cli bench --prefill-graphs --json "$W/bench.json" > "$W/bench.txt" 2>&1
+    grep -E "^(device|decode|prefill|latency)|rror" "$W/bench.txt"; save 1 ;;
+serving)
+    OUT="$W/serving" bash scripts/gpu_serving_ab.sh; save 1 ;;
+*) echo "usage: gpu_round17.sh bench|serving" >&2; exit 2 ;;
+esac
