@@ -314,6 +314,22 @@ class PrefillGraphs:
         self.graphs[key] = (g, s, out)
 
     @torch.inference_mode()
+    def capture_all(self, progress: bool = False) -> list[tuple[int, int, bool]]:
+        """Capture every bucket now (the key-padding variant of each; the causal one, which
+        needs rows exactly T long, at the smallest batch bucket only), as a server does before it takes requests: a bucket captured on first use
+        stalls that request, by seconds where its kernels compile. Returns the keys."""
+        keys = [(b, t, False) for t in self.t_buckets for b in self.b_buckets if b * t <= self.max_tokens]
+        b0 = self.b_buckets[0]
+        keys += [(b0, t, True) for t in self.t_buckets if b0 * t <= self.max_tokens]
+        bar = Progress(len(keys), "capturing prefill graphs", enabled=progress, unit="graphs")
+        for key in keys:
+            if key not in self.graphs:
+                self.capture(key)
+            bar.update(1, f"{key[0]} x {key[1]}{' causal' if key[2] else ''}")
+        bar.close()
+        return keys
+
+    @torch.inference_mode()
     def step(self, input_ids: torch.Tensor, meta: AttnMetadata, causal_only: bool | None = None) -> torch.Tensor | None:
         """Last-token logits [B, V] of fresh prompts, or None when no bucket fits. causal_only=False
         always takes the key-padding variant (ranks of a parallel model must pick the same graph,

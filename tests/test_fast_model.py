@@ -390,6 +390,10 @@ def test_prefill_graphs_equal_eager_prefill(models, lens):
         if pg is None:
             pg = PrefillGraphs(fast, caches[0], t_buckets=(8, 16), b_buckets=(2, 4))
         pg.reset(caches[0])                   # a graph bakes in its cache: capture again for the new one
+        if trial:                             # as `ftmoe serve` starts: every bucket first (writing no KV)
+            assert pg.capture_all() == [(2, 8, False), (4, 8, False), (2, 16, False), (4, 16, False),
+                                        (2, 8, True), (2, 16, True)]
+            assert len(pg.graphs) == 6
         batch = torch.randint(0, V, (len(lens), max(lens)), generator=g).to(DEV)
         metas = []
         for c in caches:

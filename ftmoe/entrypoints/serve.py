@@ -48,8 +48,9 @@ def add_serve_parser(subparsers) -> argparse.ArgumentParser:
                    help="greedy decode steps run back to back when every running request decodes plain-greedy "
                         "and none waits (1-32; default $FTMOE_DECODE_CHUNK, else 8; 1 = one step at a time)")
     p.add_argument("--lazy-graphs", action="store_true",
-                   help="capture each CUDA-graph batch bucket on first use instead of at start-up "
-                        "(faster start; the first requests that reach a new bucket stall while it compiles)")
+                   help="capture each CUDA-graph bucket (decode batch, prefill batch x length) on first use "
+                        "instead of at start-up (faster start; a request that reaches a new bucket stalls while "
+                        "its kernels compile)")
     p.add_argument("--tp", type=int, default=1, help="tensor-parallel size")
     p.add_argument("--ep", type=int, default=1, help="expert-parallel size")
     p.add_argument("--pp", type=int, default=1, help="pipeline-parallel size")
@@ -126,6 +127,8 @@ def run_serve(args, hooks=()) -> int:
             if not args.lazy_graphs:                      # every decode bucket now, not on the first requests
                 model.graphs.capture_upto(args.max_num_seqs, greedy=core.decode_chunk > 1 and
                                           model.can_greedy_chunk(core.cache, 1), progress=True)
+                if model.prefill_graphs is not None:
+                    model.prefill_graphs.capture_all(progress=True)
         engine = AsyncEngine(core)
         name = args.served_model_name or args.model
         app = build_app(engine, tokenizer, name, api_key=args.api_key or os.environ.get("FTMOE_API_KEY") or None,
