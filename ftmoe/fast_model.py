@@ -26,7 +26,7 @@ import types
 import torch
 
 from .kernels import pdl
-from .kernels.attention import decode_attention, write_kv
+from .kernels.attention import attn_in_wo, decode_attention, decode_attention_partials, num_splits, write_kv
 from .kernels.configs import get_config, get_dense_choice
 from .kernels.fused_moe import fused_moe
 from .kernels.norm import add_layernorm, add_layernorm_gate, embed_layernorm
@@ -224,12 +224,29 @@ class FastGPTMoE:
         res, a = self._first_ln(ids, positions)                                    # [B, H] each
         for i, L in enumerate(self.layers):
             qkv = self._dense(a, L["wqkv"], L["bqkv"], parts_ok=False).view(B, 3, self.heads, self.D)
-            ctx = decode_attention(qkv, cache.k[i], cache.v[i], block_tables, context_lens, slots, self.scale)
-            res, y, y_bias = self._ln2_mlp(L, res, self._dense(ctx.view(B, self.HL), L["wo"], None, parts_ok=True),
-                                           slots, i)
+            o = self._attention_wo(L, qkv, cache.k[i], cache.v[i], block_tables, context_lens, slots)
+            res, y, y_bias = self._ln2_mlp(L, res, o, slots, i)
             nxt = self.layers[i + 1]["ln1"] if i + 1 < len(self.layers) else self.final_ln
             res, a = add_layernorm(res, nxt.weight, nxt.bias, eps, add=y, add_bias=y_bias)
         return self._head(a) if self.par.is_last_stage else res
+
+    def _attention_wo(self, L: dict, qkv: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                      block_tables: torch.Tensor, context_lens: torch.Tensor, slots: torch.Tensor) -> torch.Tensor:
+        """Decode attention, then its output GEMM Wo (no bias: added with the residual). Where the
+        context is split (few rows) and Wo is a Triton GEMV, the Wo kernel sums the splits' partials
+        as it loads them (`attention.attn_in_wo`): one kernel fewer per layer than split, merge, Wo."""
+        B = qkv.shape[0]
+        splits = min(num_splits(B * self.heads), block_tables.shape[1])
+        if splits > 1 and attn_in_wo(B * self.heads):
+            choice = get_dense_choice(self.H, self.HL, _DT.get(self.dtype, "fp32"), B, self.device_name)
+            if choice is not None:
+                cfg = dict(choice)
+                split_k = cfg.pop("split_k", 1)
+                part = decode_attention_partials(qkv, k_cache, v_cache, block_tables, context_lens, slots,
+                                                 self.scale, splits)
+                return fused_moe(part, L["wo"].unsqueeze(0), None, B, config=cfg, split_k=split_k, a_parts=splits)
+        ctx = decode_attention(qkv, k_cache, v_cache, block_tables, context_lens, slots, self.scale)
+        return self._dense(ctx.view(B, self.HL), L["wo"], None, parts_ok=True)
 
     def _first_ln(self, x: torch.Tensor, positions: torch.Tensor):
         """(residual, LN1 of it) of the first local layer: from token ids (embeddings gathered and

@@ -40,7 +40,7 @@ from ftmoe.kernels import configs, pdl  # noqa: E402
 
 
 ENV_SWITCHES = {"gate": "FTMOE_GATE", "attn": "FTMOE_ATTN_SPLIT", "preload": "FTMOE_ATTN_PRELOAD",
-                "lngate": "FTMOE_LN_GATE"}
+                "lngate": "FTMOE_LN_GATE", "attnwo": "FTMOE_ATTN_WO"}
 
 
 def _knock_out(part: str):

@@ -429,12 +429,17 @@ def test_prefill_graphs_decline_what_no_bucket_fits(models):
     assert pg.step(ids, cache.prepare([0], [9])) is None
 
 
-def test_triton_dense_gemms_with_split_k_match_reference(models, monkeypatch):
+@pytest.mark.parametrize("attn_wo", ["0", "1"])
+def test_triton_dense_gemms_with_split_k_match_reference(models, monkeypatch, attn_wo):
     """Where the tuned table picks the Triton kernel for the dense GEMMs (QKV, Wo, dense W2), with
-    split-K partials summed by add+LayerNorm, prefill and decode still equal the reference."""
+    split-K partials summed by add+LayerNorm, prefill and decode still equal the reference; with
+    FTMOE_ATTN_WO=1 decode's Wo GEMV sums the split attention's partials itself (no merge kernel)."""
     from ftmoe import fast_model
 
-    picked = []
+    picked, parts = [], []
+    monkeypatch.setenv("FTMOE_ATTN_WO", attn_wo)
+    real_parts = fast_model.decode_attention_partials
+    monkeypatch.setattr(fast_model, "decode_attention_partials", lambda *a: parts.append(a[-1]) or real_parts(*a))
 
     def choice(N, K, dtype, M, device_name=""):
         picked.append((N, K))
@@ -455,6 +460,7 @@ def test_triton_dense_gemms_with_split_k_match_reference(models, monkeypatch):
         out = fast(seq[None, t:t + 1], cache.prepare([0], [1]), cache, last_only=True)
         assert rel(out[0], full[t]) < 1e-4
     assert {(3 * H, H), (H, H), (H, F)} <= set(picked)     # QKV, Wo, dense W2
+    assert len(parts) == (3 * ref.config.num_layer if attn_wo == "1" else 0) and all(p > 1 for p in parts)
 
 
 def test_pdl_launch_arguments(monkeypatch):

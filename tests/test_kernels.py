@@ -244,6 +244,41 @@ def test_decode_attention(gen, dtype, ctx, launch):
     assert torch.equal(kc, kc2) and torch.equal(vc, vc2)   # the new K/V landed in the same slots
 
 
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("ctx,splits,split_k", [([0], 8, 1), ([5, 0, 70], 3, 1), ([130, 1], 16, 3), ([9], 2, 4)])
+def test_attention_partials_summed_in_wo(gen, dtype, ctx, splits, split_k):
+    """Decode attention left as split partials (the new token in the last split, its K/V stored),
+    then summed inside the attention-output GEMV as it loads them: against the torch twins
+    (attention, then ctx @ Wo), for empty, short and long rows and more splits than blocks."""
+    from ftmoe.kernels.attention import decode_attention_partials, merge_partials_ref
+
+    B, h, D, bs, N = len(ctx), 4, 16, 8, 40
+    nb_per = max(1, -(-(max(ctx) + 1) // bs))
+    NB = B * nb_per + 1
+    kc, vc = rnd(NB, h, bs, D, dtype=dtype, gen=gen), rnd(NB, h, bs, D, dtype=dtype, gen=gen)
+    perm = torch.randperm(NB - 1, generator=gen)[: B * nb_per].view(B, nb_per).to(torch.int32).to(DEV)
+    ctx_t = torch.tensor(ctx, dtype=torch.int32, device=DEV)
+    pos = ctx_t.long()
+    slots = (perm.long().gather(1, (pos // bs)[:, None])[:, 0] * bs + pos % bs).to(torch.int32)
+    qkv = rnd(B, 3, h, D, dtype=dtype, gen=gen)
+    wo = rnd(1, h * D, N, dtype=dtype, gen=gen, scale=(h * D) ** -0.5)
+    kc2, vc2 = kc.clone(), vc.clone()
+    part = decode_attention_partials(qkv, kc, vc, perm, ctx_t, slots, 1 / math.sqrt(D), splits)
+    want_ctx = ref.decode_attention_ref(qkv, kc2, vc2, perm, ctx_t, slots, 1 / math.sqrt(D))
+    assert part.shape == (B, h, splits, D + 2)
+    assert rel(merge_partials_ref(part), want_ctx.float()) < TOL[dtype] * 2
+    assert torch.equal(kc, kc2) and torch.equal(vc, vc2)   # the new K/V landed in the same slots
+    shape = (split_k, B, N) if split_k > 1 else (B, N)
+    out = torch.full(shape, float("nan"), dtype=torch.float32 if split_k > 1 else dtype, device=DEV)
+    fused_moe(part, wo, None, B, config={"BLOCK_M": 16, "BLOCK_N": 32, "BLOCK_K": 32}, split_k=split_k,
+              a_parts=splits, out=out)
+    got = out.sum(0) if split_k > 1 else out
+    want = want_ctx.reshape(B, h * D).float() @ wo[0].float()
+    assert rel(got, want) < TOL[dtype] * 2
+    with pytest.raises(AssertionError, match="do not make K"):
+        fused_moe(part, rnd(1, h * D + 1, N, dtype=dtype, gen=gen), None, B, a_parts=splits)
+
+
 def test_attention_splits_choice(monkeypatch):
     """Up to SPLIT_MAX_PROGRAMS (row, head) programs split the context; FTMOE_ATTN_SPLIT forces a
     count (0 = one pass) and a bad value is an error naming the variable."""

@@ -27,13 +27,32 @@ def _gelu_tanh(x):
 
 
 @triton.jit
+def _merged_parts(PARTS, rows, smask, k0, offs_k, kmask, stride_am, S: tl.constexpr, D: tl.constexpr):
+    """A [BLOCK_M, BLOCK_K] tile of attention output summed from its split partials (see
+    `attention.decode_attention_partials`): row r, column k = head k // D, dim k % D, fp32."""
+    kk = k0 + offs_k
+    base = PARTS + rows[:, None] * stride_am + ((kk // D) * (S * (D + 2)))[None, :]
+    mask = smask[:, None] & kmask[None, :]
+    top = tl.load(base + D, mask=mask, other=0.0)
+    for s in tl.static_range(1, S):
+        top = tl.maximum(top, tl.load(base + s * (D + 2) + D, mask=mask, other=0.0))
+    num = tl.zeros_like(top)
+    den = tl.zeros_like(top)
+    for s in tl.static_range(S):
+        w = tl.exp(tl.load(base + s * (D + 2) + D, mask=mask, other=0.0) - top)
+        den += tl.load(base + s * (D + 2) + D + 1, mask=mask, other=1.0) * w
+        num += tl.load(base + s * (D + 2) + (kk % D)[None, :], mask=mask, other=0.0) * w
+    return num / den
+
+
+@triton.jit
 def _fused_moe_kernel(A, W, BIAS, C, PROBS, SORTED, BLOCK_EXPERT, NUM_POST,
                       N, K, NUM_SLOTS, stride_am, stride_we, stride_wk, stride_be, stride_cm, stride_cs,
                       TOPK: tl.constexpr, A_PER_SLOT: tl.constexpr, DENSE: tl.constexpr, PER_SLOT: tl.constexpr,
                       HAS_BIAS: tl.constexpr,
                       GELU: tl.constexpr, MUL_PROB: tl.constexpr, IEEE: tl.constexpr, SPLIT_K: tl.constexpr,
                       BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
-                      USE_PDL: tl.constexpr = False):
+                      A_PARTS: tl.constexpr = 0, A_D: tl.constexpr = 1, USE_PDL: tl.constexpr = False):
     pid = tl.program_id(0)
     num_n = tl.cdiv(N, BLOCK_N)
     num_m = tl.num_programs(0) // num_n
@@ -83,7 +102,10 @@ def _fused_moe_kernel(A, W, BIAS, C, PROBS, SORTED, BLOCK_EXPERT, NUM_POST,
     k_hi = tl.where(skip, k_lo, tl.minimum(K, k_lo + k_per))   # a skipped slot reads no weights
     for k0 in range(k_lo, k_hi, BLOCK_K):
         kmask = offs_k < K - k0
-        a = tl.load(a_ptrs, mask=smask[:, None] & kmask[None, :], other=0.0)
+        if A_PARTS > 0:      # A is attention partials: summed (the merge kernel's work) as loaded
+            a = _merged_parts(A, rows, smask, k0, offs_k, kmask, stride_am, A_PARTS, A_D).to(W.dtype.element_ty)
+        else:
+            a = tl.load(a_ptrs, mask=smask[:, None] & kmask[None, :], other=0.0)
         w = tl.load(w_ptrs, mask=kmask[:, None] & nmask[None, :], other=0.0)
         if IEEE:
             acc += tl.dot(a, w, input_precision="ieee")   # fp32 inputs: no silent tf32
@@ -108,22 +130,34 @@ DEFAULT_CONFIG = {"BLOCK_M": 16, "BLOCK_N": 64, "BLOCK_K": 64, "GROUP_M": 8, "nu
 def fused_moe(a: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None, num_slots: int, *,
               topk: int = 1, routing=None, probs: torch.Tensor | None = None, a_per_slot: bool = False,
               gelu: bool = False, mul_prob: bool = False, out: torch.Tensor | None = None,
-              config: dict | None = None, split_k: int = 1) -> torch.Tensor:
+              config: dict | None = None, split_k: int = 1, a_parts: int = 0) -> torch.Tensor:
     """c [num_slots, N]. `routing` = (sorted_slots, block_expert, num_post) from moe_align with
     the same BLOCK_M as `config`; or an int32 tensor of expert ids [num_slots] (small batches: one
     program row per slot, no sorting); None means dense (one expert, slot = row).
     Slots with a negative expert id (both routed modes) are skipped: their rows of c are not
     written (pass a zeroed `out` where they must read as zeros).
     split_k > 1 (small batches, long K): returns fp32 partials [split_k, num_slots, N] whose sum
-    is the result (summed deterministically by the consumer, `add_layernorm`)."""
+    is the result (summed deterministically by the consumer, `add_layernorm`).
+    a_parts = S > 0 (dense mode): `a` is decode attention's split partials [rows, h, S, D + 2]
+    (`attention.decode_attention_partials`), summed into the attention output [rows, h * D]
+    as each tile is loaded, then rounded to w's dtype: no merge kernel, no ctx tensor."""
     cfg = dict(DEFAULT_CONFIG, **(config or {}))
     E, K, N = w.shape
-    assert a.shape[1] == K and w.stride(2) == 1 and a.stride(1) == 1
+    head_dim, ieee = 1, a.dtype == torch.float32
+    if a_parts:
+        assert routing is None and a.dim() == 4 and a.shape[2] == a_parts and a.is_contiguous()
+        head_dim, ieee = a.shape[3] - 2, w.dtype == torch.float32
+        assert a.shape[1] * head_dim == K, f"partials of {a.shape[1]} heads x {head_dim} do not make K = {K}"
+        a = a.view(a.shape[0], -1)
+    else:
+        assert a.shape[1] == K
+    assert w.stride(2) == 1 and a.stride(1) == 1
     assert split_k == 1 or not gelu, "GELU is not linear: it cannot be split over K"
     if split_k > 1:
         c = out if out is not None else torch.empty(split_k, num_slots, N, dtype=torch.float32, device=a.device)
     else:
-        c = out if out is not None else torch.empty(num_slots, N, dtype=a.dtype, device=a.device)
+        c = out if out is not None else torch.empty(num_slots, N, dtype=w.dtype if a_parts else a.dtype,
+                                                    device=a.device)
     dense = routing is None
     per_slot = isinstance(routing, torch.Tensor)
     if dense:
@@ -141,6 +175,7 @@ def fused_moe(a: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None, num_s
         sorted_slots, block_expert, num_post, N, K, num_slots,
         a.stride(0), w.stride(0), w.stride(1), bias.stride(0) if bias is not None and bias.dim() == 2 else 0,
         c.stride(-2), c.stride(0) if split_k > 1 else 0, TOPK=topk, A_PER_SLOT=a_per_slot, DENSE=dense, PER_SLOT=per_slot, HAS_BIAS=bias is not None, GELU=gelu,
-        MUL_PROB=mul_prob, IEEE=a.dtype == torch.float32, SPLIT_K=split_k, BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], BLOCK_K=cfg["BLOCK_K"],
-        GROUP_M=cfg["GROUP_M"], num_warps=cfg["num_warps"], num_stages=cfg["num_stages"], **launch_kwargs(a))
+        MUL_PROB=mul_prob, IEEE=ieee, SPLIT_K=split_k, BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], BLOCK_K=cfg["BLOCK_K"],
+        GROUP_M=cfg["GROUP_M"], A_PARTS=a_parts, A_D=head_dim, num_warps=cfg["num_warps"],
+        num_stages=cfg["num_stages"], **launch_kwargs(a))
     return c
