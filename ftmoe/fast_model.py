@@ -28,7 +28,7 @@ import torch
 from .kernels import pdl
 from .kernels.attention import attn_in_wo, decode_attention, decode_attention_partials, num_splits, write_kv
 from .kernels.configs import get_config, get_dense_choice
-from .kernels.fused_moe import fused_moe
+from .kernels.fused_moe import fused_moe, parts_config
 from .kernels.norm import add_layernorm, add_layernorm_gate, embed_layernorm
 from .kernels.routing import gate_topk, ln_gate, moe_align, softmax_topk
 from .kv_cache import AttnMetadata, KVCache
@@ -233,15 +233,19 @@ class FastGPTMoE:
     def _attention_wo(self, L: dict, qkv: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                       block_tables: torch.Tensor, context_lens: torch.Tensor, slots: torch.Tensor) -> torch.Tensor:
         """Decode attention, then its output GEMM Wo (no bias: added with the residual). Where the
-        context is split (few rows) and Wo is a Triton GEMV, the Wo kernel sums the splits' partials
-        as it loads them (`attention.attn_in_wo`): one kernel fewer per layer than split, merge, Wo."""
+        context is split (few rows) and Wo is a Triton split-K GEMV whose K range per program is
+        short (`parts_config`), the Wo kernel sums the splits' partials as it loads them
+        (`attention.attn_in_wo`): one kernel fewer per layer than split, merge, Wo."""
         B = qkv.shape[0]
         splits = min(num_splits(B * self.heads), block_tables.shape[1])
         if splits > 1 and attn_in_wo(B * self.heads):
             choice = get_dense_choice(self.H, self.HL, _DT.get(self.dtype, "fp32"), B, self.device_name)
+            cfg = None
             if choice is not None:
                 cfg = dict(choice)
                 split_k = cfg.pop("split_k", 1)
+                cfg = parts_config(cfg, self.HL, split_k)
+            if cfg is not None:
                 part = decode_attention_partials(qkv, k_cache, v_cache, block_tables, context_lens, slots,
                                                  self.scale, splits)
                 return fused_moe(part, L["wo"].unsqueeze(0), None, B, config=cfg, split_k=split_k, a_parts=splits)

@@ -251,6 +251,7 @@ def test_attention_partials_summed_in_wo(gen, dtype, ctx, splits, split_k):
     then summed inside the attention-output GEMV as it loads them: against the torch twins
     (attention, then ctx @ Wo), for empty, short and long rows and more splits than blocks."""
     from ftmoe.kernels.attention import decode_attention_partials, merge_partials_ref
+    from ftmoe.kernels.fused_moe import parts_config
 
     B, h, D, bs, N = len(ctx), 4, 16, 8, 40
     nb_per = max(1, -(-(max(ctx) + 1) // bs))
@@ -270,8 +271,10 @@ def test_attention_partials_summed_in_wo(gen, dtype, ctx, splits, split_k):
     assert torch.equal(kc, kc2) and torch.equal(vc, vc2)   # the new K/V landed in the same slots
     shape = (split_k, B, N) if split_k > 1 else (B, N)
     out = torch.full(shape, float("nan"), dtype=torch.float32 if split_k > 1 else dtype, device=DEV)
-    fused_moe(part, wo, None, B, config={"BLOCK_M": 16, "BLOCK_N": 32, "BLOCK_K": 32}, split_k=split_k,
-              a_parts=splits, out=out)
+    cfg = parts_config({"BLOCK_M": 16, "BLOCK_N": 32, "BLOCK_K": 32}, h * D, split_k)
+    assert cfg["BLOCK_K"] == (64 if split_k == 1 else 32 if split_k == 3 else 16) and cfg["num_stages"] == 1
+    assert parts_config(cfg, 4096, 8) is None          # a 512-wide K range: the merge kernel instead
+    fused_moe(part, wo, None, B, config=cfg, split_k=split_k, a_parts=splits, out=out)
     got = out.sum(0) if split_k > 1 else out
     want = want_ctx.reshape(B, h * D).float() @ wo[0].float()
     assert rel(got, want) < TOL[dtype] * 2

@@ -102,11 +102,12 @@ def _fused_moe_kernel(A, W, BIAS, C, PROBS, SORTED, BLOCK_EXPERT, NUM_POST,
     k_hi = tl.where(skip, k_lo, tl.minimum(K, k_lo + k_per))   # a skipped slot reads no weights
     for k0 in range(k_lo, k_hi, BLOCK_K):
         kmask = offs_k < K - k0
-        if A_PARTS > 0:      # A is attention partials: summed (the merge kernel's work) as loaded
+        if A_PARTS > 0:      # A is attention partials, summed (the merge kernel's work) while W streams in
+            w = tl.load(w_ptrs, mask=kmask[:, None] & nmask[None, :], other=0.0)
             a = _merged_parts(A, rows, smask, k0, offs_k, kmask, stride_am, A_PARTS, A_D).to(W.dtype.element_ty)
         else:
             a = tl.load(a_ptrs, mask=smask[:, None] & kmask[None, :], other=0.0)
-        w = tl.load(w_ptrs, mask=kmask[:, None] & nmask[None, :], other=0.0)
+            w = tl.load(w_ptrs, mask=kmask[:, None] & nmask[None, :], other=0.0)
         if IEEE:
             acc += tl.dot(a, w, input_precision="ieee")   # fp32 inputs: no silent tf32
         else:
@@ -122,6 +123,13 @@ def _fused_moe_kernel(A, W, BIAS, C, PROBS, SORTED, BLOCK_EXPERT, NUM_POST,
         acc *= tl.load(PROBS + slots, mask=smask, other=0.0)[:, None]
     c_ptrs = C + ks.to(tl.int64) * stride_cs + slots.to(tl.int64)[:, None] * stride_cm + offs_n[None, :]
     tl.store(c_ptrs, acc.to(C.dtype.element_ty), mask=smask[:, None] & nmask[None, :])
+
+
+def parts_config(config: dict, K: int, split_k: int, max_block_k: int = 256) -> dict | None:
+    """The tile config for `fused_moe(a_parts=...)` from a tuned GEMV entry: BLOCK_K covering the
+    split's whole K range, one stage; None where that range is longer than `max_block_k`."""
+    bk = triton.next_power_of_2(triton.cdiv(K, split_k))
+    return dict(config, BLOCK_K=bk, num_stages=1) if bk <= max_block_k else None
 
 
 DEFAULT_CONFIG = {"BLOCK_M": 16, "BLOCK_N": 64, "BLOCK_K": 64, "GROUP_M": 8, "num_warps": 4, "num_stages": 3}
@@ -140,7 +148,9 @@ def fused_moe(a: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None, num_s
     is the result (summed deterministically by the consumer, `add_layernorm`).
     a_parts = S > 0 (dense mode): `a` is decode attention's split partials [rows, h, S, D + 2]
     (`attention.decode_attention_partials`), summed into the attention output [rows, h * D]
-    as each tile is loaded, then rounded to w's dtype: no merge kernel, no ctx tensor."""
+    as each tile is loaded, then rounded to w's dtype: no merge kernel, no ctx tensor. Give it a
+    config whose K loop is one tile and one stage (`parts_config`): pipelined, the partials' loads
+    (3 x S per element) overflow shared memory."""
     cfg = dict(DEFAULT_CONFIG, **(config or {}))
     E, K, N = w.shape
     head_dim, ieee = 1, a.dtype == torch.float32
