@@ -235,7 +235,7 @@ class FastGPTMoE:
         """Decode attention, then its output GEMM Wo (no bias: added with the residual). Where the
         context is split (few rows) and Wo is a Triton split-K GEMV whose K range per program is
         short (`parts_config`), the Wo kernel sums the splits' partials as it loads them
-        (`attention.attn_in_wo`): one kernel fewer per layer than split, merge, Wo."""
+        (`attention.attn_in_wo`, off by default: slower so far): one kernel fewer per layer."""
         B = qkv.shape[0]
         splits = min(num_splits(B * self.heads), block_tables.shape[1])
         if splits > 1 and attn_in_wo(B * self.heads):
@@ -244,7 +244,7 @@ class FastGPTMoE:
             if choice is not None:
                 cfg = dict(choice)
                 split_k = cfg.pop("split_k", 1)
-                cfg = parts_config(cfg, self.HL, split_k)
+                cfg = parts_config(cfg, self.HL, split_k, self.D)
             if cfg is not None:
                 part = decode_attention_partials(qkv, k_cache, v_cache, block_tables, context_lens, slots,
                                                  self.scale, splits)

@@ -271,13 +271,17 @@ def test_attention_partials_summed_in_wo(gen, dtype, ctx, splits, split_k):
     assert torch.equal(kc, kc2) and torch.equal(vc, vc2)   # the new K/V landed in the same slots
     shape = (split_k, B, N) if split_k > 1 else (B, N)
     out = torch.full(shape, float("nan"), dtype=torch.float32 if split_k > 1 else dtype, device=DEV)
-    cfg = parts_config({"BLOCK_M": 16, "BLOCK_N": 32, "BLOCK_K": 32}, h * D, split_k)
+    cfg = parts_config({"BLOCK_M": 16, "BLOCK_N": 32, "BLOCK_K": 32}, h * D, split_k, D)
     assert cfg["BLOCK_K"] == (64 if split_k == 1 else 32 if split_k == 3 else 16) and cfg["num_stages"] == 1
-    assert parts_config(cfg, 4096, 8) is None          # a 512-wide K range: the merge kernel instead
+    assert parts_config(cfg, 4096, 8, 64) is None      # a 512-wide K range: the merge kernel instead
+    assert parts_config(cfg, 1024, 32, 64)["BLOCK_K"] == 64       # whole heads, even past the split's range
     fused_moe(part, wo, None, B, config=cfg, split_k=split_k, a_parts=splits, out=out)
     got = out.sum(0) if split_k > 1 else out
     want = want_ctx.reshape(B, h * D).float() @ wo[0].float()
     assert rel(got, want) < TOL[dtype] * 2
+    if split_k == 4:              # 16-wide K ranges of one 16-wide head; a tile of half a head is refused
+        with pytest.raises(AssertionError, match="whole heads"):
+            fused_moe(part, wo, None, B, config=dict(cfg, BLOCK_K=8), split_k=split_k, a_parts=splits)
     with pytest.raises(AssertionError, match="do not make K"):
         fused_moe(part, rnd(1, h * D + 1, N, dtype=dtype, gen=gen), None, B, a_parts=splits)
 
@@ -298,6 +302,10 @@ def test_attention_splits_choice(monkeypatch):
     monkeypatch.setenv("FTMOE_ATTN_SPLIT", "many")
     with pytest.raises(ValueError, match="FTMOE_ATTN_SPLIT"):
         attention.num_splits(16)
+    monkeypatch.delenv("FTMOE_ATTN_WO", raising=False)       # partials summed in Wo: off unless asked
+    assert not attention.attn_in_wo(16)
+    monkeypatch.setenv("FTMOE_ATTN_WO", "1")
+    assert attention.attn_in_wo(4096)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])

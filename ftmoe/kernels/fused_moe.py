@@ -27,22 +27,27 @@ def _gelu_tanh(x):
 
 
 @triton.jit
-def _merged_parts(PARTS, rows, smask, k0, offs_k, kmask, stride_am, S: tl.constexpr, D: tl.constexpr):
+def _merged_parts(PARTS, rows, smask, k0, K, stride_am, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr,
+                  S: tl.constexpr, D: tl.constexpr):
     """A [BLOCK_M, BLOCK_K] tile of attention output summed from its split partials (see
-    `attention.decode_attention_partials`): row r, column k = head k // D, dim k % D, fp32."""
-    kk = k0 + offs_k
-    base = PARTS + rows[:, None] * stride_am + ((kk // D) * (S * (D + 2)))[None, :]
-    mask = smask[:, None] & kmask[None, :]
-    top = tl.load(base + D, mask=mask, other=0.0)
+    `attention.decode_attention_partials`), fp32: the tile's BLOCK_K // D heads (BLOCK_K a
+    multiple of D, k0 of BLOCK_K), each split's weight e^(m_s - M) / sum taken once per
+    (row, head), then the S weighted V partials [BLOCK_M, heads, D] summed."""
+    heads = k0 // D + tl.arange(0, BLOCK_K // D)
+    hmask = smask[:, None] & (heads < K // D)[None, :]                        # [BLOCK_M, heads]
+    base = PARTS + rows[:, None] * stride_am + (heads * (S * (D + 2)))[None, :]
+    top = tl.load(base + D, mask=hmask, other=0.0)
     for s in tl.static_range(1, S):
-        top = tl.maximum(top, tl.load(base + s * (D + 2) + D, mask=mask, other=0.0))
-    num = tl.zeros_like(top)
+        top = tl.maximum(top, tl.load(base + s * (D + 2) + D, mask=hmask, other=0.0))
     den = tl.zeros_like(top)
+    num = tl.zeros([BLOCK_M, BLOCK_K // D, D], dtype=tl.float32)
+    d = tl.arange(0, D)
     for s in tl.static_range(S):
-        w = tl.exp(tl.load(base + s * (D + 2) + D, mask=mask, other=0.0) - top)
-        den += tl.load(base + s * (D + 2) + D + 1, mask=mask, other=1.0) * w
-        num += tl.load(base + s * (D + 2) + (kk % D)[None, :], mask=mask, other=0.0) * w
-    return num / den
+        w = tl.exp(tl.load(base + s * (D + 2) + D, mask=hmask, other=0.0) - top)
+        den += tl.load(base + s * (D + 2) + D + 1, mask=hmask, other=1.0) * w
+        v = tl.load(base[:, :, None] + s * (D + 2) + d[None, None, :], mask=hmask[:, :, None], other=0.0)
+        num += v * w[:, :, None]
+    return tl.reshape(num * (1.0 / den)[:, :, None], [BLOCK_M, BLOCK_K])
 
 
 @triton.jit
@@ -104,7 +109,7 @@ def _fused_moe_kernel(A, W, BIAS, C, PROBS, SORTED, BLOCK_EXPERT, NUM_POST,
         kmask = offs_k < K - k0
         if A_PARTS > 0:      # A is attention partials, summed (the merge kernel's work) while W streams in
             w = tl.load(w_ptrs, mask=kmask[:, None] & nmask[None, :], other=0.0)
-            a = _merged_parts(A, rows, smask, k0, offs_k, kmask, stride_am, A_PARTS, A_D).to(W.dtype.element_ty)
+            a = _merged_parts(A, rows, smask, k0, K, stride_am, BLOCK_M, BLOCK_K, A_PARTS, A_D).to(W.dtype.element_ty)
         else:
             a = tl.load(a_ptrs, mask=smask[:, None] & kmask[None, :], other=0.0)
             w = tl.load(w_ptrs, mask=kmask[:, None] & nmask[None, :], other=0.0)
@@ -125,11 +130,13 @@ def _fused_moe_kernel(A, W, BIAS, C, PROBS, SORTED, BLOCK_EXPERT, NUM_POST,
     tl.store(c_ptrs, acc.to(C.dtype.element_ty), mask=smask[:, None] & nmask[None, :])
 
 
-def parts_config(config: dict, K: int, split_k: int, max_block_k: int = 256) -> dict | None:
+def parts_config(config: dict, K: int, split_k: int, head_dim: int, max_block_k: int = 256) -> dict | None:
     """The tile config for `fused_moe(a_parts=...)` from a tuned GEMV entry: BLOCK_K covering the
-    split's whole K range, one stage; None where that range is longer than `max_block_k`."""
-    bk = triton.next_power_of_2(triton.cdiv(K, split_k))
-    return dict(config, BLOCK_K=bk, num_stages=1) if bk <= max_block_k else None
+    split's whole K range (whole heads: at least `head_dim`, a power of two), one stage; None
+    where that is longer than `max_block_k`."""
+    bk = max(triton.next_power_of_2(triton.cdiv(K, split_k)), head_dim)
+    ok = bk <= max_block_k and head_dim & (head_dim - 1) == 0
+    return dict(config, BLOCK_K=bk, num_stages=1) if ok else None
 
 
 DEFAULT_CONFIG = {"BLOCK_M": 16, "BLOCK_N": 64, "BLOCK_K": 64, "GROUP_M": 8, "num_warps": 4, "num_stages": 3}
@@ -158,6 +165,7 @@ def fused_moe(a: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None, num_s
         assert routing is None and a.dim() == 4 and a.shape[2] == a_parts and a.is_contiguous()
         head_dim, ieee = a.shape[3] - 2, w.dtype == torch.float32
         assert a.shape[1] * head_dim == K, f"partials of {a.shape[1]} heads x {head_dim} do not make K = {K}"
+        assert cfg["BLOCK_K"] % head_dim == 0, f"BLOCK_K {cfg['BLOCK_K']} must hold whole heads of {head_dim}"
         a = a.view(a.shape[0], -1)
     else:
         assert a.shape[1] == K
