@@ -18,6 +18,8 @@ the first takes the residual [B, H] instead of token ids.
 """
 from __future__ import annotations
 
+import dataclasses
+
 import torch
 
 from .fast_model import FastGPTMoE
@@ -26,6 +28,20 @@ from .kv_cache import AttnMetadata, KVCache
 from .progress import Progress
 
 DEFAULT_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024)
+
+
+@dataclasses.dataclass
+class GreedyChunk:
+    """A greedy chunk queued on the GPU (`DecodeGraphs.greedy_chunk_start`): its graph bucket,
+    live rows, steps, and the host buffers its tokens (and log probs) are copied into, with the
+    event that marks the copy done (None on the CPU)."""
+    bucket: int
+    rows: int
+    steps: int
+    logprobs: bool
+    toks: torch.Tensor
+    lps: torch.Tensor | None
+    done: torch.cuda.Event | None
 #: most steps in one greedy chunk (the chunk's token buffer rows)
 MAX_CHUNK = 32
 
@@ -55,6 +71,8 @@ class DecodeGraphs:
         self.pool = None
         self._stage: dict[int, list] = {}       # bucket -> pinned staging buffers (step_host)
         self.greedy: dict[tuple[int, bool], tuple] = {}   # (bucket, logprobs) -> greedy-chunk graph
+        self._chunk_ring: dict[tuple[int, bool], list] = {}   # (bucket, logprobs) -> host token buffers
+        self._last_chunk: GreedyChunk | None = None
 
     def serves(self, cache: KVCache, B: int) -> bool:
         """Whether a step of B rows on `cache` can replay these graphs (their cache, a bucket that fits)."""
@@ -118,6 +136,7 @@ class DecodeGraphs:
         min_rows: replay a bucket of at least this many rows (expert-parallel ranks must agree)."""
         B = ids.shape[0]
         bucket, (g, s, out) = self._bucket(B, min_rows)
+        self._last_chunk = None
         s["ids"][:B].copy_(ids)
         s["positions"][:B].copy_(positions)
         s["tables"][:B, : block_tables.shape[1]].copy_(block_tables)
@@ -139,8 +158,9 @@ class DecodeGraphs:
         self._load(ids, meta, bucket)
         return self._replay(g, s, out, B)
 
-    def _load(self, ids: torch.Tensor, meta: AttnMetadata, bucket: int) -> None:
-        """Host ids and metadata -> the bucket's static inputs, in one copy (step counter 0)."""
+    def _load(self, ids: torch.Tensor | None, meta: AttnMetadata, bucket: int) -> None:
+        """Host ids and metadata -> the bucket's static inputs, in one copy (step counter 0).
+        ids None: the ids already on the device stay (a greedy chunk continuing the last one)."""
         B = meta.positions.shape[0]
         if not self.fast.par.is_first_stage:
             raise ValueError("step_host takes token ids: a later pipeline stage's residual comes through step()")
@@ -154,7 +174,9 @@ class DecodeGraphs:
         buf, done = self._staging(bucket)
         h = buf.numpy()
         head = h[:4 * bucket].reshape(4, bucket)
-        head[0, :B] = ids.reshape(-1).numpy()
+        if ids is not None:
+            head[0, :B] = ids.reshape(-1).numpy()
+            self._last_chunk = None            # new ids: nothing continues on the device from here
         head[1, :B] = meta.positions[:, 0].numpy()
         head[2, :B] = meta.context_lens.numpy()
         head[3, :B] = meta.slot_mapping[:, 0].numpy()
@@ -162,7 +184,10 @@ class DecodeGraphs:
         head[3, B:] = -1
         h[4 * bucket:-1].reshape(bucket, self.nb)[:B, :w] = meta.block_tables.numpy()
         h[-1] = 0
-        s["packed"].copy_(buf, non_blocking=True)
+        if ids is None:
+            s["packed"][bucket:].copy_(buf[bucket:], non_blocking=True)
+        else:
+            s["packed"].copy_(buf, non_blocking=True)
         if done is not None:
             done.record()
 
@@ -223,19 +248,66 @@ class DecodeGraphs:
         work between them. ids [B] or [B, 1] and meta (T = 1) on the host as for `step_host`;
         every row's block table must already hold its `steps` new tokens (`KVCache.prepare_chunk`).
         Returns the tokens [steps, B] and, with logprobs, their log-softmax [steps, B] (CPU)."""
+        return self.greedy_chunk_result(self.greedy_chunk_start(ids, meta, steps, logprobs))
+
+    @torch.inference_mode()
+    def greedy_chunk_start(self, ids: torch.Tensor | None, meta: AttnMetadata, steps: int, logprobs: bool = False,
+                           after: GreedyChunk | None = None) -> GreedyChunk:
+        """`greedy_chunk` without the wait: the steps are queued and their tokens copied to a
+        pinned host buffer behind them; `greedy_chunk_result` waits and reads. after: the chunk
+        queued last (same rows), whose last tokens this one continues from on the device (ids
+        None): the host, which does not know them yet, sends the rest of the metadata, so the
+        GPU runs chunk after chunk while the host accepts the previous one's tokens."""
         if not 1 <= steps <= MAX_CHUNK:
             raise ValueError(f"a greedy chunk takes 1..{MAX_CHUNK} steps, got {steps}")
         B = meta.positions.shape[0]
         bucket = self.bucket_for(B)
+        if after is not None:
+            if after is not self._last_chunk or (after.bucket, after.rows, after.logprobs) != (bucket, B, logprobs):
+                raise ValueError("a continued greedy chunk must follow the last chunk queued, with its rows")
+        elif ids is None:
+            raise ValueError("a greedy chunk needs token ids unless it continues the last chunk")
         self.capture_greedy(bucket, logprobs)
         g, run, toks, lps = self.greedy[(bucket, logprobs)]
-        self._load(ids, meta, bucket)
+        self._load(None if after is not None else ids, meta, bucket)
         for _ in range(steps):
             if g is None:
                 run()
             else:
                 g.replay()
-        return toks[:steps, :B].cpu(), None if lps is None else lps[:steps, :B].cpu()
+        out_t, out_l, done = self._chunk_out(bucket, logprobs)
+        out_t[:steps].copy_(toks[:steps], non_blocking=True)
+        if lps is not None:
+            out_l[:steps].copy_(lps[:steps], non_blocking=True)
+        if done is not None:
+            done.record()
+        self._last_chunk = GreedyChunk(bucket, B, steps, logprobs, out_t, out_l, done)
+        return self._last_chunk
+
+    @staticmethod
+    def greedy_chunk_result(chunk: GreedyChunk) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The chunk's tokens [steps, B] and log probs (or None), on the host, once it has run."""
+        if chunk.done is not None:
+            chunk.done.synchronize()
+        n, B = chunk.steps, chunk.rows
+        return chunk.toks[:n, :B].clone(), None if chunk.lps is None else chunk.lps[:n, :B].clone()
+
+    def _chunk_out(self, bucket: int, logprobs: bool):
+        """The next of two host buffers (pinned on a GPU) for a chunk's tokens and log probs, once
+        the copy into it for the chunk before last has finished."""
+        key = (bucket, logprobs)
+        ring = self._chunk_ring.get(key)
+        if ring is None:
+            gpu = self.fast.device.type == "cuda"
+            ring = self._chunk_ring[key] = [
+                (torch.zeros(MAX_CHUNK, bucket, dtype=torch.long, pin_memory=gpu),
+                 torch.zeros(MAX_CHUNK, bucket, dtype=torch.float32, pin_memory=gpu) if logprobs else None,
+                 torch.cuda.Event() if gpu else None) for _ in range(2)]
+        out = ring[0]
+        ring.reverse()
+        if out[2] is not None:
+            out[2].synchronize()
+        return out
 
     def _staging(self, bucket: int) -> tuple[torch.Tensor, torch.cuda.Event | None]:
         """The next of two pinned host buffers for this bucket, once its previous copy to the GPU

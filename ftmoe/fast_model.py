@@ -328,6 +328,19 @@ class FastGPTMoE:
             return None
         return self.graphs.greedy_chunk(input_ids, meta, steps, logprobs)
 
+    def greedy_chunk_start(self, input_ids: torch.Tensor | None, meta: AttnMetadata, cache: KVCache, steps: int,
+                           logprobs: bool = False, after=None):
+        """`greedy_chunk` queued without the wait (`DecodeGraphs.greedy_chunk_start`; after: the
+        chunk it continues on the device, ids None), or None where this model cannot."""
+        B = meta.positions.shape[0]
+        if not self.can_greedy_chunk(cache, B) or meta.positions.device.type != "cpu":
+            return None
+        return self.graphs.greedy_chunk_start(input_ids, meta, steps, logprobs, after)
+
+    def greedy_chunk_result(self, chunk):
+        """A started chunk's (tokens [steps, B], log probs or None) on the host, once it has run."""
+        return self.graphs.greedy_chunk_result(chunk)
+
     def can_greedy_chunk(self, cache: KVCache, batch: int) -> bool:
         """Whether `greedy_chunk` runs for `batch` rows on `cache` (checked before its metadata is built)."""
         g, par = self.graphs, self.par

@@ -291,28 +291,37 @@ class Generator:
                     r.release()
 
 
-def run_greedy_chunk(model, cache: KVCache, reqs: list, limit: int):
-    """Up to `limit` greedy decode steps of every request in `reqs` run back to back on the GPU
-    (the model feeds each step's argmax to the next: `FastGPTMoE.greedy_chunk`), with KV room
-    for them reserved and each sequence's length advanced by the steps taken. Returns (tokens,
-    log probs or None) as lists [steps][row], for the caller to accept in step order; or None
-    (nothing reserved) when single steps must run instead: the model has no greedy chunks here,
-    a request samples, penalises, bans words, has a temperature other than 1 (its argmax of
-    logits / temperature could break a tie differently) or fewer than 2 tokens left, or the
-    cache has no free blocks for 2 steps of every row (fewer steps are taken when that is what fits)."""
-    fn = getattr(model, "greedy_chunk", None)
-    if fn is None or limit < 2 or not reqs or not getattr(model, "can_greedy_chunk", lambda c, b: True)(cache, len(reqs)):
+def _chunk_plan(model, cache: KVCache, reqs: list, limit: int, ahead: int = 0):
+    """(seq_ids, lengths, steps) of a greedy chunk of `reqs`, or None where single steps must
+    run: the model has no greedy chunks here, a request samples, penalises, bans words, has a
+    temperature other than 1 (its argmax of logits / temperature could break a tie differently)
+    or fewer than 2 tokens left, or the cache has no free blocks for 2 steps of every row (fewer
+    steps are planned when that is what fits). ahead: tokens each request has coming from a chunk
+    still running (counted against its budget, not yet in its tokens)."""
+    if limit < 2 or not reqs or not getattr(model, "can_greedy_chunk", lambda c, b: True)(cache, len(reqs)):
         return None
     if not all(isinstance(r, SampleRequest) and r.is_plain_greedy() and r.params.temperature == 1.0 for r in reqs):
         return None
     seq_ids = [r.seq_id for r in reqs]
     lens = [cache.length(q) for q in seq_ids]
     held = [len(cache.block_table(q)) for q in seq_ids]
-    steps = min(limit, min(r.max_gen - len(r.tokens) for r in reqs))
+    steps = min(limit, min(r.max_gen - len(r.tokens) - ahead for r in reqs))
     while steps >= 2 and sum(max(0, cache.blocks_for(n + steps) - h) for n, h in zip(lens, held)) > cache.num_free_blocks:
         steps -= 1
-    if steps < 2:
+    return (seq_ids, lens, steps) if steps >= 2 else None
+
+
+def run_greedy_chunk(model, cache: KVCache, reqs: list, limit: int):
+    """Up to `limit` greedy decode steps of every request in `reqs` run back to back on the GPU
+    (the model feeds each step's argmax to the next: `FastGPTMoE.greedy_chunk`), with KV room
+    for them reserved and each sequence's length advanced by the steps taken. Returns (tokens,
+    log probs or None) as lists [steps][row], for the caller to accept in step order; or None
+    (nothing reserved) when single steps must run instead (`_chunk_plan`)."""
+    fn = getattr(model, "greedy_chunk", None)
+    plan = None if fn is None else _chunk_plan(model, cache, reqs, limit)
+    if plan is None:
         return None
+    seq_ids, lens, steps = plan
     ids = torch.tensor([r.tokens[-1] for r in reqs], dtype=torch.long)
     meta = cache.prepare_chunk(seq_ids, steps)
     with torch.no_grad():
@@ -322,6 +331,34 @@ def run_greedy_chunk(model, cache: KVCache, reqs: list, limit: int):
             cache.truncate(q, n)
         return None
     toks, lps = got
+    return toks.tolist(), lps.tolist() if lps is not None else None
+
+
+def start_greedy_chunk(model, cache: KVCache, reqs: list, limit: int, after=None, ahead: int = 0):
+    """`run_greedy_chunk` queued without the wait, where the model can (`greedy_chunk_start`):
+    returns (chunk, steps) for `greedy_chunk_result`, or None (nothing reserved). after: the chunk
+    of the same requests still running, with `ahead` tokens per row the host has not accepted
+    yet; this one continues from its last tokens on the device, so the GPU need not wait for the
+    host between chunks."""
+    fn = getattr(model, "greedy_chunk_start", None)
+    plan = None if fn is None else _chunk_plan(model, cache, reqs, limit, ahead)
+    if plan is None:
+        return None
+    seq_ids, lens, steps = plan
+    ids = None if after is not None else torch.tensor([r.tokens[-1] for r in reqs], dtype=torch.long)
+    meta = cache.prepare_chunk(seq_ids, steps)
+    with torch.no_grad():
+        chunk = fn(ids, meta, cache, steps, any(r.params.return_log_probs for r in reqs), after=after)
+    if chunk is None:
+        for q, n in zip(seq_ids, lens):
+            cache.truncate(q, n)
+        return None
+    return chunk, steps
+
+
+def greedy_chunk_result(model, chunk) -> tuple[list, list | None]:
+    """A started chunk's tokens and log probs (or None) as lists [steps][row], once it has run."""
+    toks, lps = model.greedy_chunk_result(chunk)
     return toks.tolist(), lps.tolist() if lps is not None else None
 
 

@@ -3,7 +3,8 @@
 #   OUT=dir bash scripts/gpu_round17.sh bench     `ftmoe bench --prefill-graphs` (v14: the in-step-tuned
 #       table; greedy-chunk rows with their own routing and floor);
 #   OUT=dir bash scripts/gpu_round17.sh serving   the serving A/B of scripts/gpu_serving_ab.sh (graphs
-#       captured at start-up now), into $OUT/serving/chunk{8,1}.
+#       captured at start-up now), into $OUT/serving/<variant> (chunk1, chunk8-wait, chunk8 since the
+#       chunks are queued one ahead: the eighth session ran chunk1 and chunk8-wait, then named chunk1/chunk8).
 ROUND=round17-${1:?usage: gpu_round17.sh bench|serving}
 . scripts/gpu_env.sh
 case "$1" in

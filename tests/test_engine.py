@@ -255,11 +255,15 @@ def _greedy_requests(gen, n: int, seed: int) -> list[tuple[str, list[int], Sampl
     return reqs
 
 
+@pytest.mark.parametrize("overlap", ["1", "0"])
 @pytest.mark.parametrize("kv_tokens", [4096, 64])     # 64: chunks shrink to the free blocks, preemption
-def test_greedy_chunks_serve_what_single_steps_do(model, gen, kv_tokens):
+def test_greedy_chunks_serve_what_single_steps_do(model, gen, kv_tokens, overlap, monkeypatch):
     """With only plain-greedy decodes running and nobody waiting, the engine runs up to
     decode_chunk steps per engine step; streams, tokens, log probs and finish reasons equal
-    single steps' (the Generator), no chunk runs while a request waits, and every block is freed."""
+    single steps' (the Generator), no chunk runs while a request waits, and every block is freed.
+    With overlap (the default) each chunk is queued before the last one's tokens are read, and
+    continues from them on the device."""
+    monkeypatch.setenv("FTMOE_CHUNK_OVERLAP", overlap)
     reqs = _greedy_requests(gen, 12, seed=kv_tokens)
     ref = _reference(gen, reqs)
     chunked = _WatchedChunks(model)
@@ -269,11 +273,42 @@ def test_greedy_chunks_serve_what_single_steps_do(model, gen, kv_tokens):
     _assert_same_as_generator(events, reqs, ref)
     assert chunked.chunks and all(2 <= steps <= 4 for _, steps in chunked.chunks)
     assert set(chunked.waiting) == {0}
+    assert bool(chunked.started) == (overlap == "1")       # queued chunks, or each one waited for
     s = eng.stats()
     assert s["finished"] == 12 and s["kv_blocks_used"] == 0
     assert s["generated_tokens"] == sum(len(o.generated_ids) for o in ref.values())
     if kv_tokens == 64:
         assert s["preemptions"] > 0
+
+
+def test_overlapped_chunks_continue_on_the_device(model, gen):
+    """Requests that run together for many chunks: each chunk after the first continues the one
+    before (its last tokens fed on the device, its tokens read after the next is queued); one
+    that stops early (end id inside a chunk, a smaller budget) or is aborted ends the run of
+    continued chunks, and the tokens still equal single steps'. Every block is freed."""
+    reqs = [(f"c{i}", [3 + i, 7, 11 * i + 1], SamplingParams(max_new_tokens=n, return_log_probs=i == 1))
+            for i, n in enumerate([23, 30, 17])]
+    ref = _reference(gen, reqs)
+    chunked = _WatchedChunks(model)
+    eng = LLMEngine(chunked, kv_cache_tokens=4096, block_size=8, decode_chunk=4)
+    chunked.engine = eng
+    _assert_same_as_generator(_drive(eng, {0: reqs}), reqs, ref)
+    assert chunked.started[0] is False and chunked.started.count(True) >= 3
+    assert eng.stats()["kv_blocks_used"] == 0 and eng._pending is None
+    eng = LLMEngine(chunked, kv_cache_tokens=4096, block_size=8, decode_chunk=4)   # an abort while one runs
+    chunked.engine = eng
+    for rid, prompt, p in reqs:
+        eng.add_request(rid, prompt, p)
+    events = defaultdict(list)
+    while eng.has_unfinished():
+        if eng._pending is not None and "c0" in eng._reqs and len(events["c0"]) >= 6:
+            eng.abort("c0")
+        for ev in eng.step():
+            events[ev.request_id].append(ev)
+    assert events["c0"][-1].finish_reason == "abort" and len(events["c0"]) < 23
+    for rid, prompt, p in reqs[1:]:
+        assert [e.token_id for e in events[rid]] == ref[rid].generated_ids
+    assert eng.stats()["kv_blocks_used"] == 0
 
 
 def test_greedy_chunks_only_for_plain_greedy_batches(model, gen):

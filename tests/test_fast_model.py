@@ -98,7 +98,8 @@ def test_generation_through_graphs_with_host_metadata(models):
 
 def test_greedy_chunk_equals_greedy_steps(models, logprobs=True):
     """A greedy chunk (steps replayed back to back, each argmax fed back on the device, rows moved
-    on by the advance kernel, one block boundary crossed) gives the tokens that single steps with
+    on by the advance kernel, one block boundary crossed), here queued as two, the second continuing
+    from the first's last tokens before the first is read, gives the tokens that single steps with
     a host argmax give, and log-softmax log probs; 3 rows in bucket 4 (one padding row)."""
     from ftmoe.cuda_graphs import DecodeGraphs
 
@@ -115,10 +116,16 @@ def test_greedy_chunk_equals_greedy_steps(models, logprobs=True):
         for q in seqs:
             cache.add(q)
         first = fast(prompt.to(DEV), cache.prepare(seqs, lens).to(DEV), cache, last_only=True).argmax(-1).cpu()
-        if mode == "chunk":
-            toks, lps = graphs.greedy_chunk(first, cache.prepare_chunk(seqs, steps), steps, logprobs)
-            got[mode] = (toks, lps)
+        if mode == "chunk":       # 2 steps, then 3 queued behind them from their last tokens, then both read
+            c1 = graphs.greedy_chunk_start(first, cache.prepare_chunk(seqs, 2), 2, logprobs)
+            c2 = graphs.greedy_chunk_start(None, cache.prepare_chunk(seqs, steps - 2), steps - 2, logprobs, after=c1)
+            (t1, l1), (t2, l2) = graphs.greedy_chunk_result(c1), graphs.greedy_chunk_result(c2)
+            got[mode] = (torch.cat([t1, t2]), torch.cat([l1, l2]))
             assert [cache.length(q) for q in seqs] == [n + steps for n in lens]
+            with pytest.raises(ValueError, match="must follow the last chunk queued"):
+                graphs.greedy_chunk_start(None, cache.prepare_chunk(seqs, 2), 2, logprobs, after=c1)
+            with pytest.raises(ValueError, match="needs token ids unless it continues"):
+                graphs.greedy_chunk_start(None, cache.prepare_chunk(seqs, 2), 2, logprobs)
         else:
             tok, toks, lps = first, [], []
             for _ in range(steps):
@@ -141,8 +148,8 @@ def test_serving_engine_decodes_greedy_chunks(models, monkeypatch):
     from ftmoe.sampling import SamplingParams
 
     ref, fast = models
-    reqs = [("a", [5, 9, 2, 7], SamplingParams(max_new_tokens=7, return_log_probs=True)),
-            ("b", [3], SamplingParams(max_new_tokens=5, return_log_probs=True))]
+    reqs = [("a", [5, 9, 2, 7], SamplingParams(max_new_tokens=9, return_log_probs=True)),
+            ("b", [3], SamplingParams(max_new_tokens=7, return_log_probs=True))]
     got = {}
     for chunk in (4, 1):
         eng = LLMEngine(fast, kv_cache_tokens=256, block_size=4, decode_chunk=chunk)
@@ -150,9 +157,15 @@ def test_serving_engine_decodes_greedy_chunks(models, monkeypatch):
         if chunk > 1:       # as `ftmoe serve` does at start-up: every bucket up to max_num_seqs first
             assert fast.graphs.capture_upto(3, greedy=True) == [1, 2, 4]
             assert sorted(fast.graphs.graphs) == [1, 2, 4] and sorted(fast.graphs.greedy) == [(1, False), (2, False), (4, False)]
-        calls = []
-        real = fast.graphs.greedy_chunk
-        monkeypatch.setattr(fast.graphs, "greedy_chunk", lambda *a, **kw: calls.append(a[2]) or real(*a, **kw))
+        calls, continued = [], []
+        real = fast.graphs.greedy_chunk_start
+
+        def start(ids, meta, steps, logprobs=False, after=None):
+            calls.append(steps)
+            continued.append(after is not None)
+            return real(ids, meta, steps, logprobs, after)
+
+        monkeypatch.setattr(fast.graphs, "greedy_chunk_start", start)
         try:
             for rid, prompt, p in reqs:
                 eng.add_request(rid, prompt, p)
@@ -163,6 +176,7 @@ def test_serving_engine_decodes_greedy_chunks(models, monkeypatch):
             fast.graphs = fast.prefill_graphs = None
         got[chunk] = {rid: [(e.token_id, e.logprob) for e in evs if e.request_id == rid] for rid, _, _ in reqs}
         assert (calls == []) == (chunk == 1) and all(2 <= s <= 4 for s in calls)
+        assert (True in continued) == (chunk > 1)          # queued behind the last, fed on the device
         assert eng.cache.num_free_blocks == eng.cache.num_blocks
     for rid, _, p in reqs:
         assert [t for t, _ in got[4][rid]] == [t for t, _ in got[1][rid]] and len(got[1][rid]) == p.max_new_tokens

@@ -25,14 +25,15 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import os
 import time
 from collections import OrderedDict
 
 import torch
 
 from ..errors import FtmoeError, RequestError
-from ..generation import (SampleRequest, check_prompt, decode_chunk_steps, max_new_tokens_for, resolve_end_id,
-                          run_greedy_chunk)
+from ..generation import (SampleRequest, check_prompt, decode_chunk_steps, greedy_chunk_result, max_new_tokens_for,
+                          resolve_end_id, run_greedy_chunk, start_greedy_chunk)
 from ..kv_cache import KVCache
 from ..sampling import SamplingParams
 from .metrics import Metrics
@@ -85,6 +86,9 @@ class LLMEngine:
         elif not isinstance(decode_chunk, int) or not 1 <= decode_chunk <= 32:
             raise FtmoeError(f"engine option decode_chunk must be an integer 1..32, found {decode_chunk!r}")
         self.decode_chunk = decode_chunk
+        # greedy chunks queued one ahead of the host (FTMOE_CHUNK_OVERLAP=0: each one waited for)
+        self.overlap_chunks = os.environ.get("FTMOE_CHUNK_OVERLAP", "1") != "0"
+        self._pending = None     # (requests, chunk, steps): a queued greedy chunk whose tokens are not read yet
         for name, v, lo in (("block_size", block_size, 1), ("max_num_seqs", max_num_seqs, 1),
                             ("max_queue", max_queue, 0), ("max_num_batched_tokens", max_num_batched_tokens,
                                                           cfg.max_pos_seq_len)):
@@ -172,6 +176,12 @@ class LLMEngine:
     # ---- one iteration -----------------------------------------------------------------
     def step(self) -> list[TokenEvent]:
         events, self._events = self._events, []
+        if self._pending is not None:            # a chunk runs: queue the next behind it, then read it
+            events += self._advance_pending()
+            self.scheduler.drop_finished()
+            events += self._events
+            self._events = []
+            return events
         batch = self.scheduler.schedule()
         if batch.prefill:
             rows = [r.prefill_ids() for r in batch.prefill]
@@ -227,16 +237,49 @@ class LLMEngine:
         ones), so outputs equal single steps'; a stream receives the chunk's tokens together.
         None: single steps run (a sampled request, too few tokens left or blocks free, no chunks
         on this model); a failed chunk aborts its requests like a failed step."""
+        overlap = self.overlap_chunks and hasattr(self.model, "greedy_chunk_start")
         try:
+            if overlap:
+                started = start_greedy_chunk(self.model, self.cache, [r.sampler for r in reqs], self.decode_chunk)
+                if started is not None:            # its tokens come with the next engine step
+                    self._pending = (reqs, *started)
+                    return []
+                return None
             got = run_greedy_chunk(self.model, self.cache, [r.sampler for r in reqs], self.decode_chunk)
         except Exception as e:  # noqa: BLE001 - the requests of this call fail, the engine goes on
             log.exception("greedy chunk failed for %d request(s); aborting them", len(reqs))
             for r in reqs:
                 self._fail(r, e)
             return []
-        if got is None:
-            return None
-        toks, lps = got
+        return None if got is None else self._accept_chunk(reqs, *got)
+
+    def _advance_pending(self) -> list[TokenEvent]:
+        """The queued chunk's tokens, read once it has run; before that, while nothing waits and
+        its requests are still the running set, the next chunk is queued behind it, continuing
+        from its last tokens on the GPU (the GPU then runs while the host accepts these tokens)."""
+        reqs, chunk, steps = self._pending
+        self._pending = None
+        nxt = None
+        try:
+            if (not self.scheduler.waiting and all(r.status == "running" for r in reqs)
+                    and len(self.scheduler.running) == len(reqs)):
+                nxt = start_greedy_chunk(self.model, self.cache, [r.sampler for r in reqs], self.decode_chunk,
+                                         after=chunk, ahead=steps)
+            got = greedy_chunk_result(self.model, chunk)
+        except Exception as e:  # noqa: BLE001 - the requests of this call fail, the engine goes on
+            log.exception("greedy chunk failed for %d request(s); aborting them", len(reqs))
+            for r in reqs:
+                if r.status == "running":
+                    self._fail(r, e)
+            return []
+        events = self._accept_chunk(reqs, *got)
+        if nxt is not None:
+            self._pending = (reqs, *nxt)
+        return events
+
+    def _accept_chunk(self, reqs: list[Request], toks: list, lps: list | None) -> list[TokenEvent]:
+        """A chunk's tokens accepted in step order, as single steps would accept them (a request
+        that stopped, or was aborted, takes none of its later tokens)."""
         now = time.monotonic()
         out = []
         for j in range(len(toks)):
