@@ -309,13 +309,15 @@ class LLMEngine:
         rows = [b for b, r in enumerate(reqs) if r.sampler.is_plain_greedy()]
         if not rows:
             return {}
-        idx = torch.tensor(rows, device=logits.device)
-        temps = torch.tensor([reqs[b].sampler.params.temperature for b in rows], dtype=torch.float32,
-                             device=logits.device)
-        proc = logits[idx].float() / temps[:, None]                                   # [R, V]
+        proc = logits if len(rows) == len(reqs) else logits[torch.tensor(rows, device=logits.device)]
+        proc = proc.float()                                                           # [R, V]
+        temps = [reqs[b].sampler.params.temperature for b in rows]
+        if any(t != 1.0 for t in temps):        # (the common temperature 1 needs no copy to the device)
+            proc = proc / torch.tensor(temps, dtype=torch.float32, device=logits.device)[:, None]
         toks = proc.argmax(dim=-1)
         lps = torch.log_softmax(proc, dim=-1).gather(1, toks[:, None])[:, 0]
-        return dict(zip(rows, zip(toks.tolist(), lps.tolist())))
+        both = torch.stack([toks.double(), lps.double()]).tolist()     # one copy to the host (ids < 2^53)
+        return dict(zip(rows, zip(map(int, both[0]), both[1])))
 
     def _observe(self, r: Request, now: float) -> None:
         if r.first_token_time is None:
