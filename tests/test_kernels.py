@@ -218,6 +218,20 @@ def test_fused_moe_dense_mode(gen, dtype, m, K, N):
     assert rel(out, want) < TOL[dtype] * 2
 
 
+def _decode_case(gen, dtype, ctx: list[int], h: int, D: int, bs: int):
+    """A decode-attention case: qkv [B, 3, h, D], random K/V caches, shuffled block tables with
+    room for each row's context + 1, the context lengths and the new tokens' slots."""
+    B = len(ctx)
+    nb_per = max(1, -(-(max(ctx) + 1) // bs))
+    NB = B * nb_per + 1
+    kc, vc = rnd(NB, h, bs, D, dtype=dtype, gen=gen), rnd(NB, h, bs, D, dtype=dtype, gen=gen)
+    perm = torch.randperm(NB - 1, generator=gen)[: B * nb_per].view(B, nb_per).to(torch.int32).to(DEV)
+    ctx_t = torch.tensor(ctx, dtype=torch.int32, device=DEV)
+    pos = ctx_t.long()
+    slots = (perm.long().gather(1, (pos // bs)[:, None])[:, 0] * bs + pos % bs).to(torch.int32)
+    return rnd(B, 3, h, D, dtype=dtype, gen=gen), kc, vc, perm, ctx_t, slots
+
+
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("ctx", [[0], [5, 0, 70], [130, 1]])
 @pytest.mark.parametrize("launch", [(16, 4, 1), (32, 1, 1), (128, 8, 1), (None, None, 1),   # one pass per row
@@ -227,14 +241,7 @@ def test_decode_attention(gen, dtype, ctx, launch):
     """Against the torch twin: one pass per row, and the context split over S programs (S larger
     than the blocks of a row: empty splits must weigh nothing), for empty, short and long rows."""
     B, h, D, bs = len(ctx), 4, 16, 8
-    nb_per = max(1, -(-(max(ctx) + 1) // bs))
-    NB = B * nb_per + 1
-    kc, vc = rnd(NB, h, bs, D, dtype=dtype, gen=gen), rnd(NB, h, bs, D, dtype=dtype, gen=gen)
-    perm = torch.randperm(NB - 1, generator=gen)[: B * nb_per].view(B, nb_per).to(torch.int32).to(DEV)
-    ctx_t = torch.tensor(ctx, dtype=torch.int32, device=DEV)
-    pos = ctx_t.long()
-    slots = (perm.long().gather(1, (pos // bs)[:, None])[:, 0] * bs + pos % bs).to(torch.int32)
-    qkv = rnd(B, 3, h, D, dtype=dtype, gen=gen)
+    qkv, kc, vc, perm, ctx_t, slots = _decode_case(gen, dtype, ctx, h, D, bs)
     kc2, vc2 = kc.clone(), vc.clone()
     out = torch.full((B, h, D), float("nan"), dtype=dtype, device=DEV)
     decode_attention(qkv, kc, vc, perm, ctx_t, slots, 1 / math.sqrt(D), out=out, block_n=launch[0], num_warps=launch[1],
@@ -254,14 +261,7 @@ def test_attention_partials_summed_in_wo(gen, dtype, ctx, splits, split_k):
     from ftmoe.kernels.fused_moe import parts_config
 
     B, h, D, bs, N = len(ctx), 4, 16, 8, 40
-    nb_per = max(1, -(-(max(ctx) + 1) // bs))
-    NB = B * nb_per + 1
-    kc, vc = rnd(NB, h, bs, D, dtype=dtype, gen=gen), rnd(NB, h, bs, D, dtype=dtype, gen=gen)
-    perm = torch.randperm(NB - 1, generator=gen)[: B * nb_per].view(B, nb_per).to(torch.int32).to(DEV)
-    ctx_t = torch.tensor(ctx, dtype=torch.int32, device=DEV)
-    pos = ctx_t.long()
-    slots = (perm.long().gather(1, (pos // bs)[:, None])[:, 0] * bs + pos % bs).to(torch.int32)
-    qkv = rnd(B, 3, h, D, dtype=dtype, gen=gen)
+    qkv, kc, vc, perm, ctx_t, slots = _decode_case(gen, dtype, ctx, h, D, bs)
     wo = rnd(1, h * D, N, dtype=dtype, gen=gen, scale=(h * D) ** -0.5)
     kc2, vc2 = kc.clone(), vc.clone()
     part = decode_attention_partials(qkv, kc, vc, perm, ctx_t, slots, 1 / math.sqrt(D), splits)
