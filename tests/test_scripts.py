@@ -62,3 +62,19 @@ def test_skip_switch_knocks_kernels_out_and_restores(ab):
             ab.switches("skip=mlp", "Probe GPU"):
         pass
     assert (fast_model.add_layernorm, fast_model.decode_attention, fast_model.gate_topk) == before
+
+
+def test_serving_host_overhead_script():
+    """scripts/serving_host_overhead.py: a real server over the stand-in model; each stream gets
+    every token and the TPOT it reports is at least the stand-in's step time."""
+    import re
+    import subprocess
+    import sys
+
+    out = subprocess.run([sys.executable, os.path.join(ROOT, "scripts", "serving_host_overhead.py"), "--step-ms", "2",
+                          "--chunk", "4", "--clients", "2", "--tokens", "24"],
+                         capture_output=True, text=True, timeout=240, env=dict(os.environ, OMP_NUM_THREADS="1"))
+    assert out.returncode == 0, out.stderr[-2000:]
+    m = re.search(r"--decode-chunk 4 \(overlapped\), 2 stream\(s\) of (\d+) tokens: TPOT ([\d.]+) ms", out.stdout)
+    assert m, out.stdout
+    assert int(m.group(1)) == 24 and float(m.group(2)) >= 1.9
