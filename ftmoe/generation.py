@@ -31,7 +31,7 @@ import torch
 from .beam_search import BeamRequest
 from .errors import FtmoeError, RequestError
 from .kv_cache import KVCache
-from .sampling import SamplingParams, ends_with_word, process_logits, sample
+from .sampling import SamplingParams, ends_with_word, process_logits, sample, sample_rows
 
 
 @dataclasses.dataclass
@@ -88,6 +88,13 @@ class SampleRequest:
         so a batch of such rows can be decided at once (see the serving engine)."""
         p = self.params
         return (p.greedy and not self.bads and p.repetition_penalty == 1.0 and p.presence_penalty == 0.0
+                and (self.end_id is None or len(self.tokens) >= p.min_length))
+
+    def is_plain_sampled(self) -> bool:
+        """This step samples from softmax(logits / temperature) truncated by top-k / top-p alone: no
+        penalty, ban or min_length applies, so such rows can be sampled together (`sample_rows`)."""
+        p = self.params
+        return (not p.greedy and not self.bads and p.repetition_penalty == 1.0 and p.presence_penalty == 0.0
                 and (self.end_id is None or len(self.tokens) >= p.min_length))
 
     def step(self, logits: torch.Tensor) -> list[tuple[int, float, bool, str | None]]:
@@ -278,10 +285,12 @@ class Generator:
                     flat = [x for rr in rows for x in rr]
                     toks = torch.tensor([[t] for _, t in flat], dtype=torch.long)
                     logits = self._forward(toks, [s for s, _ in flat], [1] * len(flat))
-                    off = 0
-                    for (i, r), rr in zip(active, rows):
-                        events = r.step(logits[off:off + len(rr)])
-                        off += len(rr)
+                    offs = [0]
+                    for rr in rows:
+                        offs.append(offs[-1] + len(rr))
+                    decided = decide_together([r for _, r in active], logits, offs[:-1])
+                    for k, ((i, r), rr) in enumerate(zip(active, rows)):
+                        events = r.accept(*decided[k]) if k in decided else r.step(logits[offs[k]:offs[k + 1]])
                         for ev in events:
                             yield StreamEvent(i, *ev)
                 for i, r in zip(wave, reqs):
@@ -289,6 +298,38 @@ class Generator:
             finally:
                 for r in reqs:
                     r.release()
+
+
+def decide_together(samplers: list, logits: torch.Tensor, rows: list[int] | None = None) -> dict[int, tuple[int, float]]:
+    """The tokens and log probs of every sampler i (its logits: row rows[i], default i) whose step
+    needs nothing of its own: plain greedy rows (argmax of logits / temperature) in one batch,
+    plain sampled rows (temperature, top-k, top-p) in one batch per temperature, each from its own
+    generator (`sampling.sample_rows`), with one copy to the host per batch instead of several
+    per row. Returns {i: (token, log prob)}, to `accept`; the others step one by one."""
+    rows = list(range(len(samplers))) if rows is None else rows
+    out: dict[int, tuple[int, float]] = {}
+    greedy = [i for i, r in enumerate(samplers) if isinstance(r, SampleRequest) and r.is_plain_greedy()]
+    if greedy:
+        want = [rows[i] for i in greedy]
+        proc = logits if want == list(range(logits.shape[0])) else logits[torch.tensor(want, device=logits.device)]
+        proc = proc.float()
+        temps = [samplers[i].params.temperature for i in greedy]
+        if any(t != 1.0 for t in temps):        # (the common temperature 1 needs no copy to the device)
+            proc = proc / torch.tensor(temps, dtype=torch.float32, device=logits.device)[:, None]
+        toks = proc.argmax(dim=-1)
+        lps = torch.log_softmax(proc, dim=-1).gather(1, toks[:, None])[:, 0]
+        both = torch.stack([toks.double(), lps.double()]).tolist()     # one copy to the host (ids < 2^53)
+        out.update(zip(greedy, zip(map(int, both[0]), both[1])))
+    groups: dict[float, list[int]] = {}
+    for i, r in enumerate(samplers):
+        if isinstance(r, SampleRequest) and r.is_plain_sampled():
+            groups.setdefault(r.params.temperature, []).append(i)
+    for t, members in groups.items():
+        proc = logits[torch.tensor([rows[i] for i in members], device=logits.device)].float()
+        proc = proc / t if t != 1.0 else proc              # as `sampling.apply_penalties` divides one row
+        got = sample_rows(proc, [samplers[i].params for i in members], [samplers[i].generator for i in members])
+        out.update(zip(members, got))
+    return out
 
 
 def _chunk_plan(model, cache: KVCache, reqs: list, limit: int, ahead: int = 0):

@@ -187,23 +187,46 @@ def process_logits(logits: torch.Tensor, sequence: Sequence[int], num_generated:
 def sample(logits: torch.Tensor, params: SamplingParams, generator: torch.Generator | None) -> tuple[int, float]:
     """One token from processed logits [V] -> (token id, log prob before truncation).
     Consumes exactly one uniform draw from `generator` unless decoding greedily."""
-    logp = torch.log_softmax(logits.float(), dim=-1)
     if params.greedy:
+        logp = torch.log_softmax(logits.float(), dim=-1)
         tok = int(torch.argmax(logits))
         return tok, float(logp[tok])
+    return sample_rows(logits[None], [params], [generator])[0]
+
+
+def sample_rows(logits: torch.Tensor, params: list[SamplingParams], generators: list) -> list[tuple[int, float]]:
+    """`sample` for R rows of processed logits [R, V] at once, none greedy: each row takes its own
+    top-k / top-p and one uniform draw from its own generator, and the R tokens and log probs
+    reach the host in one copy (a serving step samples its rows together instead of paying ~4
+    device syncs per row). `sample` runs a single row through here, so a row samples the same
+    token alone or in a batch (every operation below works row by row)."""
+    dev = logits.device
+    logp = torch.log_softmax(logits.float(), dim=-1)                                   # [R, V]
     probs = logp.double().exp()
-    if params.top_k > 0:
-        vals, idx = torch.topk(probs, params.top_k)             # sorted, descending
-    else:
-        vals, idx = torch.sort(probs, descending=True, stable=True)
-    cum = torch.cumsum(vals, 0)
-    cum = cum / cum[-1]                                          # renormalise within top-k
-    limit = params.top_p if 0.0 < params.top_p < 1.0 else 1.0
-    dev = generator.device if generator is not None else "cpu"
-    u = float(torch.rand((), generator=generator, device=dev, dtype=torch.float64)) * limit
-    pos = int(torch.searchsorted(cum, torch.tensor([u], dtype=cum.dtype, device=cum.device)))
-    tok = int(idx[min(pos, idx.numel() - 1)])
-    return tok, float(logp[tok])
+    u = torch.stack([torch.rand((), generator=g, device=g.device if g is not None else "cpu",
+                                dtype=torch.float64).to(dev) for g in generators])
+    u = u * torch.tensor([p.top_p if 0.0 < p.top_p < 1.0 else 1.0 for p in params], dtype=torch.float64, device=dev)
+    toks = torch.empty(len(params), dtype=torch.long, device=dev)
+    groups: dict[int, list[int]] = {}
+    for r, p in enumerate(params):
+        groups.setdefault(p.top_k, []).append(r)
+    for k, rows in groups.items():
+        sel = None if len(rows) == len(params) else torch.tensor(rows, dtype=torch.long, device=dev)
+        pr = probs if sel is None else probs[sel]
+        if k > 0:
+            vals, idx = torch.topk(pr, k, dim=-1)                    # sorted, descending
+        else:
+            vals, idx = torch.sort(pr, dim=-1, descending=True, stable=True)
+        cum = torch.cumsum(vals, dim=-1)
+        cum = cum / cum[:, -1:]                                      # renormalise within top-k
+        pos = torch.searchsorted(cum, (u if sel is None else u[sel])[:, None]).clamp_(max=idx.shape[1] - 1)
+        if sel is None:
+            toks = idx.gather(1, pos)[:, 0]
+        else:
+            toks[sel] = idx.gather(1, pos)[:, 0]
+    lps = logp.gather(1, toks[:, None])[:, 0]
+    both = torch.stack([toks.double(), lps.double()]).tolist()       # one copy to the host (ids < 2^53)
+    return [(int(t), lp) for t, lp in zip(*both)]
 
 
 def nucleus_probs(logits: torch.Tensor, params: SamplingParams) -> torch.Tensor:

@@ -311,6 +311,31 @@ def test_overlapped_chunks_continue_on_the_device(model, gen):
     assert eng.stats()["kv_blocks_used"] == 0
 
 
+def test_sampled_rows_are_sampled_together_as_alone(model, gen, monkeypatch):
+    """Rows that sample with temperature / top-k / top-p alone are sampled in one batch per
+    temperature (`generation.decide_together` -> `sampling.sample_rows`), each from its own seeded
+    generator: the tokens and log probs are those drawn row by row (the Generator with batching
+    turned off); rows with a penalty still take the per-row path."""
+    from ftmoe import generation
+
+    reqs = [("t07a", [5, 6, 7], SamplingParams(max_new_tokens=9, temperature=0.7, top_p=0.9, seed=1,
+                                              return_log_probs=True)),
+            ("t1k", [9], SamplingParams(max_new_tokens=7, top_k=20, seed=2, return_log_probs=True)),
+            ("t07b", [300, 2], SamplingParams(max_new_tokens=8, temperature=0.7, top_k=5, top_p=0.5, seed=3)),
+            ("t13", [44, 45, 46, 47], SamplingParams(max_new_tokens=6, temperature=1.3, top_k=0, top_p=0.95, seed=4)),
+            ("pen", [8, 8], SamplingParams(max_new_tokens=6, top_k=8, repetition_penalty=1.2, seed=5)),
+            ("greedy", [1, 2], SamplingParams(max_new_tokens=5))]
+    with monkeypatch.context() as m:
+        m.setattr(generation, "decide_together", lambda *a: {})          # every row on its own
+        ref = _reference(gen, reqs)
+    batches = []
+    real = generation.sample_rows
+    monkeypatch.setattr(generation, "sample_rows", lambda lg, ps, gs: batches.append(len(ps)) or real(lg, ps, gs))
+    eng = LLMEngine(model, kv_cache_tokens=2048, block_size=8, decode_chunk=1)
+    _assert_same_as_generator(_drive(eng, {0: reqs}), reqs, ref)
+    assert max(batches) == 2 and sum(batches) == sum(len(ref[rid].generated_ids) for rid, _, _ in reqs[:4])
+
+
 def test_greedy_chunks_only_for_plain_greedy_batches(model, gen):
     """A running request that samples keeps the engine on single steps; decode_chunk=1 turns
     chunks off; a bad decode_chunk is named."""

@@ -32,8 +32,8 @@ from collections import OrderedDict
 import torch
 
 from ..errors import FtmoeError, RequestError
-from ..generation import (SampleRequest, check_prompt, decode_chunk_steps, greedy_chunk_result, max_new_tokens_for,
-                          resolve_end_id, run_greedy_chunk, start_greedy_chunk)
+from ..generation import (SampleRequest, check_prompt, decide_together, decode_chunk_steps, greedy_chunk_result,
+                          max_new_tokens_for, resolve_end_id, run_greedy_chunk, start_greedy_chunk)
 from ..kv_cache import KVCache
 from ..sampling import SamplingParams
 from .metrics import Metrics
@@ -215,7 +215,7 @@ class LLMEngine:
             return []
         now = time.monotonic()
         out = []
-        decided = self._plain_greedy(reqs, logits)
+        decided = decide_together([r.sampler for r in reqs], logits)
         for b, r in enumerate(reqs):
             try:
                 if b in decided:
@@ -301,23 +301,6 @@ class LLMEngine:
         self.metrics.tokens(now, len(out))
         self._counts["generated_tokens"] += len(out)
         return out
-
-    @staticmethod
-    def _plain_greedy(reqs: list[Request], logits: torch.Tensor) -> dict[int, tuple[int, float]]:
-        """Rows whose token is argmax(logits / temperature), decided together: one transfer to
-        the host for the whole batch instead of one per row."""
-        rows = [b for b, r in enumerate(reqs) if r.sampler.is_plain_greedy()]
-        if not rows:
-            return {}
-        proc = logits if len(rows) == len(reqs) else logits[torch.tensor(rows, device=logits.device)]
-        proc = proc.float()                                                           # [R, V]
-        temps = [reqs[b].sampler.params.temperature for b in rows]
-        if any(t != 1.0 for t in temps):        # (the common temperature 1 needs no copy to the device)
-            proc = proc / torch.tensor(temps, dtype=torch.float32, device=logits.device)[:, None]
-        toks = proc.argmax(dim=-1)
-        lps = torch.log_softmax(proc, dim=-1).gather(1, toks[:, None])[:, 0]
-        both = torch.stack([toks.double(), lps.double()]).tolist()     # one copy to the host (ids < 2^53)
-        return dict(zip(rows, zip(map(int, both[0]), both[1])))
 
     def _observe(self, r: Request, now: float) -> None:
         if r.first_token_time is None:
