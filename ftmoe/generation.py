@@ -321,8 +321,9 @@ def decide_together(samplers: list, logits: torch.Tensor, rows: list[int] | None
         both = torch.stack([toks.double(), lps.double()]).tolist()     # one copy to the host (ids < 2^53)
         out.update(zip(greedy, zip(map(int, both[0]), both[1])))
     groups: dict[float, list[int]] = {}
+    together = os.environ.get("FTMOE_BATCH_SAMPLING", "1") != "0"       # 0: each sampled row on its own (A/B)
     for i, r in enumerate(samplers):
-        if isinstance(r, SampleRequest) and r.is_plain_sampled():
+        if together and isinstance(r, SampleRequest) and r.is_plain_sampled():
             groups.setdefault(r.params.temperature, []).append(i)
     for t, members in groups.items():
         proc = logits[torch.tensor([rows[i] for i in members], device=logits.device)].float()

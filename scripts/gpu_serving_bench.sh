@@ -13,7 +13,8 @@
 # count or one per rate), FTMOE_SB_PROMPT_LEN (LO:HI), FTMOE_SB_MAX_TOKENS, FTMOE_SB_WARMUP,
 # FTMOE_SB_DTYPE (served dtype), FTMOE_SB_BUDGET_S (whole-run budget; each rate's cap comes from
 # what is left), FTMOE_SB_MODEL_DIR (built there, or reused when it already holds a valid model),
-# FTMOE_SB_SERVE_ARGS (extra `ftmoe serve` options), PYTHON (default python3).
+# FTMOE_SB_SERVE_ARGS (extra `ftmoe serve` options), FTMOE_SB_BENCH_ARGS (extra `ftmoe bench serving`
+# options, e.g. "--temperature 0.8 --top-p 0.95" for sampled traffic), PYTHON (default python3).
 # Files written to $OUT (6): env.txt, build.txt, bench.txt (per-rate tables), bench.json (list of
 # per-rate results), summary.txt (one row per rate + step status), server_log.txt (log tail + /metrics).
 set -uo pipefail
@@ -164,7 +165,8 @@ cap=$(( left / (n_rates + 1) ))
 echo "== bench: $n_rates rates, each (and the warmup) capped at ${cap}s; $(elapsed)s spent so far"
 timeout $(( cap * (n_rates + 1) + 30 )) "$PY" -m ftmoe.cli bench serving --base-url "$URL" --model "$PRESET" \
     --request-rate "$RATES" --num-requests "$NREQ" --prompt-len "$PROMPT_LEN" --max-tokens "$MAX_TOKENS" \
-    --warmup "$WARMUP" --max-duration "$cap" --timeout "$cap" --seed 0 --json "$OUT/bench.json" 2>&1 | tee "$OUT/bench.txt"
+    --warmup "$WARMUP" --max-duration "$cap" --timeout "$cap" --seed 0 --json "$OUT/bench.json" ${FTMOE_SB_BENCH_ARGS:-} \
+    2>&1 | tee "$OUT/bench.txt"
 rc=${PIPESTATUS[0]}
 "$PY" -c "import sys, urllib.request; print(urllib.request.urlopen(sys.argv[1] + '/metrics', timeout=5).read().decode())" \
     "$URL" > "$WORK/metrics.txt" 2>&1

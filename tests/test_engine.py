@@ -334,6 +334,11 @@ def test_sampled_rows_are_sampled_together_as_alone(model, gen, monkeypatch):
     eng = LLMEngine(model, kv_cache_tokens=2048, block_size=8, decode_chunk=1)
     _assert_same_as_generator(_drive(eng, {0: reqs}), reqs, ref)
     assert max(batches) == 2 and sum(batches) == sum(len(ref[rid].generated_ids) for rid, _, _ in reqs[:4])
+    monkeypatch.setenv("FTMOE_BATCH_SAMPLING", "0")          # the A/B switch: every sampled row on its own
+    n = len(batches)
+    _assert_same_as_generator(_drive(LLMEngine(model, kv_cache_tokens=2048, block_size=8, decode_chunk=1),
+                                     {0: reqs}), reqs, ref)
+    assert len(batches) == n
 
 
 def test_greedy_chunks_only_for_plain_greedy_batches(model, gen):

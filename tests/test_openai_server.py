@@ -330,6 +330,10 @@ def test_bench_serving(server):
     assert r["mean_tpot_ms"] > 0 and r["request_throughput"] > 0 and r["output_throughput"] > 0
     assert 4 * 20 <= r["total_input_tokens"] <= 32 * 20
     json.dumps(r)
+    r = run_bench_serving(server.url, num_requests=6, request_rate=float("inf"), prompt_len_range=(4, 8), max_tokens=5,
+                          seed=1, model=None, timeout=30, max_duration=60,
+                          sampling={"temperature": 0.8, "top_p": 0.9, "top_k": 40})     # sampled traffic
+    assert (r["completed"], r["total_output_tokens"]) == (6, 30), r["errors"]
 
 
 def test_bench_serving_cli_several_rates(server, tmp_path, capsys):

@@ -92,7 +92,7 @@ def _check(num_requests: int, request_rate: float, prompt_len_range, max_tokens:
 async def bench_serving_async(base_url: str, num_requests: int, request_rate: float, prompt_len_range, max_tokens: int,
                               seed: int, model: str | None = None, api_key: str | None = None, timeout: float = 300.0,
                               max_duration: float = 3600.0, token_id_range=(100, 500), max_concurrency: int | None = None,
-                              ignore_eos: bool = True) -> dict:
+                              ignore_eos: bool = True, sampling: dict | None = None) -> dict:
     import httpx
 
     _check(num_requests, request_rate, prompt_len_range, max_tokens)
@@ -114,6 +114,7 @@ async def bench_serving_async(base_url: str, num_requests: int, request_rate: fl
         async def send(p):
             async with sem:
                 body = {"model": model, "prompt": p, "max_tokens": max_tokens, "stream": True, "temperature": 0,
+                        **(sampling or {}),
                         "stream_options": {"include_usage": True}, **({"ignore_eos": True} if ignore_eos else {})}
                 return await _one(client, f"{base}/v1/completions", body, headers, timeout)
 
@@ -246,6 +247,10 @@ def add_bench_serving_args(p: argparse.ArgumentParser) -> argparse.ArgumentParse
     p.add_argument("--max-concurrency", type=int, default=None, help="requests in flight at most (default: no cap)")
     p.add_argument("--no-ignore-eos", action="store_true", help="let requests stop at the end token")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--temperature", type=float, default=0.0,
+                   help="requests sample at this temperature (default 0: greedy, as vLLM's benchmark sends)")
+    p.add_argument("--top-p", type=float, default=None, help="with --temperature: nucleus sampling")
+    p.add_argument("--top-k", type=int, default=None, help="with --temperature: top-k sampling")
     p.add_argument("--api-key", default=os.environ.get("FTMOE_API_KEY"), help="default: $FTMOE_API_KEY")
     p.add_argument("--timeout", type=float, default=300.0, help="seconds per request")
     p.add_argument("--max-duration", type=float, default=3600.0, help="seconds for each rate's run")
@@ -268,8 +273,12 @@ def run_bench_serving_args(a) -> int:
         _check(n, rate, a.prompt_len, a.max_tokens)
     if a.warmup < 0:
         raise ValueError(f"--warmup must be >= 0, found {a.warmup}")
+    if a.temperature < 0:
+        raise ValueError(f"--temperature must be >= 0, found {a.temperature}")
+    sampling = {"temperature": a.temperature, **({"top_p": a.top_p} if a.top_p is not None else {}),
+                **({"top_k": a.top_k} if a.top_k is not None else {})}
     kw = dict(max_duration=a.max_duration, token_id_range=a.token_ids, max_concurrency=a.max_concurrency,
-              ignore_eos=not a.no_ignore_eos)
+              ignore_eos=not a.no_ignore_eos, sampling=sampling)
     if a.warmup:
         r = run_bench_serving(a.base_url, a.warmup, float("inf"), a.prompt_len, min(a.max_tokens, 16), a.seed + 7919,
                               a.model, a.api_key, a.timeout, **kw)
