@@ -66,6 +66,10 @@ def _packed(fields: list[torch.Tensor], device: torch.device | str) -> AttnMetad
     return AttnMetadata(*(v.view(t.shape) for v, t in zip(flat.split([t.numel() for t in fields]), fields)))
 
 
+#: decode steps (one new token per row) of at most this many rows take `KVCache._prepare_decode`
+DECODE_FAST_ROWS = 32
+
+
 class KVCache:
     #: where `prepare` puts the metadata (None: the storage's device). "cpu" where the consumer
     #: packs it on the host itself: the parallel runner, and decode graphs (`enable_cuda_graphs`),
@@ -221,6 +225,8 @@ class KVCache:
         device in one copy."""
         if len(seq_ids) != len(num_new):
             raise ValueError("seq_ids and num_new differ in length")
+        if len(seq_ids) <= DECODE_FAST_ROWS and (pad_to or 1) == 1 and all(n == 1 for n in num_new):
+            return self._prepare_decode(seq_ids)
         B, bs = len(seq_ids), self.block_size
         tabs = [self._tables[s] for s in seq_ids]
         ctx = np.fromiter((self._lens[s] for s in seq_ids), dtype=np.int64, count=B)
@@ -250,6 +256,39 @@ class KVCache:
         # one host-to-device copy for the whole call (not one per field)
         return _packed([torch.from_numpy(a) for a in (positions, slots, tables, ctx, n_new)],
                        self.meta_device or self.k.device)
+
+    def _prepare_decode(self, seq_ids: list[int]) -> AttnMetadata:
+        """`prepare(seq_ids, [1] * B)` for a few rows, in plain Python over the rows and one numpy
+        buffer that becomes the packed metadata (a decode step's host cost at batch 1: ~20 us
+        instead of ~80 us through the general path's array work). Same result, same errors."""
+        B, bs = len(seq_ids), self.block_size
+        tabs = [self._tables[s] for s in seq_ids]
+        lens = [self._lens[s] for s in seq_ids]
+        needs = [max(0, -(-(n + 1) // bs) - len(t)) for n, t in zip(lens, tabs)]
+        total = sum(needs)
+        if total > len(self._free):
+            raise CacheFullError(f"KV cache full: need {total} more blocks of {bs} tokens, "
+                                 f"{len(self._free)} of {self.num_blocks} free")
+        if total:
+            taken, at = self._take(total), 0
+            for t, k in zip(tabs, needs):
+                if k:
+                    t.extend(taken[at:at + k])
+                    at += k
+        for s in seq_ids:
+            self._lens[s] += 1
+        nb = max(1, max(map(len, tabs)))
+        buf = np.zeros(B * (4 + nb), dtype=np.int64)       # positions, slots, tables [B, nb], ctx, n_new
+        buf[:B] = lens
+        buf[B:2 * B] = [t[n // bs] * bs + n % bs for n, t in zip(lens, tabs)]
+        tables = buf[2 * B:2 * B + B * nb].reshape(B, nb)
+        for i, t in enumerate(tabs):
+            tables[i, :len(t)] = t
+        buf[2 * B + B * nb:3 * B + B * nb] = lens
+        buf[3 * B + B * nb:] = 1
+        flat = torch.from_numpy(buf).to(self.meta_device or self.k.device)
+        return AttnMetadata(flat[:B].view(B, 1), flat[B:2 * B].view(B, 1), flat[2 * B:2 * B + B * nb].view(B, nb),
+                            flat[2 * B + B * nb:3 * B + B * nb], flat[3 * B + B * nb:])
 
     def prepare_chunk(self, seq_ids: list[int], steps: int) -> AttnMetadata:
         """Metadata of a greedy chunk (`DecodeGraphs.greedy_chunk`): room for `steps` more tokens

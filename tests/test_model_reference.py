@@ -180,11 +180,15 @@ def _prepare_ref(tables: dict, lens: dict, seq_ids, num_new, bs: int, pad_to=Non
     return pos, slots, [tables[s] + [0] * (nb - len(tables[s])) for s in seq_ids]
 
 
-def test_prepare_twin_under_random_operations():
+def test_prepare_twin_under_random_operations(monkeypatch):
     """prepare's vectorised metadata equals a row-by-row reference through adds, multi-token and
-    decode steps, truncations, forks and frees; a request that does not fit changes nothing."""
+    decode steps, truncations, forks and frees; a request that does not fit changes nothing. Small
+    decode steps take the plain-Python path (`_prepare_decode`), checked against the same twin."""
     from ftmoe.kv_cache import CacheFullError
 
+    fast = []
+    real = KVCache._prepare_decode
+    monkeypatch.setattr(KVCache, "_prepare_decode", lambda self, seqs: fast.append(len(seqs)) or real(self, seqs))
     rng = random.Random(5)
     bs = 4
     cache = KVCache(1, 1, 2, 40, bs, torch.float32, "cpu")
@@ -227,3 +231,4 @@ def test_prepare_twin_under_random_operations():
             used = [b for s in live for b in cache.block_table(s)]
             assert len(set(used)) == len(used) and len(used) + cache.num_free_blocks == 40
             assert all(len(cache.block_table(s)) == cache.blocks_for(cache.length(s)) for s in seqs)
+    assert len(fast) > 30 and max(fast) > 1                 # the decode path ran, for several rows too
