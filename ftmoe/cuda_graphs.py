@@ -42,6 +42,8 @@ class GreedyChunk:
     toks: torch.Tensor
     lps: torch.Tensor | None
     done: torch.cuda.Event | None
+
+
 #: most steps in one greedy chunk (the chunk's token buffer rows)
 MAX_CHUNK = 32
 

@@ -238,13 +238,13 @@ class FastGPTMoE:
         (`attention.attn_in_wo`, off by default: slower so far): one kernel fewer per layer."""
         B = qkv.shape[0]
         splits = min(num_splits(B * self.heads), block_tables.shape[1])
+        choice = None
         if splits > 1 and attn_in_wo(B * self.heads):
             choice = get_dense_choice(self.H, self.HL, _DT.get(self.dtype, "fp32"), B, self.device_name)
-            cfg = None
-            if choice is not None:
-                cfg = dict(choice)
-                split_k = cfg.pop("split_k", 1)
-                cfg = parts_config(cfg, self.HL, split_k, self.D)
+        if choice is not None:
+            cfg = dict(choice)
+            split_k = cfg.pop("split_k", 1)
+            cfg = parts_config(cfg, self.HL, split_k, self.D)
             if cfg is not None:
                 part = decode_attention_partials(qkv, k_cache, v_cache, block_tables, context_lens, slots,
                                                  self.scale, splits)
@@ -324,9 +324,8 @@ class FastGPTMoE:
         """`steps` greedy decode steps run back to back on the GPU (`DecodeGraphs.greedy_chunk`;
         meta from `cache.prepare_chunk`, on the host), or None where this model cannot: no graphs
         for `cache`, a batch past the largest bucket, or a sharded model."""
-        if not self.can_greedy_chunk(cache, input_ids.shape[0]) or meta.positions.device.type != "cpu":
-            return None
-        return self.graphs.greedy_chunk(input_ids, meta, steps, logprobs)
+        chunk = self.greedy_chunk_start(input_ids, meta, cache, steps, logprobs)
+        return None if chunk is None else self.greedy_chunk_result(chunk)
 
     def greedy_chunk_start(self, input_ids: torch.Tensor | None, meta: AttnMetadata, cache: KVCache, steps: int,
                            logprobs: bool = False, after=None):

@@ -31,7 +31,7 @@ import torch
 from .beam_search import BeamRequest
 from .errors import FtmoeError, RequestError
 from .kv_cache import KVCache
-from .sampling import SamplingParams, ends_with_word, process_logits, sample, sample_rows
+from .sampling import SamplingParams, ends_with_word, process_logits, sample, sample_rows, tokens_to_host
 
 
 @dataclasses.dataclass
@@ -86,15 +86,17 @@ class SampleRequest:
     def is_plain_greedy(self) -> bool:
         """This step's token is argmax(logits / temperature): no penalty, ban or min_length applies,
         so a batch of such rows can be decided at once (see the serving engine)."""
-        p = self.params
-        return (p.greedy and not self.bads and p.repetition_penalty == 1.0 and p.presence_penalty == 0.0
-                and (self.end_id is None or len(self.tokens) >= p.min_length))
+        return self.params.greedy and self._plain()
 
     def is_plain_sampled(self) -> bool:
         """This step samples from softmax(logits / temperature) truncated by top-k / top-p alone: no
         penalty, ban or min_length applies, so such rows can be sampled together (`sample_rows`)."""
+        return not self.params.greedy and self._plain()
+
+    def _plain(self) -> bool:
+        """No ban, penalty or pending min_length changes this step's logits past the temperature."""
         p = self.params
-        return (not p.greedy and not self.bads and p.repetition_penalty == 1.0 and p.presence_penalty == 0.0
+        return (not self.bads and p.repetition_penalty == 1.0 and p.presence_penalty == 0.0
                 and (self.end_id is None or len(self.tokens) >= p.min_length))
 
     def step(self, logits: torch.Tensor) -> list[tuple[int, float, bool, str | None]]:
@@ -317,9 +319,7 @@ def decide_together(samplers: list, logits: torch.Tensor, rows: list[int] | None
         if any(t != 1.0 for t in temps):        # (the common temperature 1 needs no copy to the device)
             proc = proc / torch.tensor(temps, dtype=torch.float32, device=logits.device)[:, None]
         toks = proc.argmax(dim=-1)
-        lps = torch.log_softmax(proc, dim=-1).gather(1, toks[:, None])[:, 0]
-        both = torch.stack([toks.double(), lps.double()]).tolist()     # one copy to the host (ids < 2^53)
-        out.update(zip(greedy, zip(map(int, both[0]), both[1])))
+        out.update(zip(greedy, tokens_to_host(toks, torch.log_softmax(proc, dim=-1).gather(1, toks[:, None])[:, 0])))
     groups: dict[float, list[int]] = {}
     together = os.environ.get("FTMOE_BATCH_SAMPLING", "1") != "0"       # 0: each sampled row on its own (A/B)
     for i, r in enumerate(samplers):
@@ -360,19 +360,12 @@ def run_greedy_chunk(model, cache: KVCache, reqs: list, limit: int):
     log probs or None) as lists [steps][row], for the caller to accept in step order; or None
     (nothing reserved) when single steps must run instead (`_chunk_plan`)."""
     fn = getattr(model, "greedy_chunk", None)
-    plan = None if fn is None else _chunk_plan(model, cache, reqs, limit)
-    if plan is None:
+    got = None if fn is None else _reserved_chunk(
+        model, cache, reqs, limit, 0, lambda ids, meta, steps, lp: fn(ids.to(meta.positions.device), meta, cache,
+                                                                      steps, lp))
+    if got is None:
         return None
-    seq_ids, lens, steps = plan
-    ids = torch.tensor([r.tokens[-1] for r in reqs], dtype=torch.long)
-    meta = cache.prepare_chunk(seq_ids, steps)
-    with torch.no_grad():
-        got = fn(ids.to(meta.positions.device), meta, cache, steps, any(r.params.return_log_probs for r in reqs))
-    if got is None:                          # the model cannot after all: undo the reservation
-        for q, n in zip(seq_ids, lens):
-            cache.truncate(q, n)
-        return None
-    toks, lps = got
+    (toks, lps), _ = got
     return toks.tolist(), lps.tolist() if lps is not None else None
 
 
@@ -383,19 +376,29 @@ def start_greedy_chunk(model, cache: KVCache, reqs: list, limit: int, after=None
     yet; this one continues from its last tokens on the device, so the GPU need not wait for the
     host between chunks."""
     fn = getattr(model, "greedy_chunk_start", None)
-    plan = None if fn is None else _chunk_plan(model, cache, reqs, limit, ahead)
+    if fn is None:
+        return None
+    return _reserved_chunk(model, cache, reqs, limit, ahead, lambda ids, meta, steps, lp: fn(
+        None if after is not None else ids, meta, cache, steps, lp, after=after))
+
+
+def _reserved_chunk(model, cache: KVCache, reqs: list, limit: int, ahead: int, call):
+    """Plan a greedy chunk (`_chunk_plan`), reserve its KV room and run call(ids [B] on the host,
+    meta, steps, logprobs); returns (what call returned, steps), or None with the reservation
+    undone when there is no plan or call returns None (the model cannot after all)."""
+    plan = _chunk_plan(model, cache, reqs, limit, ahead)
     if plan is None:
         return None
     seq_ids, lens, steps = plan
-    ids = None if after is not None else torch.tensor([r.tokens[-1] for r in reqs], dtype=torch.long)
+    ids = torch.tensor([r.tokens[-1] for r in reqs], dtype=torch.long)
     meta = cache.prepare_chunk(seq_ids, steps)
     with torch.no_grad():
-        chunk = fn(ids, meta, cache, steps, any(r.params.return_log_probs for r in reqs), after=after)
-    if chunk is None:
+        got = call(ids, meta, steps, any(r.params.return_log_probs for r in reqs))
+    if got is None:
         for q, n in zip(seq_ids, lens):
             cache.truncate(q, n)
         return None
-    return chunk, steps
+    return got, steps
 
 
 def greedy_chunk_result(model, chunk) -> tuple[list, list | None]:

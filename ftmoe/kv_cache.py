@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import dataclasses
 import itertools
+import math
 
 import numpy as np
 import torch
@@ -62,8 +63,17 @@ class AttnMetadata:
 
 def _packed(fields: list[torch.Tensor], device: torch.device | str) -> AttnMetadata:
     """AttnMetadata of these fields on `device`, in one copy: the fields are views of it."""
-    flat = torch.cat([t.reshape(-1) for t in fields]).to(device)
-    return AttnMetadata(*(v.view(t.shape) for v, t in zip(flat.split([t.numel() for t in fields]), fields)))
+    return _views(torch.cat([t.reshape(-1) for t in fields]).to(device), [t.shape for t in fields])
+
+
+def _views(flat: torch.Tensor, shapes: list) -> AttnMetadata:
+    """AttnMetadata whose fields are views of `flat`, laid out one after another in field order."""
+    out, at = [], 0
+    for s in shapes:
+        n = math.prod(s)
+        out.append(flat[at:at + n].view(s))
+        at += n
+    return AttnMetadata(*out)
 
 
 #: decode steps (one new token per row) of at most this many rows take `KVCache._prepare_decode`
@@ -266,11 +276,8 @@ class KVCache:
         lens = [self._lens[s] for s in seq_ids]
         needs = [max(0, -(-(n + 1) // bs) - len(t)) for n, t in zip(lens, tabs)]
         total = sum(needs)
-        if total > len(self._free):
-            raise CacheFullError(f"KV cache full: need {total} more blocks of {bs} tokens, "
-                                 f"{len(self._free)} of {self.num_blocks} free")
         if total:
-            taken, at = self._take(total), 0
+            taken, at = self._take(total), 0            # raises CacheFullError before any change
             for t, k in zip(tabs, needs):
                 if k:
                     t.extend(taken[at:at + k])
@@ -286,9 +293,8 @@ class KVCache:
             tables[i, :len(t)] = t
         buf[2 * B + B * nb:3 * B + B * nb] = lens
         buf[3 * B + B * nb:] = 1
-        flat = torch.from_numpy(buf).to(self.meta_device or self.k.device)
-        return AttnMetadata(flat[:B].view(B, 1), flat[B:2 * B].view(B, 1), flat[2 * B:2 * B + B * nb].view(B, nb),
-                            flat[2 * B + B * nb:3 * B + B * nb], flat[3 * B + B * nb:])
+        return _views(torch.from_numpy(buf).to(self.meta_device or self.k.device),
+                      [(B, 1), (B, 1), (B, nb), (B,), (B,)])
 
     def prepare_chunk(self, seq_ids: list[int], steps: int) -> AttnMetadata:
         """Metadata of a greedy chunk (`DecodeGraphs.greedy_chunk`): room for `steps` more tokens

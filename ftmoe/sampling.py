@@ -224,8 +224,13 @@ def sample_rows(logits: torch.Tensor, params: list[SamplingParams], generators: 
             toks = idx.gather(1, pos)[:, 0]
         else:
             toks[sel] = idx.gather(1, pos)[:, 0]
-    lps = logp.gather(1, toks[:, None])[:, 0]
-    both = torch.stack([toks.double(), lps.double()]).tolist()       # one copy to the host (ids < 2^53)
+    return tokens_to_host(toks, logp.gather(1, toks[:, None])[:, 0])
+
+
+def tokens_to_host(toks: torch.Tensor, lps: torch.Tensor) -> list[tuple[int, float]]:
+    """[(token, log prob)] of R rows' tokens [R] and log probs [R], in one copy to the host
+    (as float64: exact for token ids below 2^53)."""
+    both = torch.stack([toks.double(), lps.double()]).tolist()
     return [(int(t), lp) for t, lp in zip(*both)]
 
 

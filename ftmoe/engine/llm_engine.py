@@ -178,10 +178,16 @@ class LLMEngine:
         events, self._events = self._events, []
         if self._pending is not None:            # a chunk runs: queue the next behind it, then read it
             events += self._advance_pending()
-            self.scheduler.drop_finished()
-            events += self._events
-            self._events = []
-            return events
+        else:
+            events += self._schedule_and_run()
+        self.scheduler.drop_finished()
+        events += self._events                  # requests failed during this step
+        self._events = []
+        return events
+
+    def _schedule_and_run(self) -> list[TokenEvent]:
+        """The scheduler's batch: its prefill, then its decode (a greedy chunk where one can run)."""
+        events = []
         batch = self.scheduler.schedule()
         if batch.prefill:
             rows = [r.prefill_ids() for r in batch.prefill]
@@ -198,9 +204,6 @@ class LLMEngine:
         elif batch.decode:
             ids = torch.tensor([[r.sampler.tokens[-1]] for r in batch.decode], dtype=torch.long)   # [B, 1]
             events += self._run(batch.decode, ids, [1] * len(batch.decode))
-        self.scheduler.drop_finished()
-        events += self._events                  # requests failed during this step
-        self._events = []
         return events
 
     def _run(self, reqs: list[Request], ids: torch.Tensor, lens: list[int]) -> list[TokenEvent]:
@@ -247,11 +250,16 @@ class LLMEngine:
                 return None
             got = run_greedy_chunk(self.model, self.cache, [r.sampler for r in reqs], self.decode_chunk)
         except Exception as e:  # noqa: BLE001 - the requests of this call fail, the engine goes on
-            log.exception("greedy chunk failed for %d request(s); aborting them", len(reqs))
-            for r in reqs:
-                self._fail(r, e)
-            return []
+            return self._chunk_failed(reqs, e)
         return None if got is None else self._accept_chunk(reqs, *got)
+
+    def _chunk_failed(self, reqs: list[Request], e: Exception) -> list[TokenEvent]:
+        """A failed greedy chunk aborts its requests still running, like a failed step."""
+        log.exception("greedy chunk failed for %d request(s); aborting them", len(reqs))
+        for r in reqs:
+            if r.status == "running":
+                self._fail(r, e)
+        return []
 
     def _advance_pending(self) -> list[TokenEvent]:
         """The queued chunk's tokens, read once it has run; before that, while nothing waits and
@@ -267,11 +275,7 @@ class LLMEngine:
                                          after=chunk, ahead=steps)
             got = greedy_chunk_result(self.model, chunk)
         except Exception as e:  # noqa: BLE001 - the requests of this call fail, the engine goes on
-            log.exception("greedy chunk failed for %d request(s); aborting them", len(reqs))
-            for r in reqs:
-                if r.status == "running":
-                    self._fail(r, e)
-            return []
+            return self._chunk_failed(reqs, e)
         events = self._accept_chunk(reqs, *got)
         if nxt is not None:
             self._pending = (reqs, *nxt)

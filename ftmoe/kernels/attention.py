@@ -264,14 +264,11 @@ def decode_attention(qkv: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Te
     o = out if out is not None else torch.empty(B, h, D, dtype=qkv.dtype, device=qkv.device)
     # more splits than the table has blocks per row would always be empty
     splits = splits or min(num_splits(B * h), block_tables.shape[1])
-    strides = (qkv.stride(0), qkv.stride(1), k_cache.stride(0), k_cache.stride(2), k_cache.stride(1))
+    strides = _strides(qkv, k_cache)
     bs = k_cache.shape[2]
     if splits > 1:
-        part = torch.empty(B, h, splits, D + 2, dtype=torch.float32, device=qkv.device)
-        _decode_attention_split_kernel[(B, h, splits)](
-            qkv, k_cache, v_cache, part, block_tables, context_lens, slots, scale, *strides, block_tables.stride(0),
-            BS=bs, D=D, BLOCK_N=block_n or bs, SPLITS=splits, PRELOAD=preload(B * h * splits), num_warps=num_warps or 1,
-            **launch_kwargs(qkv))
+        part = _split_partials(qkv, k_cache, v_cache, block_tables, context_lens, slots, scale, splits, block_n,
+                               num_warps or 1, new_in_last=False)
         _decode_attention_merge_kernel[(B, h)](
             qkv, k_cache, v_cache, o, part, slots, scale, *strides, o.stride(0), BS=bs, D=D, SPLITS=splits,
             num_warps=1, **launch_kwargs(qkv))
@@ -293,15 +290,27 @@ def decode_attention_partials(qkv: torch.Tensor, k_cache: torch.Tensor, v_cache:
     its K/V stored. ctx[b, h] = sum_s V_s e^(m_s - M) / sum_s l_s e^(m_s - M), M = max_s m_s:
     the consumer sums them (the attention-output GEMM, `fused_moe(a_parts=...)`), in place of
     the merge kernel."""
-    B, three, h, D = qkv.shape
-    assert three == 3 and qkv.stride(3) == 1 and k_cache.stride(3) == 1 and splits >= 1
-    strides = (qkv.stride(0), qkv.stride(1), k_cache.stride(0), k_cache.stride(2), k_cache.stride(1))
+    assert qkv.shape[1] == 3 and qkv.stride(3) == 1 and k_cache.stride(3) == 1 and splits >= 1
+    return _split_partials(qkv, k_cache, v_cache, block_tables, context_lens, slots, scale, splits, block_n, 1,
+                           new_in_last=True)
+
+
+def _strides(qkv: torch.Tensor, k_cache: torch.Tensor) -> tuple[int, ...]:
+    """qkv's row and q|k|v strides, then the cache's block, position and head strides."""
+    return qkv.stride(0), qkv.stride(1), k_cache.stride(0), k_cache.stride(2), k_cache.stride(1)
+
+
+def _split_partials(qkv, k_cache, v_cache, block_tables, context_lens, slots, scale: float, splits: int,
+                    block_n: int | None, num_warps: int, new_in_last: bool) -> torch.Tensor:
+    """The split kernel's partials [B, h, splits, D + 2] (fp32); with new_in_last the last split
+    also takes the new token and stores its K/V (else the merge kernel does)."""
+    B, _, h, D = qkv.shape
     bs = k_cache.shape[2]
     part = torch.empty(B, h, splits, D + 2, dtype=torch.float32, device=qkv.device)
     _decode_attention_split_kernel[(B, h, splits)](
-        qkv, k_cache, v_cache, part, block_tables, context_lens, slots, scale, *strides, block_tables.stride(0),
-        BS=bs, D=D, BLOCK_N=block_n or bs, SPLITS=splits, NEW_IN_LAST=True, PRELOAD=preload(B * h * splits),
-        num_warps=1, **launch_kwargs(qkv))
+        qkv, k_cache, v_cache, part, block_tables, context_lens, slots, scale, *_strides(qkv, k_cache),
+        block_tables.stride(0), BS=bs, D=D, BLOCK_N=block_n or bs, SPLITS=splits, NEW_IN_LAST=new_in_last,
+        PRELOAD=preload(B * h * splits), num_warps=num_warps, **launch_kwargs(qkv))
     return part
 
 
