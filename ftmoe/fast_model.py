@@ -25,10 +25,11 @@ import types
 
 import torch
 
-from .kernels import pdl
+from .kernels import pdl, size_switch
 from .kernels.attention import attn_in_wo, decode_attention, decode_attention_partials, num_splits, write_kv
 from .kernels.configs import get_config, get_dense_choice
 from .kernels.fused_moe import fused_moe, parts_config
+from .kernels.gemv import MAX_ROWS as GEMV_ROWS, gemv
 from .kernels.norm import add_layernorm, add_layernorm_gate, embed_layernorm
 from .kernels.routing import gate_topk, ln_gate, moe_align, softmax_topk
 from .kv_cache import AttnMetadata, KVCache
@@ -37,6 +38,11 @@ from .model import GPTMoE
 _DT = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32"}
 #: up to this many routed slots, MoE GEMMs run one program row per slot without sorting
 SMALL_BATCH_SLOTS = 32
+#: decode steps of at most this many rows run the dense GEMMs (QKV, Wo, the dense MLP) on
+#: `kernels.gemv`, whose weight loads overlap the kernels before them, and hand on fp32 split-K
+#: partials (summed by attention, the next GEMV or add_layernorm); FTMOE_GEMV=0 / 1 forces it off
+#: / on (up to gemv's 16 rows). FTMOE_GEMV_HEAD does the same for the tied head's logits
+GEMV_MAX_ROWS = 16
 
 
 def small_batch_split_k(N: int, K: int) -> int:
@@ -122,18 +128,23 @@ class FastGPTMoE:
 
     # ---- post-attention LN and the MLP, shared by decode and prefill ----------
     def _ln2_mlp(self, L: dict, res: torch.Tensor, o: torch.Tensor, slots: torch.Tensor | None = None, li: int = 0,
-                 zero_padding: bool = False):
+                 zero_padding: bool = False, use_gemv: bool = False):
         """res += o + bo; u = LN2(res); returns (res, y, bias of y still to add or None).
         slots [N]: each token's KV slot; tokens without one (-1: padding rows of a graph bucket or
         of a right-padded prompt) are routed to no expert, so they cost no expert weight reads.
         zero_padding (prefill): their expert output is zero rather than left unwritten, because a
         prompt's padding tokens share attention kernels with its real tokens (masked, but a NaN
-        left in a masked key could still spread); decode padding rows are independent rows."""
+        left in a masked key could still spread); decode padding rows are independent rows.
+        use_gemv (decode, few rows): the dense MLP on `gemv`, its hidden layer left as W1's fp32
+        partials that W2 sums (+ b1, GELU) as it loads them."""
         eps = self.config.layernorm_eps
         o = self.par.tp_all_reduce(o)                    # row-parallel attention output (TP)
         if not L["moe"]:
             N, F = res.shape[0], L["w1"].shape[2]
             res, u = add_layernorm(res, L["ln2"].weight, L["ln2"].bias, eps, add=o, add_bias=L["bo"])
+            if use_gemv:
+                h = gemv(u, L["w1"][0], L["b1"][0], parts=True)
+                return res, self.par.tp_all_reduce(gemv(h, L["w2"], None, parts=True, gelu_a=True)), L["b2"]
             h = fused_moe(u, L["w1"], L["b1"], N, gelu=True, config=self._cfg(1, F, self.H, N))
             return res, self.par.tp_all_reduce(self._dense(h, L["w2"], None, parts_ok=True)), L["b2"]
         if self.par.ep > 1:
@@ -221,22 +232,36 @@ class FastGPTMoE:
     def _decode_step(self, ids, positions, block_tables, context_lens, slots, cache):
         B = ids.shape[0]
         eps = self.config.layernorm_eps
+        g = B <= GEMV_ROWS and size_switch("FTMOE_GEMV", B, GEMV_MAX_ROWS) and cache.k.dtype == self.dtype
         res, a = self._first_ln(ids, positions)                                    # [B, H] each
         for i, L in enumerate(self.layers):
-            qkv = self._dense(a, L["wqkv"], L["bqkv"], parts_ok=False).view(B, 3, self.heads, self.D)
-            o = self._attention_wo(L, qkv, cache.k[i], cache.v[i], block_tables, context_lens, slots)
-            res, y, y_bias = self._ln2_mlp(L, res, o, slots, i)
+            if g:   # fp32 partials [S, B, 3, h, D]: attention sums them
+                qkv = gemv(a, L["wqkv"], L["bqkv"], parts=True).view(-1, B, 3, self.heads, self.D)
+            else:
+                qkv = self._dense(a, L["wqkv"], L["bqkv"], parts_ok=False).view(B, 3, self.heads, self.D)
+            o = self._attention_wo(L, qkv, cache.k[i], cache.v[i], block_tables, context_lens, slots, g)
+            res, y, y_bias = self._ln2_mlp(L, res, o, slots, i, use_gemv=g)
             nxt = self.layers[i + 1]["ln1"] if i + 1 < len(self.layers) else self.final_ln
             res, a = add_layernorm(res, nxt.weight, nxt.bias, eps, add=y, add_bias=y_bias)
-        return self._head(a) if self.par.is_last_stage else res
+        if not self.par.is_last_stage:
+            return res
+        if B <= GEMV_ROWS and size_switch("FTMOE_GEMV_HEAD", B, GEMV_MAX_ROWS):
+            m = self.model   # logits rounded to the model's dtype (as the GEMM's), stored as fp32
+            return gemv(a, m.wte[m.vocab_start:m.vocab_end].t(), out_dtype=torch.float32)
+        return self._head(a)
 
     def _attention_wo(self, L: dict, qkv: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
-                      block_tables: torch.Tensor, context_lens: torch.Tensor, slots: torch.Tensor) -> torch.Tensor:
+                      block_tables: torch.Tensor, context_lens: torch.Tensor, slots: torch.Tensor,
+                      use_gemv: bool = False) -> torch.Tensor:
         """Decode attention, then its output GEMM Wo (no bias: added with the residual). Where the
         context is split (few rows) and Wo is a Triton split-K GEMV whose K range per program is
         short (`parts_config`), the Wo kernel sums the splits' partials as it loads them
-        (`attention.attn_in_wo`, off by default: slower so far): one kernel fewer per layer."""
-        B = qkv.shape[0]
+        (`attention.attn_in_wo`, off by default: slower so far): one kernel fewer per layer.
+        use_gemv: qkv is the QKV GEMV's partials and Wo runs on `gemv` (fp32 partials out)."""
+        B = qkv.shape[-4]
+        if use_gemv:
+            ctx = decode_attention(qkv, k_cache, v_cache, block_tables, context_lens, slots, self.scale)
+            return gemv(ctx.view(B, self.HL), L["wo"], None, parts=True)
         splits = min(num_splits(B * self.heads), block_tables.shape[1])
         choice = None
         if splits > 1 and attn_in_wo(B * self.heads):

@@ -183,7 +183,7 @@ def test_serving_engine_decodes_greedy_chunks(models, monkeypatch):
         assert [lp for _, lp in got[4][rid]] == pytest.approx([lp for _, lp in got[1][rid]], abs=1e-5)
 
 
-def test_tune_in_step_refines_the_entries_a_step_uses(models):
+def test_tune_in_step_refines_the_entries_a_step_uses(models, monkeypatch):
     """`ftmoe tune --in-step` on the CPU (interpreter, a fake timer): the entries batch 2's step
     resolves get their own M = 2 entries, a variant that times faster replaces only its entry (a
     cuBLAS choice can become a Triton tile), the input table stays untouched, and every variant
@@ -191,6 +191,7 @@ def test_tune_in_step_refines_the_entries_a_step_uses(models):
     from ftmoe.kernels import configs
     from ftmoe.tune_step import StepRig, refine_in_step
 
+    monkeypatch.setenv("FTMOE_GEMV", "0")          # batch 2's dense GEMMs through the tuned table
     ref, fast = models
     cfg = ref.config
     H, F, E = cfg.hidden_size, cfg.inter_size, cfg.expert_num
@@ -452,6 +453,7 @@ def test_triton_dense_gemms_with_split_k_match_reference(models, monkeypatch, at
 
     picked, parts = [], []
     monkeypatch.setenv("FTMOE_ATTN_WO", attn_wo)
+    monkeypatch.setenv("FTMOE_GEMV", "0")            # decode's dense GEMMs through _dense too
     real_parts = fast_model.decode_attention_partials
     monkeypatch.setattr(fast_model, "decode_attention_partials", lambda *a: parts.append(a[-1]) or real_parts(*a))
 
@@ -550,3 +552,41 @@ def test_pdl_graph_replay_equals_plain_launches(models, monkeypatch, B):
         for a, b in zip(results[0], r):
             assert torch.equal(a, b)
 
+
+
+def test_gemv_decode_equals_tuned_dense_path(models, monkeypatch):
+    """Decode steps of few rows on `kernels.gemv` (QKV partials summed by attention, Wo and the
+    dense MLP's partials, the head's logits) equal the cuBLAS / fused-MoE path and the reference;
+    FTMOE_GEMV=0 and FTMOE_GEMV_HEAD=0 turn it off, and every dense GEMM of the step goes through it."""
+    from ftmoe import fast_model
+
+    ref, fast = models
+    calls = []
+    real = fast_model.gemv
+    monkeypatch.setattr(fast_model, "gemv", lambda a, w, *args, **kw: calls.append(tuple(w.shape)) or real(a, w, *args, **kw))
+    ids = torch.tensor([3, 9, 250], device=DEV)
+    B = ids.shape[0]
+    pos = torch.tensor([0, 2, 5], device=DEV)
+    tables = torch.arange(2 * B, dtype=torch.int32, device=DEV).view(B, 2)
+    ctx = pos.int()
+    slots = (tables[:, 0] * 4 + ctx).int()
+    out = {}
+    for flag in ("0", "1"):
+        monkeypatch.setenv("FTMOE_GEMV", flag)
+        monkeypatch.setenv("FTMOE_GEMV_HEAD", flag)
+        cache = KVCache.for_model(ref.config, 64, block_size=4, dtype=torch.float32, device=DEV)
+        cache.k.normal_(generator=torch.Generator(DEV).manual_seed(1))
+        cache.v.normal_(generator=torch.Generator(DEV).manual_seed(2))
+        calls.clear()
+        out[flag] = (fast.decode_step(ids, pos, tables, ctx, slots, cache), cache.k.clone(), cache.v.clone(),
+                     list(calls))
+    cfg = ref.config
+    H, F, n = cfg.hidden_size, cfg.inter_size, cfg.num_layer
+    assert out["0"][3] == []
+    dense = sum(not L["moe"] for L in fast.layers)
+    assert len(out["1"][3]) == 2 * n + 2 * dense + 1                  # QKV, Wo per layer, dense W1 + W2, head
+    assert out["1"][3].count((H, 3 * H)) == n and out["1"][3][-1] == (H, cfg.vocab_size)
+    assert dense > 0 and out["1"][3].count((F, H)) == dense
+    assert rel(out["1"][0], out["0"][0]) < 1e-5
+    assert rel(out["1"][1], out["0"][1]) < 1e-5 and rel(out["1"][2], out["0"][2]) < 1e-5
+    assert out["1"][0].dtype == torch.float32 and out["1"][0].shape == (B, cfg.vocab_size)

@@ -252,6 +252,30 @@ def test_decode_attention(gen, dtype, ctx, launch):
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("ctx,splits", [([0], 1), ([5, 0, 70], 3), ([130, 1], 8), ([17], None)])
+@pytest.mark.parametrize("parts", [1, 4])
+def test_decode_attention_sums_qkv_partials(gen, dtype, ctx, splits, parts):
+    """qkv as the QKV GEMV's fp32 split-K partials [P, B, 3, h, D]: the same output and K/V writes
+    as attention over their sum rounded to the cache's dtype (one pass, split + merge, and the
+    partials left to Wo)."""
+    from ftmoe.kernels.attention import decode_attention_partials, merge_partials_ref
+
+    B, h, D, bs = len(ctx), 4, 16, 8
+    _, kc, vc, perm, ctx_t, slots = _decode_case(gen, dtype, ctx, h, D, bs)
+    qkv_parts = rnd(parts, B, 3, h, D, gen=gen)
+    qkv = qkv_parts.sum(0).to(dtype)
+    kc2, vc2, kc3, vc3 = kc.clone(), vc.clone(), kc.clone(), vc.clone()
+    out = torch.full((B, h, D), float("nan"), dtype=dtype, device=DEV)
+    got = decode_attention(qkv_parts, kc, vc, perm, ctx_t, slots, 1 / math.sqrt(D), out=out, splits=splits)
+    want = decode_attention(qkv, kc2, vc2, perm, ctx_t, slots, 1 / math.sqrt(D), splits=splits)
+    assert got.dtype == dtype and rel(got, want) < TOL[dtype]
+    assert torch.equal(kc, kc2) and torch.equal(vc, vc2)
+    part = decode_attention_partials(qkv_parts, kc3, vc3, perm, ctx_t, slots, 1 / math.sqrt(D), splits or 2)
+    assert rel(merge_partials_ref(part), want.float()) < TOL[dtype] * 2
+    assert torch.equal(kc3, kc2) and torch.equal(vc3, vc2)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("ctx,splits,split_k", [([0], 8, 1), ([5, 0, 70], 3, 1), ([130, 1], 16, 3), ([9], 2, 4)])
 def test_attention_partials_summed_in_wo(gen, dtype, ctx, splits, split_k):
     """Decode attention left as split partials (the new token in the last split, its K/V stored),
@@ -585,3 +609,81 @@ def test_size_switches(monkeypatch, module, fn, limit, var):
     monkeypatch.setenv(var, "yes")
     with pytest.raises(ValueError, match=f"{var}: expected auto, 0 or 1, found 'yes'"):
         choose(1)
+
+
+# ---- dense GEMV of few rows (kernels/gemv.py) -----------------------------------------------
+from ftmoe.kernels import gemv as gemv_mod  # noqa: E402
+
+
+def _gemv_out(M, N, K, w, parts, config=None, out_dtype=None):
+    """A NaN-poisoned output of the shape gemv will use."""
+    cfg = dict(gemv_mod.plan(N, K, w.element_size(), gemv_mod.sm_count(w.device), parts), **(config or {}))
+    shape = (cfg["S"], M, N) if parts else (M, N)
+    return torch.full(shape, float("nan"), dtype=torch.float32 if parts else (out_dtype or w.dtype), device=DEV)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("m,K,N", [(1, 64, 64), (3, 77, 100), (16, 256, 48), (5, 1024, 200)])
+@pytest.mark.parametrize("mode", ["parts", "bias", "bias+gelu", "parts_in_gelu", "transposed_w"])
+def test_gemv(gen, dtype, m, K, N, mode):
+    w = rnd(K, N, dtype=dtype, gen=gen, scale=K ** -0.5)
+    if mode == "transposed_w":                       # the tied head: w = wte.t(), strides (1, K)
+        w = rnd(N, K, dtype=dtype, gen=gen, scale=K ** -0.5).t()
+    bias = rnd(N, dtype=dtype, gen=gen) if mode != "transposed_w" else None
+    parts = mode in ("parts", "parts_in_gelu")
+    if mode == "parts_in_gelu":                      # a is an earlier GEMV's fp32 partials
+        a = rnd(3, m, K, gen=gen)
+    else:
+        a = rnd(m, K, dtype=dtype, gen=gen)
+    gelu = mode == "bias+gelu"
+    out = _gemv_out(m, N, K, w, parts)
+    c = gemv_mod.gemv(a, w, bias, parts=parts, gelu=gelu, gelu_a=mode == "parts_in_gelu", out=out)
+    assert c.data_ptr() == out.data_ptr()
+    want = ref.gemv_ref(a, w, bias, gelu=gelu, gelu_a=mode == "parts_in_gelu")
+    got = c.sum(0) if parts else c
+    assert got.dtype == (torch.float32 if parts else dtype)
+    assert rel(got, want) < TOL[dtype]
+    if parts:                                        # the bias sits in the first partial only
+        assert c.shape[0] > 1 or K < 2 * gemv_mod.MIN_SPLIT_K
+        if bias is not None and c.shape[0] > 1:
+            no_bias = gemv_mod.gemv(a, w, None, parts=True, gelu_a=mode == "parts_in_gelu")
+            assert rel(c[0] - no_bias[0], bias.float().expand(m, N)) < TOL[dtype]
+            assert torch.equal(c[1:], no_bias[1:])
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("cfg", [{"S": 3, "BLOCK_K": 16, "BLOCK_N": 32, "num_warps": 4},    # 3 splits x 2 K steps
+                                 {"S": 8, "BLOCK_K": 16, "BLOCK_N": 16, "num_warps": 1}])   # empty last splits
+def test_gemv_k_loop_and_uneven_splits(gen, dtype, cfg):
+    m, K, N = 2, 90, 40
+    w, a, bias = rnd(K, N, dtype=dtype, gen=gen, scale=0.1), rnd(m, K, dtype=dtype, gen=gen), rnd(N, dtype=dtype, gen=gen)
+    out = _gemv_out(m, N, K, w, True, cfg)
+    c = gemv_mod.gemv(a, w, bias, parts=True, config=cfg, out=out)
+    assert c.shape == (cfg["S"], m, N)
+    assert rel(c.sum(0), ref.gemv_ref(a, w, bias)) < TOL[dtype]
+    fp32_out = gemv_mod.gemv(a, w, bias, out_dtype=torch.float32, config=cfg)   # the head's logits: rounded, then fp32
+    assert fp32_out.dtype == torch.float32
+    assert torch.equal(fp32_out, fp32_out.to(dtype).float())
+    assert rel(fp32_out, ref.gemv_ref(a, w, bias)) < TOL[dtype]
+
+
+def test_gemv_plan_at_the_model_shapes():
+    """One wave of programs on a 132-SM card, whole weight tiles of <= 64 KB in one K step."""
+    for (N, K), (s, bk) in {(3072, 1024): (4, 256), (4096, 1024): (4, 256), (1024, 4096): (16, 256),
+                            (1024, 1024): (16, 64)}.items():
+        p = gemv_mod.plan(N, K, 2, 132, parts=True)
+        assert (p["S"], p["BLOCK_K"], p["ITERS"], p["BLOCK_N"]) == (s, bk, 1, 128), (N, K, p)
+        assert N // 128 * p["S"] <= 132
+    head = gemv_mod.plan(51200, 1024, 2, 132, parts=False)      # many N tiles: no split, a K loop
+    assert (head["S"], head["BLOCK_K"], head["ITERS"]) == (1, 256, 4)
+    assert gemv_mod.plan(4096, 1024, 4, 132, parts=True)["BLOCK_K"] == 128   # fp32: half the tile
+
+
+def test_gemv_rejects_bad_shapes(gen):
+    w = rnd(64, 32, gen=gen)
+    with pytest.raises(AssertionError, match="K = 48"):
+        gemv_mod.gemv(rnd(2, 48, gen=gen), w)
+    with pytest.raises(AssertionError, match="at most 16 rows"):
+        gemv_mod.gemv(rnd(17, 64, gen=gen), w)
+    with pytest.raises(AssertionError, match="GELU"):
+        gemv_mod.gemv(rnd(2, 64, gen=gen), w, gelu=True, parts=True)

@@ -25,10 +25,24 @@ from .pdl import launch_kwargs, pdl_start
 
 
 @triton.jit
-def _new_token(QKV, b, h, scale, stride_qb, stride_q3, D: tl.constexpr):
+def _qkv_vec(ptrs, stride_qs, PARTS: tl.constexpr, DTYPE: tl.constexpr):
+    """A vector of qkv: loaded, or (PARTS > 0) the sum of the QKV GEMV's PARTS fp32 split-K
+    partials rounded to DTYPE (the cache's), as a stored qkv would be."""
+    if PARTS > 0:
+        x = tl.load(ptrs)
+        for p in tl.static_range(1, PARTS):
+            x += tl.load(ptrs + p * stride_qs)
+        return x.to(DTYPE)
+    return tl.load(ptrs)
+
+
+@triton.jit
+def _new_token(QKV, b, h, scale, stride_qb, stride_q3, stride_qs, D: tl.constexpr, PARTS: tl.constexpr,
+               DTYPE: tl.constexpr):
     """Row b, head h of qkv: q (fp32, scaled), and the new token's k and v."""
     base = QKV + b * stride_qb + h * D + tl.arange(0, D)
-    return tl.load(base).to(tl.float32) * scale, tl.load(base + stride_q3), tl.load(base + 2 * stride_q3)
+    return (_qkv_vec(base, stride_qs, PARTS, DTYPE).to(tl.float32) * scale,
+            _qkv_vec(base + stride_q3, stride_qs, PARTS, DTYPE), _qkv_vec(base + 2 * stride_q3, stride_qs, PARTS, DTYPE))
 
 
 @triton.jit
@@ -108,15 +122,16 @@ def _store_new_kv(KC, VC, SLOTS, b, h, k_new, v_new, store, stride_cb, stride_cp
 
 @triton.jit
 def _decode_attention_kernel(QKV, KC, VC, OUT, TABLES, CTX, SLOTS, scale,
-                             stride_qb, stride_q3, stride_cb, stride_cp, stride_ch, stride_tb, stride_ob,
+                             stride_qb, stride_q3, stride_qs, stride_cb, stride_cp, stride_ch, stride_tb, stride_ob,
                              BS: tl.constexpr, D: tl.constexpr, BLOCK_N: tl.constexpr, PRELOAD: tl.constexpr = True,
-                             USE_PDL: tl.constexpr = False):
+                             QKV_PARTS: tl.constexpr = 0, USE_PDL: tl.constexpr = False):
     b = tl.program_id(0).to(tl.int64)
     h = tl.program_id(1)
     n_ctx = tl.load(CTX + b)
     pm, k, v = _first_tile(KC, VC, TABLES, b, h, 0, n_ctx, stride_cb, stride_cp, stride_ch, stride_tb, BS, D,
                            BLOCK_N, PRELOAD, USE_PDL)
-    q, k_new, v_new = _new_token(QKV, b, h, scale, stride_qb, stride_q3, D)
+    q, k_new, v_new = _new_token(QKV, b, h, scale, stride_qb, stride_q3, stride_qs, D, QKV_PARTS,
+                                 KC.dtype.element_ty)
     m_i = tl.sum(q * k_new.to(tl.float32), axis=0)       # the new token starts the running max
     m_i, l_i, acc = _consume(q, pm, k, v, m_i, m_i * 0.0 + 1.0, v_new.to(tl.float32))
     m_i, l_i, acc = _attend(q, KC, VC, TABLES, b, h, BLOCK_N, n_ctx, m_i, l_i, acc,
@@ -126,10 +141,10 @@ def _decode_attention_kernel(QKV, KC, VC, OUT, TABLES, CTX, SLOTS, scale,
 
 @triton.jit
 def _decode_attention_split_kernel(QKV, KC, VC, PART, TABLES, CTX, SLOTS, scale,
-                                   stride_qb, stride_q3, stride_cb, stride_cp, stride_ch, stride_tb,
+                                   stride_qb, stride_q3, stride_qs, stride_cb, stride_cp, stride_ch, stride_tb,
                                    BS: tl.constexpr, D: tl.constexpr, BLOCK_N: tl.constexpr, SPLITS: tl.constexpr,
-                                   NEW_IN_LAST: tl.constexpr = False,
-                                   PRELOAD: tl.constexpr = True, USE_PDL: tl.constexpr = False):
+                                   NEW_IN_LAST: tl.constexpr = False, PRELOAD: tl.constexpr = True,
+                                   QKV_PARTS: tl.constexpr = 0, USE_PDL: tl.constexpr = False):
     """Program (b, h, s): the cached tokens of split s (whole KV blocks, ceil(blocks / SPLITS) of
     them) -> PART[b, h, s] = (unnormalised weighted V [D], running max, sum of exponentials).
     NEW_IN_LAST: the last split also takes the new token (its partial starts from it) and stores
@@ -148,14 +163,15 @@ def _decode_attention_split_kernel(QKV, KC, VC, PART, TABLES, CTX, SLOTS, scale,
     m_i = l_i - float("inf")
     acc = tl.zeros([D], dtype=tl.float32)
     if NEW_IN_LAST:
-        q, k_new, v_new = _new_token(QKV, b, h, scale, stride_qb, stride_q3, D)
+        q, k_new, v_new = _new_token(QKV, b, h, scale, stride_qb, stride_q3, stride_qs, D, QKV_PARTS,
+                                     KC.dtype.element_ty)
         last = sp == SPLITS - 1
         m_i = tl.where(last, tl.sum(q * k_new.to(tl.float32), axis=0), m_i)
         l_i = tl.where(last, 1.0, l_i)
         acc = tl.where(last, v_new.to(tl.float32), acc)
         _store_new_kv(KC, VC, SLOTS, b, h, k_new, v_new, last.to(tl.int32), stride_cb, stride_cp, stride_ch, BS, D)
     else:
-        q = tl.load(QKV + b * stride_qb + h * D + d).to(tl.float32) * scale
+        q = _qkv_vec(QKV + b * stride_qb + h * D + d, stride_qs, QKV_PARTS, KC.dtype.element_ty).to(tl.float32) * scale
     if lo < hi:
         m_i, l_i, acc = _consume(q, pm, k, v, m_i, l_i, acc)
     m_i, l_i, acc = _attend(q, KC, VC, TABLES, b, h, lo + BLOCK_N, hi, m_i, l_i, acc,
@@ -168,15 +184,16 @@ def _decode_attention_split_kernel(QKV, KC, VC, PART, TABLES, CTX, SLOTS, scale,
 
 @triton.jit
 def _decode_attention_merge_kernel(QKV, KC, VC, OUT, PART, SLOTS, scale,
-                                   stride_qb, stride_q3, stride_cb, stride_cp, stride_ch, stride_ob,
+                                   stride_qb, stride_q3, stride_qs, stride_cb, stride_cp, stride_ch, stride_ob,
                                    BS: tl.constexpr, D: tl.constexpr, SPLITS: tl.constexpr,
-                                   USE_PDL: tl.constexpr = False):
+                                   QKV_PARTS: tl.constexpr = 0, USE_PDL: tl.constexpr = False):
     """Program (b, h): the new token, then the SPLITS partials in order (an empty split has max
     -inf and weighs nothing) -> OUT[b, h]; the new K/V stored at the row's slot."""
     pdl_start(USE_PDL)
     b = tl.program_id(0).to(tl.int64)
     h = tl.program_id(1)
-    q, k_new, v_new = _new_token(QKV, b, h, scale, stride_qb, stride_q3, D)
+    q, k_new, v_new = _new_token(QKV, b, h, scale, stride_qb, stride_q3, stride_qs, D, QKV_PARTS,
+                                 KC.dtype.element_ty)
     m = tl.sum(q * k_new.to(tl.float32), axis=0)
     l_i = m * 0.0 + 1.0
     acc = v_new.to(tl.float32)
@@ -258,10 +275,12 @@ def decode_attention(qkv: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Te
                      context_lens: torch.Tensor, slots: torch.Tensor, scale: float,
                      out: torch.Tensor | None = None, block_n: int | None = None,
                      num_warps: int | None = None, splits: int | None = None) -> torch.Tensor:
-    """splits: context splits per (row, head) (default `num_splits`; 1 = one pass per row)."""
-    B, three, h, D = qkv.shape
-    assert three == 3 and qkv.stride(3) == 1 and k_cache.stride(3) == 1
-    o = out if out is not None else torch.empty(B, h, D, dtype=qkv.dtype, device=qkv.device)
+    """qkv [B, 3, h, D], or the QKV GEMV's fp32 split-K partials [P, B, 3, h, D] (summed and
+    rounded to the cache's dtype as they are loaded; ctx then in the cache's dtype).
+    splits: context splits per (row, head) (default `num_splits`; 1 = one pass per row)."""
+    B, h, D, parts = _qkv_shape(qkv, k_cache)
+    o = out if out is not None else torch.empty(B, h, D, dtype=k_cache.dtype if parts else qkv.dtype,
+                                                device=qkv.device)
     # more splits than the table has blocks per row would always be empty
     splits = splits or min(num_splits(B * h), block_tables.shape[1])
     strides = _strides(qkv, k_cache)
@@ -271,14 +290,14 @@ def decode_attention(qkv: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Te
                                num_warps or 1, new_in_last=False)
         _decode_attention_merge_kernel[(B, h)](
             qkv, k_cache, v_cache, o, part, slots, scale, *strides, o.stride(0), BS=bs, D=D, SPLITS=splits,
-            num_warps=1, **launch_kwargs(qkv))
+            QKV_PARTS=parts, num_warps=1, **launch_kwargs(qkv))
         return o
     bn, nw = launch_config(B * h)
     block_n, num_warps = block_n or bn, num_warps or nw
     _decode_attention_kernel[(B, h)](
         qkv, k_cache, v_cache, o, block_tables, context_lens, slots, scale, *strides,
-        block_tables.stride(0), o.stride(0), BS=bs, D=D, BLOCK_N=block_n, PRELOAD=preload(B * h), num_warps=num_warps,
-        **launch_kwargs(qkv))
+        block_tables.stride(0), o.stride(0), BS=bs, D=D, BLOCK_N=block_n, PRELOAD=preload(B * h), QKV_PARTS=parts,
+        num_warps=num_warps, **launch_kwargs(qkv))
     return o
 
 
@@ -290,27 +309,40 @@ def decode_attention_partials(qkv: torch.Tensor, k_cache: torch.Tensor, v_cache:
     its K/V stored. ctx[b, h] = sum_s V_s e^(m_s - M) / sum_s l_s e^(m_s - M), M = max_s m_s:
     the consumer sums them (the attention-output GEMM, `fused_moe(a_parts=...)`), in place of
     the merge kernel."""
-    assert qkv.shape[1] == 3 and qkv.stride(3) == 1 and k_cache.stride(3) == 1 and splits >= 1
+    _qkv_shape(qkv, k_cache)
+    assert splits >= 1
     return _split_partials(qkv, k_cache, v_cache, block_tables, context_lens, slots, scale, splits, block_n, 1,
                            new_in_last=True)
 
 
+def _qkv_shape(qkv: torch.Tensor, k_cache: torch.Tensor) -> tuple[int, int, int, int]:
+    """(B, h, D, partials) of qkv [B, 3, h, D] (partials 0) or of fp32 partials [P, B, 3, h, D] (P)."""
+    parts = qkv.shape[0] if qkv.dim() == 5 else 0
+    assert qkv.dim() in (4, 5), f"qkv {tuple(qkv.shape)}: expected [B, 3, h, D] or partials [P, B, 3, h, D]"
+    B, three, h, D = qkv.shape[-4:]
+    assert three == 3 and qkv.stride(-1) == 1 and qkv.stride(-2) == D and k_cache.stride(3) == 1, \
+        f"qkv {tuple(qkv.shape)} with strides {qkv.stride()}: expected [(P,) B, 3, h, D], contiguous heads"
+    assert not parts or qkv.dtype == torch.float32, "qkv partials are fp32"
+    return B, h, D, parts
+
+
 def _strides(qkv: torch.Tensor, k_cache: torch.Tensor) -> tuple[int, ...]:
-    """qkv's row and q|k|v strides, then the cache's block, position and head strides."""
-    return qkv.stride(0), qkv.stride(1), k_cache.stride(0), k_cache.stride(2), k_cache.stride(1)
+    """qkv's row, q|k|v and partial strides, then the cache's block, position and head strides."""
+    return (qkv.stride(-4), qkv.stride(-3), qkv.stride(0) if qkv.dim() == 5 else 0,
+            k_cache.stride(0), k_cache.stride(2), k_cache.stride(1))
 
 
 def _split_partials(qkv, k_cache, v_cache, block_tables, context_lens, slots, scale: float, splits: int,
                     block_n: int | None, num_warps: int, new_in_last: bool) -> torch.Tensor:
     """The split kernel's partials [B, h, splits, D + 2] (fp32); with new_in_last the last split
     also takes the new token and stores its K/V (else the merge kernel does)."""
-    B, _, h, D = qkv.shape
+    B, h, D, parts = _qkv_shape(qkv, k_cache)
     bs = k_cache.shape[2]
     part = torch.empty(B, h, splits, D + 2, dtype=torch.float32, device=qkv.device)
     _decode_attention_split_kernel[(B, h, splits)](
         qkv, k_cache, v_cache, part, block_tables, context_lens, slots, scale, *_strides(qkv, k_cache),
         block_tables.stride(0), BS=bs, D=D, BLOCK_N=block_n or bs, SPLITS=splits, NEW_IN_LAST=new_in_last,
-        PRELOAD=preload(B * h * splits), num_warps=num_warps, **launch_kwargs(qkv))
+        PRELOAD=preload(B * h * splits), QKV_PARTS=parts, num_warps=num_warps, **launch_kwargs(qkv))
     return part
 
 

@@ -95,3 +95,15 @@ def decode_attention_ref(qkv, k_cache, v_cache, block_tables, context_lens, slot
     k_cache[s // bs, :, s % bs] = k_new[keep].to(k_cache.dtype)
     v_cache[s // bs, :, s % bs] = v_new[keep].to(v_cache.dtype)
     return out
+
+
+def gemv_ref(a, w, bias=None, gelu=False, gelu_a=False):
+    """`gemv.gemv` in fp32, before its output rounding: a [M, K] (or fp32 partials [P, M, K],
+    summed, through GELU with gelu_a, then rounded to w's dtype) @ w [K, N] + bias, GELU."""
+    if a.dim() == 3:
+        a = a.float().sum(0)
+        a = (gelu_tanh_ref(a) if gelu_a else a).to(w.dtype)
+    y = a.float() @ w.float()
+    if bias is not None:
+        y = y + bias.float()
+    return gelu_tanh_ref(y) if gelu else y

@@ -1,0 +1,169 @@
+"""Dense GEMV for decode steps of few rows (at most 16): c = a @ w (+ bias), weights streamed at
+full bandwidth while the kernel before is still running.
+
+In:  a [M, K] in w's dtype, or fp32 split-K partials [P, M, K] of an earlier GEMV (summed as they
+     are loaded, optionally through tanh-GELU, then rounded to w's dtype: the dense MLP's hidden
+     layer never exists as a tensor); w [K, N] with any strides (the tied head is wte.t());
+     bias [N].
+Out: parts=True: fp32 partials [S, M, N] whose sum is a @ w + bias (bias in partial 0), for a
+     consumer that sums them (add_layernorm, decode attention, the next GEMV); parts=False:
+     [M, N] = act(a @ w + bias) rounded to w's dtype, stored in `out_dtype` (default w's).
+
+Each program owns one [BLOCK_K, BLOCK_N] weight tile per K step of one K split (grid (N tiles,
+S)). Under programmatic dependent launch (EARLY mode) it first lets the next kernel launch, then
+loads its first weight tile, then waits for the kernel before (griddepcontrol.wait) and only then
+reads `a`: weights are never written by a step, so the tile's loads overlap the previous kernels'
+work, and the next GEMV of the chain does the same behind this one ("cascade"). Every other
+kernel of the step waits before it lets its dependents launch, so the chain of waits stays that
+of plain stream order.
+
+Measured on one H100 (2026-12-05, `scripts/stream_probe.py`, 100 kernels back to back in a CUDA
+graph): [16, 1024] x [1024, 4096] bf16 with [256, 128] tiles and 4 K splits took 2.95-3.07 us in
+this order against 4.8-6.8 us waiting first (today's order of the other kernels) and 3.9-4.6 us
+loading, then waiting and triggering; a plain 8.4 MB read in the same order 2.65-2.8 us.
+"""
+from __future__ import annotations
+
+import functools
+
+import torch
+import triton
+import triton.language as tl
+
+from .fused_moe import _gelu_tanh
+from .pdl import launch_kwargs
+
+#: the most rows one launch serves (BLOCK_M of the tl.dot)
+MAX_ROWS = 16
+#: a program's weight tile in bytes at most (it is held in registers while the program waits)
+MAX_TILE_BYTES = 64 * 1024
+#: a K split covers at least this many rows of w
+MIN_SPLIT_K = 64
+
+
+@triton.jit
+def _w_tile(W, k0, offs_k, offs_n, nmask, K, stride_wk, stride_wn):
+    k = k0 + offs_k
+    ptrs = W + k.to(tl.int64)[:, None] * stride_wk + offs_n.to(tl.int64)[None, :] * stride_wn
+    return tl.load(ptrs, mask=(k < K)[:, None] & nmask[None, :], other=0.0)
+
+
+@triton.jit
+def _a_tile(A, k0, offs_k, rows, rmask, K, stride_ap, stride_am, A_PARTS: tl.constexpr, GELU_A: tl.constexpr,
+            DTYPE: tl.constexpr):
+    """a[rows, k0 + offs_k] in DTYPE: loaded, or the sum of A_PARTS fp32 partials (then GELU)."""
+    k = k0 + offs_k
+    ptrs = A + rows[:, None] * stride_am + k[None, :]
+    mask = rmask[:, None] & (k < K)[None, :]
+    if A_PARTS > 0:
+        a = tl.load(ptrs, mask=mask, other=0.0)
+        for p in tl.static_range(1, A_PARTS):
+            a += tl.load(ptrs + p * stride_ap, mask=mask, other=0.0)
+        if GELU_A:
+            a = _gelu_tanh(a)
+        return a.to(DTYPE)
+    return tl.load(ptrs, mask=mask, other=0.0).to(DTYPE)
+
+
+@triton.jit
+def _gemv_kernel(A, W, BIAS, C, M, N, K, stride_ap, stride_am, stride_wk, stride_wn, stride_cs, stride_cm,
+                 HAS_BIAS: tl.constexpr, A_PARTS: tl.constexpr, GELU_A: tl.constexpr, GELU: tl.constexpr,
+                 PARTS: tl.constexpr, IEEE: tl.constexpr, ITERS: tl.constexpr,
+                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, USE_PDL: tl.constexpr = 0):
+    pid_n = tl.program_id(0)
+    ks = tl.program_id(1)
+    if USE_PDL == 1:
+        tl.extra.cuda.gdc_launch_dependents()      # the next kernel may launch and load its weights now
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    nmask = offs_n < N
+    offs_k = tl.arange(0, BLOCK_K)
+    k_lo = ks * (ITERS * BLOCK_K)
+    w = _w_tile(W, k_lo, offs_k, offs_n, nmask, K, stride_wk, stride_wn)   # before the wait: weights are constant
+    if USE_PDL:
+        tl.extra.cuda.gdc_wait()                   # the kernel before has finished: `a` is complete
+    rows = tl.arange(0, BLOCK_M)
+    rmask = rows < M
+    acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+    for it in tl.static_range(ITERS):
+        k0 = k_lo + it * BLOCK_K
+        if it > 0:
+            w = _w_tile(W, k0, offs_k, offs_n, nmask, K, stride_wk, stride_wn)
+        a = _a_tile(A, k0, offs_k, rows, rmask, K, stride_ap, stride_am, A_PARTS, GELU_A, W.dtype.element_ty)
+        if IEEE:
+            acc = tl.dot(a, w, acc, input_precision="ieee")    # fp32 weights: no silent tf32
+        else:
+            acc = tl.dot(a, w, acc)
+    if HAS_BIAS:
+        bias = tl.load(BIAS + offs_n, mask=nmask, other=0.0).to(tl.float32)
+        acc += bias[None, :] * tl.where(ks == 0, 1.0, 0.0)       # once: in the first K split
+    if GELU:
+        acc = _gelu_tanh(acc)
+    if PARTS:
+        out = acc
+    else:
+        out = acc.to(W.dtype.element_ty).to(C.dtype.element_ty)  # the GEMM's rounding, then the store's type
+    c_ptrs = C + ks * stride_cs + rows[:, None] * stride_cm + offs_n[None, :]
+    tl.store(c_ptrs, out, mask=rmask[:, None] & nmask[None, :])
+
+
+@functools.lru_cache(maxsize=None)
+def _sm_count(device_index: int) -> int:
+    return torch.cuda.get_device_properties(device_index).multi_processor_count
+
+
+def sm_count(device: torch.device) -> int:
+    """Streaming multiprocessors of `device` (4 on the CPU interpreter: few programs, quick tests)."""
+    if device.type != "cuda":
+        return 4
+    return _sm_count(device.index if device.index is not None else torch.cuda.current_device())
+
+
+def plan(N: int, K: int, elem_bytes: int, sms: int, parts: bool) -> dict:
+    """Tiles of one launch: BLOCK_N up to 128 columns; with `parts`, K split into the most powers
+    of two S that keep N tiles x S within one wave of `sms` programs and each split >= MIN_SPLIT_K
+    rows; BLOCK_K the split's K rounded up to a power of two, capped so that a weight tile stays
+    within MAX_TILE_BYTES (the split then loops ITERS tiles); 8 warps for tiles of >= 32K
+    elements. Returns {BLOCK_N, BLOCK_K, ITERS, S, num_warps}."""
+    bn = min(128, max(16, triton.next_power_of_2(N)))
+    tiles = triton.cdiv(N, bn)
+    s = 1
+    while parts and tiles * s * 2 <= sms and triton.cdiv(K, s * 2) >= MIN_SPLIT_K:
+        s *= 2
+    per = triton.cdiv(K, s)
+    cap = max(16, triton.next_power_of_2(MAX_TILE_BYTES // (bn * elem_bytes) + 1) // 2)
+    bk = min(max(16, triton.next_power_of_2(per)), cap)
+    return {"BLOCK_N": bn, "BLOCK_K": bk, "ITERS": triton.cdiv(per, bk), "S": s,
+            "num_warps": 8 if bk * bn >= 32768 else 4}
+
+
+def gemv(a: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None = None, *, parts: bool = False,
+         gelu: bool = False, gelu_a: bool = False, out_dtype: torch.dtype | None = None,
+         out: torch.Tensor | None = None, config: dict | None = None) -> torch.Tensor:
+    """See the module docstring. a [M, K] or fp32 partials [P, M, K] (gelu_a: GELU of their sum);
+    M <= MAX_ROWS. out: the result's tensor (its shape and dtype as they would be allocated);
+    config overrides `plan`'s keys (tests, tuning)."""
+    M, K = a.shape[-2:]
+    Kw, N = w.shape
+    assert K == Kw, f"a has K = {K}, w has {Kw} rows"
+    assert M <= MAX_ROWS, f"gemv serves at most {MAX_ROWS} rows, got {M}"
+    assert a.stride(-1) == 1, "a must be contiguous along K"
+    assert not (gelu and parts), "GELU is not linear: it cannot be split over K"
+    a_parts = a.shape[0] if a.dim() == 3 else 0
+    assert a_parts or not gelu_a, "gelu_a applies to the sum of partials"
+    assert a_parts or a.dtype == w.dtype, f"a is {a.dtype}, w is {w.dtype}"
+    assert not a_parts or a.dtype == torch.float32, "partials are fp32"
+    cfg = dict(plan(N, K, w.element_size(), sm_count(a.device), parts), **(config or {}))
+    S = cfg["S"] if parts else 1
+    iters = triton.cdiv(triton.cdiv(K, S), cfg["BLOCK_K"])
+    shape, dtype = ((S, M, N), torch.float32) if parts else ((M, N), out_dtype or w.dtype)
+    c = out if out is not None else torch.empty(shape, dtype=dtype, device=a.device)
+    assert c.shape == shape and c.dtype == dtype and c.is_contiguous(), \
+        f"out is {tuple(c.shape)} {c.dtype}, expected {shape} {dtype}"
+    grid = (triton.cdiv(N, cfg["BLOCK_N"]), S)
+    _gemv_kernel[grid](
+        a, w, bias if bias is not None else w, c, M, N, K, a.stride(0) if a_parts else 0, a.stride(-2),
+        w.stride(0), w.stride(1), c.stride(0) if parts else 0, c.stride(-2),
+        HAS_BIAS=bias is not None, A_PARTS=a_parts, GELU_A=gelu_a, GELU=gelu, PARTS=parts,
+        IEEE=w.dtype == torch.float32, ITERS=iters, BLOCK_M=MAX_ROWS, BLOCK_N=cfg["BLOCK_N"],
+        BLOCK_K=cfg["BLOCK_K"], num_warps=cfg["num_warps"], num_stages=1, **launch_kwargs(a))
+    return c
