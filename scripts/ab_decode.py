@@ -42,7 +42,8 @@ from ftmoe.kernels import configs, pdl  # noqa: E402
 
 
 ENV_SWITCHES = {"gate": "FTMOE_GATE", "attn": "FTMOE_ATTN_SPLIT", "preload": "FTMOE_ATTN_PRELOAD",
-                "lngate": "FTMOE_LN_GATE", "attnwo": "FTMOE_ATTN_WO", "gemv": "FTMOE_GEMV", "gemvhead": "FTMOE_GEMV_HEAD"}
+                "lngate": "FTMOE_LN_GATE", "attnwo": "FTMOE_ATTN_WO", "gemv": "FTMOE_GEMV", "gemvhead": "FTMOE_GEMV_HEAD",
+                "cascade": "FTMOE_PDL_CASCADE"}
 
 
 def _knock_out(part: str):

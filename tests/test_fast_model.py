@@ -507,6 +507,10 @@ def test_pdl_launch_arguments(monkeypatch):
                 assert bool(pdl.launch_kwargs(x)) == want
             with pdl.allowed(pdl.AT_EXIT):
                 assert pdl.launch_kwargs(x).get("USE_PDL") == (pdl.AT_EXIT if want else None)
+                monkeypatch.setenv("FTMOE_PDL_CASCADE", "1")         # turns EARLY only into CASCADE
+                assert pdl.launch_kwargs(x).get("USE_PDL") == (pdl.AT_EXIT if want else None)
+        assert pdl.launch_kwargs(x).get("USE_PDL") == (pdl.CASCADE if want else None)
+        monkeypatch.setenv("FTMOE_PDL_CASCADE", "0")
         assert bool(pdl.launch_kwargs(x)) == want
         pdl._enabled.cache_clear()
     else:
@@ -529,8 +533,9 @@ def test_pdl_graph_replay_equals_plain_launches(models, monkeypatch, B):
     prompt = torch.randint(0, ref.config.vocab_size, (B, max(lens)), generator=g).to(DEV)
     toks = [torch.randint(0, ref.config.vocab_size, (B,), generator=g).to(DEV) for _ in range(4)]
     results = []
-    for flag in ("0", "1", "exit"):            # off, early trigger, trigger at exit
+    for flag in ("0", "1", "cascade", "exit"):   # off, early trigger, trigger before the wait, at exit
         monkeypatch.setenv("FTMOE_PDL", "0" if flag == "0" else "1")
+        monkeypatch.setenv("FTMOE_PDL_CASCADE", "1" if flag == "cascade" else "0")
         if flag == "exit":
             monkeypatch.setattr(pdl, "MAX_ROWS", 0)
             monkeypatch.setattr(pdl, "EXIT_MAX_ROWS", 4096)
@@ -551,7 +556,6 @@ def test_pdl_graph_replay_equals_plain_launches(models, monkeypatch, B):
     for r in results[1:]:
         for a, b in zip(results[0], r):
             assert torch.equal(a, b)
-
 
 
 def test_gemv_decode_equals_tuned_dense_path(models, monkeypatch):

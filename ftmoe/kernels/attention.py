@@ -28,12 +28,12 @@ from .pdl import launch_kwargs, pdl_start
 def _qkv_vec(ptrs, stride_qs, PARTS: tl.constexpr, DTYPE: tl.constexpr):
     """A vector of qkv: loaded, or (PARTS > 0) the sum of the QKV GEMV's PARTS fp32 split-K
     partials rounded to DTYPE (the cache's), as a stored qkv would be."""
-    if PARTS > 0:
-        x = tl.load(ptrs)
+    x = tl.load(ptrs)
+    if PARTS > 0:              # (one return: Triton types every return of a function alike)
         for p in tl.static_range(1, PARTS):
             x += tl.load(ptrs + p * stride_qs)
-        return x.to(DTYPE)
-    return tl.load(ptrs)
+        x = x.to(DTYPE)
+    return x
 
 
 @triton.jit

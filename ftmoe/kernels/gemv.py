@@ -55,14 +55,12 @@ def _a_tile(A, k0, offs_k, rows, rmask, K, stride_ap, stride_am, A_PARTS: tl.con
     k = k0 + offs_k
     ptrs = A + rows[:, None] * stride_am + k[None, :]
     mask = rmask[:, None] & (k < K)[None, :]
-    if A_PARTS > 0:
-        a = tl.load(ptrs, mask=mask, other=0.0)
-        for p in tl.static_range(1, A_PARTS):
-            a += tl.load(ptrs + p * stride_ap, mask=mask, other=0.0)
-        if GELU_A:
-            a = _gelu_tanh(a)
-        return a.to(DTYPE)
-    return tl.load(ptrs, mask=mask, other=0.0).to(DTYPE)
+    a = tl.load(ptrs, mask=mask, other=0.0)
+    for p in tl.static_range(1, A_PARTS):
+        a += tl.load(ptrs + p * stride_ap, mask=mask, other=0.0)
+    if GELU_A:
+        a = _gelu_tanh(a)
+    return a.to(DTYPE)
 
 
 @triton.jit
@@ -72,7 +70,7 @@ def _gemv_kernel(A, W, BIAS, C, M, N, K, stride_ap, stride_am, stride_wk, stride
                  BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, USE_PDL: tl.constexpr = 0):
     pid_n = tl.program_id(0)
     ks = tl.program_id(1)
-    if USE_PDL == 1:
+    if USE_PDL == 1 or USE_PDL == 3:               # EARLY or CASCADE (pdl.pdl_start)
         tl.extra.cuda.gdc_launch_dependents()      # the next kernel may launch and load its weights now
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     nmask = offs_n < N

@@ -35,14 +35,18 @@ import triton
 import triton.language as tl
 
 
-OFF, EARLY, AT_EXIT = 0, 1, 2     # launch modes (USE_PDL)
+OFF, EARLY, AT_EXIT, CASCADE = 0, 1, 2, 3     # launch modes (USE_PDL)
 
 
 @triton.jit
 def pdl_start(USE_PDL: tl.constexpr):
     """USE_PDL 1 (EARLY): wait, then let the next kernel launch at once; 2 (AT_EXIT): wait only,
     so the next kernel launches as this one's programs exit (its programs do not take SM room
-    from this kernel's later waves)."""
+    from this kernel's later waves); 3 (CASCADE): let the next kernel launch, then wait (the next
+    kernel's launch and its reads of constant weights overlap even the kernel before this one;
+    nothing is read before the wait here, so results are those of stream order still)."""
+    if USE_PDL == 3:
+        tl.extra.cuda.gdc_launch_dependents()
     if USE_PDL:
         tl.extra.cuda.gdc_wait()
         if USE_PDL == 1:
@@ -95,8 +99,11 @@ def _triton_supports_pdl() -> bool:
 
 
 def launch_kwargs(t: torch.Tensor) -> dict:
+    """FTMOE_PDL_CASCADE=1 turns EARLY into CASCADE (read at each launch, i.e. at graph capture)."""
     mode = _ALLOWED.get()
     if t.device.type != "cuda" or not mode:
         return {}
+    if mode == EARLY and os.environ.get("FTMOE_PDL_CASCADE", "0") == "1":
+        mode = CASCADE
     idx = t.device.index if t.device.index is not None else torch.cuda.current_device()
     return {"USE_PDL": mode, "launch_pdl": True} if _enabled(idx) else {}
