@@ -41,8 +41,9 @@ SMALL_BATCH_SLOTS = 32
 #: decode steps of at most this many rows run the dense GEMMs (QKV, Wo, the dense MLP) on
 #: `kernels.gemv`, whose weight loads overlap the kernels before them, and hand on fp32 split-K
 #: partials (summed by attention, the next GEMV or add_layernorm); FTMOE_GEMV=0 / 1 forces it off
-#: / on (up to gemv's 16 rows). FTMOE_GEMV_HEAD does the same for the tied head's logits
-GEMV_MAX_ROWS = 16
+#: / on (up to gemv's 16 rows). FTMOE_GEMV_HEAD does the same for the tied head's logits.
+#: 0 (off by default) until it is timed on a GPU: `scripts/gpu_round19.sh` (then 16 if it wins)
+GEMV_MAX_ROWS = 0
 
 
 def small_batch_split_k(N: int, K: int) -> int:

@@ -520,7 +520,8 @@ def test_pdl_launch_arguments(monkeypatch):
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="programmatic dependent launch needs a GPU")
 @pytest.mark.parametrize("B", [1, 2, 8])
-def test_pdl_graph_replay_equals_plain_launches(models, monkeypatch, B):
+@pytest.mark.parametrize("gemv", ["0", "1"])          # 1: weights loaded before the wait (kernels/gemv.py)
+def test_pdl_graph_replay_equals_plain_launches(models, monkeypatch, B, gemv):
     """Decode steps replayed from graphs whose kernels overlap their launch with the previous
     kernel give bit-identical logits and caches to plain stream order, over several steps (a
     missing wait would read stale activations)."""
@@ -533,6 +534,8 @@ def test_pdl_graph_replay_equals_plain_launches(models, monkeypatch, B):
     prompt = torch.randint(0, ref.config.vocab_size, (B, max(lens)), generator=g).to(DEV)
     toks = [torch.randint(0, ref.config.vocab_size, (B,), generator=g).to(DEV) for _ in range(4)]
     results = []
+    monkeypatch.setenv("FTMOE_GEMV", gemv)
+    monkeypatch.setenv("FTMOE_GEMV_HEAD", gemv)
     for flag in ("0", "1", "cascade", "exit"):   # off, early trigger, trigger before the wait, at exit
         monkeypatch.setenv("FTMOE_PDL", "0" if flag == "0" else "1")
         monkeypatch.setenv("FTMOE_PDL_CASCADE", "1" if flag == "cascade" else "0")
