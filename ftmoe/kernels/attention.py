@@ -248,7 +248,7 @@ SPLITS = 8
 #: split attentions of up to this many (row, head) programs leave their partials to the Wo GEMV.
 #: 0 (off): on an H200 (eighth session) the Wo GEMV summing the partials as it loads them took
 #: 336 us alone at batch 1 (127 us with one warp) against ~4 us for the merge kernel's Wo, and
-#: whole steps 8.5 ms instead of 0.67 ms (`scripts/gpu_round18.sh`): its [BLOCK_M, BLOCK_K] gathers
+#: whole steps 8.5 ms instead of 0.67 ms (eighth session): its [BLOCK_M, BLOCK_K] gathers
 #: of every split's max and sum per element, with 15 of 16 rows masked, are the suspects (the max
 #: and sum are per (row, head): they want a [BLOCK_M, heads-in-tile, S] tile, not per element)
 ATTN_WO_MAX_PROGRAMS = 0
