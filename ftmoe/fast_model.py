@@ -46,6 +46,11 @@ SMALL_BATCH_SLOTS = 32
 GEMV_MAX_ROWS = 0
 
 
+def _gemv_on(var: str, rows: int) -> bool:
+    """Whether a decode step of `rows` rows runs `var`'s GEMMs on `gemv` (never past its rows)."""
+    return rows <= GEMV_ROWS and size_switch(var, rows, GEMV_MAX_ROWS)
+
+
 def small_batch_split_k(N: int, K: int) -> int:
     """Split-K factor of the second expert GEMM on the small-batch path: few N tiles, long K."""
     return 4 if K >= 2048 and N <= 2048 else 1
@@ -233,7 +238,7 @@ class FastGPTMoE:
     def _decode_step(self, ids, positions, block_tables, context_lens, slots, cache):
         B = ids.shape[0]
         eps = self.config.layernorm_eps
-        g = B <= GEMV_ROWS and size_switch("FTMOE_GEMV", B, GEMV_MAX_ROWS) and cache.k.dtype == self.dtype
+        g = _gemv_on("FTMOE_GEMV", B) and cache.k.dtype == self.dtype
         res, a = self._first_ln(ids, positions)                                    # [B, H] each
         for i, L in enumerate(self.layers):
             if g:   # fp32 partials [S, B, 3, h, D]: attention sums them
@@ -246,7 +251,7 @@ class FastGPTMoE:
             res, a = add_layernorm(res, nxt.weight, nxt.bias, eps, add=y, add_bias=y_bias)
         if not self.par.is_last_stage:
             return res
-        if B <= GEMV_ROWS and size_switch("FTMOE_GEMV_HEAD", B, GEMV_MAX_ROWS):
+        if _gemv_on("FTMOE_GEMV_HEAD", B):
             m = self.model   # logits rounded to the model's dtype (as the GEMM's), stored as fp32
             return gemv(a, m.wte[m.vocab_start:m.vocab_end].t(), out_dtype=torch.float32)
         return self._head(a)

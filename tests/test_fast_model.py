@@ -488,6 +488,9 @@ def test_pdl_launch_arguments(monkeypatch):
     monkeypatch.setattr(pdl, "MAX_ROWS", 16)
     monkeypatch.setattr(pdl, "EXIT_MAX_ROWS", 256)
     assert [pdl.mode_for(r) for r in (1, 16, 17, 256, 257)] == [pdl.EARLY] * 2 + [pdl.AT_EXIT] * 2 + [pdl.OFF]
+    monkeypatch.setenv("FTMOE_PDL_CASCADE", "1")                 # turns EARLY only into CASCADE
+    assert [pdl.mode_for(r) for r in (1, 16, 17, 256, 257)] == [pdl.CASCADE] * 2 + [pdl.AT_EXIT] * 2 + [pdl.OFF]
+    monkeypatch.setenv("FTMOE_PDL_CASCADE", "0")
     import triton
 
     newer = tuple(int(x) for x in triton.__version__.split(".")[:2]) >= (3, 3)
@@ -507,10 +510,8 @@ def test_pdl_launch_arguments(monkeypatch):
                 assert bool(pdl.launch_kwargs(x)) == want
             with pdl.allowed(pdl.AT_EXIT):
                 assert pdl.launch_kwargs(x).get("USE_PDL") == (pdl.AT_EXIT if want else None)
-                monkeypatch.setenv("FTMOE_PDL_CASCADE", "1")         # turns EARLY only into CASCADE
-                assert pdl.launch_kwargs(x).get("USE_PDL") == (pdl.AT_EXIT if want else None)
-        assert pdl.launch_kwargs(x).get("USE_PDL") == (pdl.CASCADE if want else None)
-        monkeypatch.setenv("FTMOE_PDL_CASCADE", "0")
+            with pdl.allowed(pdl.CASCADE):
+                assert pdl.launch_kwargs(x).get("USE_PDL") == (pdl.CASCADE if want else None)
         assert bool(pdl.launch_kwargs(x)) == want
         pdl._enabled.cache_clear()
     else:

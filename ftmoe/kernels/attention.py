@@ -309,7 +309,6 @@ def decode_attention_partials(qkv: torch.Tensor, k_cache: torch.Tensor, v_cache:
     its K/V stored. ctx[b, h] = sum_s V_s e^(m_s - M) / sum_s l_s e^(m_s - M), M = max_s m_s:
     the consumer sums them (the attention-output GEMM, `fused_moe(a_parts=...)`), in place of
     the merge kernel."""
-    _qkv_shape(qkv, k_cache)
     assert splits >= 1
     return _split_partials(qkv, k_cache, v_cache, block_tables, context_lens, slots, scale, splits, block_n, 1,
                            new_in_last=True)

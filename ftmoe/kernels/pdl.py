@@ -65,8 +65,11 @@ _ALLOWED = contextvars.ContextVar("ftmoe_pdl_allowed", default=EARLY)
 
 
 def mode_for(rows: int) -> int:
-    """The launch mode of a step of `rows` rows."""
-    return EARLY if rows <= MAX_ROWS else AT_EXIT if rows <= EXIT_MAX_ROWS else OFF
+    """The launch mode of a step of `rows` rows; FTMOE_PDL_CASCADE=1 turns EARLY into CASCADE
+    (read once per step, i.e. at graph capture)."""
+    if rows <= MAX_ROWS:
+        return CASCADE if os.environ.get("FTMOE_PDL_CASCADE", "0") == "1" else EARLY
+    return AT_EXIT if rows <= EXIT_MAX_ROWS else OFF
 
 
 @contextlib.contextmanager
@@ -99,11 +102,8 @@ def _triton_supports_pdl() -> bool:
 
 
 def launch_kwargs(t: torch.Tensor) -> dict:
-    """FTMOE_PDL_CASCADE=1 turns EARLY into CASCADE (read at each launch, i.e. at graph capture)."""
     mode = _ALLOWED.get()
     if t.device.type != "cuda" or not mode:
         return {}
-    if mode == EARLY and os.environ.get("FTMOE_PDL_CASCADE", "0") == "1":
-        mode = CASCADE
     idx = t.device.index if t.device.index is not None else torch.cuda.current_device()
     return {"USE_PDL": mode, "launch_pdl": True} if _enabled(idx) else {}
