@@ -26,9 +26,9 @@ import types
 import torch
 
 from .kernels import pdl, size_switch
-from .kernels.attention import attn_in_wo, decode_attention, decode_attention_partials, num_splits, write_kv
+from .kernels.attention import decode_attention, write_kv
 from .kernels.configs import get_config, get_dense_choice
-from .kernels.fused_moe import fused_moe, parts_config
+from .kernels.fused_moe import fused_moe
 from .kernels.gemv import MAX_ROWS as GEMV_ROWS, gemv
 from .kernels.norm import add_layernorm, add_layernorm_gate, embed_layernorm
 from .kernels.routing import gate_topk, ln_gate, moe_align, softmax_topk
@@ -259,28 +259,12 @@ class FastGPTMoE:
     def _attention_wo(self, L: dict, qkv: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                       block_tables: torch.Tensor, context_lens: torch.Tensor, slots: torch.Tensor,
                       use_gemv: bool = False) -> torch.Tensor:
-        """Decode attention, then its output GEMM Wo (no bias: added with the residual). Where the
-        context is split (few rows) and Wo is a Triton split-K GEMV whose K range per program is
-        short (`parts_config`), the Wo kernel sums the splits' partials as it loads them
-        (`attention.attn_in_wo`, off by default: slower so far): one kernel fewer per layer.
+        """Decode attention, then its output GEMM Wo (no bias: added with the residual).
         use_gemv: qkv is the QKV GEMV's partials and Wo runs on `gemv` (fp32 partials out)."""
         B = qkv.shape[-4]
-        if use_gemv:
-            ctx = decode_attention(qkv, k_cache, v_cache, block_tables, context_lens, slots, self.scale)
-            return gemv(ctx.view(B, self.HL), L["wo"], None, parts=True)
-        splits = min(num_splits(B * self.heads), block_tables.shape[1])
-        choice = None
-        if splits > 1 and attn_in_wo(B * self.heads):
-            choice = get_dense_choice(self.H, self.HL, _DT.get(self.dtype, "fp32"), B, self.device_name)
-        if choice is not None:
-            cfg = dict(choice)
-            split_k = cfg.pop("split_k", 1)
-            cfg = parts_config(cfg, self.HL, split_k, self.D)
-            if cfg is not None:
-                part = decode_attention_partials(qkv, k_cache, v_cache, block_tables, context_lens, slots,
-                                                 self.scale, splits)
-                return fused_moe(part, L["wo"].unsqueeze(0), None, B, config=cfg, split_k=split_k, a_parts=splits)
         ctx = decode_attention(qkv, k_cache, v_cache, block_tables, context_lens, slots, self.scale)
+        if use_gemv:
+            return gemv(ctx.view(B, self.HL), L["wo"], None, parts=True)
         return self._dense(ctx.view(B, self.HL), L["wo"], None, parts_ok=True)
 
     def _first_ln(self, x: torch.Tensor, positions: torch.Tensor):

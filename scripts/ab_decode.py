@@ -42,8 +42,7 @@ from ftmoe.kernels import configs, pdl  # noqa: E402
 
 
 ENV_SWITCHES = {"gate": "FTMOE_GATE", "attn": "FTMOE_ATTN_SPLIT", "preload": "FTMOE_ATTN_PRELOAD",
-                "lngate": "FTMOE_LN_GATE", "attnwo": "FTMOE_ATTN_WO", "gemv": "FTMOE_GEMV", "gemvhead": "FTMOE_GEMV_HEAD",
-                "cascade": "FTMOE_PDL_CASCADE"}
+                "lngate": "FTMOE_LN_GATE", "gemv": "FTMOE_GEMV", "gemvhead": "FTMOE_GEMV_HEAD"}
 
 
 def _knock_out(part: str):

@@ -256,58 +256,17 @@ def test_decode_attention(gen, dtype, ctx, launch):
 @pytest.mark.parametrize("parts", [3])
 def test_decode_attention_sums_qkv_partials(gen, dtype, ctx, splits, parts):
     """qkv as the QKV GEMV's fp32 split-K partials [P, B, 3, h, D]: the same output and K/V writes
-    as attention over their sum rounded to the cache's dtype (one pass, split + merge, and the
-    partials left to Wo)."""
-    from ftmoe.kernels.attention import decode_attention_partials, merge_partials_ref
-
+    as attention over their sum rounded to the cache's dtype (one pass, and split + merge)."""
     B, h, D, bs = len(ctx), 4, 16, 8
     _, kc, vc, perm, ctx_t, slots = _decode_case(gen, dtype, ctx, h, D, bs)
     qkv_parts = rnd(parts, B, 3, h, D, gen=gen)
     qkv = qkv_parts.sum(0).to(dtype)
-    kc2, vc2, kc3, vc3 = kc.clone(), vc.clone(), kc.clone(), vc.clone()
+    kc2, vc2 = kc.clone(), vc.clone()
     out = torch.full((B, h, D), float("nan"), dtype=dtype, device=DEV)
     got = decode_attention(qkv_parts, kc, vc, perm, ctx_t, slots, 1 / math.sqrt(D), out=out, splits=splits)
     want = decode_attention(qkv, kc2, vc2, perm, ctx_t, slots, 1 / math.sqrt(D), splits=splits)
     assert got.dtype == dtype and rel(got, want) < TOL[dtype]
     assert torch.equal(kc, kc2) and torch.equal(vc, vc2)
-    part = decode_attention_partials(qkv_parts, kc3, vc3, perm, ctx_t, slots, 1 / math.sqrt(D), splits or 2)
-    assert rel(merge_partials_ref(part), want.float()) < TOL[dtype] * 2
-    assert torch.equal(kc3, kc2) and torch.equal(vc3, vc2)
-
-
-@pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("ctx,splits,split_k", [([0], 8, 1), ([5, 0, 70], 3, 1), ([130, 1], 16, 3), ([9], 2, 4)])
-def test_attention_partials_summed_in_wo(gen, dtype, ctx, splits, split_k):
-    """Decode attention left as split partials (the new token in the last split, its K/V stored),
-    then summed inside the attention-output GEMV as it loads them: against the torch twins
-    (attention, then ctx @ Wo), for empty, short and long rows and more splits than blocks."""
-    from ftmoe.kernels.attention import decode_attention_partials, merge_partials_ref
-    from ftmoe.kernels.fused_moe import parts_config
-
-    B, h, D, bs, N = len(ctx), 4, 16, 8, 40
-    qkv, kc, vc, perm, ctx_t, slots = _decode_case(gen, dtype, ctx, h, D, bs)
-    wo = rnd(1, h * D, N, dtype=dtype, gen=gen, scale=(h * D) ** -0.5)
-    kc2, vc2 = kc.clone(), vc.clone()
-    part = decode_attention_partials(qkv, kc, vc, perm, ctx_t, slots, 1 / math.sqrt(D), splits)
-    want_ctx = ref.decode_attention_ref(qkv, kc2, vc2, perm, ctx_t, slots, 1 / math.sqrt(D))
-    assert part.shape == (B, h, splits, D + 2)
-    assert rel(merge_partials_ref(part), want_ctx.float()) < TOL[dtype] * 2
-    assert torch.equal(kc, kc2) and torch.equal(vc, vc2)   # the new K/V landed in the same slots
-    shape = (split_k, B, N) if split_k > 1 else (B, N)
-    out = torch.full(shape, float("nan"), dtype=torch.float32 if split_k > 1 else dtype, device=DEV)
-    cfg = parts_config({"BLOCK_M": 16, "BLOCK_N": 32, "BLOCK_K": 32}, h * D, split_k, D)
-    assert cfg["BLOCK_K"] == (64 if split_k == 1 else 32 if split_k == 3 else 16) and cfg["num_stages"] == 1
-    assert parts_config(cfg, 4096, 8, 64) is None      # a 512-wide K range: the merge kernel instead
-    assert parts_config(cfg, 1024, 32, 64)["BLOCK_K"] == 64       # whole heads, even past the split's range
-    fused_moe(part, wo, None, B, config=cfg, split_k=split_k, a_parts=splits, out=out)
-    got = out.sum(0) if split_k > 1 else out
-    want = want_ctx.reshape(B, h * D).float() @ wo[0].float()
-    assert rel(got, want) < TOL[dtype] * 2
-    if split_k == 4:              # 16-wide K ranges of one 16-wide head; a tile of half a head is refused
-        with pytest.raises(AssertionError, match="whole heads"):
-            fused_moe(part, wo, None, B, config=dict(cfg, BLOCK_K=8), split_k=split_k, a_parts=splits)
-    with pytest.raises(AssertionError, match="do not make K"):
-        fused_moe(part, rnd(1, h * D + 1, N, dtype=dtype, gen=gen), None, B, a_parts=splits)
 
 
 def test_attention_splits_choice(monkeypatch):
@@ -326,10 +285,6 @@ def test_attention_splits_choice(monkeypatch):
     monkeypatch.setenv("FTMOE_ATTN_SPLIT", "many")
     with pytest.raises(ValueError, match="FTMOE_ATTN_SPLIT"):
         attention.num_splits(16)
-    monkeypatch.delenv("FTMOE_ATTN_WO", raising=False)       # partials summed in Wo: off unless asked
-    assert not attention.attn_in_wo(16)
-    monkeypatch.setenv("FTMOE_ATTN_WO", "1")
-    assert attention.attn_in_wo(4096)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])

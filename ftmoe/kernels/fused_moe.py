@@ -27,37 +27,13 @@ def _gelu_tanh(x):
 
 
 @triton.jit
-def _merged_parts(PARTS, rows, smask, k0, K, stride_am, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr,
-                  S: tl.constexpr, D: tl.constexpr):
-    """A [BLOCK_M, BLOCK_K] tile of attention output summed from its split partials (see
-    `attention.decode_attention_partials`), fp32: the tile's BLOCK_K // D heads (BLOCK_K a
-    multiple of D, k0 of BLOCK_K), each split's weight e^(m_s - M) / sum taken once per
-    (row, head), then the S weighted V partials [BLOCK_M, heads, D] summed."""
-    heads = k0 // D + tl.arange(0, BLOCK_K // D)
-    hmask = smask[:, None] & (heads < K // D)[None, :]                        # [BLOCK_M, heads]
-    base = PARTS + rows[:, None] * stride_am + (heads * (S * (D + 2)))[None, :]
-    top = tl.load(base + D, mask=hmask, other=0.0)
-    for s in tl.static_range(1, S):
-        top = tl.maximum(top, tl.load(base + s * (D + 2) + D, mask=hmask, other=0.0))
-    den = tl.zeros_like(top)
-    num = tl.zeros([BLOCK_M, BLOCK_K // D, D], dtype=tl.float32)
-    d = tl.arange(0, D)
-    for s in tl.static_range(S):
-        w = tl.exp(tl.load(base + s * (D + 2) + D, mask=hmask, other=0.0) - top)
-        den += tl.load(base + s * (D + 2) + D + 1, mask=hmask, other=1.0) * w
-        v = tl.load(base[:, :, None] + s * (D + 2) + d[None, None, :], mask=hmask[:, :, None], other=0.0)
-        num += v * w[:, :, None]
-    return tl.reshape(num * (1.0 / den)[:, :, None], [BLOCK_M, BLOCK_K])
-
-
-@triton.jit
 def _fused_moe_kernel(A, W, BIAS, C, PROBS, SORTED, BLOCK_EXPERT, NUM_POST,
                       N, K, NUM_SLOTS, stride_am, stride_we, stride_wk, stride_be, stride_cm, stride_cs,
                       TOPK: tl.constexpr, A_PER_SLOT: tl.constexpr, DENSE: tl.constexpr, PER_SLOT: tl.constexpr,
                       HAS_BIAS: tl.constexpr,
                       GELU: tl.constexpr, MUL_PROB: tl.constexpr, IEEE: tl.constexpr, SPLIT_K: tl.constexpr,
                       BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
-                      A_PARTS: tl.constexpr = 0, A_D: tl.constexpr = 1, USE_PDL: tl.constexpr = False):
+                      USE_PDL: tl.constexpr = False):
     pid = tl.program_id(0)
     num_n = tl.cdiv(N, BLOCK_N)
     num_m = tl.num_programs(0) // num_n
@@ -107,12 +83,8 @@ def _fused_moe_kernel(A, W, BIAS, C, PROBS, SORTED, BLOCK_EXPERT, NUM_POST,
     k_hi = tl.where(skip, k_lo, tl.minimum(K, k_lo + k_per))   # a skipped slot reads no weights
     for k0 in range(k_lo, k_hi, BLOCK_K):
         kmask = offs_k < K - k0
-        if A_PARTS > 0:      # A is attention partials, summed (the merge kernel's work) while W streams in
-            w = tl.load(w_ptrs, mask=kmask[:, None] & nmask[None, :], other=0.0)
-            a = _merged_parts(A, rows, smask, k0, K, stride_am, BLOCK_M, BLOCK_K, A_PARTS, A_D).to(W.dtype.element_ty)
-        else:
-            a = tl.load(a_ptrs, mask=smask[:, None] & kmask[None, :], other=0.0)
-            w = tl.load(w_ptrs, mask=kmask[:, None] & nmask[None, :], other=0.0)
+        a = tl.load(a_ptrs, mask=smask[:, None] & kmask[None, :], other=0.0)
+        w = tl.load(w_ptrs, mask=kmask[:, None] & nmask[None, :], other=0.0)
         if IEEE:
             acc += tl.dot(a, w, input_precision="ieee")   # fp32 inputs: no silent tf32
         else:
@@ -130,52 +102,29 @@ def _fused_moe_kernel(A, W, BIAS, C, PROBS, SORTED, BLOCK_EXPERT, NUM_POST,
     tl.store(c_ptrs, acc.to(C.dtype.element_ty), mask=smask[:, None] & nmask[None, :])
 
 
-def parts_config(config: dict, K: int, split_k: int, head_dim: int, max_block_k: int = 256) -> dict | None:
-    """The tile config for `fused_moe(a_parts=...)` from a tuned GEMV entry: BLOCK_K covering the
-    split's whole K range (whole heads: at least `head_dim`, a power of two), one stage; None
-    where that is longer than `max_block_k`."""
-    bk = max(triton.next_power_of_2(triton.cdiv(K, split_k)), head_dim)
-    ok = bk <= max_block_k and head_dim & (head_dim - 1) == 0
-    return dict(config, BLOCK_K=bk, num_stages=1) if ok else None
-
-
 DEFAULT_CONFIG = {"BLOCK_M": 16, "BLOCK_N": 64, "BLOCK_K": 64, "GROUP_M": 8, "num_warps": 4, "num_stages": 3}
 
 
 def fused_moe(a: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None, num_slots: int, *,
               topk: int = 1, routing=None, probs: torch.Tensor | None = None, a_per_slot: bool = False,
               gelu: bool = False, mul_prob: bool = False, out: torch.Tensor | None = None,
-              config: dict | None = None, split_k: int = 1, a_parts: int = 0) -> torch.Tensor:
+              config: dict | None = None, split_k: int = 1) -> torch.Tensor:
     """c [num_slots, N]. `routing` = (sorted_slots, block_expert, num_post) from moe_align with
     the same BLOCK_M as `config`; or an int32 tensor of expert ids [num_slots] (small batches: one
     program row per slot, no sorting); None means dense (one expert, slot = row).
     Slots with a negative expert id (both routed modes) are skipped: their rows of c are not
     written (pass a zeroed `out` where they must read as zeros).
     split_k > 1 (small batches, long K): returns fp32 partials [split_k, num_slots, N] whose sum
-    is the result (summed deterministically by the consumer, `add_layernorm`).
-    a_parts = S > 0 (dense mode): `a` is decode attention's split partials [rows, h, S, D + 2]
-    (`attention.decode_attention_partials`), summed into the attention output [rows, h * D]
-    as each tile is loaded, then rounded to w's dtype: no merge kernel, no ctx tensor. Give it a
-    config whose K loop is one tile and one stage (`parts_config`): pipelined, the partials' loads
-    (3 x S per element) overflow shared memory."""
+    is the result (summed deterministically by the consumer, `add_layernorm`)."""
     cfg = dict(DEFAULT_CONFIG, **(config or {}))
     E, K, N = w.shape
-    head_dim, ieee = 1, a.dtype == torch.float32
-    if a_parts:
-        assert routing is None and a.dim() == 4 and a.shape[2] == a_parts and a.is_contiguous()
-        head_dim, ieee = a.shape[3] - 2, w.dtype == torch.float32
-        assert a.shape[1] * head_dim == K, f"partials of {a.shape[1]} heads x {head_dim} do not make K = {K}"
-        assert cfg["BLOCK_K"] % head_dim == 0, f"BLOCK_K {cfg['BLOCK_K']} must hold whole heads of {head_dim}"
-        a = a.view(a.shape[0], -1)
-    else:
-        assert a.shape[1] == K
+    assert a.shape[1] == K
     assert w.stride(2) == 1 and a.stride(1) == 1
     assert split_k == 1 or not gelu, "GELU is not linear: it cannot be split over K"
     if split_k > 1:
         c = out if out is not None else torch.empty(split_k, num_slots, N, dtype=torch.float32, device=a.device)
     else:
-        c = out if out is not None else torch.empty(num_slots, N, dtype=w.dtype if a_parts else a.dtype,
-                                                    device=a.device)
+        c = out if out is not None else torch.empty(num_slots, N, dtype=a.dtype, device=a.device)
     dense = routing is None
     per_slot = isinstance(routing, torch.Tensor)
     if dense:
@@ -193,7 +142,7 @@ def fused_moe(a: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None, num_s
         sorted_slots, block_expert, num_post, N, K, num_slots,
         a.stride(0), w.stride(0), w.stride(1), bias.stride(0) if bias is not None and bias.dim() == 2 else 0,
         c.stride(-2), c.stride(0) if split_k > 1 else 0, TOPK=topk, A_PER_SLOT=a_per_slot, DENSE=dense, PER_SLOT=per_slot, HAS_BIAS=bias is not None, GELU=gelu,
-        MUL_PROB=mul_prob, IEEE=ieee, SPLIT_K=split_k, BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], BLOCK_K=cfg["BLOCK_K"],
-        GROUP_M=cfg["GROUP_M"], A_PARTS=a_parts, A_D=head_dim, num_warps=cfg["num_warps"],
+        MUL_PROB=mul_prob, IEEE=a.dtype == torch.float32, SPLIT_K=split_k, BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], BLOCK_K=cfg["BLOCK_K"],
+        GROUP_M=cfg["GROUP_M"], num_warps=cfg["num_warps"],
         num_stages=cfg["num_stages"], **launch_kwargs(a))
     return c

@@ -13,9 +13,9 @@ Each program owns one [BLOCK_K, BLOCK_N] weight tile per K step of one K split (
 S)). Under programmatic dependent launch (EARLY mode) it first lets the next kernel launch, then
 loads its first weight tile, then waits for the kernel before (griddepcontrol.wait) and only then
 reads `a`: weights are never written by a step, so the tile's loads overlap the previous kernels'
-work, and the next GEMV of the chain does the same behind this one ("cascade"). Every other
-kernel of the step waits before it lets its dependents launch, so the chain of waits stays that
-of plain stream order.
+work, and the next GEMV of the chain does the same behind this one. Every other kernel of the
+step waits before it lets its dependents launch, so the chain of waits stays that of plain
+stream order.
 
 Measured on one H100 (2026-12-05, `scripts/stream_probe.py`, 100 kernels back to back in a CUDA
 graph): [16, 1024] x [1024, 4096] bf16 with [256, 128] tiles and 4 K splits took 2.95-3.07 us in
@@ -70,7 +70,7 @@ def _gemv_kernel(A, W, BIAS, C, M, N, K, stride_ap, stride_am, stride_wk, stride
                  BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, USE_PDL: tl.constexpr = 0):
     pid_n = tl.program_id(0)
     ks = tl.program_id(1)
-    if USE_PDL == 1 or USE_PDL == 3:               # EARLY or CASCADE (pdl.pdl_start)
+    if USE_PDL == 1:                               # EARLY (pdl.pdl_start)
         tl.extra.cuda.gdc_launch_dependents()      # the next kernel may launch and load its weights now
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     nmask = offs_n < N

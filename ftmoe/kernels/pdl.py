@@ -35,18 +35,15 @@ import triton
 import triton.language as tl
 
 
-OFF, EARLY, AT_EXIT, CASCADE = 0, 1, 2, 3     # launch modes (USE_PDL)
+OFF, EARLY, AT_EXIT = 0, 1, 2     # launch modes (USE_PDL)
 
 
 @triton.jit
 def pdl_start(USE_PDL: tl.constexpr):
     """USE_PDL 1 (EARLY): wait, then let the next kernel launch at once; 2 (AT_EXIT): wait only,
     so the next kernel launches as this one's programs exit (its programs do not take SM room
-    from this kernel's later waves); 3 (CASCADE): let the next kernel launch, then wait (the next
-    kernel's launch and its reads of constant weights overlap even the kernel before this one;
-    nothing is read before the wait here, so results are those of stream order still)."""
-    if USE_PDL == 3:
-        tl.extra.cuda.gdc_launch_dependents()
+    from this kernel's later waves). Letting the next kernel launch before the wait (every
+    kernel of a small step, "cascade") was 2-17 % slower on an H100 (2026-12-06, tenth session)."""
     if USE_PDL:
         tl.extra.cuda.gdc_wait()
         if USE_PDL == 1:
@@ -65,10 +62,9 @@ _ALLOWED = contextvars.ContextVar("ftmoe_pdl_allowed", default=EARLY)
 
 
 def mode_for(rows: int) -> int:
-    """The launch mode of a step of `rows` rows; FTMOE_PDL_CASCADE=1 turns EARLY into CASCADE
-    (read once per step, i.e. at graph capture)."""
+    """The launch mode of a step of `rows` rows."""
     if rows <= MAX_ROWS:
-        return CASCADE if os.environ.get("FTMOE_PDL_CASCADE", "0") == "1" else EARLY
+        return EARLY
     return AT_EXIT if rows <= EXIT_MAX_ROWS else OFF
 
 
