@@ -395,8 +395,30 @@ def test_tuned_config_lookup_and_expert_parallel_fallback():
     assert configs.get_config(16, 1024, 4096, "bf16", 256, "NVIDIA H200") == e64["256"]     # EP=4 rank
     assert configs.get_config(1, 1024, 4096, "bf16", 8, "NVIDIA H200") == configs.default_config(8, 1)
     assert configs.get_config(16, 1024, 4096, "bf16", 8, "no such GPU") == configs.default_config(8, 16)
-    # a Hopper card without its own table uses a tuned sibling's (an H100 gets the H200's tiles)
-    assert configs.get_config(64, 1024, 4096, "bf16", 64, "NVIDIA H100 80GB HBM3") == e64["64"]
+    # a Hopper card without its own table uses a tuned sibling's (an H200 NVL gets the H200's tiles)
+    assert configs.get_config(64, 1024, 4096, "bf16", 64, "NVIDIA H200 NVL") == e64["64"]
+
+
+def test_sibling_table_prefers_the_same_model(tmp_path, monkeypatch):
+    """A card without its own table takes a sibling of the same model first (H100 PCIe -> the H100
+    SXM's table), then any tuned card of its architecture; another architecture gets none."""
+    import json
+
+    from ftmoe.kernels import configs
+
+    for name in ("NVIDIA_H100_80GB_HBM3", "NVIDIA_H200", "NVIDIA_A100_SXM4_80GB"):
+        (tmp_path / f"{name}.json").write_text(json.dumps({"card": name}))
+    monkeypatch.setattr(configs, "CONFIG_DIR", str(tmp_path))
+    configs._file_table.cache_clear()
+    try:
+        got = {d: configs._file_table(d).get("card") for d in
+               ("NVIDIA H100 PCIe", "NVIDIA H200 NVL", "NVIDIA GH200 480GB", "NVIDIA H800", "NVIDIA L4",
+                "NVIDIA H100 80GB HBM3")}
+    finally:
+        configs._file_table.cache_clear()
+    assert got == {"NVIDIA H100 PCIe": "NVIDIA_H100_80GB_HBM3", "NVIDIA H200 NVL": "NVIDIA_H200",
+                   "NVIDIA GH200 480GB": "NVIDIA_H200", "NVIDIA H800": "NVIDIA_H100_80GB_HBM3",
+                   "NVIDIA L4": None, "NVIDIA H100 80GB HBM3": "NVIDIA_H100_80GB_HBM3"}
 
 
 def test_using_table_overrides_and_records_lookups():

@@ -65,12 +65,15 @@ def _file_table(device_name: str) -> dict:
     if os.path.isfile(path):
         with open(path) as f:
             return json.load(f)
+    names = sorted(n for n in os.listdir(CONFIG_DIR) if n.endswith(".json")) if os.path.isdir(CONFIG_DIR) else []
     for family in _FAMILIES:
-        if any(m in device_name for m in family):
-            for name in sorted(os.listdir(CONFIG_DIR)) if os.path.isdir(CONFIG_DIR) else []:
-                if name.endswith(".json") and any(m in name for m in family):
-                    with open(os.path.join(CONFIG_DIR, name)) as f:
-                        return json.load(f)
+        mine = [m for m in family if m in device_name]
+        if mine:
+            # a sibling of the same model first (an H100 PCIe takes the H100 SXM's table), then any
+            ranked = [n for n in names if any(m in n for m in mine)] + [n for n in names if any(m in n for m in family)]
+            if ranked:
+                with open(os.path.join(CONFIG_DIR, ranked[0])) as f:
+                    return json.load(f)
     return {}
 
 
