@@ -49,3 +49,15 @@ def tiny_model_dir(tiny_ckpt_fp32, tmp_path_factory) -> str:
     from ftmoe.convert import convert
 
     return convert(tiny_ckpt_fp32, str(tmp_path_factory.mktemp("ft_fp32")), tp=1, dtype="fp32", progress=False)
+
+
+@pytest.fixture
+def fewer_attention_splits(monkeypatch):
+    """Whole-model tests on the CPU: decode attention split over 2 programs per (row, head), not 8.
+
+    The interpreter runs programs one by one, and the tiny model's contexts fill 1-3 KV blocks, so
+    most of the 8 splits are empty programs that cost ~30 ms each: this takes the split and merge
+    kernels through the same code at a quarter of the programs. The 8-split default is tested on
+    its own (tests/test_kernels.py); on a GPU nothing changes."""
+    if os.environ.get("TRITON_INTERPRET") == "1" and "FTMOE_ATTN_SPLIT" not in os.environ:
+        monkeypatch.setenv("FTMOE_ATTN_SPLIT", "2")

@@ -20,6 +20,7 @@ from ftmoe.kv_cache import KVCache  # noqa: E402
 from ftmoe.loader import load_model  # noqa: E402
 
 DEV = "cuda" if torch.cuda.is_available() else "cpu"
+pytestmark = pytest.mark.usefixtures("fewer_attention_splits")
 
 
 def rel(a, b):
@@ -35,7 +36,8 @@ def models(tiny_model_dir):
 @pytest.mark.parametrize("lens", [[7], [5, 11, 1], [4, 4]])
 @pytest.mark.parametrize("block_size", [4, 16])
 def test_prefill_then_decode_matches_reference(models, lens, block_size):
-    _prefill_then_decode(*models, lens, block_size, steps=6, seed=sum(lens) + block_size)
+    # enough steps for a row to cross a KV block boundary: every case at block size 4, 11 + 6 at 16
+    _prefill_then_decode(*models, lens, block_size, steps=4 if block_size == 4 else 6, seed=sum(lens) + block_size)
 
 
 def _prefill_then_decode(ref, fast, lens, block_size, steps, seed):
@@ -365,13 +367,13 @@ def test_bench_procedure_smoke(tmp_path, monkeypatch):
 
     out = tmp_path / "bench.json"
     dev = "cuda" if torch.cuda.is_available() else "cpu"
-    r = run_bench("tiny", dtype="float32", batches=(1, 2), ctx=8, prefill=(2, 8), eager=True, latency=True,
-                  iters=1, json_path=str(out), log=lambda *_: None, device=dev, latency_batches=(1, 2),
-                  latency_shapes=((8, 4),), prefill_graphs=True, greedy_chunk=2)
+    r = run_bench("tiny", dtype="float32", batches=(1, 2), ctx=8, prefill=(2, 4), eager=True, latency=True,
+                  iters=1, json_path=str(out), log=lambda *_: None, device=dev, latency_batches=(2,),
+                  latency_shapes=((4, 2),), prefill_graphs=True, greedy_chunk=2)
     phases = [(row["phase"], row["batch"]) for row in r["rows"]]
     assert phases[:6] == [("decode", 1)] * 2 + [("decode", 2)] * 2 + [("prefill", 2), ("prefill", 2)]
     assert [row["variant"] for row in r["rows"][:6]] == [None, "greedy-chunk-2"] * 2 + [None, "cuda-graph"]
-    assert [b for p, b in phases if p == "latency"] == [1, 2]
+    assert [b for p, b in phases if p == "latency"] == [2]
     for row in r["rows"]:
         assert row["ms"] > 0 and row["tokens_per_s"] > 0
         assert (row["floor_ms"] is not None) == (dev == "cuda" and row["phase"] != "latency")
