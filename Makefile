@@ -32,8 +32,11 @@ $(STAMP): pyproject.toml
 demo: $(STAMP)
 	$(BIN)/ftmoe demo --workdir demo_out
 
+# the suite in TEST_WORKERS processes (pytest-xdist): 7.5 instead of 11 minutes on a 2-core box
+TEST_WORKERS ?= 2
+
 test: $(STAMP)
-	$(BIN)/python -m pytest -q tests
+	$(BIN)/python -m pytest -q -n $(TEST_WORKERS) tests
 
 clean:
 	rm -rf $(VENV) demo_out .tmp .pytest_cache
