@@ -31,7 +31,7 @@ import torch
 from .beam_search import BeamRequest
 from .errors import FtmoeError, RequestError
 from .kv_cache import KVCache
-from .sampling import SamplingParams, ends_with_word, process_logits, sample, sample_rows, tokens_to_host
+from .sampling import SamplingParams, ends_with_word, process_logits, sample, sample_rows, to_device, tokens_to_host
 
 
 @dataclasses.dataclass
@@ -313,11 +313,11 @@ def decide_together(samplers: list, logits: torch.Tensor, rows: list[int] | None
     greedy = [i for i, r in enumerate(samplers) if isinstance(r, SampleRequest) and r.is_plain_greedy()]
     if greedy:
         want = [rows[i] for i in greedy]
-        proc = logits if want == list(range(logits.shape[0])) else logits[torch.tensor(want, device=logits.device)]
+        proc = logits if want == list(range(logits.shape[0])) else logits[to_device(want, torch.long, logits.device)]
         proc = proc.float()
         temps = [samplers[i].params.temperature for i in greedy]
         if any(t != 1.0 for t in temps):        # (the common temperature 1 needs no copy to the device)
-            proc = proc / torch.tensor(temps, dtype=torch.float32, device=logits.device)[:, None]
+            proc = proc / to_device(temps, torch.float32, logits.device)[:, None]
         toks = proc.argmax(dim=-1)
         out.update(zip(greedy, tokens_to_host(toks, torch.log_softmax(proc, dim=-1).gather(1, toks[:, None])[:, 0])))
     groups: dict[float, list[int]] = {}
@@ -326,7 +326,7 @@ def decide_together(samplers: list, logits: torch.Tensor, rows: list[int] | None
         if together and isinstance(r, SampleRequest) and r.is_plain_sampled():
             groups.setdefault(r.params.temperature, []).append(i)
     for t, members in groups.items():
-        proc = logits[torch.tensor([rows[i] for i in members], device=logits.device)].float()
+        proc = logits[to_device([rows[i] for i in members], torch.long, logits.device)].float()
         proc = proc / t if t != 1.0 else proc              # as `sampling.apply_penalties` divides one row
         got = sample_rows(proc, [samplers[i].params for i in members], [samplers[i].generator for i in members])
         out.update(zip(members, got))

@@ -177,7 +177,7 @@ def process_logits(logits: torch.Tensor, sequence: Sequence[int], num_generated:
     ban = banned_tokens(sequence, bad_words)
     if ban:
         out = out.clone()
-        out[torch.tensor(ban, dtype=torch.long, device=out.device)] = float("-inf")
+        out[to_device(ban, torch.long, out.device)] = float("-inf")
     out = apply_penalties(out, sequence, params)
     if end_id is not None and num_generated < params.min_length:
         out[end_id] = float("-inf")
@@ -205,13 +205,13 @@ def sample_rows(logits: torch.Tensor, params: list[SamplingParams], generators: 
     probs = logp.double().exp()
     u = torch.stack([torch.rand((), generator=g, device=g.device if g is not None else "cpu",
                                 dtype=torch.float64).to(dev) for g in generators])
-    u = u * torch.tensor([p.top_p if 0.0 < p.top_p < 1.0 else 1.0 for p in params], dtype=torch.float64, device=dev)
+    u = u * to_device([p.top_p if 0.0 < p.top_p < 1.0 else 1.0 for p in params], torch.float64, dev)
     toks = torch.empty(len(params), dtype=torch.long, device=dev)
     groups: dict[int, list[int]] = {}
     for r, p in enumerate(params):
         groups.setdefault(p.top_k, []).append(r)
     for k, rows in groups.items():
-        sel = None if len(rows) == len(params) else torch.tensor(rows, dtype=torch.long, device=dev)
+        sel = None if len(rows) == len(params) else to_device(rows, torch.long, dev)
         pr = probs if sel is None else probs[sel]
         if k > 0:
             vals, idx = torch.topk(pr, k, dim=-1)                    # sorted, descending
@@ -225,6 +225,14 @@ def sample_rows(logits: torch.Tensor, params: list[SamplingParams], generators: 
         else:
             toks[sel] = idx.gather(1, pos)[:, 0]
     return tokens_to_host(toks, logp.gather(1, toks[:, None])[:, 0])
+
+
+def to_device(values: list, dtype: torch.dtype, device: torch.device | str) -> torch.Tensor:
+    """A short host list as a tensor on `device`, copied without waiting for the work queued on the
+    device (`torch.tensor(values, device=cuda)` synchronises the stream first, so the host would
+    wait out the decode step before it queues the sampling kernels behind it)."""
+    t = torch.tensor(values, dtype=dtype)
+    return t if torch.device(device).type == "cpu" else t.to(device, non_blocking=True)
 
 
 def tokens_to_host(toks: torch.Tensor, lps: torch.Tensor) -> list[tuple[int, float]]:

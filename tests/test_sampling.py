@@ -222,3 +222,17 @@ def test_seeded_generators_reproduce_and_differ(model_logits):
     assert draw(p) != draw(other)
     unseeded = SamplingParams(temperature=2.0, top_p=1.0)
     assert draw(unseeded) != draw(unseeded)              # None: a fresh random seed each time
+
+
+def test_to_device_keeps_values_and_dtype():
+    """`sampling.to_device` (the small host lists of a sampling step, copied without a stream sync)
+    gives the list's values in the asked dtype on the asked device."""
+    from ftmoe.sampling import to_device
+
+    dev = "cuda" if torch.cuda.is_available() else "cpu"
+    got = to_device([3, 1, 2], torch.long, dev)
+    assert got.dtype == torch.long and got.device.type == dev and got.tolist() == [3, 1, 2]
+    p = to_device([0.95, 1.0], torch.float64, dev)
+    assert p.dtype == torch.float64 and p.cpu().tolist() == [0.95, 1.0]
+    if dev == "cuda":           # the copy is ordered on the stream: a kernel right after it reads it
+        assert (to_device(list(range(4096)), torch.long, dev) * 2).sum().item() == 4095 * 4096
