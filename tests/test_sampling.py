@@ -236,3 +236,40 @@ def test_to_device_keeps_values_and_dtype():
     assert p.dtype == torch.float64 and p.cpu().tolist() == [0.95, 1.0]
     if dev == "cuda":           # the copy is ordered on the stream: a kernel right after it reads it
         assert (to_device(list(range(4096)), torch.long, dev) * 2).sum().item() == 4095 * 4096
+
+
+@pytest.mark.parametrize("flat", [False, True])
+def test_top_p_candidates_give_the_full_sorts_tokens(monkeypatch, flat):
+    """Top-p rows look for their token among the `CANDIDATES` most likely first; a draw past the
+    candidates' mass is redone over the whole sorted row. Either way every row's token and log
+    prob equal the full sort's for the same draws, alone or in a batch, with top-k rows beside
+    them (flat: the candidates rarely hold the draw, so most rows are redone)."""
+    from ftmoe import sampling
+
+    V, R = 203, 9
+    g = torch.Generator().manual_seed(5 + flat)
+    logits = torch.randn(R, V, generator=g) * (0.05 if flat else 4.0)
+    params = [SamplingParams(top_p=0.9 if r % 3 else 1.0, top_k=7 if r == 4 else 0, temperature=1.0, seed=r)
+              for r in range(R)]
+    got, calls = {}, []
+    real = sampling._pick
+    monkeypatch.setattr(sampling, "_pick", lambda pr, u, n, k: calls.append((n, len(u))) or real(pr, u, n, k))
+    for n in ("0", "5"):                     # 0: the whole vocabulary sorted; 5 candidates
+        monkeypatch.setenv("FTMOE_TOPP_CANDIDATES", n)
+        calls.clear()
+        draws = []
+        for _ in range(30):
+            gens = [p.make_generator() for p in params]
+            for gen in gens:                 # a different draw each round, the same for both settings
+                torch.rand(len(draws) + 1, generator=gen)
+            draws.append(sampling.sample_rows(logits, params, gens))
+        got[n] = draws
+        alone = [sampling.sample(logits[r], params[r], params[r].make_generator()) for r in range(R)]
+        gens = [p.make_generator() for p in params]
+        assert sampling.sample_rows(logits, params, gens) == alone
+    assert got["0"] == got["5"]
+    # rows redone over the whole vocabulary, of the 8 x 32 top-p draws with 5 candidates
+    redone = sum(r for n, r in calls if n == V)
+    assert (redone > 200) if flat else (0 < redone < 80), redone
+    toks = {t for draw in got["5"] for t, _ in draw}
+    assert len(toks) > 20                    # really sampled, not stuck on the candidates
