@@ -151,7 +151,8 @@ def test_engine_serves_a_parallel_model(folders, single):
 
 
 @pytest.mark.parametrize("tp,ep,pp", [(2, 1, 1), (1, 1, 2), (1, 2, 1), (2, 2, 1)])
-def test_fast_path_sharded_equals_one_process(folders, single, tp, ep, pp, fewer_attention_splits):
+@pytest.mark.usefixtures("fewer_attention_splits")      # the spawned ranks inherit it
+def test_fast_path_sharded_equals_one_process(folders, single, tp, ep, pp):
     """The Triton path on a sharded model (TP all-reduces inside it; PP hands residuals on; EP
     all-gathers tokens and reduce-scatters expert outputs, rows padded to equal counts):
     prefill and decode logits match one reference process; greedy tokens are the same.
