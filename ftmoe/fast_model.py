@@ -40,15 +40,19 @@ _DT = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32"}
 SMALL_BATCH_SLOTS = 32
 #: decode steps of at most this many rows run the dense GEMMs (QKV, Wo, the dense MLP) on
 #: `kernels.gemv`, whose weight loads overlap the kernels before them, and hand on fp32 split-K
-#: partials (summed by attention, the next GEMV or add_layernorm); FTMOE_GEMV=0 / 1 forces it off
-#: / on (up to gemv's 16 rows). FTMOE_GEMV_HEAD does the same for the tied head's logits.
-#: 0 (off by default): timed on an H100 (2026-12-06) level with the tuned cuBLAS / Triton path
-GEMV_MAX_ROWS = 0
+#: partials (summed by attention, the next GEMV or add_layernorm), with the bounded PDL cascade
+#: (`pdl.feed_on`); FTMOE_GEMV=0 / 1 forces it off / on (up to gemv's 16 rows). Whole decode steps
+#: on an H100 against the tuned cuBLAS / Triton path (scripts/ab_decode.py, 2026-12-06): -6.2 % at
+#: batch 1, -4.6 % at 2, -0.7 % at 4, -0.9 % at 8, +3.1 % at 16; without the cascade +-1 %.
+GEMV_MAX_ROWS = 8
+#: FTMOE_GEMV_HEAD does the same for the tied head's logits (+0.8 % at batch 1: off by default)
+GEMV_HEAD_MAX_ROWS = 0
 
 
 def _gemv_on(var: str, rows: int) -> bool:
     """Whether a decode step of `rows` rows runs `var`'s GEMMs on `gemv` (never past its rows)."""
-    return rows <= GEMV_ROWS and size_switch(var, rows, GEMV_MAX_ROWS)
+    limit = GEMV_HEAD_MAX_ROWS if var == "FTMOE_GEMV_HEAD" else GEMV_MAX_ROWS
+    return rows <= GEMV_ROWS and size_switch(var, rows, limit)
 
 
 def small_batch_split_k(N: int, K: int) -> int:
@@ -134,7 +138,7 @@ class FastGPTMoE:
 
     # ---- post-attention LN and the MLP, shared by decode and prefill ----------
     def _ln2_mlp(self, L: dict, res: torch.Tensor, o: torch.Tensor, slots: torch.Tensor | None = None, li: int = 0,
-                 zero_padding: bool = False, use_gemv: bool = False):
+                 zero_padding: bool = False, use_gemv: bool = False, feed: bool = False):
         """res += o + bo; u = LN2(res); returns (res, y, bias of y still to add or None).
         slots [N]: each token's KV slot; tokens without one (-1: padding rows of a graph bucket or
         of a right-padded prompt) are routed to no expert, so they cost no expert weight reads.
@@ -142,15 +146,19 @@ class FastGPTMoE:
         prompt's padding tokens share attention kernels with its real tokens (masked, but a NaN
         left in a masked key could still spread); decode padding rows are independent rows.
         use_gemv (decode, few rows): the dense MLP on `gemv`, its hidden layer left as W1's fp32
-        partials that W2 sums (+ b1, GELU) as it loads them."""
+        partials that W2 sums (+ b1, GELU) as it loads them. feed (with use_gemv): the bounded
+        PDL cascade (`pdl.feed_on`): LN2 lets W1 launch before its wait, W1 lets W2 launch first,
+        W2 triggers after its wait."""
         eps = self.config.layernorm_eps
         o = self.par.tp_all_reduce(o)                    # row-parallel attention output (TP)
         if not L["moe"]:
             N, F = res.shape[0], L["w1"].shape[2]
-            res, u = add_layernorm(res, L["ln2"].weight, L["ln2"].bias, eps, add=o, add_bias=L["bo"])
+            with pdl.feeding(feed):
+                res, u = add_layernorm(res, L["ln2"].weight, L["ln2"].bias, eps, add=o, add_bias=L["bo"])
             if use_gemv:
                 h = gemv(u, L["w1"][0], L["b1"][0], parts=True)
-                return res, self.par.tp_all_reduce(gemv(h, L["w2"], None, parts=True, gelu_a=True)), L["b2"]
+                y = gemv(h, L["w2"], None, parts=True, gelu_a=True, trigger_first=not feed)
+                return res, self.par.tp_all_reduce(y), L["b2"]
             h = fused_moe(u, L["w1"], L["b1"], N, gelu=True, config=self._cfg(1, F, self.H, N))
             return res, self.par.tp_all_reduce(self._dense(h, L["w2"], None, parts_ok=True)), L["b2"]
         if self.par.ep > 1:
@@ -239,32 +247,40 @@ class FastGPTMoE:
         B = ids.shape[0]
         eps = self.config.layernorm_eps
         g = _gemv_on("FTMOE_GEMV", B) and cache.k.dtype == self.dtype
-        res, a = self._first_ln(ids, positions)                                    # [B, H] each
+        gemv_head = self.par.is_last_stage and _gemv_on("FTMOE_GEMV_HEAD", B)
+        feed = g and pdl.feed_on()       # the bounded cascade: each kernel before a GEMV feeds it
+        with pdl.feeding(feed):
+            res, a = self._first_ln(ids, positions)                                # [B, H] each
         for i, L in enumerate(self.layers):
             if g:   # fp32 partials [S, B, 3, h, D]: attention sums them
-                qkv = gemv(a, L["wqkv"], L["bqkv"], parts=True).view(-1, B, 3, self.heads, self.D)
+                qkv = gemv(a, L["wqkv"], L["bqkv"], parts=True, trigger_first=not feed)
+                qkv = qkv.view(-1, B, 3, self.heads, self.D)
             else:
                 qkv = self._dense(a, L["wqkv"], L["bqkv"], parts_ok=False).view(B, 3, self.heads, self.D)
-            o = self._attention_wo(L, qkv, cache.k[i], cache.v[i], block_tables, context_lens, slots, g)
-            res, y, y_bias = self._ln2_mlp(L, res, o, slots, i, use_gemv=g)
-            nxt = self.layers[i + 1]["ln1"] if i + 1 < len(self.layers) else self.final_ln
-            res, a = add_layernorm(res, nxt.weight, nxt.bias, eps, add=y, add_bias=y_bias)
+            o = self._attention_wo(L, qkv, cache.k[i], cache.v[i], block_tables, context_lens, slots, g, feed)
+            res, y, y_bias = self._ln2_mlp(L, res, o, slots, i, use_gemv=g, feed=feed)
+            last = i + 1 == len(self.layers)
+            nxt = self.final_ln if last else self.layers[i + 1]["ln1"]
+            with pdl.feeding(feed and (gemv_head or not last)):
+                res, a = add_layernorm(res, nxt.weight, nxt.bias, eps, add=y, add_bias=y_bias)
         if not self.par.is_last_stage:
             return res
-        if _gemv_on("FTMOE_GEMV_HEAD", B):
+        if gemv_head:
             m = self.model   # logits rounded to the model's dtype (as the GEMM's), stored as fp32
-            return gemv(a, m.wte[m.vocab_start:m.vocab_end].t(), out_dtype=torch.float32)
+            return gemv(a, m.wte[m.vocab_start:m.vocab_end].t(), out_dtype=torch.float32, trigger_first=not feed)
         return self._head(a)
 
     def _attention_wo(self, L: dict, qkv: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                       block_tables: torch.Tensor, context_lens: torch.Tensor, slots: torch.Tensor,
-                      use_gemv: bool = False) -> torch.Tensor:
+                      use_gemv: bool = False, feed: bool = False) -> torch.Tensor:
         """Decode attention, then its output GEMM Wo (no bias: added with the residual).
-        use_gemv: qkv is the QKV GEMV's partials and Wo runs on `gemv` (fp32 partials out)."""
+        use_gemv: qkv is the QKV GEMV's partials and Wo runs on `gemv` (fp32 partials out);
+        feed: attention lets Wo launch before its wait, Wo triggers after its own."""
         B = qkv.shape[-4]
-        ctx = decode_attention(qkv, k_cache, v_cache, block_tables, context_lens, slots, self.scale)
+        with pdl.feeding(feed):
+            ctx = decode_attention(qkv, k_cache, v_cache, block_tables, context_lens, slots, self.scale)
         if use_gemv:
-            return gemv(ctx.view(B, self.HL), L["wo"], None, parts=True)
+            return gemv(ctx.view(B, self.HL), L["wo"], None, parts=True, trigger_first=not feed)
         return self._dense(ctx.view(B, self.HL), L["wo"], None, parts_ok=True)
 
     def _first_ln(self, x: torch.Tensor, positions: torch.Tensor):

@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import os
 from collections.abc import Sequence
 
 import torch
@@ -195,20 +194,6 @@ def sample(logits: torch.Tensor, params: SamplingParams, generator: torch.Genera
     return sample_rows(logits[None], [params], [generator])[0]
 
 
-#: top-p rows without top-k look for their token among the CANDIDATES most likely tokens first
-#: (one batched `topk`), not in a sort of the whole vocabulary: torch sorts a few long rows one by
-#: one (~0.3 ms per row of 50k float64 on an H100, sorting was most of a sampled serving step). A
-#: row whose draw falls past the candidates' mass (a very flat distribution) is drawn again from
-#: the full sort, so every token is the one the sort gives, up to the order among equal
-#: probabilities. FTMOE_TOPP_CANDIDATES=0 always sorts the whole vocabulary.
-CANDIDATES = 1024
-
-
-def _candidates(vocab: int) -> int:
-    n = int(os.environ.get("FTMOE_TOPP_CANDIDATES", CANDIDATES))
-    return vocab if n <= 0 else min(n, vocab)
-
-
 def sample_rows(logits: torch.Tensor, params: list[SamplingParams], generators: list) -> list[tuple[int, float]]:
     """`sample` for R rows of processed logits [R, V] at once, none greedy: each row takes its own
     top-k / top-p and one uniform draw from its own generator, and the R tokens and log probs
@@ -222,45 +207,25 @@ def sample_rows(logits: torch.Tensor, params: list[SamplingParams], generators: 
                                 dtype=torch.float64).to(dev) for g in generators])
     u = u * to_device([p.top_p if 0.0 < p.top_p < 1.0 else 1.0 for p in params], torch.float64, dev)
     toks = torch.empty(len(params), dtype=torch.long, device=dev)
-    short = torch.zeros(len(params), dtype=torch.bool, device=dev)     # drawn past the candidates
     groups: dict[int, list[int]] = {}
     for r, p in enumerate(params):
         groups.setdefault(p.top_k, []).append(r)
     for k, rows in groups.items():
         sel = None if len(rows) == len(params) else to_device(rows, torch.long, dev)
-        n = k if k > 0 else _candidates(probs.shape[1])
-        tok, miss = _pick(probs if sel is None else probs[sel], u if sel is None else u[sel], n, k > 0)
-        if sel is None:
-            toks, short = tok, miss
+        pr = probs if sel is None else probs[sel]
+        if k > 0:
+            vals, idx = torch.topk(pr, k, dim=-1)                    # sorted, descending
         else:
-            toks[sel], short[sel] = tok, miss
-    got = torch.stack([toks.double(), logp.gather(1, toks[:, None])[:, 0].double(), short.double()]).tolist()
-    out = [(int(t), lp) for t, lp, _ in zip(*got)]
-    redo = [r for r, m in enumerate(got[2]) if m]
-    if redo:                       # rare: sort these rows' whole vocabulary (their draw is kept)
-        sel = to_device(redo, torch.long, dev)
-        tok, _ = _pick(probs[sel], u[sel], probs.shape[1], False)
-        out_redo = tokens_to_host(tok, logp[sel].gather(1, tok[:, None])[:, 0])
-        for r, pair in zip(redo, out_redo):
-            out[r] = pair
-    return out
-
-
-def _pick(pr: torch.Tensor, u: torch.Tensor, n: int, top_k: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    """Tokens [r] of probability rows pr [r, V] at draws u [r] (already scaled by top-p), the FT
-    way: the first token, by descending probability, whose cumulative probability reaches u,
-    among the n most likely (top_k: renormalised within them; else the candidates, normalised
-    by the whole row), and whether the draw fell past the candidates' mass (then redone)."""
-    if n >= pr.shape[1]:
-        vals, idx = torch.sort(pr, dim=-1, descending=True, stable=True)
-    else:
-        vals, idx = torch.topk(pr, n, dim=-1)                        # sorted, descending
-    cum = torch.cumsum(vals, dim=-1)
-    total = cum[:, -1:] if top_k or n >= pr.shape[1] else pr.sum(dim=-1, keepdim=True)
-    cum = cum / total                                                # renormalise within top-k
-    pos = torch.searchsorted(cum, u[:, None])
-    miss = (pos[:, 0] >= n) & (not top_k and n < pr.shape[1])
-    return idx.gather(1, pos.clamp_(max=n - 1))[:, 0], miss
+            # (a torch.topk of the 1,024 most likely first was slower on an H100: 2026-12-06)
+            vals, idx = torch.sort(pr, dim=-1, descending=True, stable=True)
+        cum = torch.cumsum(vals, dim=-1)
+        cum = cum / cum[:, -1:]                                      # renormalise within top-k
+        pos = torch.searchsorted(cum, (u if sel is None else u[sel])[:, None]).clamp_(max=idx.shape[1] - 1)
+        if sel is None:
+            toks = idx.gather(1, pos)[:, 0]
+        else:
+            toks[sel] = idx.gather(1, pos)[:, 0]
+    return tokens_to_host(toks, logp.gather(1, toks[:, None])[:, 0])
 
 
 def to_device(values: list, dtype: torch.dtype, device: torch.device | str) -> torch.Tensor:

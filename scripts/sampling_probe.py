@@ -9,9 +9,7 @@ iteration is printed for each way of deciding, interleaved over rounds (median):
   together    sampled rows together (generation.decide_together, the default);
   together-blocking   the same with every small host list copied by a blocking copy (which
               synchronises the stream before the sampling kernels are queued: the code before
-              `sampling.to_device`);
-  together-fullsort   together with FTMOE_TOPP_CANDIDATES=0 (each row's whole vocabulary
-              sorted, not its `sampling.CANDIDATES` most likely tokens first).
+              `sampling.to_device`).
 Sampled rows: temperature 0.8, top-p 0.95, the 0.35B model's vocabulary.
 """
 from __future__ import annotations
@@ -47,7 +45,6 @@ class _Row:
 
 def _decide(rows, logits, mode: str):
     os.environ["FTMOE_BATCH_SAMPLING"] = "0" if mode == "rowwise" else "1"
-    os.environ["FTMOE_TOPP_CANDIDATES"] = "0" if mode == "together-fullsort" else str(sampling.CANDIDATES)
     real = sampling.to_device
     if mode == "together-blocking":
         sampling.to_device = generation.to_device = _blocking
@@ -86,7 +83,7 @@ def main():
     print(f"device {torch.cuda.get_device_name()}: stand-in step {(time.perf_counter() - t) / 20 * 1e3:.3f} ms of GPU work")
     sampled = SamplingParams(temperature=0.8, top_p=0.95, max_new_tokens=8)
     greedy = SamplingParams(temperature=1.0, top_k=1, max_new_tokens=8)
-    modes = ("greedy", "rowwise", "together", "together-blocking", "together-fullsort")
+    modes = ("greedy", "rowwise", "together", "together-blocking")
     for R in (int(x) for x in args.rows.split(",")):
         logits = torch.randn(R, args.vocab, device=dev) * 3
         rows = {m: [_Row(greedy if m == "greedy" else sampled, dev) for _ in range(R)] for m in modes}

@@ -503,6 +503,12 @@ def test_pdl_launch_arguments(monkeypatch):
                 assert bool(pdl.launch_kwargs(x)) == want
             with pdl.allowed(pdl.AT_EXIT):
                 assert pdl.launch_kwargs(x).get("USE_PDL") == (pdl.AT_EXIT if want else None)
+                with pdl.feeding():                  # feeding only turns EARLY into FEED
+                    assert pdl.launch_kwargs(x).get("USE_PDL") == (pdl.AT_EXIT if want else None)
+            with pdl.allowed(True), pdl.feeding():
+                assert pdl.launch_kwargs(x).get("USE_PDL") == (pdl.FEED if want else None)
+                with pdl.feeding(False):
+                    assert pdl.launch_kwargs(x).get("USE_PDL") == (pdl.EARLY if want else None)
         assert bool(pdl.launch_kwargs(x)) == want
         pdl._enabled.cache_clear()
     else:
@@ -510,9 +516,22 @@ def test_pdl_launch_arguments(monkeypatch):
             assert pdl.launch_kwargs(torch.zeros(1)) == {}
 
 
+def test_pdl_feed_switch(monkeypatch):
+    from ftmoe.kernels import pdl
+
+    monkeypatch.delenv("FTMOE_PDL_FEED", raising=False)
+    assert pdl.feed_on()                                 # on by default
+    for v, want in (("0", False), ("1", True)):
+        monkeypatch.setenv("FTMOE_PDL_FEED", v)
+        assert pdl.feed_on() == want
+    monkeypatch.setenv("FTMOE_PDL_FEED", "on")
+    with pytest.raises(ValueError, match="FTMOE_PDL_FEED: expected 0 or 1, found 'on'"):
+        pdl.feed_on()
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="programmatic dependent launch needs a GPU")
 @pytest.mark.parametrize("B", [1, 2, 8])
-@pytest.mark.parametrize("gemv", ["0", "1"])          # 1: weights loaded before the wait (kernels/gemv.py)
+@pytest.mark.parametrize("gemv", ["0", "1", "feed"])  # 1: weights loaded before the wait (kernels/gemv.py)
 def test_pdl_graph_replay_equals_plain_launches(models, monkeypatch, B, gemv):
     """Decode steps replayed from graphs whose kernels overlap their launch with the previous
     kernel give bit-identical logits and caches to plain stream order, over several steps (a
@@ -526,8 +545,9 @@ def test_pdl_graph_replay_equals_plain_launches(models, monkeypatch, B, gemv):
     prompt = torch.randint(0, ref.config.vocab_size, (B, max(lens)), generator=g).to(DEV)
     toks = [torch.randint(0, ref.config.vocab_size, (B,), generator=g).to(DEV) for _ in range(4)]
     results = []
-    monkeypatch.setenv("FTMOE_GEMV", gemv)
-    monkeypatch.setenv("FTMOE_GEMV_HEAD", gemv)
+    monkeypatch.setenv("FTMOE_GEMV", "0" if gemv == "0" else "1")
+    monkeypatch.setenv("FTMOE_GEMV_HEAD", "0" if gemv == "0" else "1")
+    monkeypatch.setenv("FTMOE_PDL_FEED", "1" if gemv == "feed" else "0")       # the bounded cascade
     for flag in ("0", "1", "exit"):   # off, early trigger, trigger at exit
         monkeypatch.setenv("FTMOE_PDL", "0" if flag == "0" else "1")
         if flag == "exit":
@@ -569,9 +589,10 @@ def test_gemv_decode_equals_tuned_dense_path(models, monkeypatch):
     ctx = pos.int()
     slots = (tables[:, 0] * 4 + ctx).int()
     out = {}
-    for flag in ("0", "1"):
-        monkeypatch.setenv("FTMOE_GEMV", flag)
-        monkeypatch.setenv("FTMOE_GEMV_HEAD", flag)
+    for flag in ("0", "1", "feed"):     # feed: the bounded cascade (launch order only: the same results)
+        monkeypatch.setenv("FTMOE_GEMV", "0" if flag == "0" else "1")
+        monkeypatch.setenv("FTMOE_GEMV_HEAD", "0" if flag == "0" else "1")
+        monkeypatch.setenv("FTMOE_PDL_FEED", "1" if flag == "feed" else "0")
         cache = KVCache.for_model(ref.config, 64, block_size=4, dtype=torch.float32, device=DEV)
         cache.k.normal_(generator=torch.Generator(DEV).manual_seed(1))
         cache.v.normal_(generator=torch.Generator(DEV).manual_seed(2))
@@ -588,3 +609,6 @@ def test_gemv_decode_equals_tuned_dense_path(models, monkeypatch):
     assert rel(out["1"][0], out["0"][0]) < 1e-5
     assert rel(out["1"][1], out["0"][1]) < 1e-5 and rel(out["1"][2], out["0"][2]) < 1e-5
     assert out["1"][0].dtype == torch.float32 and out["1"][0].shape == (B, cfg.vocab_size)
+    assert out["feed"][3] == out["1"][3]
+    for i in range(3):
+        assert torch.equal(out["feed"][i], out["1"][i])

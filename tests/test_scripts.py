@@ -66,7 +66,7 @@ def test_skip_switch_knocks_kernels_out_and_restores(ab):
 
 def test_serving_host_overhead_script():
     """scripts/serving_host_overhead.py: a real server over the stand-in model; each stream gets
-    every token and the TPOT it reports is at least the stand-in's step time."""
+    every token and the TPOT it reports is at least what the stand-in's steps allow."""
     import re
     import subprocess
     import sys
@@ -77,4 +77,5 @@ def test_serving_host_overhead_script():
     assert out.returncode == 0, out.stderr[-2000:]
     m = re.search(r"--decode-chunk 4 \(overlapped\), 2 stream\(s\) of (\d+) tokens: TPOT ([\d.]+) ms", out.stdout)
     assert m, out.stdout
-    assert int(m.group(1)) == 24 and float(m.group(2)) >= 1.9
+    # the first token a stream sees may come with the first chunk's 4: the other 19 take >= 19 steps
+    assert int(m.group(1)) == 24 and float(m.group(2)) >= 0.97 * 2 * (24 - 1 - 4) / (24 - 1)

@@ -15,7 +15,10 @@ loads its first weight tile, then waits for the kernel before (griddepcontrol.wa
 reads `a`: weights are never written by a step, so the tile's loads overlap the previous kernels'
 work, and the next GEMV of the chain does the same behind this one. Every other kernel of the
 step waits before it lets its dependents launch, so the chain of waits stays that of plain
-stream order.
+stream order. With `trigger_first=False` (the bounded cascade of `pdl.feed_on`) the next kernel
+launches only after the wait; the kernel before a GEMV then lets the GEMV launch before its own
+wait (`pdl.feeding`), so the weights stream during that kernel too, yet no more than ~4 kernels
+are ever in flight (the unbounded cascade, every kernel triggering first, was 2-17 % slower).
 
 Measured on one H100 (2026-12-05, `scripts/stream_probe.py`, 100 kernels back to back in a CUDA
 graph): [16, 1024] x [1024, 4096] bf16 with [256, 128] tiles and 4 K splits took 2.95-3.07 us in
@@ -31,7 +34,7 @@ import triton
 import triton.language as tl
 
 from .fused_moe import _gelu_tanh
-from .pdl import launch_kwargs
+from .pdl import EARLY, FEED, launch_kwargs
 
 #: the most rows one launch serves (BLOCK_M of the tl.dot)
 MAX_ROWS = 16
@@ -70,7 +73,7 @@ def _gemv_kernel(A, W, BIAS, C, M, N, K, stride_ap, stride_am, stride_wk, stride
                  BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, USE_PDL: tl.constexpr = 0):
     pid_n = tl.program_id(0)
     ks = tl.program_id(1)
-    if USE_PDL == 1:                               # EARLY (pdl.pdl_start)
+    if USE_PDL == 3:                               # FEED (pdl.pdl_start)
         tl.extra.cuda.gdc_launch_dependents()      # the next kernel may launch and load its weights now
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     nmask = offs_n < N
@@ -79,6 +82,8 @@ def _gemv_kernel(A, W, BIAS, C, M, N, K, stride_ap, stride_am, stride_wk, stride
     w = _w_tile(W, k_lo, offs_k, offs_n, nmask, K, stride_wk, stride_wn)   # before the wait: weights are constant
     if USE_PDL:
         tl.extra.cuda.gdc_wait()                   # the kernel before has finished: `a` is complete
+    if USE_PDL == 1:                               # EARLY: the next kernel launches once `a` is ready
+        tl.extra.cuda.gdc_launch_dependents()
     rows = tl.arange(0, BLOCK_M)
     rmask = rows < M
     acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
@@ -136,10 +141,12 @@ def plan(N: int, K: int, elem_bytes: int, sms: int, parts: bool) -> dict:
 
 def gemv(a: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None = None, *, parts: bool = False,
          gelu: bool = False, gelu_a: bool = False, out_dtype: torch.dtype | None = None,
-         out: torch.Tensor | None = None, config: dict | None = None) -> torch.Tensor:
+         out: torch.Tensor | None = None, config: dict | None = None, trigger_first: bool = True) -> torch.Tensor:
     """See the module docstring. a [M, K] or fp32 partials [P, M, K] (gelu_a: GELU of their sum);
     M <= MAX_ROWS. out: the result's tensor (its shape and dtype as they would be allocated);
-    config overrides `plan`'s keys (tests, tuning)."""
+    config overrides `plan`'s keys (tests, tuning). trigger_first (under PDL's EARLY mode): let
+    the next kernel launch before this one's weight loads (another GEMV follows, or the chain of
+    waits is left as it is); False: after the wait, once `a` is complete (`pdl.feed_on`)."""
     M, K = a.shape[-2:]
     Kw, N = w.shape
     assert K == Kw, f"a has K = {K}, w has {Kw} rows"
@@ -158,10 +165,13 @@ def gemv(a: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None = None, *, 
     assert c.shape == shape and c.dtype == dtype and c.is_contiguous(), \
         f"out is {tuple(c.shape)} {c.dtype}, expected {shape} {dtype}"
     grid = (triton.cdiv(N, cfg["BLOCK_N"]), S)
+    kw = launch_kwargs(a)
+    if trigger_first and kw.get("USE_PDL") == EARLY:
+        kw["USE_PDL"] = FEED
     _gemv_kernel[grid](
         a, w, bias if bias is not None else w, c, M, N, K, a.stride(0) if a_parts else 0, a.stride(-2),
         w.stride(0), w.stride(1), c.stride(0) if parts else 0, c.stride(-2),
         HAS_BIAS=bias is not None, A_PARTS=a_parts, GELU_A=gelu_a, GELU=gelu, PARTS=parts,
         IEEE=w.dtype == torch.float32, ITERS=iters, BLOCK_M=MAX_ROWS, BLOCK_N=cfg["BLOCK_N"],
-        BLOCK_K=cfg["BLOCK_K"], num_warps=cfg["num_warps"], num_stages=1, **launch_kwargs(a))
+        BLOCK_K=cfg["BLOCK_K"], num_warps=cfg["num_warps"], num_stages=1, **kw)
     return c

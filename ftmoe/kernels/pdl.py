@@ -14,7 +14,9 @@ In: a tensor the kernel works on (its device decides). Out: the launch keyword a
 `USE_PDL=mode, launch_pdl=True` on a CUDA device of compute capability 9.0 or later, nothing
 elsewhere (the CPU interpreter, older GPUs, FTMOE_PDL=0, or inside `allowed(False)`). Mode
 EARLY lets the next kernel launch right after the wait (best when a kernel is one wave);
-AT_EXIT lets it launch as the programs exit (for multi-wave kernels of larger steps).
+AT_EXIT lets it launch as the programs exit (for multi-wave kernels of larger steps). FEED lets
+it launch before the wait, for a kernel whose successor loads constant weights before its own wait
+(`kernels.gemv`): only inside `feeding()`, so the chain of kernels in flight stays short.
 
 Measured on H200s (2026-11-28, decode steps replayed from graphs, `ftmoe bench` with and
 without FTMOE_PDL=0; `benchmarks/results/2026-11-28-h200-pdl-and-gate-ab.txt`): batch 1
@@ -35,7 +37,7 @@ import triton
 import triton.language as tl
 
 
-OFF, EARLY, AT_EXIT = 0, 1, 2     # launch modes (USE_PDL)
+OFF, EARLY, AT_EXIT, FEED = 0, 1, 2, 3     # launch modes (USE_PDL)
 
 
 @triton.jit
@@ -43,7 +45,11 @@ def pdl_start(USE_PDL: tl.constexpr):
     """USE_PDL 1 (EARLY): wait, then let the next kernel launch at once; 2 (AT_EXIT): wait only,
     so the next kernel launches as this one's programs exit (its programs do not take SM room
     from this kernel's later waves). Letting the next kernel launch before the wait (every
-    kernel of a small step, "cascade") was 2-17 % slower on an H100 (2026-12-06, tenth session)."""
+    kernel of a small step, "cascade") was 2-17 % slower on an H100 (2026-12-06, tenth session);
+    3 (FEED): let the next kernel launch, then wait: for the kernel just before a GEMV that
+    loads its weights before its wait (`feeding`), and only there."""
+    if USE_PDL == 3:
+        tl.extra.cuda.gdc_launch_dependents()
     if USE_PDL:
         tl.extra.cuda.gdc_wait()
         if USE_PDL == 1:
@@ -59,6 +65,20 @@ MAX_ROWS = int(os.environ.get("FTMOE_PDL_MAX_ROWS", "16"))
 #: cost +1.7, +0.4, +1.5 and +3.9 %. FTMOE_PDL_EXIT_MAX_ROWS overrides it (read at import)
 EXIT_MAX_ROWS = int(os.environ.get("FTMOE_PDL_EXIT_MAX_ROWS", "1024"))
 _ALLOWED = contextvars.ContextVar("ftmoe_pdl_allowed", default=EARLY)
+_FEEDING = contextvars.ContextVar("ftmoe_pdl_feeding", default=False)
+
+
+def feed_on() -> bool:
+    """FTMOE_PDL_FEED=1: in steps of early-trigger size, the kernel before each weight-preloading
+    GEMV lets it launch before its own wait (`feeding`), and the GEMVs trigger after their wait
+    unless another GEMV follows (a bounded cascade: at most ~4 kernels in flight). On by default
+    (FTMOE_PDL_FEED=0: each GEMV lets the next kernel launch first, as before; the GEMV alone was
+    level with the tuned path, with the cascade -6.2 % at batch 1 on an H100: `fast_model`'s
+    GEMV_MAX_ROWS). Read at each call (graph capture)."""
+    v = os.environ.get("FTMOE_PDL_FEED", "1")
+    if v not in ("0", "1"):
+        raise ValueError(f"FTMOE_PDL_FEED: expected 0 or 1, found {v!r}")
+    return v == "1"
 
 
 def mode_for(rows: int) -> int:
@@ -97,9 +117,22 @@ def _triton_supports_pdl() -> bool:
     return hasattr(tl.extra.cuda, "gdc_wait") and "launch_pdl" in getattr(CUDAOptions, "__dataclass_fields__", {})
 
 
+@contextlib.contextmanager
+def feeding(on: bool = True):
+    """Kernels launched inside (where the mode is EARLY) let the next kernel launch before their
+    wait (FEED): use it around the kernel just before a GEMV that loads weights before its wait."""
+    token = _FEEDING.set(bool(on))
+    try:
+        yield
+    finally:
+        _FEEDING.reset(token)
+
+
 def launch_kwargs(t: torch.Tensor) -> dict:
     mode = _ALLOWED.get()
     if t.device.type != "cuda" or not mode:
         return {}
+    if mode == EARLY and _FEEDING.get():
+        mode = FEED
     idx = t.device.index if t.device.index is not None else torch.cuda.current_device()
     return {"USE_PDL": mode, "launch_pdl": True} if _enabled(idx) else {}
