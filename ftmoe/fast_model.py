@@ -49,9 +49,9 @@ GEMV_MAX_ROWS = 8
 GEMV_HEAD_MAX_ROWS = 0
 
 
-def _gemv_on(var: str, rows: int) -> bool:
-    """Whether a decode step of `rows` rows runs `var`'s GEMMs on `gemv` (never past its rows)."""
-    limit = GEMV_HEAD_MAX_ROWS if var == "FTMOE_GEMV_HEAD" else GEMV_MAX_ROWS
+def _gemv_on(var: str, rows: int, limit: int) -> bool:
+    """Whether a decode step of `rows` rows runs `var`'s GEMMs on `gemv`: by default up to `limit`
+    rows, never past gemv's own."""
     return rows <= GEMV_ROWS and size_switch(var, rows, limit)
 
 
@@ -246,8 +246,8 @@ class FastGPTMoE:
     def _decode_step(self, ids, positions, block_tables, context_lens, slots, cache):
         B = ids.shape[0]
         eps = self.config.layernorm_eps
-        g = _gemv_on("FTMOE_GEMV", B) and cache.k.dtype == self.dtype
-        gemv_head = self.par.is_last_stage and _gemv_on("FTMOE_GEMV_HEAD", B)
+        g = _gemv_on("FTMOE_GEMV", B, GEMV_MAX_ROWS) and cache.k.dtype == self.dtype
+        gemv_head = self.par.is_last_stage and _gemv_on("FTMOE_GEMV_HEAD", B, GEMV_HEAD_MAX_ROWS)
         feed = g and pdl.feed_on()       # the bounded cascade: each kernel before a GEMV feeds it
         with pdl.feeding(feed):
             res, a = self._first_ln(ids, positions)                                # [B, H] each
@@ -285,7 +285,8 @@ class FastGPTMoE:
                                                  self.scale, splits)
             return gemv(part, L["wo"], None, parts=True, trigger_first=not feed, attn_splits=splits)
         with pdl.feeding(feed):
-            ctx = decode_attention(qkv, k_cache, v_cache, block_tables, context_lens, slots, self.scale)
+            ctx = decode_attention(qkv, k_cache, v_cache, block_tables, context_lens, slots, self.scale,
+                                   splits=splits)
         if use_gemv:
             return gemv(ctx.view(B, self.HL), L["wo"], None, parts=True, trigger_first=not feed)
         return self._dense(ctx.view(B, self.HL), L["wo"], None, parts_ok=True)

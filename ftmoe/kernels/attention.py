@@ -310,18 +310,10 @@ def decode_attention_partials(qkv: torch.Tensor, k_cache: torch.Tensor, v_cache:
     """Decode attention left as `splits` partials per (row, head), fp32 [B, h, splits, D + 2]:
     (weighted V unnormalised, max, sum of exponentials), the new token inside the last split and
     its K/V stored. ctx[b, h] = sum_s V_s e^(m_s - M) / sum_s l_s e^(m_s - M), M = max_s m_s:
-    the consumer (the Wo GEMV) sums them in place of the merge kernel (`merge_partials_ref`)."""
+    the consumer (the Wo GEMV) sums them in place of the merge kernel (its torch twin: `reference.merge_partials_ref`)."""
     assert splits >= 1
     return _split_partials(qkv, k_cache, v_cache, block_tables, context_lens, slots, scale, splits, block_n, 1,
                            new_in_last=True)
-
-
-def merge_partials_ref(part: torch.Tensor) -> torch.Tensor:
-    """The pure-torch sum of `decode_attention_partials`' output: ctx [B, h, D] fp32."""
-    D = part.shape[-1] - 2
-    m = part[..., D]
-    w = torch.exp(m - m.max(dim=-1, keepdim=True).values)        # [B, h, S]; empty splits weigh 0
-    return (part[..., :D] * w[..., None]).sum(-2) / (part[..., D + 1] * w).sum(-1)[..., None]
 
 
 def _qkv_shape(qkv: torch.Tensor, k_cache: torch.Tensor) -> tuple[int, int, int, int]:
