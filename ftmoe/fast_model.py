@@ -55,6 +55,17 @@ def _gemv_on(var: str, rows: int, limit: int) -> bool:
     return rows <= GEMV_ROWS and size_switch(var, rows, limit)
 
 
+#: up to this many routed slots (rows x top-k) of a step whose gate logits come from the LN2
+#: kernel, the first expert GEMM routes its own slots from them (`fused_moe(gate=...)`: no top-k
+#: kernel); FTMOE_TOPK_IN_W1=0 / 1 forces it off / on (up to SMALL_BATCH_SLOTS). 0 (off) until
+#: it is timed in a step on a GPU (`scripts/ab_decode.py` variant topkw1=1)
+TOPK_IN_W1_MAX_SLOTS = 0
+
+
+def topk_in_w1(slots: int) -> bool:
+    return slots <= SMALL_BATCH_SLOTS and size_switch("FTMOE_TOPK_IN_W1", slots, TOPK_IN_W1_MAX_SLOTS)
+
+
 def small_batch_split_k(N: int, K: int) -> int:
     """Split-K factor of the second expert GEMM on the small-batch path: few N tiles, long K."""
     return 4 if K >= 2048 and N <= 2048 else 1
@@ -163,24 +174,31 @@ class FastGPTMoE:
             return res, self.par.tp_all_reduce(self._dense(h, L["w2"], None, parts_ok=True)), L["b2"]
         if self.par.ep > 1:
             return self._ln2_moe_ep(L, res, o, slots >= 0, li)
+        gate = None
         if ln_gate(res.shape[0]):     # few rows: the gate logits from the LN kernel, then the top-k kernel
             res, u, logits = add_layernorm_gate(res, L["ln2"].weight, L["ln2"].bias, eps, L["wg32"], add=o,
                                                 add_bias=L["bo"])
-            probs, ids = softmax_topk(logits, L["k"], slots=slots)
+            if topk_in_w1(res.shape[0] * L["k"]):       # or W1 routes its own slots from the logits
+                probs = torch.empty(res.shape[0], L["k"], dtype=torch.float32, device=res.device)
+                ids = torch.empty(res.shape[0], L["k"], dtype=torch.int32, device=res.device)
+                gate = (logits, slots, probs)
+            else:
+                probs, ids = softmax_topk(logits, L["k"], slots=slots)
         else:
             res, u, u32 = add_layernorm(res, L["ln2"].weight, L["ln2"].bias, eps, add=o, add_bias=L["bo"],
                                         want_fp32=True)
             probs, ids = gate_topk(u32, L["wg32"], L["k"], slots=slots)   # fp32 gate GEMM (no TF32) + top-k
         if self.trace is not None:
             self.trace.append(ids)
-        y = self._experts(L, u, probs, ids, split_k_ok=True, zero_out=zero_padding)
+        y = self._experts(L, u, probs, ids, split_k_ok=True, zero_out=zero_padding, gate=gate)
         return res, self.par.tp_all_reduce(y), None          # [split_k,] N*k rows: the next add_layernorm sums partials and slots
 
     def _experts(self, L: dict, u: torch.Tensor, probs: torch.Tensor, ids: torch.Tensor, split_k_ok: bool,
-                 zero_out: bool) -> torch.Tensor:
+                 zero_out: bool, gate=None) -> torch.Tensor:
         """gelu(u W1 + b1) W2 (+ b2 on TP rank 0) x prob for each routed slot of u's rows: [N*k, H], or
         fp32 split-K partials [S, N*k, H] for small batches when split_k_ok. ids are indices into
-        this rank's experts; slots with id -1 read no weights and stay unwritten (zeros with zero_out)."""
+        this rank's experts; slots with id -1 read no weights and stay unwritten (zeros with zero_out).
+        gate (small batches): (logits, slots, probs) for W1 to route from, filling ids and probs."""
         k, E, F = L["k"], L["w1"].shape[0], L["w1"].shape[2]
         S = u.shape[0] * k
         c1 = self._cfg(E, F, self.H, S)
@@ -193,7 +211,8 @@ class FastGPTMoE:
         else:
             c2 = dict(c2, BLOCK_M=c1["BLOCK_M"])         # both GEMMs share one alignment
             routing = moe_align(ids, E, c1["BLOCK_M"])
-        h = fused_moe(u, L["w1"], L["b1"], S, topk=k, routing=routing, gelu=True, config=c1)
+        assert gate is None or S <= SMALL_BATCH_SLOTS, "W1 routes from the gate logits on the small-batch path only"
+        h = fused_moe(u, L["w1"], L["b1"], S, topk=k, routing=routing, gelu=True, config=c1, gate=gate)
         b2 = L["b2"] if self.par.t == 0 else None       # b2 once: only TP rank 0 adds it before the reduce
         out = None
         if zero_out:

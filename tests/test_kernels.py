@@ -326,6 +326,40 @@ def test_fused_moe_per_slot_mode(gen, dtype, n, k, e, stage, block_n):
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("n,k,e,padding", [(1, 1, 64, False), (5, 2, 8, True), (3, 1, 6, True)])
+def test_fused_moe_routes_its_slots_from_the_gate_logits(gen, dtype, n, k, e, padding):
+    """W1 with gate=(logits, slots, probs) (no top-k kernel): the ids and probabilities it stores
+    are softmax_topk's bit for bit (padding rows with NaN logits: -1 and 0), and its output is the
+    per-slot GEMM's with those ids; split-K (several programs per slot) stores them once alike."""
+    K, N = 64, 48
+    logits = rnd(n, e, gen=gen, scale=3.0)
+    slots = None
+    if padding:
+        slots = torch.arange(n, device=DEV) * 3
+        slots[n // 2] = -1
+        logits[n // 2] = float("nan")
+    want_p, want_i = softmax_topk(logits, k, slots=slots)
+    a = rnd(n, K, dtype=dtype, gen=gen)
+    w = rnd(e, K, N, dtype=dtype, gen=gen, scale=K ** -0.5)
+    bias = rnd(e, N, dtype=dtype, gen=gen, scale=0.1)
+    cfg = {"BLOCK_M": 16, "BLOCK_N": 16, "BLOCK_K": 16}
+    for split_k in (1, 2):
+        ids = torch.full((n, k), 77, dtype=torch.int32, device=DEV)
+        probs = torch.full((n, k), float("nan"), device=DEV)
+        out = torch.full((split_k, n * k, N) if split_k > 1 else (n * k, N), float("nan"),
+                         dtype=torch.float32 if split_k > 1 else dtype, device=DEV)
+        fused_moe(a, w, bias, n * k, topk=k, routing=ids.view(-1), gate=(logits, slots, probs), out=out,
+                  gelu=split_k == 1, config=cfg, split_k=split_k)
+        assert torch.equal(ids, want_i) and torch.equal(probs, want_p)
+        want = ref.fused_moe_ref(a, w, bias, want_i, want_p, k, gelu=split_k == 1)
+        got = out.sum(0) if split_k > 1 else out
+        live = (want_i.view(-1) >= 0)
+        assert rel(got[live], want[live]) < TOL[dtype] * 2
+        if padding:   # a padding slot reads no weights and is left unwritten
+            assert torch.isnan(got[~live].float()).all()
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
 def test_write_kv(gen, dtype):
     N, h, D, bs, NB = 11, 4, 16, 8, 5
     qkv = rnd(N, 3, h, D, dtype=dtype, gen=gen)
