@@ -26,7 +26,7 @@ import types
 import torch
 
 from .kernels import pdl, size_switch
-from .kernels.attention import attn_in_wo, decode_attention, decode_attention_partials, split_count, write_kv
+from .kernels.attention import decode_attention, write_kv
 from .kernels.configs import get_config, get_dense_choice
 from .kernels.fused_moe import fused_moe
 from .kernels.gemv import MAX_ROWS as GEMV_ROWS, gemv
@@ -294,18 +294,10 @@ class FastGPTMoE:
                       use_gemv: bool = False, feed: bool = False) -> torch.Tensor:
         """Decode attention, then its output GEMM Wo (no bias: added with the residual).
         use_gemv: qkv is the QKV GEMV's partials and Wo runs on `gemv` (fp32 partials out);
-        feed: attention lets Wo launch before its wait, Wo triggers after its own. With the GEMV,
-        a split attention may leave its partials to Wo (`attention.attn_in_wo`: no merge kernel)."""
+        feed: attention lets Wo launch before its wait, Wo triggers after its own."""
         B = qkv.shape[-4]
-        splits = split_count(B * self.heads, block_tables.shape[1])
-        if use_gemv and splits > 1 and attn_in_wo(B * self.heads):
-            with pdl.feeding(feed):
-                part = decode_attention_partials(qkv, k_cache, v_cache, block_tables, context_lens, slots,
-                                                 self.scale, splits)
-            return gemv(part, L["wo"], None, parts=True, trigger_first=not feed, attn_splits=splits)
         with pdl.feeding(feed):
-            ctx = decode_attention(qkv, k_cache, v_cache, block_tables, context_lens, slots, self.scale,
-                                   splits=splits)
+            ctx = decode_attention(qkv, k_cache, v_cache, block_tables, context_lens, slots, self.scale)
         if use_gemv:
             return gemv(ctx.view(B, self.HL), L["wo"], None, parts=True, trigger_first=not feed)
         return self._dense(ctx.view(B, self.HL), L["wo"], None, parts_ok=True)

@@ -6,6 +6,7 @@
 # 2. the GPU tests of the GEMV, the partials in Wo and PDL replay;
 # 3. `ftmoe bench --prefill-graphs --no-latency` (v17); 4. the decode-attention launch sweep
 #    (batch 64's kernel), if time is left.
+# (A record of the call: the attnwo switch it times has been removed since, slower at every batch.)
 # Usage: OUT=dir bash scripts/gpu_round22.sh
 set -u
 OUT=${OUT:-/tmp/ftmoe_out}

@@ -678,34 +678,6 @@ def test_gemv_k_loop_and_uneven_splits(gen, dtype, cfg):
     assert rel(fp32_out, ref.gemv_ref(a, w, bias)) < TOL[dtype]
 
 
-@pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("ctx,splits,cfg", [([0], 8, None), ([5, 0, 70], 3, None), ([130, 1], 16, {"BLOCK_K": 8}),
-                                            ([9], 2, {"S": 3, "BLOCK_K": 32, "BLOCK_N": 16})])
-def test_attention_partials_merged_in_the_wo_gemv(gen, dtype, ctx, splits, cfg):
-    """Split decode attention left as partials (the new token in the last split, its K/V stored),
-    then merged inside the Wo GEMV as it loads them: against the torch twins (attention, then
-    ctx @ Wo), for empty, short and long rows, more splits than blocks, tiles of two heads and
-    a BLOCK_K below the head size (raised to whole heads)."""
-    from ftmoe.kernels.attention import decode_attention_partials
-
-    B, h, D, bs, N = len(ctx), 4, 16, 8, 40
-    qkv, kc, vc, perm, ctx_t, slots = _decode_case(gen, dtype, ctx, h, D, bs)
-    wo = rnd(h * D, N, dtype=dtype, gen=gen, scale=(h * D) ** -0.5)
-    kc2, vc2 = kc.clone(), vc.clone()
-    part = decode_attention_partials(qkv, kc, vc, perm, ctx_t, slots, 1 / math.sqrt(D), splits)
-    want_ctx = ref.decode_attention_ref(qkv, kc2, vc2, perm, ctx_t, slots, 1 / math.sqrt(D))
-    assert part.shape == (B, h, splits, D + 2)
-    assert rel(ref.merge_partials_ref(part), want_ctx.float()) < TOL[dtype] * 2
-    assert torch.equal(kc, kc2) and torch.equal(vc, vc2)   # the new K/V landed in the same slots
-    S = dict(gemv_mod.plan(N, h * D, wo.element_size(), gemv_mod.sm_count(wo.device), True), **(cfg or {}))["S"]
-    out = torch.full((S, B, N), float("nan"), dtype=torch.float32, device=DEV)
-    got = gemv_mod.gemv(part, wo, None, parts=True, attn_splits=splits, out=out, config=cfg)
-    want = want_ctx.reshape(B, h * D).to(dtype).float() @ wo.float()
-    assert rel(got.sum(0), want) < TOL[dtype] * 2
-    with pytest.raises(AssertionError, match="attention partials"):
-        gemv_mod.gemv(part, wo, None, parts=True, attn_splits=splits + 1)
-
-
 def test_gemv_plan_at_the_model_shapes():
     """One wave of programs on a 132-SM card, whole weight tiles of <= 64 KB in one K step."""
     for (N, K), (s, bk) in {(3072, 1024): (4, 256), (4096, 1024): (4, 256), (1024, 4096): (16, 256),

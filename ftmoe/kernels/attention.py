@@ -105,18 +105,9 @@ def _finish(OUT, KC, VC, SLOTS, b, h, acc, l_i, k_new, v_new, stride_cb, stride_
     slot < 0)."""
     d = tl.arange(0, D)
     tl.store(OUT + b * stride_ob + h * D + d, (acc / l_i).to(OUT.dtype.element_ty))
-    _store_new_kv(KC, VC, SLOTS, b, h, k_new, v_new, 1, stride_cb, stride_cp, stride_ch, BS, D)
-
-
-@triton.jit
-def _store_new_kv(KC, VC, SLOTS, b, h, k_new, v_new, store, stride_cb, stride_cp, stride_ch,
-                  BS: tl.constexpr, D: tl.constexpr):
-    """The new token's K/V of row b, head h at the row's slot (none for a padding row, slot < 0,
-    nor where `store` is 0)."""
-    d = tl.arange(0, D)
     slot = tl.load(SLOTS + b).to(tl.int64)
     dst = (tl.maximum(slot, 0) // BS) * stride_cb + (tl.maximum(slot, 0) % BS) * stride_cp + h * stride_ch + d
-    smask = ((d * 0 + slot) >= 0) & ((d * 0 + store) != 0)
+    smask = (d * 0 + slot) >= 0
     tl.store(KC + dst, k_new.to(KC.dtype.element_ty), mask=smask)
     tl.store(VC + dst, v_new.to(VC.dtype.element_ty), mask=smask)
 
@@ -144,12 +135,10 @@ def _decode_attention_kernel(QKV, KC, VC, OUT, TABLES, CTX, SLOTS, scale,
 def _decode_attention_split_kernel(QKV, KC, VC, PART, TABLES, CTX, SLOTS, scale,
                                    stride_qb, stride_q3, stride_qs, stride_cb, stride_cp, stride_ch, stride_tb,
                                    BS: tl.constexpr, D: tl.constexpr, BLOCK_N: tl.constexpr, SPLITS: tl.constexpr,
-                                   NEW_IN_LAST: tl.constexpr = False, PRELOAD: tl.constexpr = True,
-                                   QKV_PARTS: tl.constexpr = 0, USE_PDL: tl.constexpr = False):
+                                   PRELOAD: tl.constexpr = True, QKV_PARTS: tl.constexpr = 0,
+                                   USE_PDL: tl.constexpr = False):
     """Program (b, h, s): the cached tokens of split s (whole KV blocks, ceil(blocks / SPLITS) of
-    them) -> PART[b, h, s] = (unnormalised weighted V [D], running max, sum of exponentials).
-    NEW_IN_LAST: the last split also takes the new token (its partial starts from it) and stores
-    its K/V (no split reads that position), so the partials need only a sum: no merge kernel."""
+    them) -> PART[b, h, s] = (unnormalised weighted V [D], running max, sum of exponentials)."""
     b = tl.program_id(0).to(tl.int64)
     h = tl.program_id(1)
     sp = tl.program_id(2)
@@ -163,16 +152,7 @@ def _decode_attention_split_kernel(QKV, KC, VC, PART, TABLES, CTX, SLOTS, scale,
     l_i = tl.sum(tl.zeros([BLOCK_N], dtype=tl.float32), axis=0)    # scalars: 0 and -inf (an empty split)
     m_i = l_i - float("inf")
     acc = tl.zeros([D], dtype=tl.float32)
-    if NEW_IN_LAST:
-        q, k_new, v_new = _new_token(QKV, b, h, scale, stride_qb, stride_q3, stride_qs, D, QKV_PARTS,
-                                     KC.dtype.element_ty)
-        last = sp == SPLITS - 1
-        m_i = tl.where(last, tl.sum(q * k_new.to(tl.float32), axis=0), m_i)
-        l_i = tl.where(last, 1.0, l_i)
-        acc = tl.where(last, v_new.to(tl.float32), acc)
-        _store_new_kv(KC, VC, SLOTS, b, h, k_new, v_new, last.to(tl.int32), stride_cb, stride_cp, stride_ch, BS, D)
-    else:
-        q = _qkv_vec(QKV + b * stride_qb + h * D + d, stride_qs, QKV_PARTS, KC.dtype.element_ty).to(tl.float32) * scale
+    q = _qkv_vec(QKV + b * stride_qb + h * D + d, stride_qs, QKV_PARTS, KC.dtype.element_ty).to(tl.float32) * scale
     if lo < hi:
         m_i, l_i, acc = _consume(q, pm, k, v, m_i, l_i, acc)
     m_i, l_i, acc = _attend(q, KC, VC, TABLES, b, h, lo + BLOCK_N, hi, m_i, l_i, acc,
@@ -277,7 +257,7 @@ def decode_attention(qkv: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Te
     bs = k_cache.shape[2]
     if splits > 1:
         part = _split_partials(qkv, k_cache, v_cache, block_tables, context_lens, slots, scale, splits, block_n,
-                               num_warps or 1, new_in_last=False)
+                               num_warps or 1)
         _decode_attention_merge_kernel[(B, h)](
             qkv, k_cache, v_cache, o, part, slots, scale, *strides, o.stride(0), BS=bs, D=D, SPLITS=splits,
             QKV_PARTS=parts, num_warps=1, **launch_kwargs(qkv))
@@ -289,31 +269,6 @@ def decode_attention(qkv: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Te
         block_tables.stride(0), o.stride(0), BS=bs, D=D, BLOCK_N=block_n, PRELOAD=preload(B * h), QKV_PARTS=parts,
         num_warps=num_warps, **launch_kwargs(qkv))
     return o
-
-
-#: split decode attentions of up to this many (row, head) programs leave their partials to the Wo
-#: GEMV (`kernels.gemv` with `attn_splits`: one kernel fewer per layer) where the step runs the
-#: GEMV; FTMOE_ATTN_WO=0 / 1 forces it. 0 (off) until timed in a step: the same fold inside the
-#: tuned fused-MoE Wo was 10-19 % slower on an H100 (tenth session, removed then)
-ATTN_WO_MAX_PROGRAMS = 0
-
-
-def attn_in_wo(programs: int) -> bool:
-    """Whether a split decode attention of `programs` (row, head) programs leaves its partials to
-    the Wo GEMV (`decode_attention_partials`, `gemv(..., attn_splits=S)`)."""
-    return size_switch("FTMOE_ATTN_WO", programs, ATTN_WO_MAX_PROGRAMS)
-
-
-def decode_attention_partials(qkv: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
-                              block_tables: torch.Tensor, context_lens: torch.Tensor, slots: torch.Tensor,
-                              scale: float, splits: int, block_n: int | None = None) -> torch.Tensor:
-    """Decode attention left as `splits` partials per (row, head), fp32 [B, h, splits, D + 2]:
-    (weighted V unnormalised, max, sum of exponentials), the new token inside the last split and
-    its K/V stored. ctx[b, h] = sum_s V_s e^(m_s - M) / sum_s l_s e^(m_s - M), M = max_s m_s:
-    the consumer (the Wo GEMV) sums them in place of the merge kernel (its torch twin: `reference.merge_partials_ref`)."""
-    assert splits >= 1
-    return _split_partials(qkv, k_cache, v_cache, block_tables, context_lens, slots, scale, splits, block_n, 1,
-                           new_in_last=True)
 
 
 def _qkv_shape(qkv: torch.Tensor, k_cache: torch.Tensor) -> tuple[int, int, int, int]:
@@ -334,15 +289,15 @@ def _strides(qkv: torch.Tensor, k_cache: torch.Tensor) -> tuple[int, ...]:
 
 
 def _split_partials(qkv, k_cache, v_cache, block_tables, context_lens, slots, scale: float, splits: int,
-                    block_n: int | None, num_warps: int, new_in_last: bool) -> torch.Tensor:
-    """The split kernel's partials [B, h, splits, D + 2] (fp32); with new_in_last the last split
-    also takes the new token and stores its K/V (else the merge kernel does)."""
+                    block_n: int | None, num_warps: int) -> torch.Tensor:
+    """The split kernel's partials [B, h, splits, D + 2] (fp32), for the merge kernel (which also
+    takes the new token and stores its K/V)."""
     B, h, D, parts = _qkv_shape(qkv, k_cache)
     bs = k_cache.shape[2]
     part = torch.empty(B, h, splits, D + 2, dtype=torch.float32, device=qkv.device)
     _decode_attention_split_kernel[(B, h, splits)](
         qkv, k_cache, v_cache, part, block_tables, context_lens, slots, scale, *_strides(qkv, k_cache),
-        block_tables.stride(0), BS=bs, D=D, BLOCK_N=block_n or bs, SPLITS=splits, NEW_IN_LAST=new_in_last,
+        block_tables.stride(0), BS=bs, D=D, BLOCK_N=block_n or bs, SPLITS=splits,
         PRELOAD=preload(B * h * splits), QKV_PARTS=parts, num_warps=num_warps, **launch_kwargs(qkv))
     return part
 

@@ -52,44 +52,9 @@ def _w_tile(W, k0, offs_k, offs_n, nmask, K, stride_wk, stride_wn):
 
 
 @triton.jit
-def _attn_tile(A, k0, rows, rmask, K, stride_am, S: tl.constexpr, D: tl.constexpr, BLOCK_M: tl.constexpr,
-               BLOCK_K: tl.constexpr):
-    """A [BLOCK_M, BLOCK_K] tile of attention output (fp32) merged from its S split partials
-    [B, heads, S, D + 2] (`attention.decode_attention_partials`): the tile's BLOCK_K // D heads,
-    each split weighed by e^(m_s - M) once per (row, head), the weighted V partials summed, then
-    divided by the weighted sum of exponentials."""
-    heads = k0 // D + tl.arange(0, BLOCK_K // D)
-    hmask = rmask[:, None] & (heads < K // D)[None, :]                         # [BLOCK_M, heads]
-    base = A + rows.to(tl.int64)[:, None] * stride_am + (heads * (S * (D + 2)))[None, :]
-    top = tl.load(base + D, mask=hmask, other=0.0)
-    for s in tl.static_range(1, S):
-        top = tl.maximum(top, tl.load(base + s * (D + 2) + D, mask=hmask, other=0.0))
-    den = tl.zeros_like(top)
-    num = tl.zeros([BLOCK_M, BLOCK_K // D, D], dtype=tl.float32)
-    d = tl.arange(0, D)
-    for s in tl.static_range(S):
-        w = tl.exp(tl.load(base + s * (D + 2) + D, mask=hmask, other=0.0) - top)
-        den += tl.load(base + s * (D + 2) + D + 1, mask=hmask, other=1.0) * w
-        v = tl.load(base[:, :, None] + s * (D + 2) + d[None, None, :], mask=hmask[:, :, None], other=0.0)
-        num += v * w[:, :, None]
-    return tl.reshape(num / den[:, :, None], [BLOCK_M, BLOCK_K])
-
-
-@triton.jit
 def _a_tile(A, k0, offs_k, rows, rmask, K, stride_ap, stride_am, A_PARTS: tl.constexpr, GELU_A: tl.constexpr,
-            DTYPE: tl.constexpr, A_ATTN: tl.constexpr = 0, D: tl.constexpr = 1, BLOCK_M: tl.constexpr = 16,
-            BLOCK_K: tl.constexpr = 16):
-    """a[rows, k0 + offs_k] in DTYPE: loaded, the sum of A_PARTS fp32 partials (then GELU), or
-    (A_ATTN = S splits) attention output merged from its split partials."""
-    if A_ATTN:   # (one return: Triton types every return of a function alike)
-        a = _attn_tile(A, k0, rows, rmask, K, stride_am, A_ATTN, D, BLOCK_M, BLOCK_K)
-    else:
-        a = _sum_tile(A, k0, offs_k, rows, rmask, K, stride_ap, stride_am, A_PARTS, GELU_A)
-    return a.to(DTYPE)
-
-
-@triton.jit
-def _sum_tile(A, k0, offs_k, rows, rmask, K, stride_ap, stride_am, A_PARTS: tl.constexpr, GELU_A: tl.constexpr):
+            DTYPE: tl.constexpr):
+    """a[rows, k0 + offs_k] in DTYPE: loaded, or the sum of A_PARTS fp32 partials (then GELU)."""
     k = k0 + offs_k
     ptrs = A + rows[:, None] * stride_am + k[None, :]
     mask = rmask[:, None] & (k < K)[None, :]
@@ -98,15 +63,14 @@ def _sum_tile(A, k0, offs_k, rows, rmask, K, stride_ap, stride_am, A_PARTS: tl.c
         a += tl.load(ptrs + p * stride_ap, mask=mask, other=0.0)
     if GELU_A:
         a = _gelu_tanh(a)
-    return a
+    return a.to(DTYPE)
 
 
 @triton.jit
 def _gemv_kernel(A, W, BIAS, C, M, N, K, stride_ap, stride_am, stride_wk, stride_wn, stride_cs, stride_cm,
                  HAS_BIAS: tl.constexpr, A_PARTS: tl.constexpr, GELU_A: tl.constexpr, GELU: tl.constexpr,
                  PARTS: tl.constexpr, IEEE: tl.constexpr, ITERS: tl.constexpr,
-                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, A_ATTN: tl.constexpr = 0,
-                 A_D: tl.constexpr = 1, USE_PDL: tl.constexpr = 0):
+                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, USE_PDL: tl.constexpr = 0):
     pid_n = tl.program_id(0)
     ks = tl.program_id(1)
     if USE_PDL == 3:                               # FEED (pdl.pdl_start)
@@ -127,8 +91,7 @@ def _gemv_kernel(A, W, BIAS, C, M, N, K, stride_ap, stride_am, stride_wk, stride
         k0 = k_lo + it * BLOCK_K
         if it > 0:
             w = _w_tile(W, k0, offs_k, offs_n, nmask, K, stride_wk, stride_wn)
-        a = _a_tile(A, k0, offs_k, rows, rmask, K, stride_ap, stride_am, A_PARTS, GELU_A, W.dtype.element_ty,
-                    A_ATTN, A_D, BLOCK_M, BLOCK_K)
+        a = _a_tile(A, k0, offs_k, rows, rmask, K, stride_ap, stride_am, A_PARTS, GELU_A, W.dtype.element_ty)
         if IEEE:
             acc = tl.dot(a, w, acc, input_precision="ieee")    # fp32 weights: no silent tf32
         else:
@@ -178,39 +141,23 @@ def plan(N: int, K: int, elem_bytes: int, sms: int, parts: bool) -> dict:
 
 def gemv(a: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None = None, *, parts: bool = False,
          gelu: bool = False, gelu_a: bool = False, out_dtype: torch.dtype | None = None,
-         out: torch.Tensor | None = None, config: dict | None = None, trigger_first: bool = True,
-         attn_splits: int = 0) -> torch.Tensor:
+         out: torch.Tensor | None = None, config: dict | None = None, trigger_first: bool = True) -> torch.Tensor:
     """See the module docstring. a [M, K] or fp32 partials [P, M, K] (gelu_a: GELU of their sum);
     M <= MAX_ROWS. out: the result's tensor (its shape and dtype as they would be allocated);
     config overrides `plan`'s keys (tests, tuning). trigger_first (under PDL's EARLY mode): let
     the next kernel launch before this one's weight loads (another GEMV follows, or the chain of
-    waits is left as it is); False: after the wait, once `a` is complete (`pdl.feed_on`).
-    attn_splits = S: a is split decode attention's partials [M, heads, S, D + 2]
-    (`attention.decode_attention_partials`), merged per (row, head) as they are loaded: the
-    attention output [M, heads * D] never exists as a tensor (no merge kernel)."""
-    D = 1
-    if attn_splits:
-        assert a.dim() == 4 and a.shape[2] == attn_splits and a.dtype == torch.float32 and a.is_contiguous(), \
-            f"attention partials {tuple(a.shape)} {a.dtype}: expected fp32 [M, heads, {attn_splits}, D + 2]"
-        M, D = a.shape[0], a.shape[3] - 2
-        K = a.shape[1] * D
-        a_parts, stride_ap, stride_am = 0, 0, a.stride(0)
-    else:
-        M, K = a.shape[-2:]
-        assert a.stride(-1) == 1, "a must be contiguous along K"
-        a_parts = a.shape[0] if a.dim() == 3 else 0
-        assert a_parts or not gelu_a, "gelu_a applies to the sum of partials"
-        assert a_parts or a.dtype == w.dtype, f"a is {a.dtype}, w is {w.dtype}"
-        assert not a_parts or a.dtype == torch.float32, "partials are fp32"
-        stride_ap, stride_am = (a.stride(0) if a_parts else 0), a.stride(-2)
+    waits is left as it is); False: after the wait, once `a` is complete (`pdl.feed_on`)."""
+    M, K = a.shape[-2:]
     Kw, N = w.shape
     assert K == Kw, f"a has K = {K}, w has {Kw} rows"
     assert M <= MAX_ROWS, f"gemv serves at most {MAX_ROWS} rows, got {M}"
+    assert a.stride(-1) == 1, "a must be contiguous along K"
     assert not (gelu and parts), "GELU is not linear: it cannot be split over K"
+    a_parts = a.shape[0] if a.dim() == 3 else 0
+    assert a_parts or not gelu_a, "gelu_a applies to the sum of partials"
+    assert a_parts or a.dtype == w.dtype, f"a is {a.dtype}, w is {w.dtype}"
+    assert not a_parts or a.dtype == torch.float32, "partials are fp32"
     cfg = dict(plan(N, K, w.element_size(), sm_count(a.device), parts), **(config or {}))
-    if attn_splits:                                  # K tiles of whole heads (D and BLOCK_K: powers of two)
-        assert D & (D - 1) == 0, f"head size {D}: a power of two"
-        cfg["BLOCK_K"] = max(cfg["BLOCK_K"], D)
     S = cfg["S"] if parts else 1
     iters = triton.cdiv(triton.cdiv(K, S), cfg["BLOCK_K"])
     shape, dtype = ((S, M, N), torch.float32) if parts else ((M, N), out_dtype or w.dtype)
@@ -222,9 +169,9 @@ def gemv(a: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None = None, *, 
     if trigger_first and kw.get("USE_PDL") == EARLY:
         kw["USE_PDL"] = FEED
     _gemv_kernel[grid](
-        a, w, bias if bias is not None else w, c, M, N, K, stride_ap, stride_am,
+        a, w, bias if bias is not None else w, c, M, N, K, a.stride(0) if a_parts else 0, a.stride(-2),
         w.stride(0), w.stride(1), c.stride(0) if parts else 0, c.stride(-2),
         HAS_BIAS=bias is not None, A_PARTS=a_parts, GELU_A=gelu_a, GELU=gelu, PARTS=parts,
         IEEE=w.dtype == torch.float32, ITERS=iters, BLOCK_M=MAX_ROWS, BLOCK_N=cfg["BLOCK_N"],
-        BLOCK_K=cfg["BLOCK_K"], A_ATTN=attn_splits, A_D=D, num_warps=cfg["num_warps"], num_stages=1, **kw)
+        BLOCK_K=cfg["BLOCK_K"], num_warps=cfg["num_warps"], num_stages=1, **kw)
     return c

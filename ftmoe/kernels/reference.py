@@ -97,14 +97,6 @@ def decode_attention_ref(qkv, k_cache, v_cache, block_tables, context_lens, slot
     return out
 
 
-def merge_partials_ref(part: torch.Tensor) -> torch.Tensor:
-    """The pure-torch sum of `decode_attention_partials`' output: ctx [B, h, D] fp32."""
-    D = part.shape[-1] - 2
-    m = part[..., D]
-    w = torch.exp(m - m.max(dim=-1, keepdim=True).values)        # [B, h, S]; empty splits weigh 0
-    return (part[..., :D] * w[..., None]).sum(-2) / (part[..., D + 1] * w).sum(-1)[..., None]
-
-
 def gemv_ref(a, w, bias=None, gelu=False, gelu_a=False):
     """`gemv.gemv` in fp32, before its output rounding: a [M, K] (or fp32 partials [P, M, K],
     summed, through GELU with gelu_a, then rounded to w's dtype) @ w [K, N] + bias, GELU."""
