@@ -8,6 +8,9 @@ before it (0 when it finished inside them). This replays each batch's step graph
 kernel's start and end from the trace, and prints per kernel name: count, mean duration and
 the mean and total frontier advance, plus the span of one replay (first start to last end)
 and the time between replays. --detail N lists the first N kernels of one replay in order.
+--host also times, per batch, the host side of a step run from the host (`step_host`): packing
+the inputs and queueing their copy, the graph launch call, and the whole step timed alone
+against the same graph replayed back to back.
 Usage: python3 scripts/critical_path.py --batches 1,8 [--greedy] [--detail 40]
 """
 from __future__ import annotations
@@ -83,6 +86,34 @@ def report(what: str, runs: list[list[tuple[str, float, float]]], detail: int) -
             front = max(front, e)
 
 
+def host_times(dg, B: int, inputs, n: int = 200) -> None:
+    """Host microseconds of `_load` (pack + queue the copy) and of the graph launch call, each
+    waited for apart; then the step timed alone (as `ftmoe bench`) and back to back."""
+    import time
+
+    from ftmoe.bench import _events_ms
+    from ftmoe.tune_step import back_to_back_ms
+
+    ids, meta = inputs
+    bucket = dg.bucket_for(B)
+    g = dg.graphs[bucket][0]
+    load, launch = [], []
+    for _ in range(n):
+        torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        dg._load(ids, meta, bucket)
+        t1 = time.perf_counter()
+        g.replay()
+        t2 = time.perf_counter()
+        load.append((t1 - t0) * 1e6)
+        launch.append((t2 - t1) * 1e6)
+    torch.cuda.synchronize()
+    alone = _events_ms(lambda: dg.step_host(ids, meta), 100, 5)
+    b2b = back_to_back_ms(g.replay, 100)
+    print(f"host B={B}: pack + copy queued {statistics.median(load):.1f} us, graph launch call "
+          f"{statistics.median(launch):.1f} us; step alone {alone * 1e3:.1f} us, back to back {b2b * 1e3:.1f} us")
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--batches", default="1,8")
@@ -90,6 +121,7 @@ def main():
     ap.add_argument("--reps", type=int, default=20)
     ap.add_argument("--greedy", action="store_true")
     ap.add_argument("--detail", type=int, default=0)
+    ap.add_argument("--host", action="store_true")
     a = ap.parse_args()
     dev = torch.device("cuda")
     batches = [int(b) for b in a.batches.split(",")]
@@ -101,6 +133,8 @@ def main():
             dg.capture(B)
             dg.step_host(*rig.inputs[B])
             report(f"decode B={B}", _kernels(dg.graphs[B][0].replay, a.reps), a.detail)
+            if a.host:
+                host_times(dg, B, rig.inputs[B])
             if a.greedy:
                 dg.capture_greedy(B, False)
                 dg.step_host(*rig.inputs[B])      # real rows again (capture set them to padding)
