@@ -58,6 +58,9 @@ def _short(name: str) -> str:
 
 
 def report(what: str, runs: list[list[tuple[str, float, float]]], detail: int) -> None:
+    if not runs or not runs[0]:
+        print(f"==== {what}: no kernel events in the trace")
+        return
     per = collections.defaultdict(lambda: [0, 0.0, 0.0])       # name -> [count, dur, advance]
     spans, between = [], []
     for r, ks in enumerate(runs):

@@ -1,21 +1,20 @@
 #!/usr/bin/env bash
-# Thirteenth session's second GPU call (issue 3), about 6 minutes, outputs straight into $OUT:
+# Thirteenth session's second GPU call (issue 3), about 4 minutes, outputs straight into $OUT:
 # 1. where the step's time goes under PDL (scripts/critical_path.py: each kernel's advance of the
 #    step's frontier) at batches 1 and 8, the plain step and the greedy-chunk step;
 # 2. the in-process A/B of W1 routing its own slots from the gate logits (topkw1=1, no top-k
 #    kernel) against the default (the top-k kernel);
-# 3. the GPU tests of the routed W1 and the gate paths.
+# 3. the GPU kernel tests of the routed W1 and the top-k kernel.
 # Usage: OUT=dir bash scripts/gpu_round24.sh
 set -u
 OUT=${OUT:-/tmp/ftmoe_out}
 export PYTHONPATH=$PWD PYTHONUNBUFFERED=1 TMPDIR=${TMPDIR:-/tmp} NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1
 python3 -c "import pytest" 2>/dev/null || pip install -q --no-index --find-links .gpu_wheels pytest
 nvidia-smi -L > "$OUT/gpus.txt" 2>&1
-timeout 130 python3 scripts/critical_path.py --batches 1,8 --greedy --host --detail 40 > "$OUT/cp.txt" 2>&1
+timeout 100 python3 scripts/critical_path.py --batches 1,8 --greedy --host --detail 40 --reps 10 > "$OUT/cp.txt" 2>&1
 echo "[cp rc $? at ${SECONDS}s]"; grep -A14 -E "^(====|host)" "$OUT/cp.txt"
-timeout 120 python3 scripts/ab_decode.py --batches 1,2,4,8 --rounds 7 --json "$OUT/ab.json" \
+timeout 80 python3 scripts/ab_decode.py --batches 1,8 --rounds 5 --json "$OUT/ab.json" \
     --variants base topkw1=1 > "$OUT/ab.txt" 2>&1; echo "[ab rc $? at ${SECONDS}s]"
 grep -E "^B=" "$OUT/ab.txt" || tail -5 "$OUT/ab.txt"
-timeout 120 python3 -m pytest -q -x -p no:cacheprovider tests/test_kernels.py tests/test_fast_model.py \
-    -k "routes_its_slots or softmax_topk or triton_gate or cuda_graph_replay" > "$OUT/tests.txt" 2>&1
+timeout 60 python3 -m pytest -q -x -p no:cacheprovider tests/test_kernels.py -k "routes_its_slots or softmax_topk" > "$OUT/tests.txt" 2>&1
 echo "[tests rc $? at ${SECONDS}s]"; tail -3 "$OUT/tests.txt"
