@@ -1,5 +1,6 @@
-"""The GPU A/B script's switches (scripts/ab_decode.py): each variant sets what it names while its
-graphs are captured, and everything is restored afterwards, so the next variant starts clean."""
+"""The GPU scripts' host-side logic. scripts/ab_decode.py's switches: each variant sets what it
+names while its graphs are captured, and everything is restored afterwards, so the next variant
+starts clean; scripts/critical_path.py's accounting of a step's kernels."""
 from __future__ import annotations
 
 import importlib.util
@@ -79,3 +80,25 @@ def test_serving_host_overhead_script():
     assert m, out.stdout
     # the first token a stream sees may come with the first chunk's 4: the other 19 take >= 19 steps
     assert int(m.group(1)) == 24 and float(m.group(2)) >= 0.97 * 2 * (24 - 1 - 4) / (24 - 1)
+
+
+def test_critical_path_counts_each_kernels_advance_of_the_frontier(capsys):
+    """scripts/critical_path.py: a kernel that ends inside the kernels before it (launched early
+    under PDL) adds nothing; one that ends past them adds only what sticks out; the span is first
+    start to last end (the advances add up to it), and the gap is from one replay's last end to
+    the next one's first start."""
+    spec = importlib.util.spec_from_file_location("critical_path", os.path.join(ROOT, "scripts", "critical_path.py"))
+    cp = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(cp)
+    one = [("qkv", 0.0, 5.0), ("attn", 1.0, 7.0), ("merge", 6.0, 6.5), ("qkv", 7.5, 9.0)]
+    cp.report("probe", [one, [(n, s + 20, e + 20) for n, s, e in one]], detail=4)
+    out = capsys.readouterr().out
+    rows = {line.split()[0]: [float(v) for v in line.split()[1:]] for line in out.splitlines()
+            if line.split() and line.split()[0] in ("qkv", "attn", "merge")}
+    # per step, mean duration, mean advance, advance per step (an idle gap counts to the kernel after it)
+    assert rows["qkv"] == [2.0, 3.25, 3.5, 7.0]
+    assert rows["attn"] == [1.0, 6.0, 2.0, 2.0] and rows["merge"] == [1.0, 0.5, 0.0, 0.0]
+    assert sum(r[3] for r in rows.values()) == 9.0    # the advances add up to the span
+    assert "span 9.0 us" in out and "end 11.0 us" in out
+    cp.report("empty", [], 0)
+    assert "no kernel events" in capsys.readouterr().out
