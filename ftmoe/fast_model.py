@@ -211,7 +211,6 @@ class FastGPTMoE:
         else:
             c2 = dict(c2, BLOCK_M=c1["BLOCK_M"])         # both GEMMs share one alignment
             routing = moe_align(ids, E, c1["BLOCK_M"])
-        assert gate is None or S <= SMALL_BATCH_SLOTS, "W1 routes from the gate logits on the small-batch path only"
         h = fused_moe(u, L["w1"], L["b1"], S, topk=k, routing=routing, gelu=True, config=c1, gate=gate)
         b2 = L["b2"] if self.par.t == 0 else None       # b2 once: only TP rank 0 adds it before the reduce
         out = None

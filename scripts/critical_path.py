@@ -46,9 +46,8 @@ def _kernels(replay, reps: int) -> list[list[tuple[str, float, float]]]:
         prof.export_chrome_trace(path)
         with open(path) as f:
             events = json.load(f)["traceEvents"]
-    ks = sorted((e["name"], float(e["ts"]), float(e["ts"]) + float(e["dur"]))
-                for e in events if e.get("cat") == "kernel" and "ts" in e and "dur" in e)
-    ks.sort(key=lambda k: k[1])
+    ks = sorted(((e["name"], float(e["ts"]), float(e["ts"]) + float(e["dur"]))
+                 for e in events if e.get("cat") == "kernel" and "ts" in e and "dur" in e), key=lambda k: k[1])
     n = len(ks) // reps
     return [ks[i * n:(i + 1) * n] for i in range(reps)] if n else []
 

@@ -236,12 +236,6 @@ def num_splits(programs: int) -> int:
     return SPLITS if programs <= SPLIT_MAX_PROGRAMS else 1
 
 
-def split_count(programs: int, blocks_per_row: int) -> int:
-    """The context splits decode attention takes for B x heads = `programs` over block tables of
-    `blocks_per_row` (more splits than blocks would always be empty)."""
-    return min(num_splits(programs), blocks_per_row)
-
-
 def decode_attention(qkv: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_tables: torch.Tensor,
                      context_lens: torch.Tensor, slots: torch.Tensor, scale: float,
                      out: torch.Tensor | None = None, block_n: int | None = None,
@@ -252,7 +246,8 @@ def decode_attention(qkv: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Te
     B, h, D, parts = _qkv_shape(qkv, k_cache)
     o = out if out is not None else torch.empty(B, h, D, dtype=k_cache.dtype if parts else qkv.dtype,
                                                 device=qkv.device)
-    splits = splits or split_count(B * h, block_tables.shape[1])
+    # more splits than the table has blocks per row would always be empty
+    splits = splits or min(num_splits(B * h), block_tables.shape[1])
     strides = _strides(qkv, k_cache)
     bs = k_cache.shape[2]
     if splits > 1:

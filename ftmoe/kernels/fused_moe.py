@@ -173,16 +173,15 @@ def fused_moe(a: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None, num_s
     elif per_slot:
         num_m = num_slots
         sorted_slots, block_expert, num_post = routing, c, c
-        if gate is not None:
-            logits, gslots, gprobs = gate
-            assert logits.dtype == torch.float32 and logits.is_contiguous() and logits.shape[0] * topk == num_slots
-            assert gprobs.is_contiguous() and gprobs.numel() == num_slots and routing.is_contiguous()
-            assert gslots is None or (gslots.shape == (logits.shape[0],) and gslots.stride(0) == 1)
     else:
         sorted_slots, block_expert, num_post = routing
         num_m = block_expert.numel()
     assert gate is None or per_slot, "gate: per-slot routing only"
     logits, gslots, gprobs = gate if gate is not None else (c, None, c)
+    if gate is not None:
+        assert logits.dtype == torch.float32 and logits.is_contiguous() and logits.shape[0] * topk == num_slots
+        assert gprobs.is_contiguous() and gprobs.numel() == num_slots and routing.is_contiguous()
+        assert gslots is None or (gslots.shape == (logits.shape[0],) and gslots.stride(0) == 1)
     grid = (num_m * triton.cdiv(N, cfg["BLOCK_N"]), split_k)
     _fused_moe_kernel[grid](
         a, w, bias if bias is not None else w, c, probs if probs is not None else a,
