@@ -19,11 +19,12 @@ the first takes the residual [B, H] instead of token ids.
 from __future__ import annotations
 
 import dataclasses
+import os
 
 import torch
 
 from .fast_model import FastGPTMoE
-from .kernels.advance import advance_decode
+from .kernels.advance import GreedyWork, advance_decode, greedy_advance
 from .kv_cache import AttnMetadata, KVCache
 from .progress import Progress
 
@@ -230,8 +231,15 @@ class DecodeGraphs:
         toks = torch.zeros(MAX_CHUNK, B, dtype=torch.long, device=dev)
         lps = torch.zeros(MAX_CHUNK, B, dtype=torch.float32, device=dev) if logprobs else None
 
+        fused = os.environ.get("FTMOE_GREEDY_FUSED", "1") != "0"
+        m = self.fast.model
+        work = GreedyWork(B, m.vocab_end - m.vocab_start, dev) if fused else None
+
         def run():
             logits = self._run(s)
+            if fused:      # argmax, log-softmax and the update in one kernel
+                greedy_advance(logits, toks, lps, s, self.cache.block_size, work)
+                return toks
             tok = torch.argmax(logits, dim=-1)
             lp = logits.gather(1, tok[:, None])[:, 0] - torch.logsumexp(logits, dim=-1) if logprobs else None
             advance_decode(tok, lp, toks, lps, s, self.cache.block_size)

@@ -5,6 +5,8 @@
 # 2. the in-process A/B of W1 routing its own slots from the gate logits (topkw1=1, no top-k
 #    kernel) against the default (the top-k kernel);
 # 3. the GPU kernel tests of the routed W1 and the top-k kernel.
+# Fourteenth session: also the greedy-chunk graph with argmax + advance as torch's argmax and the
+# advance kernel (FTMOE_GREEDY_FUSED=0) against the one fused kernel (the default), and its tests.
 # Usage: OUT=dir bash scripts/gpu_round24.sh
 set -u
 OUT=${OUT:-/tmp/ftmoe_out}
@@ -13,8 +15,10 @@ python3 -c "import pytest" 2>/dev/null || pip install -q --no-index --find-links
 nvidia-smi -L > "$OUT/gpus.txt" 2>&1
 timeout 100 python3 scripts/critical_path.py --batches 1,8 --greedy --host --detail 40 --reps 10 > "$OUT/cp.txt" 2>&1
 echo "[cp rc $? at ${SECONDS}s]"; grep -A14 -E "^(====|host)" "$OUT/cp.txt"
+FTMOE_GREEDY_FUSED=0 timeout 80 python3 scripts/critical_path.py --batches 1,8 --greedy --reps 10 > "$OUT/cp_unfused.txt" 2>&1
+echo "[cp unfused rc $? at ${SECONDS}s]"; grep -A14 -E "^====.*greedy" "$OUT/cp_unfused.txt"
 timeout 80 python3 scripts/ab_decode.py --batches 1,8 --rounds 5 --json "$OUT/ab.json" \
     --variants base topkw1=1 > "$OUT/ab.txt" 2>&1; echo "[ab rc $? at ${SECONDS}s]"
 grep -E "^B=" "$OUT/ab.txt" || tail -5 "$OUT/ab.txt"
-timeout 60 python3 -m pytest -q -x -p no:cacheprovider tests/test_kernels.py -k "routes_its_slots or softmax_topk" > "$OUT/tests.txt" 2>&1
+timeout 60 python3 -m pytest -q -x -p no:cacheprovider tests/test_kernels.py -k "routes_its_slots or softmax_topk or greedy_advance or advance_decode" > "$OUT/tests.txt" 2>&1
 echo "[tests rc $? at ${SECONDS}s]"; tail -3 "$OUT/tests.txt"

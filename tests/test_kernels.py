@@ -584,6 +584,56 @@ def test_advance_decode_matches_twin(B, with_lp, ctr):
     assert torch.equal(tk[ctr], tok) if ctr < steps else bool((tk == -7).all())
 
 
+@pytest.mark.parametrize("B,V", [(1, 5000), (3, 2048), (37, 4099)])
+@pytest.mark.parametrize("with_lp", [False, True])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_greedy_advance_matches_twin(B, V, with_lp, dtype):
+    """Argmax + log-softmax + the greedy-chunk update in one kernel against torch's argmax and
+    log_softmax and the update's twin: vocabularies split over several programs (and one not a
+    multiple of the slice), ties between slices (first index wins), and the counter left at 0
+    for the next launch (run twice)."""
+    from ftmoe.kernels.advance import GreedyWork, greedy_advance, greedy_advance_ref
+
+    g = torch.Generator().manual_seed(B * 7 + V + with_lp)
+    bs, nb, steps = 4, 6, 8
+    pos = torch.randint(0, nb * bs - 2, (B,), generator=g)
+    tables = torch.randint(0, 500, (B, nb), generator=g)
+    slots = tables.gather(1, (pos // bs)[:, None])[:, 0] * bs + pos % bs
+    slots[torch.rand(B, generator=g) < 0.3] = -1
+    packed = torch.zeros((4 + nb) * B + 1, dtype=torch.int32)
+
+    def static(p):
+        return {"ids": p[:B], "positions": p[B:2 * B], "ctx": p[2 * B:3 * B], "slots": p[3 * B:4 * B],
+                "tables": p[4 * B:(4 + nb) * B].view(B, nb), "ctr": p[-1:]}
+    s0 = static(packed)
+    s0["positions"].copy_(pos)
+    s0["ctx"].copy_(pos)
+    s0["slots"].copy_(slots)
+    s0["tables"].copy_(tables)
+    s0["ctr"].fill_(2)
+    logits = [(torch.randn(B, V, generator=g) * 3).to(dtype) for _ in range(2)]
+    top = logits[0].float().max(1).values
+    logits[0][0, V - 1] = top[0]             # a tie in the last (partial) slice: the first index wins
+    logits[0][-1, 0] = logits[0][-1, V // 2] = top[-1] + 1      # a tie across slices
+    out = {}
+    for name, fn in (("kernel", greedy_advance), ("twin", greedy_advance_ref)):
+        p = packed.clone().to(DEV)
+        toks = torch.full((steps, B), -7, dtype=torch.long, device=DEV)
+        lps = torch.full((steps, B), float("nan"), device=DEV) if with_lp else None
+        work = GreedyWork(B, V, DEV)
+        for lg in logits:
+            fn(lg.to(DEV), toks, lps, static(p), bs, work)
+        assert int(work.count[0]) == 0
+        out[name] = (p.cpu(), toks.cpu(), lps.cpu() if with_lp else None)
+    if B == 1:
+        assert work.split > 1
+    (pk, tk, lk), (pt, tt, lt) = out["kernel"], out["twin"]
+    assert torch.equal(tk, tt) and torch.equal(pk, pt)
+    assert int(tk[2, -1]) == 0 and (tk[4:] == -7).all()
+    if with_lp:
+        assert torch.allclose(lk[2:4], lt[2:4], atol=1e-5, rtol=1e-5) and lk[:2].isnan().all()
+
+
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("N,H,E,parts,rows", [(1, 64, 16, 1, 1), (3, 96, 24, 4, 1), (5, 64, 64, 2, 2)])
 def test_add_layernorm_gate(gen, dtype, N, H, E, parts, rows):
