@@ -232,6 +232,21 @@ def _decode_case(gen, dtype, ctx: list[int], h: int, D: int, bs: int):
     return rnd(B, 3, h, D, dtype=dtype, gen=gen), kc, vc, perm, ctx_t, slots
 
 
+def test_attention_launch_override(monkeypatch):
+    """FTMOE_ATTN_LAUNCH=FROM:BLOCK_NxWARPS replaces the rule's config from FROM programs on and
+    names itself when malformed."""
+    from ftmoe.kernels.attention import launch_config
+
+    monkeypatch.delenv("FTMOE_ATTN_LAUNCH", raising=False)
+    rule = {p: launch_config(p) for p in (16, 1024, 4096)}
+    monkeypatch.setenv("FTMOE_ATTN_LAUNCH", "257:64x2")
+    assert launch_config(16) == rule[16] and launch_config(1024) == launch_config(4096) == (64, 2)
+    for bad in ("64x1", "257:64", "a:64x1"):
+        monkeypatch.setenv("FTMOE_ATTN_LAUNCH", bad)
+        with pytest.raises(ValueError, match="FTMOE_ATTN_LAUNCH: expected FROM:BLOCK_NxWARPS"):
+            launch_config(1024)
+
+
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("ctx", [[0], [5, 0, 70], [130, 1]])
 @pytest.mark.parametrize("launch", [(16, 4, 1), (32, 1, 1), (128, 8, 1), (None, None, 1),   # one pass per row

@@ -209,7 +209,19 @@ def launch_config(programs: int) -> tuple[int, int]:
     `scripts/attn_sweep.py`): few programs want wide tiles and 8 warps (B = 1, context 128: 10.0 us
     against 12.2 us for (64, 4); B = 8, context 2048: 62.9 us, against 74.1 for (128, 8)); many
     want narrow one-warp programs, so more of them are resident per SM (context 128: B = 256
-    48.8 us against 60.3; B = 1024 145 against 192)."""
+    48.8 us against 60.3; B = 1024 145 against 192). FTMOE_ATTN_LAUNCH=FROM:BLOCK_NxWARPS
+    (read at each call, i.e. at graph capture) uses that config from FROM programs on, for
+    `scripts/ab_decode.py`'s A/B of the rule."""
+    forced = os.environ.get("FTMOE_ATTN_LAUNCH")
+    if forced:
+        try:
+            start, cfg = forced.split(":")
+            bn, nw = (int(x) for x in cfg.split("x"))
+            start = int(start)
+        except ValueError:
+            raise ValueError(f"FTMOE_ATTN_LAUNCH: expected FROM:BLOCK_NxWARPS (e.g. 257:64x1), found {forced!r}") from None
+        if programs >= start:
+            return bn, nw
     if programs <= 256:
         return 256, 8
     if programs <= 2048:
