@@ -66,6 +66,17 @@ def topk_in_w1(slots: int) -> bool:
     return slots <= SMALL_BATCH_SLOTS and size_switch("FTMOE_TOPK_IN_W1", slots, TOPK_IN_W1_MAX_SLOTS)
 
 
+#: up to this many rows of a step whose gate logits come from the LN2 kernel, that kernel's last
+#: program per row also takes the softmax top-k (`add_layernorm_gate(topk=k)`: no top-k kernel);
+#: FTMOE_GATE_TOPK=0 / 1 forces it off / on. 0 (off) until it is timed in a step on a GPU
+#: (`scripts/ab_decode.py` variant gatetopk=1)
+GATE_TOPK_MAX_ROWS = 0
+
+
+def gate_topk_in_ln(rows: int) -> bool:
+    return size_switch("FTMOE_GATE_TOPK", rows, GATE_TOPK_MAX_ROWS)
+
+
 def small_batch_split_k(N: int, K: int) -> int:
     """Split-K factor of the second expert GEMM on the small-batch path: few N tiles, long K."""
     return 4 if K >= 2048 and N <= 2048 else 1
@@ -175,15 +186,19 @@ class FastGPTMoE:
         if self.par.ep > 1:
             return self._ln2_moe_ep(L, res, o, slots >= 0, li)
         gate = None
-        if ln_gate(res.shape[0]):     # few rows: the gate logits from the LN kernel, then the top-k kernel
+        N, k = res.shape[0], L["k"]
+        if ln_gate(N) and gate_topk_in_ln(N):   # few rows: the LN2 kernel's last program per row takes the top-k
+            res, u, probs, ids = add_layernorm_gate(res, L["ln2"].weight, L["ln2"].bias, eps, L["wg32"], add=o,
+                                                    add_bias=L["bo"], topk=k, slots=slots)
+        elif ln_gate(N):     # the gate logits from the LN kernel, then the top-k kernel
             res, u, logits = add_layernorm_gate(res, L["ln2"].weight, L["ln2"].bias, eps, L["wg32"], add=o,
                                                 add_bias=L["bo"])
-            if topk_in_w1(res.shape[0] * L["k"]):       # or W1 routes its own slots from the logits
-                probs = torch.empty(res.shape[0], L["k"], dtype=torch.float32, device=res.device)
-                ids = torch.empty(res.shape[0], L["k"], dtype=torch.int32, device=res.device)
+            if topk_in_w1(N * k):       # or W1 routes its own slots from the logits
+                probs = torch.empty(N, k, dtype=torch.float32, device=res.device)
+                ids = torch.empty(N, k, dtype=torch.int32, device=res.device)
                 gate = (logits, slots, probs)
             else:
-                probs, ids = softmax_topk(logits, L["k"], slots=slots)
+                probs, ids = softmax_topk(logits, k, slots=slots)
         else:
             res, u, u32 = add_layernorm(res, L["ln2"].weight, L["ln2"].bias, eps, add=o, add_bias=L["bo"],
                                         want_fp32=True)

@@ -13,6 +13,8 @@ are read at capture time):
   cascade of `pdl.feed_on`); `topkw1=auto|0|1` (FTMOE_TOPK_IN_W1: W1 routes its slots
   from the LN2 kernel's gate logits, no top-k kernel); `attnlaunch=FROM:BLOCK_NxWARPS`
   (FTMOE_ATTN_LAUNCH: decode attention's launch config from FROM (row, head) programs on);
+  `gatetopk=auto|0|1` (FTMOE_GATE_TOPK: the LN2 + gate kernel's last program per row takes the
+  top-k, no top-k kernel);
 - `table=PATH`: a kernel-config table in place of the package's;
 - `skip=ln+attn+gate`: those kernels replaced by stand-ins that launch nothing (wrong results,
   timing only: what each costs in a step; past batch 1 skip ln together with gate, or the zero
@@ -46,7 +48,8 @@ from ftmoe.kernels import configs, pdl  # noqa: E402
 
 ENV_SWITCHES = {"gate": "FTMOE_GATE", "attn": "FTMOE_ATTN_SPLIT", "preload": "FTMOE_ATTN_PRELOAD",
                 "lngate": "FTMOE_LN_GATE", "gemv": "FTMOE_GEMV", "gemvhead": "FTMOE_GEMV_HEAD",
-                "feed": "FTMOE_PDL_FEED", "topkw1": "FTMOE_TOPK_IN_W1", "attnlaunch": "FTMOE_ATTN_LAUNCH"}
+                "feed": "FTMOE_PDL_FEED", "topkw1": "FTMOE_TOPK_IN_W1", "attnlaunch": "FTMOE_ATTN_LAUNCH",
+                "gatetopk": "FTMOE_GATE_TOPK"}
 
 
 def _knock_out(part: str):

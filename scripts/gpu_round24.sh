@@ -7,6 +7,7 @@
 # 3. the GPU kernel tests of the routed W1 and the top-k kernel.
 # Fourteenth session: also the greedy-chunk graph with argmax + advance as torch's argmax and the
 # advance kernel (FTMOE_GREEDY_FUSED=0) against the one fused kernel (the default), and its tests;
+# the top-k taken by the LN2 + gate kernel's last program per row (gatetopk=1) in the same A/B;
 # and decode attention at (64, 1) from 257 programs on (the H100 sweep's best at batch 64) against the rule.
 # Usage: OUT=dir bash scripts/gpu_round24.sh
 set -u
@@ -19,10 +20,10 @@ echo "[cp rc $? at ${SECONDS}s]"; grep -A14 -E "^(====|host)" "$OUT/cp.txt"
 FTMOE_GREEDY_FUSED=0 timeout 80 python3 scripts/critical_path.py --batches 1,8 --greedy --reps 10 > "$OUT/cp_unfused.txt" 2>&1
 echo "[cp unfused rc $? at ${SECONDS}s]"; grep -A14 -E "^====.*greedy" "$OUT/cp_unfused.txt"
 timeout 80 python3 scripts/ab_decode.py --batches 1,8 --rounds 5 --json "$OUT/ab.json" \
-    --variants base topkw1=1 > "$OUT/ab.txt" 2>&1; echo "[ab rc $? at ${SECONDS}s]"
+    --variants base topkw1=1 gatetopk=1 > "$OUT/ab.txt" 2>&1; echo "[ab rc $? at ${SECONDS}s]"
 grep -E "^B=" "$OUT/ab.txt" || tail -5 "$OUT/ab.txt"
 timeout 100 python3 scripts/ab_decode.py --batches 32,64,128 --rounds 3 --json "$OUT/ab_attn.json" \
     --variants base attnlaunch=257:64x1 > "$OUT/ab_attn.txt" 2>&1; echo "[ab attn rc $? at ${SECONDS}s]"
 grep -E "^B=" "$OUT/ab_attn.txt" || tail -5 "$OUT/ab_attn.txt"
-timeout 60 python3 -m pytest -q -x -p no:cacheprovider tests/test_kernels.py -k "routes_its_slots or softmax_topk or greedy_advance or advance_decode" > "$OUT/tests.txt" 2>&1
+timeout 120 python3 -m pytest -q -x -p no:cacheprovider tests/test_kernels.py tests/test_fast_model.py -k "routes_its_slots or softmax_topk or greedy_advance or advance_decode or add_layernorm_gate or triton_gate_decode or greedy_chunk" > "$OUT/tests.txt" 2>&1
 echo "[tests rc $? at ${SECONDS}s]"; tail -3 "$OUT/tests.txt"

@@ -667,6 +667,30 @@ def test_add_layernorm_gate(gen, dtype, N, H, E, parts, rows):
     assert rel(logits, y.float() @ wg) < 1e-5
 
 
+@pytest.mark.parametrize("N,E,k", [(1, 64, 1), (5, 24, 2), (3, 17, 3)])
+def test_add_layernorm_gate_topk(gen, N, E, k):
+    """The LN2 + gate kernel with the top-k taken by each row's last program: the same res, y and
+    logits as without, probs/ids bit-equal to the top-k kernel on those logits (padding rows, slot
+    -1: id -1, prob 0), launched twice (its per-row counters left at 0 for the next launch)."""
+    from ftmoe.kernels.norm import add_layernorm_gate, row_counters
+    from ftmoe.kernels.routing import softmax_topk
+
+    H = 96
+    slots = torch.arange(N, dtype=torch.int32, device=DEV) * 3
+    slots[N // 2] = -1
+    wg = rnd(H, E, gen=gen, scale=H ** -0.5)
+    w, b = 1 + rnd(H, gen=gen, scale=0.1), rnd(H, gen=gen)
+    for _ in range(2):
+        x, add = rnd(N, H, gen=gen), rnd(N, H, gen=gen)
+        res, y, logits = add_layernorm_gate(x, w, b, 1e-5, wg, add=add)
+        res2, y2, probs, ids = add_layernorm_gate(x, w, b, 1e-5, wg, add=add, topk=k, slots=slots)
+        want_p, want_i = softmax_topk(logits, k, slots=slots)
+        assert torch.equal(res2, res) and torch.equal(y2, y)
+        assert torch.equal(ids, want_i) and torch.equal(probs, want_p)
+        assert (ids[N // 2] == -1).all() and (ids[N // 2 + 1:] >= 0).all()
+        assert int(row_counters(x.device, N)[:N].abs().sum()) == 0
+
+
 @pytest.mark.parametrize("module,fn,limit,var", [
     ("attention", "preload", "PRELOAD_MAX_PROGRAMS", "FTMOE_ATTN_PRELOAD"),   # first K/V tile before the PDL wait
     ("routing", "ln_gate", "LN_GATE_MAX_ROWS", "FTMOE_LN_GATE")])             # gate logits in the LN2 kernel

@@ -113,6 +113,7 @@ def _greedy_kernel(LOGITS, stride_l, V, PM, PI, PS, COUNT, OUT_TOK, OUT_LP, IDS,
     tl.store(PI + row * SPLIT + sp, idx)
     if HAS_LP:
         tl.store(PS + row * SPLIT + sp, tot)
+    tl.debug_barrier()                        # every thread's stores made before the release below
     done = tl.atomic_add(COUNT, 1)            # acq_rel: the slices stored above are seen by the last
     if done == B * SPLIT - 1:
         r = tl.arange(0, BLOCK_B)
