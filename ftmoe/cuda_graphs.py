@@ -19,12 +19,11 @@ the first takes the residual [B, H] instead of token ids.
 from __future__ import annotations
 
 import dataclasses
-import os
 
 import torch
 
 from .fast_model import FastGPTMoE
-from .kernels.advance import GreedyWork, advance_decode, greedy_advance
+from .kernels.advance import GreedyWork, greedy_advance
 from .kv_cache import AttnMetadata, KVCache
 from .progress import Progress
 
@@ -215,9 +214,9 @@ class DecodeGraphs:
     # ---- greedy chunks: steps replayed back to back, each one's tokens fed back on the GPU ----
     @torch.inference_mode()
     def capture_greedy(self, B: int, logprobs: bool) -> None:
-        """The greedy-chunk graph of bucket B: a decode step, the argmax of its logits (first
-        index on ties, as the host's greedy), optionally their log-softmax there, then
-        `advance_decode`, which feeds the tokens back and moves every live row one position on.
+        """The greedy-chunk graph of bucket B: a decode step, then `greedy_advance`: the argmax of
+        its logits (first index on ties, as the host's greedy), optionally their log-softmax, the
+        tokens fed back and every live row moved one position on, in one kernel.
         It shares the bucket's static inputs; they are set to padding first, because the
         warm-up steps run on whatever they hold (padding rows read and write no cache)."""
         key = (B, logprobs)
@@ -231,19 +230,12 @@ class DecodeGraphs:
         toks = torch.zeros(MAX_CHUNK, B, dtype=torch.long, device=dev)
         lps = torch.zeros(MAX_CHUNK, B, dtype=torch.float32, device=dev) if logprobs else None
 
-        fused = os.environ.get("FTMOE_GREEDY_FUSED", "1") != "0"
         m = self.fast.model
-        work = GreedyWork(B, m.vocab_end - m.vocab_start, dev) if fused else None
+        work = GreedyWork(B, m.vocab_end - m.vocab_start, dev)
 
         def run():
-            logits = self._run(s)
-            if fused:      # argmax, log-softmax and the update in one kernel
-                greedy_advance(logits, toks, lps, s, self.cache.block_size, work)
-                return toks
-            tok = torch.argmax(logits, dim=-1)
-            lp = logits.gather(1, tok[:, None])[:, 0] - torch.logsumexp(logits, dim=-1) if logprobs else None
-            advance_decode(tok, lp, toks, lps, s, self.cache.block_size)
-            return tok
+            greedy_advance(self._run(s), toks, lps, s, self.cache.block_size, work)
+            return toks
 
         if dev.type != "cuda":
             self.greedy[key] = (None, run, toks, lps)

@@ -55,28 +55,6 @@ def _gemv_on(var: str, rows: int, limit: int) -> bool:
     return rows <= GEMV_ROWS and size_switch(var, rows, limit)
 
 
-#: up to this many routed slots (rows x top-k) of a step whose gate logits come from the LN2
-#: kernel, the first expert GEMM routes its own slots from them (`fused_moe(gate=...)`: no top-k
-#: kernel); FTMOE_TOPK_IN_W1=0 / 1 forces it off / on (up to SMALL_BATCH_SLOTS). 0 (off) until
-#: it is timed in a step on a GPU (`scripts/ab_decode.py` variant topkw1=1)
-TOPK_IN_W1_MAX_SLOTS = 0
-
-
-def topk_in_w1(slots: int) -> bool:
-    return slots <= SMALL_BATCH_SLOTS and size_switch("FTMOE_TOPK_IN_W1", slots, TOPK_IN_W1_MAX_SLOTS)
-
-
-#: up to this many rows of a step whose gate logits come from the LN2 kernel, that kernel's last
-#: program per row also takes the softmax top-k (`add_layernorm_gate(topk=k)`: no top-k kernel);
-#: FTMOE_GATE_TOPK=0 / 1 forces it off / on. 0 (off) until it is timed in a step on a GPU
-#: (`scripts/ab_decode.py` variant gatetopk=1)
-GATE_TOPK_MAX_ROWS = 0
-
-
-def gate_topk_in_ln(rows: int) -> bool:
-    return size_switch("FTMOE_GATE_TOPK", rows, GATE_TOPK_MAX_ROWS)
-
-
 def small_batch_split_k(N: int, K: int) -> int:
     """Split-K factor of the second expert GEMM on the small-batch path: few N tiles, long K."""
     return 4 if K >= 2048 and N <= 2048 else 1
@@ -185,35 +163,24 @@ class FastGPTMoE:
             return res, self.par.tp_all_reduce(self._dense(h, L["w2"], None, parts_ok=True)), L["b2"]
         if self.par.ep > 1:
             return self._ln2_moe_ep(L, res, o, slots >= 0, li)
-        gate = None
-        N, k = res.shape[0], L["k"]
-        if ln_gate(N) and gate_topk_in_ln(N):   # few rows: the LN2 kernel's last program per row takes the top-k
-            res, u, probs, ids = add_layernorm_gate(res, L["ln2"].weight, L["ln2"].bias, eps, L["wg32"], add=o,
-                                                    add_bias=L["bo"], topk=k, slots=slots)
-        elif ln_gate(N):     # the gate logits from the LN kernel, then the top-k kernel
+        if ln_gate(res.shape[0]):     # few rows: the gate logits from the LN kernel, then the top-k kernel
             res, u, logits = add_layernorm_gate(res, L["ln2"].weight, L["ln2"].bias, eps, L["wg32"], add=o,
                                                 add_bias=L["bo"])
-            if topk_in_w1(N * k):       # or W1 routes its own slots from the logits
-                probs = torch.empty(N, k, dtype=torch.float32, device=res.device)
-                ids = torch.empty(N, k, dtype=torch.int32, device=res.device)
-                gate = (logits, slots, probs)
-            else:
-                probs, ids = softmax_topk(logits, k, slots=slots)
+            probs, ids = softmax_topk(logits, L["k"], slots=slots)
         else:
             res, u, u32 = add_layernorm(res, L["ln2"].weight, L["ln2"].bias, eps, add=o, add_bias=L["bo"],
                                         want_fp32=True)
             probs, ids = gate_topk(u32, L["wg32"], L["k"], slots=slots)   # fp32 gate GEMM (no TF32) + top-k
         if self.trace is not None:
             self.trace.append(ids)
-        y = self._experts(L, u, probs, ids, split_k_ok=True, zero_out=zero_padding, gate=gate)
+        y = self._experts(L, u, probs, ids, split_k_ok=True, zero_out=zero_padding)
         return res, self.par.tp_all_reduce(y), None          # [split_k,] N*k rows: the next add_layernorm sums partials and slots
 
     def _experts(self, L: dict, u: torch.Tensor, probs: torch.Tensor, ids: torch.Tensor, split_k_ok: bool,
-                 zero_out: bool, gate=None) -> torch.Tensor:
+                 zero_out: bool) -> torch.Tensor:
         """gelu(u W1 + b1) W2 (+ b2 on TP rank 0) x prob for each routed slot of u's rows: [N*k, H], or
         fp32 split-K partials [S, N*k, H] for small batches when split_k_ok. ids are indices into
-        this rank's experts; slots with id -1 read no weights and stay unwritten (zeros with zero_out).
-        gate (small batches): (logits, slots, probs) for W1 to route from, filling ids and probs."""
+        this rank's experts; slots with id -1 read no weights and stay unwritten (zeros with zero_out)."""
         k, E, F = L["k"], L["w1"].shape[0], L["w1"].shape[2]
         S = u.shape[0] * k
         c1 = self._cfg(E, F, self.H, S)
@@ -226,7 +193,7 @@ class FastGPTMoE:
         else:
             c2 = dict(c2, BLOCK_M=c1["BLOCK_M"])         # both GEMMs share one alignment
             routing = moe_align(ids, E, c1["BLOCK_M"])
-        h = fused_moe(u, L["w1"], L["b1"], S, topk=k, routing=routing, gelu=True, config=c1, gate=gate)
+        h = fused_moe(u, L["w1"], L["b1"], S, topk=k, routing=routing, gelu=True, config=c1)
         b2 = L["b2"] if self.par.t == 0 else None       # b2 once: only TP rank 0 adds it before the reduce
         out = None
         if zero_out:

@@ -10,11 +10,8 @@ are read at capture time):
   (FTMOE_ATTN_PRELOAD: attention's first K/V tile loaded before the PDL wait);
 - `gemv=auto|0|1`, `gemvhead=auto|0|1` (FTMOE_GEMV, FTMOE_GEMV_HEAD: the dense GEMMs and the head of
   steps up to 16 rows on `kernels.gemv`); `feed=0|1` (FTMOE_PDL_FEED: with the GEMV, the bounded
-  cascade of `pdl.feed_on`); `topkw1=auto|0|1` (FTMOE_TOPK_IN_W1: W1 routes its slots
-  from the LN2 kernel's gate logits, no top-k kernel); `attnlaunch=FROM:BLOCK_NxWARPS`
+  cascade of `pdl.feed_on`); `attnlaunch=FROM:BLOCK_NxWARPS`
   (FTMOE_ATTN_LAUNCH: decode attention's launch config from FROM (row, head) programs on);
-  `gatetopk=auto|0|1` (FTMOE_GATE_TOPK: the LN2 + gate kernel's last program per row takes the
-  top-k, no top-k kernel);
 - `table=PATH`: a kernel-config table in place of the package's;
 - `skip=ln+attn+gate`: those kernels replaced by stand-ins that launch nothing (wrong results,
   timing only: what each costs in a step; past batch 1 skip ln together with gate, or the zero
@@ -48,8 +45,7 @@ from ftmoe.kernels import configs, pdl  # noqa: E402
 
 ENV_SWITCHES = {"gate": "FTMOE_GATE", "attn": "FTMOE_ATTN_SPLIT", "preload": "FTMOE_ATTN_PRELOAD",
                 "lngate": "FTMOE_LN_GATE", "gemv": "FTMOE_GEMV", "gemvhead": "FTMOE_GEMV_HEAD",
-                "feed": "FTMOE_PDL_FEED", "topkw1": "FTMOE_TOPK_IN_W1", "attnlaunch": "FTMOE_ATTN_LAUNCH",
-                "gatetopk": "FTMOE_GATE_TOPK"}
+                "feed": "FTMOE_PDL_FEED", "attnlaunch": "FTMOE_ATTN_LAUNCH"}
 
 
 def _knock_out(part: str):

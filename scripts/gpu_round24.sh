@@ -1,4 +1,6 @@
 #!/usr/bin/env bash
+# Record of the fourteenth session's first GPU call (results: benchmarks/results/2026-12-07-h100-round24*); the
+# topkw1, gatetopk and FTMOE_GREEDY_FUSED switches it times were removed after it.
 # Thirteenth session's second GPU call (issue 3), about 4 minutes, outputs straight into $OUT:
 # 1. where the step's time goes under PDL (scripts/critical_path.py: each kernel's advance of the
 #    step's frontier) at batches 1 and 8, the plain step and the greedy-chunk step;

@@ -254,10 +254,8 @@ def test_padding_rows_write_nothing(models):
 
 def test_triton_gate_decode_equals_cublas_gate(models, monkeypatch):
     """FTMOE_GATE=triton (the gate GEMM on the fused-MoE kernel, split-K partials summed by the
-    top-k kernel), FTMOE_LN_GATE=1 (the logits from the LN2 kernel, then the top-k kernel) and
-    that with FTMOE_TOPK_IN_W1=1 (W1 routes its own slots from the logits) or FTMOE_GATE_TOPK=1
-    (the LN2 kernel's last program per row takes the top-k) route every token to the same experts
-    as the cuBLAS gate, same logits."""
+    top-k kernel) and FTMOE_LN_GATE=1 (the logits from the LN2 kernel) route every token to the
+    same experts as the cuBLAS gate, same logits."""
     ref, fast = models
     ids = torch.tensor([3, 9, 4, 17, 250], device=DEV)
     B = ids.shape[0]
@@ -265,17 +263,15 @@ def test_triton_gate_decode_equals_cublas_gate(models, monkeypatch):
     tables = torch.arange(B, dtype=torch.int32, device=DEV)[:, None]
     slots = (tables[:, 0] * 4).int()
     out = {}
-    for flag in ("cublas", "triton", "ln", "ln+w1", "ln+topk"):    # ln: the logits from the LN2 kernel (FTMOE_LN_GATE)
-        monkeypatch.setenv("FTMOE_GATE", "cublas" if flag.startswith("ln") else flag)
-        monkeypatch.setenv("FTMOE_LN_GATE", "1" if flag.startswith("ln") else "0")
-        monkeypatch.setenv("FTMOE_TOPK_IN_W1", "1" if flag == "ln+w1" else "0")
-        monkeypatch.setenv("FTMOE_GATE_TOPK", "1" if flag == "ln+topk" else "0")     # top-k in the LN2 kernel
+    for flag in ("cublas", "triton", "ln"):    # ln: the logits from the LN2 kernel (FTMOE_LN_GATE)
+        monkeypatch.setenv("FTMOE_GATE", "cublas" if flag == "ln" else flag)
+        monkeypatch.setenv("FTMOE_LN_GATE", "1" if flag == "ln" else "0")
         cache = KVCache.for_model(ref.config, 64, block_size=4, dtype=torch.float32, device=DEV)
         fast.trace = []
         logits = fast.decode_step(ids, zeros.long(), tables, zeros, slots, cache)
         out[flag] = (logits, [t.clone() for t in fast.trace])
         fast.trace = None
-    for other in ("triton", "ln", "ln+w1", "ln+topk"):
+    for other in ("triton", "ln"):
         assert len(out[other][1]) == len(out["cublas"][1]) > 0
         assert all(torch.equal(a, b) for a, b in zip(out["cublas"][1], out[other][1]))
         assert rel(out[other][0], out["cublas"][0]) < 1e-5

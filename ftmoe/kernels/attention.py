@@ -209,7 +209,11 @@ def launch_config(programs: int) -> tuple[int, int]:
     `scripts/attn_sweep.py`): few programs want wide tiles and 8 warps (B = 1, context 128: 10.0 us
     against 12.2 us for (64, 4); B = 8, context 2048: 62.9 us, against 74.1 for (128, 8)); many
     want narrow one-warp programs, so more of them are resident per SM (context 128: B = 256
-    48.8 us against 60.3; B = 1024 145 against 192). FTMOE_ATTN_LAUNCH=FROM:BLOCK_NxWARPS
+    48.8 us against 60.3; B = 1024 145 against 192). Between them (257..2048 programs: batches
+    17-128 at 16 heads) 64-token one-warp tiles: the H100 sweep's fastest at batch 64 (22.7 us
+    against 25.4 for (128, 1) at context 128, 108.5 against 112.3 at 1024), and whole decode
+    steps on an H100 -1.8 % at batch 32, -3.5 % at 64 and at 128 against (128, 1)
+    (scripts/ab_decode.py, 2026-12-07, benchmarks/results/2026-12-07-h100-round24.txt). FTMOE_ATTN_LAUNCH=FROM:BLOCK_NxWARPS
     (read at each call, i.e. at graph capture) uses that config from FROM programs on, for
     `scripts/ab_decode.py`'s A/B of the rule."""
     forced = os.environ.get("FTMOE_ATTN_LAUNCH")
@@ -225,7 +229,7 @@ def launch_config(programs: int) -> tuple[int, int]:
     if programs <= 256:
         return 256, 8
     if programs <= 2048:
-        return 128, 1
+        return 64, 1
     return 32, 1
 
 

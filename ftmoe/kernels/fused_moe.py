@@ -17,7 +17,6 @@ import triton
 import triton.language as tl
 
 from .pdl import launch_kwargs, pdl_start
-from .topk import gate_softmax, topk_next
 
 
 @triton.jit
@@ -28,42 +27,12 @@ def _gelu_tanh(x):
 
 
 @triton.jit
-def _route_slot(LOGITS, GSLOTS, PROBS_OUT, IDS_OUT, slot, first, E, TOPK: tl.constexpr, BLOCK_E: tl.constexpr,
-                HAS_GSLOTS: tl.constexpr):
-    """The expert of slot `slot` (token slot // TOPK, its (slot % TOPK)-th choice) from the token's
-    fp32 gate logits [*, E]: softmax and top-k as `routing.softmax_topk` computes them (-1 for a
-    padding token, whose KV slot is < 0). The `first` program of the slot stores its id and
-    probability for the second GEMM."""
-    row = slot // TOPK
-    es = tl.arange(0, BLOCK_E)[None, :]
-    em = es < E
-    logits = tl.load(LOGITS + row * E + es, mask=em, other=0.0)
-    real = tl.full([1], 1, tl.int1)
-    if HAS_GSLOTS:
-        real = tl.load(GSLOTS + row + tl.zeros([1], tl.int32)) >= 0
-    p = gate_softmax(logits, em, real, HAS_GSLOTS)
-    prob = tl.zeros([1], tl.float32)
-    expert = tl.zeros([1], tl.int32)
-    for j in tl.static_range(TOPK):
-        pj, idj, p = topk_next(p, es)
-        prob = tl.where(slot % TOPK == j, pj, prob)
-        expert = tl.where(slot % TOPK == j, idj, expert)
-    expert = tl.where(real, expert, -1)
-    prob = tl.where(real, prob, 0.0)
-    if first:
-        tl.store(IDS_OUT + slot + tl.zeros([1], tl.int32), expert)
-        tl.store(PROBS_OUT + slot + tl.zeros([1], tl.int32), prob)
-    return tl.sum(expert, axis=0)
-
-
-@triton.jit
-def _fused_moe_kernel(A, W, BIAS, C, PROBS, SORTED, BLOCK_EXPERT, NUM_POST, LOGITS, GSLOTS, PROBS_OUT,
-                      N, K, NUM_SLOTS, NUM_E, stride_am, stride_we, stride_wk, stride_be, stride_cm, stride_cs,
+def _fused_moe_kernel(A, W, BIAS, C, PROBS, SORTED, BLOCK_EXPERT, NUM_POST,
+                      N, K, NUM_SLOTS, stride_am, stride_we, stride_wk, stride_be, stride_cm, stride_cs,
                       TOPK: tl.constexpr, A_PER_SLOT: tl.constexpr, DENSE: tl.constexpr, PER_SLOT: tl.constexpr,
                       HAS_BIAS: tl.constexpr,
                       GELU: tl.constexpr, MUL_PROB: tl.constexpr, IEEE: tl.constexpr, SPLIT_K: tl.constexpr,
                       BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
-                      ROUTE: tl.constexpr = False, HAS_GSLOTS: tl.constexpr = False, BLOCK_E: tl.constexpr = 1,
                       USE_PDL: tl.constexpr = False):
     pid = tl.program_id(0)
     num_n = tl.cdiv(N, BLOCK_N)
@@ -84,11 +53,7 @@ def _fused_moe_kernel(A, W, BIAS, C, PROBS, SORTED, BLOCK_EXPERT, NUM_POST, LOGI
         # small batches: program row-block m serves slot m alone (no sorting); rows 1.. are padding
         r = tl.arange(0, BLOCK_M)
         slots = tl.where(r == 0, pid_m, NUM_SLOTS)
-        if ROUTE:   # the slot's expert from the gate logits; SORTED receives the ids
-            expert = _route_slot(LOGITS, GSLOTS, PROBS_OUT, SORTED, pid_m, (pid_n == 0) & (tl.program_id(1) == 0),
-                                 NUM_E, TOPK, BLOCK_E, HAS_GSLOTS).to(tl.int64)
-        else:
-            expert = tl.load(SORTED + pid_m).to(tl.int64)   # SORTED holds the expert id of every slot
+        expert = tl.load(SORTED + pid_m).to(tl.int64)   # SORTED holds the expert id of every slot
         # a negative id: the slot belongs to another rank's expert (expert parallelism) or is padding
         slots = tl.where(expert >= 0, slots, NUM_SLOTS)
         skip = expert < 0
@@ -143,19 +108,14 @@ DEFAULT_CONFIG = {"BLOCK_M": 16, "BLOCK_N": 64, "BLOCK_K": 64, "GROUP_M": 8, "nu
 def fused_moe(a: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None, num_slots: int, *,
               topk: int = 1, routing=None, probs: torch.Tensor | None = None, a_per_slot: bool = False,
               gelu: bool = False, mul_prob: bool = False, out: torch.Tensor | None = None,
-              config: dict | None = None, split_k: int = 1, gate=None) -> torch.Tensor:
+              config: dict | None = None, split_k: int = 1) -> torch.Tensor:
     """c [num_slots, N]. `routing` = (sorted_slots, block_expert, num_post) from moe_align with
     the same BLOCK_M as `config`; or an int32 tensor of expert ids [num_slots] (small batches: one
     program row per slot, no sorting); None means dense (one expert, slot = row).
     Slots with a negative expert id (both routed modes) are skipped: their rows of c are not
     written (pass a zeroed `out` where they must read as zeros).
     split_k > 1 (small batches, long K): returns fp32 partials [split_k, num_slots, N] whose sum
-    is the result (summed deterministically by the consumer, `add_layernorm`).
-    gate (per-slot mode, the first GEMM): (logits [rows, E] fp32, slots [rows] or None, probs
-    [rows, topk] fp32): each program routes its slot itself, with `routing.softmax_topk`'s softmax
-    and top-k of the token's gate logits (no top-k kernel), and the slot's first program stores
-    its expert id into `routing` and its probability into probs (for the second GEMM); tokens with
-    a negative slot are padding (id -1, prob 0)."""
+    is the result (summed deterministically by the consumer, `add_layernorm`)."""
     cfg = dict(DEFAULT_CONFIG, **(config or {}))
     E, K, N = w.shape
     assert a.shape[1] == K
@@ -176,21 +136,13 @@ def fused_moe(a: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None, num_s
     else:
         sorted_slots, block_expert, num_post = routing
         num_m = block_expert.numel()
-    assert gate is None or per_slot, "gate: per-slot routing only"
-    logits, gslots, gprobs = gate if gate is not None else (c, None, c)
-    if gate is not None:
-        assert logits.dtype == torch.float32 and logits.is_contiguous() and logits.shape[0] * topk == num_slots
-        assert gprobs.is_contiguous() and gprobs.numel() == num_slots and routing.is_contiguous()
-        assert gslots is None or (gslots.shape == (logits.shape[0],) and gslots.stride(0) == 1)
     grid = (num_m * triton.cdiv(N, cfg["BLOCK_N"]), split_k)
     _fused_moe_kernel[grid](
         a, w, bias if bias is not None else w, c, probs if probs is not None else a,
-        sorted_slots, block_expert, num_post, logits, gslots if gslots is not None else c, gprobs,
-        N, K, num_slots, logits.shape[1] if gate is not None else 1,
+        sorted_slots, block_expert, num_post, N, K, num_slots,
         a.stride(0), w.stride(0), w.stride(1), bias.stride(0) if bias is not None and bias.dim() == 2 else 0,
         c.stride(-2), c.stride(0) if split_k > 1 else 0, TOPK=topk, A_PER_SLOT=a_per_slot, DENSE=dense, PER_SLOT=per_slot, HAS_BIAS=bias is not None, GELU=gelu,
         MUL_PROB=mul_prob, IEEE=a.dtype == torch.float32, SPLIT_K=split_k, BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], BLOCK_K=cfg["BLOCK_K"],
-        GROUP_M=cfg["GROUP_M"], ROUTE=gate is not None, HAS_GSLOTS=gslots is not None,
-        BLOCK_E=triton.next_power_of_2(logits.shape[1]) if gate is not None else 1, num_warps=cfg["num_warps"],
+        GROUP_M=cfg["GROUP_M"], num_warps=cfg["num_warps"],
         num_stages=cfg["num_stages"], **launch_kwargs(a))
     return c

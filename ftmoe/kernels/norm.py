@@ -14,7 +14,6 @@ import triton
 import triton.language as tl
 
 from .pdl import launch_kwargs, pdl_start
-from .topk import softmax_topk_store
 
 
 @triton.jit
@@ -82,16 +81,13 @@ def _layernorm_store(x, row, cols, m, W, B, Y, Y32, H, eps, stride_y, WRITE_Y32:
 
 
 @triton.jit
-def _add_layernorm_gate_kernel(X, ADD, ADD_BIAS, W, B, RES, Y, WG, LOGITS, PROBS, IDS, SLOTS, COUNT, H, E, eps,
-                               stride_x, stride_add, stride_add_part, stride_res, stride_y, HAS_ADD: tl.constexpr,
-                               ADD_PARTS: tl.constexpr, ADD_ROWS: tl.constexpr, HAS_ADD_BIAS: tl.constexpr,
-                               BLOCK: tl.constexpr, COLS: tl.constexpr, K_TOP: tl.constexpr, HAS_SLOTS: tl.constexpr,
-                               BLOCK_E: tl.constexpr, USE_PDL: tl.constexpr = False):
+def _add_layernorm_gate_kernel(X, ADD, ADD_BIAS, W, B, RES, Y, WG, LOGITS, H, E, eps, stride_x, stride_add,
+                               stride_add_part, stride_res, stride_y, HAS_ADD: tl.constexpr, ADD_PARTS: tl.constexpr,
+                               ADD_ROWS: tl.constexpr, HAS_ADD_BIAS: tl.constexpr, BLOCK: tl.constexpr,
+                               COLS: tl.constexpr, USE_PDL: tl.constexpr = False):
     """Program (row, g): the row's add + LayerNorm (every program of the row the same, program 0
     stores res and y), then the fp32 gate logits of experts [g*COLS, (g+1)*COLS) from the rounded
-    LN output: LOGITS[row, cols] = float(y) @ WG[:, cols]. K_TOP > 0: the row's last program to
-    finish (COUNT[row], an atomic counter it resets) reads the row's logits back and stores the
-    softmax top-k, as the top-k kernel does."""
+    LN output: LOGITS[row, cols] = float(y) @ WG[:, cols]."""
     pdl_start(USE_PDL)
     row = tl.program_id(0).to(tl.int64)
     g = tl.program_id(1)
@@ -107,60 +103,26 @@ def _add_layernorm_gate_kernel(X, ADD, ADD_BIAS, W, B, RES, Y, WG, LOGITS, PROBS
     wg = tl.load(WG + cols[:, None] * E + e[None, :], mask=m[:, None] & (e < E)[None, :], other=0.0)
     logits = tl.sum(y.to(tl.float32)[:, None] * wg, axis=0)
     tl.store(LOGITS + row * E + e, logits, mask=e < E)
-    if K_TOP > 0:
-        tl.debug_barrier()                       # every thread's logits stored before the release below
-        done = tl.atomic_add(COUNT + row, 1)     # acq_rel: the row's other programs' logits are seen
-        if done == tl.num_programs(1) - 1:
-            es = tl.arange(0, BLOCK_E)
-            em = es < E
-            lg = tl.load(LOGITS + row * E + es, mask=em, other=0.0, cache_modifier=".cg")   # not L1: other SMs wrote it
-            rows = row + tl.zeros([1], dtype=tl.int64)
-            softmax_topk_store(lg[None, :], rows, rows >= 0, es, em, PROBS, IDS, SLOTS, K_TOP, HAS_SLOTS)
-            tl.store(COUNT + row, 0)
-
-
-_COUNTERS: dict = {}
-
-
-def row_counters(device: torch.device, n: int) -> torch.Tensor:
-    """n int32 zeros on `device` for kernels whose last program per row finishes the row (and
-    resets its counter to 0). Shared by every such launch on the device, which run one after
-    another on a stream; grown by reallocation, the old buffers kept alive, since captured CUDA
-    graphs keep their addresses."""
-    key = (device.type, device.index)
-    bufs = _COUNTERS.setdefault(key, [])
-    if not bufs or bufs[-1].numel() < n:
-        bufs.append(torch.zeros(max(n, 64, 2 * bufs[-1].numel() if bufs else 0), dtype=torch.int32, device=device))
-    return bufs[-1]
 
 
 def add_layernorm_gate(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: float, wg32: torch.Tensor,
-                       add: torch.Tensor | None = None, add_bias: torch.Tensor | None = None, cols: int = 8,
-                       topk: int = 0, slots: torch.Tensor | None = None):
+                       add: torch.Tensor | None = None, add_bias: torch.Tensor | None = None, cols: int = 8):
     """`add_layernorm` (res, y: the same values) and the MoE gate's fp32 logits [N, E] =
     y.float() @ wg32 in one kernel: E / cols programs per row each recompute the row's LN (from L2)
-    and take `cols` experts, so the gate needs no kernel of its own. Returns (res, y, logits) for
-    the top-k kernel to follow, or with topk = k (res, y, probs [N, k], ids [N, k]): the softmax
-    top-k of `routing.softmax_topk` (slots as there), done by each row's last program."""
+    and take `cols` experts, so the gate needs no kernel of its own (the top-k kernel follows)."""
     N, H = x.shape
     E = wg32.shape[1]
     assert wg32.dtype == torch.float32 and wg32.is_contiguous() and wg32.shape[0] == H
     res, y = torch.empty_like(x), torch.empty_like(x)
     logits = torch.empty(N, E, dtype=torch.float32, device=x.device)
-    probs = torch.empty(N, max(topk, 1), dtype=torch.float32, device=x.device) if topk else logits
-    ids = torch.empty(N, max(topk, 1), dtype=torch.int32, device=x.device) if topk else logits
-    if slots is not None:
-        assert slots.shape == (N,) and slots.stride(0) == 1
-    count = row_counters(x.device, N) if topk else logits
     parts, rows, stride_add, stride_part = add_layout(add, N)
     _add_layernorm_gate_kernel[(N, triton.cdiv(E, cols))](
         x, add if add is not None else x, add_bias if add_bias is not None else weight, weight, bias, res, y, wg32,
-        logits, probs, ids, slots if slots is not None else ids, count, H, E, eps, x.stride(0), stride_add,
-        stride_part, res.stride(0), y.stride(0), HAS_ADD=add is not None, ADD_PARTS=parts, ADD_ROWS=rows,
-        HAS_ADD_BIAS=add_bias is not None, BLOCK=triton.next_power_of_2(H), COLS=cols, K_TOP=topk,
-        HAS_SLOTS=slots is not None, BLOCK_E=triton.next_power_of_2(E),
+        logits, H, E, eps, x.stride(0), stride_add, stride_part, res.stride(0), y.stride(0),
+        HAS_ADD=add is not None, ADD_PARTS=parts, ADD_ROWS=rows,
+        HAS_ADD_BIAS=add_bias is not None, BLOCK=triton.next_power_of_2(H), COLS=cols,
         num_warps=4 if H <= 2048 else 8, **launch_kwargs(x))
-    return (res, y, probs, ids) if topk else (res, y, logits)
+    return res, y, logits
 
 
 @triton.jit

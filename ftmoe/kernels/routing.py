@@ -22,7 +22,32 @@ import triton.language as tl
 from . import size_switch
 from .fused_moe import fused_moe
 from .pdl import launch_kwargs, pdl_start
-from .topk import softmax_topk_store
+
+
+@triton.jit
+def _softmax_topk_store(logits, rows, rm, es, em, PROBS, IDS, SLOTS, K_TOP: tl.constexpr, HAS_SLOTS: tl.constexpr):
+    """Softmax over the E valid columns of fp32 logits [BLOCK_M, BLOCK_E], then the top K_TOP
+    (ties to the lower id) stored for rows `rows` (mask rm); rows whose KV slot is < 0 get -1, 0."""
+    if HAS_SLOTS:   # rows without a KV slot are padding: no expert (id -1), so no expert weights are read
+        real = tl.load(SLOTS + rows, mask=rm, other=-1) >= 0
+        # a padding row's hidden state may hold anything (its expert outputs are never written):
+        # give it finite logits, so no NaN reaches the softmax and argmax
+        logits = tl.where(real[:, None], logits, 0.0)
+    logits = tl.where(em[None, :], logits, float("-inf"))
+    mx = tl.max(logits, axis=1)
+    ex = tl.exp(logits - mx[:, None])
+    p = ex / tl.sum(ex, axis=1)[:, None]
+    for j in tl.static_range(K_TOP):
+        idx = tl.argmax(p, axis=1, tie_break_left=True)
+        sel = es[None, :] == idx[:, None]
+        pj = tl.sum(tl.where(sel, p, 0.0), axis=1)
+        idj = idx.to(tl.int32)
+        if HAS_SLOTS:
+            pj = tl.where(real, pj, 0.0)
+            idj = tl.where(real, idj, -1)
+        tl.store(PROBS + rows * K_TOP + j, pj, mask=rm)
+        tl.store(IDS + rows * K_TOP + j, idj, mask=rm)
+        p = tl.where(sel, -1.0, p)
 
 
 @triton.jit
@@ -38,7 +63,7 @@ def _softmax_topk_kernel(LOGITS, PROBS, IDS, SLOTS, N, E, stride_l, stride_p, K_
     logits = tl.zeros([BLOCK_M, BLOCK_E], dtype=tl.float32)
     for p in tl.static_range(PARTS):                   # split-K partials of the gate GEMM, summed in order
         logits += tl.load(ptrs + p * stride_p, mask=rm[:, None] & em[None, :], other=0.0).to(tl.float32)
-    softmax_topk_store(logits, rows, rm, es, em, PROBS, IDS, SLOTS, K_TOP, HAS_SLOTS)   # padding rows stay finite
+    _softmax_topk_store(logits, rows, rm, es, em, PROBS, IDS, SLOTS, K_TOP, HAS_SLOTS)   # padding rows stay finite
 
 
 def softmax_topk(logits: torch.Tensor, k: int, probs_out=None, ids_out=None, slots: torch.Tensor | None = None):
