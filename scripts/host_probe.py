@@ -26,7 +26,10 @@ import triton
 import triton.language as tl
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from ftmoe.bench import _events_ms, config_of, random_model  # noqa: E402
+from ftmoe.fast_model import FastGPTMoE  # noqa: E402
 from ftmoe.kernels.pdl import launch_kwargs, pdl_start  # noqa: E402
+from ftmoe.tune_step import StepRig, back_to_back_ms  # noqa: E402
 
 
 @triton.jit
@@ -48,31 +51,14 @@ def _chain_graph(bufs: list[torch.Tensor], lo: int, hi: int) -> torch.cuda.CUDAG
 
 
 def _alone_us(fn, n: int = 200) -> float:
-    for _ in range(5):
-        fn()
-    torch.cuda.synchronize()
-    ts = []
-    for _ in range(n):
-        s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        s.record()
-        fn()
-        e.record()
-        e.synchronize()
-        ts.append(s.elapsed_time(e) * 1e3)
-    return statistics.median(ts)
+    return _events_ms(fn, n, 5) * 1e3          # each call timed alone, synchronized (median)
 
 
 def _b2b_us(fn, n: int = 200) -> float:
     for _ in range(5):
         fn()
     torch.cuda.synchronize()
-    s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    s.record()
-    for _ in range(n):
-        fn()
-    e.record()
-    e.synchronize()
-    return s.elapsed_time(e) * 1e3 / n
+    return back_to_back_ms(fn, n) * 1e3
 
 
 def _call_us(fn, n: int = 200) -> float:
@@ -105,10 +91,6 @@ def main():
                 g.replay()
         print(f"chain of 200 kernels in {parts} graphs: launch calls {_call_us(replay_all):6.1f} us, alone "
               f"{_alone_us(replay_all):7.1f} us, back to back {_b2b_us(replay_all):7.1f} us")
-
-    from ftmoe.bench import config_of, random_model
-    from ftmoe.fast_model import FastGPTMoE
-    from ftmoe.tune_step import StepRig
 
     batches = [int(b) for b in a.batches.split(",")]
     rig = StepRig(FastGPTMoE(random_model(config_of("gpt-moe-0.35b-64e"), torch.bfloat16, torch.device("cuda"))),
