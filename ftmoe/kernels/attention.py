@@ -213,9 +213,9 @@ def launch_config(programs: int) -> tuple[int, int]:
     17-128 at 16 heads) 64-token one-warp tiles: the H100 sweep's fastest at batch 64 (22.7 us
     against 25.4 for (128, 1) at context 128, 108.5 against 112.3 at 1024), and whole decode
     steps on an H100 -1.8 % at batch 32, -3.5 % at 64 and at 128 against (128, 1)
-    (scripts/ab_decode.py, 2026-12-07, benchmarks/results/2026-12-07-h100-round24.txt). FTMOE_ATTN_LAUNCH=FROM:BLOCK_NxWARPS
-    (read at each call, i.e. at graph capture) uses that config from FROM programs on, for
-    `scripts/ab_decode.py`'s A/B of the rule."""
+    (scripts/ab_decode.py, 2026-12-07, benchmarks/results/2026-12-07-h100-round24.txt).
+    FTMOE_ATTN_LAUNCH=FROM:BLOCK_NxWARPS (read at each call, i.e. at graph capture) uses that
+    config from FROM programs on, for `scripts/ab_decode.py`'s A/B of the rule."""
     forced = os.environ.get("FTMOE_ATTN_LAUNCH")
     if forced:
         try:
