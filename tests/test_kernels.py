@@ -659,6 +659,47 @@ def test_gemv(gen, dtype, m, K, N, mode):
             assert torch.equal(c[1:], no_bias[1:])
 
 
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("K,N,cfg", [(300, 72, None),                                        # plan's tiles
+                                     (90, 40, {"S": 3, "BLOCK_K": 16, "BLOCK_N": 32})])       # 3 splits x 2 K steps
+@pytest.mark.parametrize("mode", ["parts", "bias+gelu", "parts_in_gelu"])
+def test_gemv_fma_one_row(gen, monkeypatch, dtype, K, N, cfg, mode):
+    """The one-row FMA path (FTMOE_GEMV_FMA=1: BLOCK_M 1, no tl.dot) against the torch twin and the
+    dot path; two rows still take the dot path."""
+    w, bias = rnd(K, N, dtype=dtype, gen=gen, scale=K ** -0.5), rnd(N, dtype=dtype, gen=gen)
+    a = rnd(3, 1, K, gen=gen) if mode == "parts_in_gelu" else rnd(1, K, dtype=dtype, gen=gen)
+    parts, gelu, gelu_a = mode != "bias+gelu", mode == "bias+gelu", mode == "parts_in_gelu"
+
+    def run():
+        out = _gemv_out(1, N, K, w, parts, cfg)
+        c = gemv_mod.gemv(a, w, bias, parts=parts, gelu=gelu, gelu_a=gelu_a, out=out, config=cfg)
+        return c.sum(0) if parts else c.float()
+    dot = run()
+    monkeypatch.setenv("FTMOE_GEMV_FMA", "1")
+    fma = run()
+    want = ref.gemv_ref(a, w, bias, gelu=gelu, gelu_a=gelu_a).float()
+    assert rel(fma, want) < TOL[dtype] and rel(fma, dot) < TOL[dtype]
+    assert not torch.isnan(fma).any()
+    launched = []
+    real = gemv_mod._gemv_kernel
+    monkeypatch.setattr(gemv_mod, "_gemv_kernel", type("K", (), {
+        "__getitem__": lambda self, grid: lambda *args, **kw: launched.append(kw["BLOCK_M"]) or real[grid](*args, **kw)})())
+    gemv_mod.gemv(rnd(2, K, dtype=dtype, gen=gen), w, bias)
+    gemv_mod.gemv(rnd(1, K, dtype=dtype, gen=gen), w, bias)
+    assert launched == [gemv_mod.MAX_ROWS, 1]
+
+
+def test_gemv_tile_override(monkeypatch):
+    monkeypatch.delenv("FTMOE_GEMV_TILE", raising=False)
+    assert gemv_mod.tile_bytes() == gemv_mod.MAX_TILE_BYTES
+    monkeypatch.setenv("FTMOE_GEMV_TILE", "32768")
+    assert gemv_mod.tile_bytes() == 32768
+    assert gemv_mod.plan(4096, 1024, 2, 132, True, gemv_mod.tile_bytes())["BLOCK_K"] == 128
+    monkeypatch.setenv("FTMOE_GEMV_TILE", "32k")
+    with pytest.raises(ValueError, match="FTMOE_GEMV_TILE: expected a tile size in bytes >= 1024, found '32k'"):
+        gemv_mod.tile_bytes()
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
 @pytest.mark.parametrize("cfg", [{"S": 3, "BLOCK_K": 16, "BLOCK_N": 32, "num_warps": 4},    # 3 splits x 2 K steps
                                  {"S": 8, "BLOCK_K": 16, "BLOCK_N": 16, "num_warps": 1}])   # empty last splits

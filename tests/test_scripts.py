@@ -102,3 +102,16 @@ def test_critical_path_counts_each_kernels_advance_of_the_frontier(capsys):
     assert "span 9.0 us" in out and "end 11.0 us" in out
     cp.report("empty", [], 0)
     assert "no kernel events" in capsys.readouterr().out
+
+
+def test_kernel_resources_programs_per_sm():
+    """scripts/kernel_resources.py: programs of one kernel an H100 SM holds, and the limit."""
+    spec = importlib.util.spec_from_file_location("kernel_resources", os.path.join(ROOT, "scripts", "kernel_resources.py"))
+    kr = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(kr)
+    assert kr.per_sm(213, 8, 65536) == (1, "registers")      # 213 x 256 threads: 54.5K of 64K registers
+    assert kr.per_sm(128, 8, 1024) == (2, "registers")
+    assert kr.per_sm(96, 4, 16384) == (5, "registers")       # 96 x 32 = 3072 per warp, 12288 a program
+    assert kr.per_sm(32, 4, 100 * 1024) == (2, "shared")
+    assert kr.per_sm(16, 1, 0) == (32, "programs")
+    assert kr.per_sm(16, 16, 0) == (4, "threads")

@@ -28,11 +28,13 @@ loading, then waiting and triggering; a plain 8.4 MB read in the same order 2.65
 from __future__ import annotations
 
 import functools
+import os
 
 import torch
 import triton
 import triton.language as tl
 
+from . import size_switch
 from .fused_moe import _gelu_tanh
 from .pdl import EARLY, FEED, launch_kwargs
 
@@ -42,6 +44,19 @@ MAX_ROWS = 16
 MAX_TILE_BYTES = 64 * 1024
 #: a K split covers at least this many rows of w
 MIN_SPLIT_K = 64
+#: one-row steps up to this many rows (so: off, 0, or on, 1) take the FMA path (`BLOCK_M` 1:
+#: products summed over K in registers, no tl.dot); FTMOE_GEMV_FMA=0 / 1 forces it
+FMA_MAX_ROWS = 0
+
+
+def tile_bytes() -> int:
+    """A program's weight tile cap in bytes: MAX_TILE_BYTES, or FTMOE_GEMV_TILE (A/B runs)."""
+    v = os.environ.get("FTMOE_GEMV_TILE")
+    if v is None:
+        return MAX_TILE_BYTES
+    if not v.isdigit() or int(v) < 1024:
+        raise ValueError(f"FTMOE_GEMV_TILE: expected a tile size in bytes >= 1024, found {v!r}")
+    return int(v)
 
 
 @triton.jit
@@ -92,7 +107,9 @@ def _gemv_kernel(A, W, BIAS, C, M, N, K, stride_ap, stride_am, stride_wk, stride
         if it > 0:
             w = _w_tile(W, k0, offs_k, offs_n, nmask, K, stride_wk, stride_wn)
         a = _a_tile(A, k0, offs_k, rows, rmask, K, stride_ap, stride_am, A_PARTS, GELU_A, W.dtype.element_ty)
-        if IEEE:
+        if BLOCK_M == 1:   # one row: products and a sum over K in registers (no dot-operand copy of w)
+            acc += tl.sum(w.to(tl.float32) * tl.reshape(a, [BLOCK_K]).to(tl.float32)[:, None], axis=0)[None, :]
+        elif IEEE:
             acc = tl.dot(a, w, acc, input_precision="ieee")    # fp32 weights: no silent tf32
         else:
             acc = tl.dot(a, w, acc)
@@ -121,7 +138,7 @@ def sm_count(device: torch.device) -> int:
     return _sm_count(device.index if device.index is not None else torch.cuda.current_device())
 
 
-def plan(N: int, K: int, elem_bytes: int, sms: int, parts: bool) -> dict:
+def plan(N: int, K: int, elem_bytes: int, sms: int, parts: bool, max_tile_bytes: int | None = None) -> dict:
     """Tiles of one launch: BLOCK_N up to 128 columns; with `parts`, K split into the most powers
     of two S that keep N tiles x S within one wave of `sms` programs and each split >= MIN_SPLIT_K
     rows; BLOCK_K the split's K rounded up to a power of two, capped so that a weight tile stays
@@ -133,7 +150,8 @@ def plan(N: int, K: int, elem_bytes: int, sms: int, parts: bool) -> dict:
     while parts and tiles * s * 2 <= sms and triton.cdiv(K, s * 2) >= MIN_SPLIT_K:
         s *= 2
     per = triton.cdiv(K, s)
-    cap = max(16, triton.next_power_of_2(MAX_TILE_BYTES // (bn * elem_bytes) + 1) // 2)
+    tile = max_tile_bytes or MAX_TILE_BYTES
+    cap = max(16, triton.next_power_of_2(tile // (bn * elem_bytes) + 1) // 2)
     bk = min(max(16, triton.next_power_of_2(per)), cap)
     return {"BLOCK_N": bn, "BLOCK_K": bk, "ITERS": triton.cdiv(per, bk), "S": s,
             "num_warps": 8 if bk * bn >= 32768 else 4}
@@ -157,7 +175,8 @@ def gemv(a: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None = None, *, 
     assert a_parts or not gelu_a, "gelu_a applies to the sum of partials"
     assert a_parts or a.dtype == w.dtype, f"a is {a.dtype}, w is {w.dtype}"
     assert not a_parts or a.dtype == torch.float32, "partials are fp32"
-    cfg = dict(plan(N, K, w.element_size(), sm_count(a.device), parts), **(config or {}))
+    cfg = dict(plan(N, K, w.element_size(), sm_count(a.device), parts, tile_bytes()), **(config or {}))
+    block_m = 1 if M == 1 and size_switch("FTMOE_GEMV_FMA", M, FMA_MAX_ROWS) else MAX_ROWS
     S = cfg["S"] if parts else 1
     iters = triton.cdiv(triton.cdiv(K, S), cfg["BLOCK_K"])
     shape, dtype = ((S, M, N), torch.float32) if parts else ((M, N), out_dtype or w.dtype)
@@ -172,6 +191,6 @@ def gemv(a: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None = None, *, 
         a, w, bias if bias is not None else w, c, M, N, K, a.stride(0) if a_parts else 0, a.stride(-2),
         w.stride(0), w.stride(1), c.stride(0) if parts else 0, c.stride(-2),
         HAS_BIAS=bias is not None, A_PARTS=a_parts, GELU_A=gelu_a, GELU=gelu, PARTS=parts,
-        IEEE=w.dtype == torch.float32, ITERS=iters, BLOCK_M=MAX_ROWS, BLOCK_N=cfg["BLOCK_N"],
+        IEEE=w.dtype == torch.float32, ITERS=iters, BLOCK_M=block_m, BLOCK_N=cfg["BLOCK_N"],
         BLOCK_K=cfg["BLOCK_K"], num_warps=cfg["num_warps"], num_stages=1, **kw)
     return c
