@@ -664,8 +664,8 @@ def test_gemv(gen, dtype, m, K, N, mode):
                                      (90, 40, {"S": 3, "BLOCK_K": 16, "BLOCK_N": 32})])       # 3 splits x 2 K steps
 @pytest.mark.parametrize("mode", ["parts", "bias+gelu", "parts_in_gelu"])
 def test_gemv_fma_one_row(gen, monkeypatch, dtype, K, N, cfg, mode):
-    """The one-row FMA path (FTMOE_GEMV_FMA=1: BLOCK_M 1, no tl.dot) against the torch twin and the
-    dot path; two rows still take the dot path."""
+    """The FMA path (FTMOE_GEMV_FMA=1: BLOCK_M 1, rows one at a time, no tl.dot) against the torch
+    twin and the dot path: for one row always, for more rows only where one tile covers a K split."""
     w, bias = rnd(K, N, dtype=dtype, gen=gen, scale=K ** -0.5), rnd(N, dtype=dtype, gen=gen)
     a = rnd(3, 1, K, gen=gen) if mode == "parts_in_gelu" else rnd(1, K, dtype=dtype, gen=gen)
     parts, gelu, gelu_a = mode != "bias+gelu", mode == "bias+gelu", mode == "parts_in_gelu"
@@ -684,9 +684,12 @@ def test_gemv_fma_one_row(gen, monkeypatch, dtype, K, N, cfg, mode):
     real = gemv_mod._gemv_kernel
     monkeypatch.setattr(gemv_mod, "_gemv_kernel", type("K", (), {
         "__getitem__": lambda self, grid: lambda *args, **kw: launched.append(kw["BLOCK_M"]) or real[grid](*args, **kw)})())
-    gemv_mod.gemv(rnd(2, K, dtype=dtype, gen=gen), w, bias)
-    gemv_mod.gemv(rnd(1, K, dtype=dtype, gen=gen), w, bias)
-    assert launched == [gemv_mod.MAX_ROWS, 1]
+    a3 = rnd(3, K, dtype=dtype, gen=gen)
+    c3 = gemv_mod.gemv(a3, w, bias, parts=True, config=cfg)   # three rows: FMA where one tile covers a split
+    gemv_mod.gemv(rnd(1, K, dtype=dtype, gen=gen), w, bias, parts=True, config=cfg)
+    whole = cfg is None                                     # plan's split of 300 fits one tile; cfg's takes 2
+    assert launched == [1 if whole else gemv_mod.MAX_ROWS, 1]
+    assert rel(c3.sum(0), ref.gemv_ref(a3, w, bias).float()) < TOL[dtype]
 
 
 def test_gemv_tile_override(monkeypatch):

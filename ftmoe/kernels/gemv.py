@@ -44,8 +44,8 @@ MAX_ROWS = 16
 MAX_TILE_BYTES = 64 * 1024
 #: a K split covers at least this many rows of w
 MIN_SPLIT_K = 64
-#: one-row steps up to this many rows (so: off, 0, or on, 1) take the FMA path (`BLOCK_M` 1:
-#: products summed over K in registers, no tl.dot); FTMOE_GEMV_FMA=0 / 1 forces it
+#: steps up to this many rows take the FMA path (`BLOCK_M` 1: rows one at a time, products summed
+#: over K in registers, no tl.dot) where one tile covers a K split; FTMOE_GEMV_FMA=0 / 1 forces it
 FMA_MAX_ROWS = 0
 
 
@@ -99,20 +99,44 @@ def _gemv_kernel(A, W, BIAS, C, M, N, K, stride_ap, stride_am, stride_wk, stride
         tl.extra.cuda.gdc_wait()                   # the kernel before has finished: `a` is complete
     if USE_PDL == 1:                               # EARLY: the next kernel launches once `a` is ready
         tl.extra.cuda.gdc_launch_dependents()
-    rows = tl.arange(0, BLOCK_M)
-    rmask = rows < M
-    acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
-    for it in tl.static_range(ITERS):
-        k0 = k_lo + it * BLOCK_K
-        if it > 0:
-            w = _w_tile(W, k0, offs_k, offs_n, nmask, K, stride_wk, stride_wn)
-        a = _a_tile(A, k0, offs_k, rows, rmask, K, stride_ap, stride_am, A_PARTS, GELU_A, W.dtype.element_ty)
-        if BLOCK_M == 1:   # one row: products and a sum over K in registers (no dot-operand copy of w)
-            acc += tl.sum(w.to(tl.float32) * tl.reshape(a, [BLOCK_K]).to(tl.float32)[:, None], axis=0)[None, :]
-        elif IEEE:
-            acc = tl.dot(a, w, acc, input_precision="ieee")    # fp32 weights: no silent tf32
-        else:
-            acc = tl.dot(a, w, acc)
+    if BLOCK_M == 1:
+        # FMA path: rows one at a time, products summed over K in registers (no tl.dot, so no
+        # dot-operand copy of the tile: about 100-130 registers a thread against 140-255, and two
+        # GEMVs' programs fit on one SM). The tile is loaded once per row loop: the wrapper takes
+        # this path only where one K step covers the split (ITERS 1) or for one row.
+        for m in range(M):
+            rows = m + tl.arange(0, 1)
+            rmask = rows < M
+            acc = tl.zeros([1, BLOCK_N], dtype=tl.float32)
+            for it in tl.static_range(ITERS):
+                k0 = k_lo + it * BLOCK_K
+                if it > 0:
+                    w = _w_tile(W, k0, offs_k, offs_n, nmask, K, stride_wk, stride_wn)
+                a = _a_tile(A, k0, offs_k, rows, rmask, K, stride_ap, stride_am, A_PARTS, GELU_A, W.dtype.element_ty)
+                acc += tl.sum(w.to(tl.float32) * tl.reshape(a, [BLOCK_K]).to(tl.float32)[:, None], axis=0)[None, :]
+            _gemv_store(acc, BIAS, C, ks, rows, rmask, offs_n, nmask, stride_cs, stride_cm, HAS_BIAS, GELU, PARTS,
+                        W.dtype.element_ty)
+    else:
+        rows = tl.arange(0, BLOCK_M)
+        rmask = rows < M
+        acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+        for it in tl.static_range(ITERS):
+            k0 = k_lo + it * BLOCK_K
+            if it > 0:
+                w = _w_tile(W, k0, offs_k, offs_n, nmask, K, stride_wk, stride_wn)
+            a = _a_tile(A, k0, offs_k, rows, rmask, K, stride_ap, stride_am, A_PARTS, GELU_A, W.dtype.element_ty)
+            if IEEE:
+                acc = tl.dot(a, w, acc, input_precision="ieee")    # fp32 weights: no silent tf32
+            else:
+                acc = tl.dot(a, w, acc)
+        _gemv_store(acc, BIAS, C, ks, rows, rmask, offs_n, nmask, stride_cs, stride_cm, HAS_BIAS, GELU, PARTS,
+                    W.dtype.element_ty)
+
+
+@triton.jit
+def _gemv_store(acc, BIAS, C, ks, rows, rmask, offs_n, nmask, stride_cs, stride_cm, HAS_BIAS: tl.constexpr,
+                GELU: tl.constexpr, PARTS: tl.constexpr, DTYPE: tl.constexpr):
+    """The epilogue: + bias (in the first K split), GELU, the partial or the rounded result stored."""
     if HAS_BIAS:
         bias = tl.load(BIAS + offs_n, mask=nmask, other=0.0).to(tl.float32)
         acc += bias[None, :] * tl.where(ks == 0, 1.0, 0.0)       # once: in the first K split
@@ -121,7 +145,7 @@ def _gemv_kernel(A, W, BIAS, C, M, N, K, stride_ap, stride_am, stride_wk, stride
     if PARTS:
         out = acc
     else:
-        out = acc.to(W.dtype.element_ty).to(C.dtype.element_ty)  # the GEMM's rounding, then the store's type
+        out = acc.to(DTYPE).to(C.dtype.element_ty)  # the GEMM's rounding, then the store's type
     c_ptrs = C + ks * stride_cs + rows[:, None] * stride_cm + offs_n[None, :]
     tl.store(c_ptrs, out, mask=rmask[:, None] & nmask[None, :])
 
@@ -176,7 +200,10 @@ def gemv(a: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None = None, *, 
     assert a_parts or a.dtype == w.dtype, f"a is {a.dtype}, w is {w.dtype}"
     assert not a_parts or a.dtype == torch.float32, "partials are fp32"
     cfg = dict(plan(N, K, w.element_size(), sm_count(a.device), parts, tile_bytes()), **(config or {}))
-    block_m = 1 if M == 1 and size_switch("FTMOE_GEMV_FMA", M, FMA_MAX_ROWS) else MAX_ROWS
+    block_m = MAX_ROWS
+    if (M == 1 or triton.cdiv(triton.cdiv(K, cfg["S"] if parts else 1), cfg["BLOCK_K"]) == 1) \
+            and size_switch("FTMOE_GEMV_FMA", M, FMA_MAX_ROWS):
+        block_m = 1        # the FMA path (see _gemv_kernel): for one row, or a tile that covers the split
     S = cfg["S"] if parts else 1
     iters = triton.cdiv(triton.cdiv(K, S), cfg["BLOCK_K"])
     shape, dtype = ((S, M, N), torch.float32) if parts else ((M, N), out_dtype or w.dtype)
