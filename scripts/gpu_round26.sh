@@ -5,7 +5,7 @@
 # 2. scripts/kernel_resources.py: registers / spills / shared memory of every kernel of the
 #    batch-1 and batch-8 steps (default, then FTMOE_GEMV_FMA=1): whether a GEMV's programs can
 #    be resident beside the kernel before it (what its early weight loads need);
-# 3. A/B at batches 1-8: base, the FMA GEMV for one row, 32 KB GEMV tiles;
+# 3. A/B at batches 1-8: base, the FMA GEMV (with and without the head on it), 32 KB GEMV tiles;
 # 4. scripts/host_probe.py: graph launch cost against node count and the real step's host side.
 # Usage: OUT=dir bash scripts/gpu_round26.sh
 set -u
@@ -18,8 +18,8 @@ timeout 170 python3 -m pytest -q -p no:cacheprovider tests/test_kernels.py tests
 echo "[tests rc $? at ${SECONDS}s]"; tail -3 "$OUT/tests.txt"; grep -E "^(FAILED|ERROR)" "$OUT/tests.txt" | head -20
 timeout 90 python3 scripts/kernel_resources.py --batches 1,8 --env FTMOE_GEMV_FMA=1 > "$OUT/resources.txt" 2>&1
 echo "[resources rc $? at ${SECONDS}s]"; grep -v -i warn "$OUT/resources.txt" | head -60
-timeout 140 python3 scripts/ab_decode.py --batches 1,2,4,8 --rounds 5 --json "$OUT/ab.json" \
-    --variants base gemvfma=1 gemvtile=32768 > "$OUT/ab.txt" 2>&1
+timeout 170 python3 scripts/ab_decode.py --batches 1,2,4,8 --rounds 4 --json "$OUT/ab.json" \
+    --variants base gemvfma=1 gemvfma=1,gemvhead=1 gemvtile=32768 > "$OUT/ab.txt" 2>&1
 echo "[ab rc $? at ${SECONDS}s]"; grep -v -i warn "$OUT/ab.txt" | tail -20
 timeout 90 python3 scripts/host_probe.py --batches 1,8 > "$OUT/host_probe.txt" 2>&1
 echo "[host probe rc $? at ${SECONDS}s]"; grep -E "^(chain|decode)" "$OUT/host_probe.txt" || tail -5 "$OUT/host_probe.txt"
