@@ -692,6 +692,37 @@ def test_gemv_fma_one_row(gen, monkeypatch, dtype, K, N, cfg, mode):
     assert rel(c3.sum(0), ref.gemv_ref(a3, w, bias).float()) < TOL[dtype]
 
 
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("early", [False, True])
+@pytest.mark.parametrize("R,topk,K,N,cfg", [(1, 1, 300, 72, None), (3, 1, 96, 40, {"S": 2, "BLOCK_K": 16}),
+                                            (4, 2, 64, 48, None)])
+def test_gemv_experts(gen, dtype, early, R, topk, K, N, cfg):
+    """The routed GEMV (expert W1 then W2 of few slots) against its torch twin: each slot's expert,
+    the bias in split 0, the probability, a slot with no expert (-1) left unwritten; W2 sums W1's
+    partials through GELU as it loads them. `early` (ids read before the wait) gives the same."""
+    E = 5
+    w1, b1 = rnd(E, K, N, dtype=dtype, gen=gen, scale=K ** -0.5), rnd(E, N, dtype=dtype, gen=gen)
+    w2, b2 = rnd(E, N, K, dtype=dtype, gen=gen, scale=N ** -0.5), rnd(E, K, dtype=dtype, gen=gen)
+    u = rnd(R // topk, K, dtype=dtype, gen=gen)
+    ids = torch.randint(0, E, (R,), generator=torch.Generator().manual_seed(R), dtype=torch.int32).to(DEV)
+    if R > 1:
+        ids[1] = -1                                   # a padding slot: no expert
+    probs = torch.rand(R, generator=torch.Generator().manual_seed(7)).to(DEV)
+    h = gemv_mod.gemv_experts(u, w1, b1, ids, topk=topk, ids_early=early, config=cfg)
+    want_h = ref.gemv_experts_ref(u, w1, b1, ids, topk=topk)
+    live = ids >= 0
+    assert rel(h.sum(0)[live], want_h[live]) < TOL[dtype]
+    out = torch.full((gemv_mod.plan(K, N, w2.element_size(), gemv_mod.sm_count(w2.device), True)["S"], R, K),
+                     float("nan"), device=DEV)
+    y = gemv_mod.gemv_experts(h, w2, b2, ids, probs, gelu_a=True, ids_early=early, out=out)
+    assert y.data_ptr() == out.data_ptr()
+    want = ref.gemv_experts_ref(h, w2, b2, ids, probs, gelu_a=True)
+    assert rel(y.sum(0)[live], want[live]) < TOL[dtype]
+    assert torch.isnan(y[:, ~live]).all()              # the slot without an expert: not written
+    no_bias = gemv_mod.gemv_experts(h, w2, None, ids, probs, gelu_a=True)
+    assert torch.equal(y[1:, live], no_bias[1:, live])   # bias (x prob) in split 0 only
+
+
 def test_gemv_tile_override(monkeypatch):
     monkeypatch.delenv("FTMOE_GEMV_TILE", raising=False)
     assert gemv_mod.tile_bytes() == gemv_mod.MAX_TILE_BYTES

@@ -150,6 +150,99 @@ def _gemv_store(acc, BIAS, C, ks, rows, rmask, offs_n, nmask, stride_cs, stride_
     tl.store(c_ptrs, out, mask=rmask[:, None] & nmask[None, :])
 
 
+@triton.jit
+def _gemv_routed_kernel(A, W, BIAS, C, IDS, PROBS, R, N, K, stride_ap, stride_am, stride_we, stride_wk, stride_wn,
+                        stride_be, stride_cs, stride_cm, HAS_BIAS: tl.constexpr, A_PARTS: tl.constexpr,
+                        GELU_A: tl.constexpr, MUL_PROB: tl.constexpr, TOPK: tl.constexpr, IDS_EARLY: tl.constexpr,
+                        ITERS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                        USE_PDL: tl.constexpr = 0):
+    """Program (n, s, r): slot r's expert IDS[r] (negative: no expert, nothing read or written),
+    its [BLOCK_K, BLOCK_N] weight tile of split s, the FMA path of `_gemv_kernel` on a's row
+    r // TOPK; out (acc + bias[e] in split 0) * PROBS[r]. IDS_EARLY: the ids are complete when the
+    kernel launches (the kernel before let it launch only after its own wait), so the expert's
+    weights load before the wait, as a dense GEMV's do; else after it."""
+    pid_n = tl.program_id(0)
+    ks = tl.program_id(1)
+    r = tl.program_id(2)
+    if USE_PDL == 3:
+        tl.extra.cuda.gdc_launch_dependents()
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_k = tl.arange(0, BLOCK_K)
+    k_lo = ks * (ITERS * BLOCK_K)
+    if IDS_EARLY:
+        e = tl.load(IDS + r)
+        nmask = (offs_n < N) & (offs_n * 0 + e >= 0)   # a slot without an expert loads nothing
+        w = _w_tile(W + tl.maximum(e, 0).to(tl.int64) * stride_we, k_lo, offs_k, offs_n, nmask, K, stride_wk,
+                    stride_wn)
+    if USE_PDL:
+        tl.extra.cuda.gdc_wait()
+    if USE_PDL == 1:
+        tl.extra.cuda.gdc_launch_dependents()
+    if not IDS_EARLY:
+        e = tl.load(IDS + r)
+        nmask = (offs_n < N) & (offs_n * 0 + e >= 0)
+        w = _w_tile(W + tl.maximum(e, 0).to(tl.int64) * stride_we, k_lo, offs_k, offs_n, nmask, K, stride_wk,
+                    stride_wn)
+    wx = W + tl.maximum(e, 0).to(tl.int64) * stride_we
+    rows = r // TOPK + tl.arange(0, 1)
+    rmask = rows * 0 + e >= 0                      # (vector forms: the interpreter's & takes no scalar)
+    acc = tl.zeros([1, BLOCK_N], dtype=tl.float32)
+    for it in tl.static_range(ITERS):
+        k0 = k_lo + it * BLOCK_K
+        if it > 0:
+            w = _w_tile(wx, k0, offs_k, offs_n, nmask, K, stride_wk, stride_wn)
+        a = _a_tile(A, k0, offs_k, rows, rmask, K, stride_ap, stride_am, A_PARTS, GELU_A, W.dtype.element_ty)
+        acc += tl.sum(w.to(tl.float32) * tl.reshape(a, [BLOCK_K]).to(tl.float32)[:, None], axis=0)[None, :]
+    if HAS_BIAS:
+        bias = tl.load(BIAS + tl.maximum(e, 0).to(tl.int64) * stride_be + offs_n, mask=nmask, other=0.0)
+        acc += bias.to(tl.float32)[None, :] * tl.where(ks == 0, 1.0, 0.0)
+    if MUL_PROB:
+        acc = acc * tl.load(PROBS + r)
+    out_rows = r + tl.arange(0, 1)
+    tl.store(C + ks * stride_cs + out_rows[:, None] * stride_cm + offs_n[None, :], acc,
+             mask=(rmask & (out_rows < R))[:, None] & nmask[None, :])
+
+
+def gemv_experts(a: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None, ids: torch.Tensor,
+                 probs: torch.Tensor | None = None, *, topk: int = 1, gelu_a: bool = False, ids_early: bool = False,
+                 out: torch.Tensor | None = None, config: dict | None = None,
+                 trigger_first: bool = True) -> torch.Tensor:
+    """Routed GEMV of few slots: fp32 partials [S, R, N] whose sum over S is, for slot r with
+    expert e = ids[r] >= 0, (a[r // topk] @ w[e] + bias[e]) * probs[r] (no probs: * 1).
+    a [M, K] in w's dtype, or fp32 partials [P, R, K] of an earlier routed GEMV (one row per slot;
+    gelu_a: GELU of their sum); w [E, K, N] (N contiguous); bias [E, N]; ids int32 [R]. Slots
+    with a negative id are not written. ids_early: the kernel before completes the ids before
+    this kernel launches (it triggers after its own wait), so the weights load before the wait.
+    The rest as `gemv` (plan's tiles, PDL trigger)."""
+    R = ids.numel()
+    E, K, N = w.shape
+    assert a.shape[-1] == K, f"a has K = {a.shape[-1]}, w has {K} rows"
+    assert w.stride(2) == 1 and a.stride(-1) == 1, "w must be contiguous along N and a along K"
+    a_parts = a.shape[0] if a.dim() == 3 else 0
+    assert a_parts or not gelu_a, "gelu_a applies to the sum of partials"
+    assert not a_parts or (a.dtype == torch.float32 and a.shape[1] == R and topk == 1), \
+        "partials are fp32, one row per slot"
+    assert a_parts or a.dtype == w.dtype, f"a is {a.dtype}, w is {w.dtype}"
+    assert a_parts or a.shape[0] * topk == R, f"{a.shape[0]} rows x top-{topk} != {R} slots"
+    cfg = dict(plan(N, K, w.element_size(), sm_count(a.device), True, tile_bytes()), **(config or {}))
+    S = cfg["S"]
+    iters = triton.cdiv(triton.cdiv(K, S), cfg["BLOCK_K"])
+    c = out if out is not None else torch.empty(S, R, N, dtype=torch.float32, device=a.device)
+    assert c.shape == (S, R, N) and c.dtype == torch.float32 and c.is_contiguous(), \
+        f"out is {tuple(c.shape)} {c.dtype}, expected {(S, R, N)} torch.float32"
+    kw = launch_kwargs(a)
+    if trigger_first and kw.get("USE_PDL") == EARLY:
+        kw["USE_PDL"] = FEED
+    _gemv_routed_kernel[(triton.cdiv(N, cfg["BLOCK_N"]), S, R)](
+        a, w, bias if bias is not None else w, c, ids, probs if probs is not None else c, R, N, K,
+        a.stride(0) if a_parts else 0, a.stride(-2), w.stride(0), w.stride(1), w.stride(2),
+        bias.stride(0) if bias is not None else 0, c.stride(0), c.stride(1),
+        HAS_BIAS=bias is not None, A_PARTS=a_parts, GELU_A=gelu_a, MUL_PROB=probs is not None, TOPK=topk,
+        IDS_EARLY=ids_early, ITERS=iters, BLOCK_N=cfg["BLOCK_N"], BLOCK_K=cfg["BLOCK_K"],
+        num_warps=cfg["num_warps"], num_stages=1, **kw)
+    return c
+
+
 @functools.lru_cache(maxsize=None)
 def _sm_count(device_index: int) -> int:
     return torch.cuda.get_device_properties(device_index).multi_processor_count
