@@ -29,7 +29,7 @@ from .kernels import pdl, size_switch
 from .kernels.attention import decode_attention, write_kv
 from .kernels.configs import get_config, get_dense_choice
 from .kernels.fused_moe import fused_moe
-from .kernels.gemv import MAX_ROWS as GEMV_ROWS, gemv, gemv_experts
+from .kernels.gemv import MAX_ROWS as GEMV_ROWS, gemv
 from .kernels.norm import add_layernorm, add_layernorm_gate, embed_layernorm
 from .kernels.routing import gate_topk, ln_gate, moe_align, softmax_topk
 from .kv_cache import AttnMetadata, KVCache
@@ -47,10 +47,6 @@ SMALL_BATCH_SLOTS = 32
 GEMV_MAX_ROWS = 8
 #: FTMOE_GEMV_HEAD does the same for the tied head's logits (+0.8 % at batch 1: off by default)
 GEMV_HEAD_MAX_ROWS = 0
-#: FTMOE_GEMV_EXPERTS: with the GEMV, the experts of steps up to this many rows on its routed form
-#: (`gemv_experts`: W1 reads its expert after its wait and lets W2 launch only then, so W2 loads
-#: its expert's weights before its own wait); 0 = off until timed
-GEMV_EXPERTS_MAX_ROWS = 0
 
 
 def _gemv_on(var: str, rows: int, limit: int) -> bool:
@@ -177,12 +173,6 @@ class FastGPTMoE:
             probs, ids = gate_topk(u32, L["wg32"], L["k"], slots=slots)   # fp32 gate GEMM (no TF32) + top-k
         if self.trace is not None:
             self.trace.append(ids)
-        if use_gemv and _gemv_on("FTMOE_GEMV_EXPERTS", res.shape[0], GEMV_EXPERTS_MAX_ROWS):
-            slots_e = ids.view(-1)
-            h = gemv_experts(u, L["w1"], L["b1"], slots_e, topk=L["k"], trigger_first=False)
-            y = gemv_experts(h, L["w2"], L["b2"] if self.par.t == 0 else None, slots_e, probs.view(-1), gelu_a=True,
-                             ids_early=True, trigger_first=not feed)
-            return res, self.par.tp_all_reduce(y), None
         y = self._experts(L, u, probs, ids, split_k_ok=True, zero_out=zero_padding)
         return res, self.par.tp_all_reduce(y), None          # [split_k,] N*k rows: the next add_layernorm sums partials and slots
 

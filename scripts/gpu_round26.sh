@@ -7,6 +7,8 @@
 #    be resident beside the kernel before it (what its early weight loads need);
 # 3. A/B at batches 1-8: base, the FMA GEMV, + the experts on the routed GEMV (gemv_experts), + the head;
 # 4. scripts/host_probe.py: graph launch cost against node count and the real step's host side.
+# Ran once (2026-12-07, H100: benchmarks/results/2026-12-07-h100-round26.txt); the FMA GEMV and the
+# routed expert GEMV measured slower there (x1.05-2.4) and were removed, with their switches.
 # Usage: OUT=dir bash scripts/gpu_round26.sh
 set -u
 OUT=${OUT:-/tmp/ftmoe_out}

@@ -5,7 +5,7 @@ Under PDL a kernel's weight loads overlap the kernel before only where its progr
 resident beside that kernel's: an SM holds 64K 32-bit registers, 228 KB of shared memory,
 2048 threads and 32 programs. A GEMV whose programs each take most of an SM's registers cannot
 start loading until the one before it has left the SM, whatever PDL allows.
-Usage: python3 scripts/kernel_resources.py [--batches 1,8] [--env FTMOE_GEMV_FMA=1 ...] (--env: a second
+Usage: python3 scripts/kernel_resources.py [--batches 1,8] [--env FTMOE_GEMV=0 ...] (--env: a second
 pass of the steps under those switches, whose kernels are listed with the first pass's)
 """
 from __future__ import annotations

@@ -589,16 +589,10 @@ def test_gemv_decode_equals_tuned_dense_path(models, monkeypatch):
     ctx = pos.int()
     slots = (tables[:, 0] * 4 + ctx).int()
     out = {}
-    experts = []
-    real_experts = fast_model.gemv_experts
-    monkeypatch.setattr(fast_model, "gemv_experts", lambda a, w, *args, **kw: experts.append(tuple(w.shape)) or
-                        real_experts(a, w, *args, **kw))
-    for flag in ("0", "1", "feed", "fma", "experts"):   # feed: the bounded cascade (launch order only)
+    for flag in ("0", "1", "feed"):     # feed: the bounded cascade (launch order only: the same results)
         monkeypatch.setenv("FTMOE_GEMV", "0" if flag == "0" else "1")
         monkeypatch.setenv("FTMOE_GEMV_HEAD", "0" if flag == "0" else "1")
         monkeypatch.setenv("FTMOE_PDL_FEED", "1" if flag == "feed" else "0")
-        monkeypatch.setenv("FTMOE_GEMV_FMA", "1" if flag == "fma" else "0")   # rows one at a time, no tl.dot
-        monkeypatch.setenv("FTMOE_GEMV_EXPERTS", "1" if flag == "experts" else "0")   # routed expert GEMVs
         cache = KVCache.for_model(ref.config, 64, block_size=4, dtype=torch.float32, device=DEV)
         cache.k.normal_(generator=torch.Generator(DEV).manual_seed(1))
         cache.v.normal_(generator=torch.Generator(DEV).manual_seed(2))
@@ -615,10 +609,6 @@ def test_gemv_decode_equals_tuned_dense_path(models, monkeypatch):
     assert rel(out["1"][0], out["0"][0]) < 1e-5
     assert rel(out["1"][1], out["0"][1]) < 1e-5 and rel(out["1"][2], out["0"][2]) < 1e-5
     assert out["1"][0].dtype == torch.float32 and out["1"][0].shape == (B, cfg.vocab_size)
-    assert out["feed"][3] == out["1"][3] == out["fma"][3] == out["experts"][3]
-    moe = n - dense
-    assert len(experts) == 2 * moe and experts[0] == tuple(next(L for L in fast.layers if L["moe"])["w1"].shape)
+    assert out["feed"][3] == out["1"][3]
     for i in range(3):
         assert torch.equal(out["feed"][i], out["1"][i])
-        assert rel(out["fma"][i], out["0"][i]) < 1e-5
-        assert rel(out["experts"][i], out["0"][i]) < 1e-5

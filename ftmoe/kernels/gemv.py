@@ -28,13 +28,11 @@ loading, then waiting and triggering; a plain 8.4 MB read in the same order 2.65
 from __future__ import annotations
 
 import functools
-import os
 
 import torch
 import triton
 import triton.language as tl
 
-from . import size_switch
 from .fused_moe import _gelu_tanh
 from .pdl import EARLY, FEED, launch_kwargs
 
@@ -44,19 +42,6 @@ MAX_ROWS = 16
 MAX_TILE_BYTES = 64 * 1024
 #: a K split covers at least this many rows of w
 MIN_SPLIT_K = 64
-#: steps up to this many rows take the FMA path (`BLOCK_M` 1: rows one at a time, products summed
-#: over K in registers, no tl.dot) where one tile covers a K split; FTMOE_GEMV_FMA=0 / 1 forces it
-FMA_MAX_ROWS = 0
-
-
-def tile_bytes() -> int:
-    """A program's weight tile cap in bytes: MAX_TILE_BYTES, or FTMOE_GEMV_TILE (A/B runs)."""
-    v = os.environ.get("FTMOE_GEMV_TILE")
-    if v is None:
-        return MAX_TILE_BYTES
-    if not v.isdigit() or int(v) < 1024:
-        raise ValueError(f"FTMOE_GEMV_TILE: expected a tile size in bytes >= 1024, found {v!r}")
-    return int(v)
 
 
 @triton.jit
@@ -99,44 +84,18 @@ def _gemv_kernel(A, W, BIAS, C, M, N, K, stride_ap, stride_am, stride_wk, stride
         tl.extra.cuda.gdc_wait()                   # the kernel before has finished: `a` is complete
     if USE_PDL == 1:                               # EARLY: the next kernel launches once `a` is ready
         tl.extra.cuda.gdc_launch_dependents()
-    if BLOCK_M == 1:
-        # FMA path: rows one at a time, products summed over K in registers (no tl.dot, so no
-        # dot-operand copy of the tile: about 100-130 registers a thread against 140-255, and two
-        # GEMVs' programs fit on one SM). The tile is loaded once per row loop: the wrapper takes
-        # this path only where one K step covers the split (ITERS 1) or for one row.
-        for m in range(M):
-            rows = m + tl.arange(0, 1)
-            rmask = rows < M
-            acc = tl.zeros([1, BLOCK_N], dtype=tl.float32)
-            for it in tl.static_range(ITERS):
-                k0 = k_lo + it * BLOCK_K
-                if it > 0:
-                    w = _w_tile(W, k0, offs_k, offs_n, nmask, K, stride_wk, stride_wn)
-                a = _a_tile(A, k0, offs_k, rows, rmask, K, stride_ap, stride_am, A_PARTS, GELU_A, W.dtype.element_ty)
-                acc += tl.sum(w.to(tl.float32) * tl.reshape(a, [BLOCK_K]).to(tl.float32)[:, None], axis=0)[None, :]
-            _gemv_store(acc, BIAS, C, ks, rows, rmask, offs_n, nmask, stride_cs, stride_cm, HAS_BIAS, GELU, PARTS,
-                        W.dtype.element_ty)
-    else:
-        rows = tl.arange(0, BLOCK_M)
-        rmask = rows < M
-        acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
-        for it in tl.static_range(ITERS):
-            k0 = k_lo + it * BLOCK_K
-            if it > 0:
-                w = _w_tile(W, k0, offs_k, offs_n, nmask, K, stride_wk, stride_wn)
-            a = _a_tile(A, k0, offs_k, rows, rmask, K, stride_ap, stride_am, A_PARTS, GELU_A, W.dtype.element_ty)
-            if IEEE:
-                acc = tl.dot(a, w, acc, input_precision="ieee")    # fp32 weights: no silent tf32
-            else:
-                acc = tl.dot(a, w, acc)
-        _gemv_store(acc, BIAS, C, ks, rows, rmask, offs_n, nmask, stride_cs, stride_cm, HAS_BIAS, GELU, PARTS,
-                    W.dtype.element_ty)
-
-
-@triton.jit
-def _gemv_store(acc, BIAS, C, ks, rows, rmask, offs_n, nmask, stride_cs, stride_cm, HAS_BIAS: tl.constexpr,
-                GELU: tl.constexpr, PARTS: tl.constexpr, DTYPE: tl.constexpr):
-    """The epilogue: + bias (in the first K split), GELU, the partial or the rounded result stored."""
+    rows = tl.arange(0, BLOCK_M)
+    rmask = rows < M
+    acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+    for it in tl.static_range(ITERS):
+        k0 = k_lo + it * BLOCK_K
+        if it > 0:
+            w = _w_tile(W, k0, offs_k, offs_n, nmask, K, stride_wk, stride_wn)
+        a = _a_tile(A, k0, offs_k, rows, rmask, K, stride_ap, stride_am, A_PARTS, GELU_A, W.dtype.element_ty)
+        if IEEE:
+            acc = tl.dot(a, w, acc, input_precision="ieee")    # fp32 weights: no silent tf32
+        else:
+            acc = tl.dot(a, w, acc)
     if HAS_BIAS:
         bias = tl.load(BIAS + offs_n, mask=nmask, other=0.0).to(tl.float32)
         acc += bias[None, :] * tl.where(ks == 0, 1.0, 0.0)       # once: in the first K split
@@ -145,102 +104,9 @@ def _gemv_store(acc, BIAS, C, ks, rows, rmask, offs_n, nmask, stride_cs, stride_
     if PARTS:
         out = acc
     else:
-        out = acc.to(DTYPE).to(C.dtype.element_ty)  # the GEMM's rounding, then the store's type
+        out = acc.to(W.dtype.element_ty).to(C.dtype.element_ty)  # the GEMM's rounding, then the store's type
     c_ptrs = C + ks * stride_cs + rows[:, None] * stride_cm + offs_n[None, :]
     tl.store(c_ptrs, out, mask=rmask[:, None] & nmask[None, :])
-
-
-@triton.jit
-def _gemv_routed_kernel(A, W, BIAS, C, IDS, PROBS, R, N, K, stride_ap, stride_am, stride_we, stride_wk, stride_wn,
-                        stride_be, stride_cs, stride_cm, HAS_BIAS: tl.constexpr, A_PARTS: tl.constexpr,
-                        GELU_A: tl.constexpr, MUL_PROB: tl.constexpr, TOPK: tl.constexpr, IDS_EARLY: tl.constexpr,
-                        ITERS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                        USE_PDL: tl.constexpr = 0):
-    """Program (n, s, r): slot r's expert IDS[r] (negative: no expert, nothing read or written),
-    its [BLOCK_K, BLOCK_N] weight tile of split s, the FMA path of `_gemv_kernel` on a's row
-    r // TOPK; out (acc + bias[e] in split 0) * PROBS[r]. IDS_EARLY: the ids are complete when the
-    kernel launches (the kernel before let it launch only after its own wait), so the expert's
-    weights load before the wait, as a dense GEMV's do; else after it."""
-    pid_n = tl.program_id(0)
-    ks = tl.program_id(1)
-    r = tl.program_id(2)
-    if USE_PDL == 3:
-        tl.extra.cuda.gdc_launch_dependents()
-    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    offs_k = tl.arange(0, BLOCK_K)
-    k_lo = ks * (ITERS * BLOCK_K)
-    if IDS_EARLY:
-        e = tl.load(IDS + r)
-        nmask = (offs_n < N) & (offs_n * 0 + e >= 0)   # a slot without an expert loads nothing
-        w = _w_tile(W + tl.maximum(e, 0).to(tl.int64) * stride_we, k_lo, offs_k, offs_n, nmask, K, stride_wk,
-                    stride_wn)
-    if USE_PDL:
-        tl.extra.cuda.gdc_wait()
-    if USE_PDL == 1:
-        tl.extra.cuda.gdc_launch_dependents()
-    if not IDS_EARLY:
-        e = tl.load(IDS + r)
-        nmask = (offs_n < N) & (offs_n * 0 + e >= 0)
-        w = _w_tile(W + tl.maximum(e, 0).to(tl.int64) * stride_we, k_lo, offs_k, offs_n, nmask, K, stride_wk,
-                    stride_wn)
-    wx = W + tl.maximum(e, 0).to(tl.int64) * stride_we
-    rows = r // TOPK + tl.arange(0, 1)
-    rmask = rows * 0 + e >= 0                      # (vector forms: the interpreter's & takes no scalar)
-    acc = tl.zeros([1, BLOCK_N], dtype=tl.float32)
-    for it in tl.static_range(ITERS):
-        k0 = k_lo + it * BLOCK_K
-        if it > 0:
-            w = _w_tile(wx, k0, offs_k, offs_n, nmask, K, stride_wk, stride_wn)
-        a = _a_tile(A, k0, offs_k, rows, rmask, K, stride_ap, stride_am, A_PARTS, GELU_A, W.dtype.element_ty)
-        acc += tl.sum(w.to(tl.float32) * tl.reshape(a, [BLOCK_K]).to(tl.float32)[:, None], axis=0)[None, :]
-    if HAS_BIAS:
-        bias = tl.load(BIAS + tl.maximum(e, 0).to(tl.int64) * stride_be + offs_n, mask=nmask, other=0.0)
-        acc += bias.to(tl.float32)[None, :] * tl.where(ks == 0, 1.0, 0.0)
-    if MUL_PROB:
-        acc = acc * tl.load(PROBS + r)
-    out_rows = r + tl.arange(0, 1)
-    tl.store(C + ks * stride_cs + out_rows[:, None] * stride_cm + offs_n[None, :], acc,
-             mask=(rmask & (out_rows < R))[:, None] & nmask[None, :])
-
-
-def gemv_experts(a: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None, ids: torch.Tensor,
-                 probs: torch.Tensor | None = None, *, topk: int = 1, gelu_a: bool = False, ids_early: bool = False,
-                 out: torch.Tensor | None = None, config: dict | None = None,
-                 trigger_first: bool = True) -> torch.Tensor:
-    """Routed GEMV of few slots: fp32 partials [S, R, N] whose sum over S is, for slot r with
-    expert e = ids[r] >= 0, (a[r // topk] @ w[e] + bias[e]) * probs[r] (no probs: * 1).
-    a [M, K] in w's dtype, or fp32 partials [P, R, K] of an earlier routed GEMV (one row per slot;
-    gelu_a: GELU of their sum); w [E, K, N] (N contiguous); bias [E, N]; ids int32 [R]. Slots
-    with a negative id are not written. ids_early: the kernel before completes the ids before
-    this kernel launches (it triggers after its own wait), so the weights load before the wait.
-    The rest as `gemv` (plan's tiles, PDL trigger)."""
-    R = ids.numel()
-    E, K, N = w.shape
-    assert a.shape[-1] == K, f"a has K = {a.shape[-1]}, w has {K} rows"
-    assert w.stride(2) == 1 and a.stride(-1) == 1, "w must be contiguous along N and a along K"
-    a_parts = a.shape[0] if a.dim() == 3 else 0
-    assert a_parts or not gelu_a, "gelu_a applies to the sum of partials"
-    assert not a_parts or (a.dtype == torch.float32 and a.shape[1] == R and topk == 1), \
-        "partials are fp32, one row per slot"
-    assert a_parts or a.dtype == w.dtype, f"a is {a.dtype}, w is {w.dtype}"
-    assert a_parts or a.shape[0] * topk == R, f"{a.shape[0]} rows x top-{topk} != {R} slots"
-    cfg = dict(plan(N, K, w.element_size(), sm_count(a.device), True, tile_bytes()), **(config or {}))
-    S = cfg["S"]
-    iters = triton.cdiv(triton.cdiv(K, S), cfg["BLOCK_K"])
-    c = out if out is not None else torch.empty(S, R, N, dtype=torch.float32, device=a.device)
-    assert c.shape == (S, R, N) and c.dtype == torch.float32 and c.is_contiguous(), \
-        f"out is {tuple(c.shape)} {c.dtype}, expected {(S, R, N)} torch.float32"
-    kw = launch_kwargs(a)
-    if trigger_first and kw.get("USE_PDL") == EARLY:
-        kw["USE_PDL"] = FEED
-    _gemv_routed_kernel[(triton.cdiv(N, cfg["BLOCK_N"]), S, R)](
-        a, w, bias if bias is not None else w, c, ids, probs if probs is not None else c, R, N, K,
-        a.stride(0) if a_parts else 0, a.stride(-2), w.stride(0), w.stride(1), w.stride(2),
-        bias.stride(0) if bias is not None else 0, c.stride(0), c.stride(1),
-        HAS_BIAS=bias is not None, A_PARTS=a_parts, GELU_A=gelu_a, MUL_PROB=probs is not None, TOPK=topk,
-        IDS_EARLY=ids_early, ITERS=iters, BLOCK_N=cfg["BLOCK_N"], BLOCK_K=cfg["BLOCK_K"],
-        num_warps=cfg["num_warps"], num_stages=1, **kw)
-    return c
 
 
 @functools.lru_cache(maxsize=None)
@@ -255,7 +121,7 @@ def sm_count(device: torch.device) -> int:
     return _sm_count(device.index if device.index is not None else torch.cuda.current_device())
 
 
-def plan(N: int, K: int, elem_bytes: int, sms: int, parts: bool, max_tile_bytes: int | None = None) -> dict:
+def plan(N: int, K: int, elem_bytes: int, sms: int, parts: bool) -> dict:
     """Tiles of one launch: BLOCK_N up to 128 columns; with `parts`, K split into the most powers
     of two S that keep N tiles x S within one wave of `sms` programs and each split >= MIN_SPLIT_K
     rows; BLOCK_K the split's K rounded up to a power of two, capped so that a weight tile stays
@@ -267,8 +133,7 @@ def plan(N: int, K: int, elem_bytes: int, sms: int, parts: bool, max_tile_bytes:
     while parts and tiles * s * 2 <= sms and triton.cdiv(K, s * 2) >= MIN_SPLIT_K:
         s *= 2
     per = triton.cdiv(K, s)
-    tile = max_tile_bytes or MAX_TILE_BYTES
-    cap = max(16, triton.next_power_of_2(tile // (bn * elem_bytes) + 1) // 2)
+    cap = max(16, triton.next_power_of_2(MAX_TILE_BYTES // (bn * elem_bytes) + 1) // 2)
     bk = min(max(16, triton.next_power_of_2(per)), cap)
     return {"BLOCK_N": bn, "BLOCK_K": bk, "ITERS": triton.cdiv(per, bk), "S": s,
             "num_warps": 8 if bk * bn >= 32768 else 4}
@@ -292,11 +157,7 @@ def gemv(a: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None = None, *, 
     assert a_parts or not gelu_a, "gelu_a applies to the sum of partials"
     assert a_parts or a.dtype == w.dtype, f"a is {a.dtype}, w is {w.dtype}"
     assert not a_parts or a.dtype == torch.float32, "partials are fp32"
-    cfg = dict(plan(N, K, w.element_size(), sm_count(a.device), parts, tile_bytes()), **(config or {}))
-    block_m = MAX_ROWS
-    if (M == 1 or triton.cdiv(triton.cdiv(K, cfg["S"] if parts else 1), cfg["BLOCK_K"]) == 1) \
-            and size_switch("FTMOE_GEMV_FMA", M, FMA_MAX_ROWS):
-        block_m = 1        # the FMA path (see _gemv_kernel): for one row, or a tile that covers the split
+    cfg = dict(plan(N, K, w.element_size(), sm_count(a.device), parts), **(config or {}))
     S = cfg["S"] if parts else 1
     iters = triton.cdiv(triton.cdiv(K, S), cfg["BLOCK_K"])
     shape, dtype = ((S, M, N), torch.float32) if parts else ((M, N), out_dtype or w.dtype)
@@ -311,6 +172,6 @@ def gemv(a: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None = None, *, 
         a, w, bias if bias is not None else w, c, M, N, K, a.stride(0) if a_parts else 0, a.stride(-2),
         w.stride(0), w.stride(1), c.stride(0) if parts else 0, c.stride(-2),
         HAS_BIAS=bias is not None, A_PARTS=a_parts, GELU_A=gelu_a, GELU=gelu, PARTS=parts,
-        IEEE=w.dtype == torch.float32, ITERS=iters, BLOCK_M=block_m, BLOCK_N=cfg["BLOCK_N"],
+        IEEE=w.dtype == torch.float32, ITERS=iters, BLOCK_M=MAX_ROWS, BLOCK_N=cfg["BLOCK_N"],
         BLOCK_K=cfg["BLOCK_K"], num_warps=cfg["num_warps"], num_stages=1, **kw)
     return c

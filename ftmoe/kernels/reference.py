@@ -97,22 +97,6 @@ def decode_attention_ref(qkv, k_cache, v_cache, block_tables, context_lens, slot
     return out
 
 
-def gemv_experts_ref(a, w, bias, ids, probs=None, topk=1, gelu_a=False):
-    """`gemv.gemv_experts` summed over its splits, in fp32: slot r with expert e = ids[r] >= 0 is
-    (a[r // topk] @ w[e] + bias[e]) * probs[r]; a may be fp32 partials [P, R, K] (gelu_a as in
-    `gemv_ref`). Slots without an expert are NaN (the kernel leaves them unwritten)."""
-    R, N = ids.numel(), w.shape[2]
-    out = torch.full((R, N), float("nan"), dtype=torch.float32, device=w.device)
-    for r in range(R):
-        e = int(ids[r])
-        if e < 0:
-            continue
-        row = a[:, r:r + 1] if a.dim() == 3 else a[r // topk:r // topk + 1]
-        y = gemv_ref(row, w[e], None if bias is None else bias[e], gelu_a=gelu_a)[0]
-        out[r] = y * (1.0 if probs is None else float(probs[r]))
-    return out
-
-
 def gemv_ref(a, w, bias=None, gelu=False, gelu_a=False):
     """`gemv.gemv` in fp32, before its output rounding: a [M, K] (or fp32 partials [P, M, K],
     summed, through GELU with gelu_a, then rounded to w's dtype) @ w [K, N] + bias, GELU."""
