@@ -10,8 +10,9 @@ with the GPU; replayed back to back the host work overlaps the previous replay. 
     alone (if the GPU can start on the first graph while the host launches the rest, splitting
     hides most of the launch);
 (c) the real decode step at the given batches (no profiler in the process): the host time of
-    `_load` (pack + the copy queued) and of the launch call, the step alone and back to back.
-Usage: python3 scripts/host_probe.py [--batches 1,8]
+    `_load` (pack + the copy queued) and of the launch call, the step alone and back to back; the
+    input copy alone and copy + replay alone (what the step costs without the host's packing).
+Usage: python3 scripts/host_probe.py [--batches 1,8] [--no-chains]
 """
 from __future__ import annotations
 
@@ -75,14 +76,15 @@ def _call_us(fn, n: int = 200) -> float:
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--batches", default="1,8")
+    ap.add_argument("--no-chains", action="store_true", help="only (c): the real decode step")
     a = ap.parse_args()
     print(f"device {torch.cuda.get_device_name()}")
     bufs = [torch.zeros(1, device="cuda") for _ in range(401)]
-    for n in (25, 50, 100, 200, 400):
+    for n in () if a.no_chains else (25, 50, 100, 200, 400):
         g = _chain_graph(bufs, 0, n)
         print(f"chain of {n:3d} kernels, one graph: launch call {_call_us(g.replay):6.1f} us, alone "
               f"{_alone_us(g.replay):7.1f} us, back to back {_b2b_us(g.replay):7.1f} us")
-    for parts in (1, 2, 4, 8):
+    for parts in () if a.no_chains else (1, 2, 4, 8):
         step = 200 // parts
         gs = [_chain_graph(bufs, i * step, (i + 1) * step) for i in range(parts)]
 
@@ -107,6 +109,14 @@ def main():
             print(f"decode step B={B}: _load {load:.1f} us, launch call {call:.1f} us; step_host alone "
                   f"{_alone_us(lambda: dg.step_host(ids, meta)):.1f} us, replay alone {_alone_us(g.replay):.1f} us, "
                   f"back to back {_b2b_us(g.replay):.1f} us")
+            packed = dg.graphs[bucket][1]["packed"]
+            buf, _ = dg._staging(bucket)
+
+            def copy_replay():
+                packed.copy_(buf, non_blocking=True)
+                g.replay()
+            print(f"decode step B={B}: the input copy alone {_alone_us(lambda: packed.copy_(buf, non_blocking=True)):.1f} us, "
+                  f"copy + replay alone {_alone_us(copy_replay):.1f} us (step_host less the host's packing)")
 
 
 if __name__ == "__main__":
