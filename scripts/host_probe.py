@@ -110,7 +110,7 @@ def main():
                   f"{_alone_us(lambda: dg.step_host(ids, meta)):.1f} us, replay alone {_alone_us(g.replay):.1f} us, "
                   f"back to back {_b2b_us(g.replay):.1f} us")
             packed = dg.graphs[bucket][1]["packed"]
-            buf, _ = dg._staging(bucket)
+            buf = dg._staging(bucket)[0]
 
             def copy_replay():
                 packed.copy_(buf, non_blocking=True)
