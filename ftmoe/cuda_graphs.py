@@ -23,7 +23,9 @@ import dataclasses
 import torch
 
 from .fast_model import FastGPTMoE
+from .kernels import size_switch
 from .kernels.advance import GreedyWork, greedy_advance
+from .kernels.hostfetch import fetch_from_host
 from .kv_cache import AttnMetadata, KVCache
 from .progress import Progress
 
@@ -46,6 +48,10 @@ class GreedyChunk:
 
 #: most steps in one greedy chunk (the chunk's token buffer rows)
 MAX_CHUNK = 32
+#: decode buckets of up to this many rows read `step_host`'s inputs from pinned host memory in
+#: the graph's first kernel (`kernels.hostfetch`) instead of a copy before the replay;
+#: FTMOE_GRAPH_FETCH=0 / 1 forces it (read at capture); 0 = off until timed
+FETCH_MAX_ROWS = 0
 
 
 def _capture(run, pool, warmups: int) -> tuple[torch.cuda.CUDAGraph, torch.Tensor]:
@@ -107,24 +113,52 @@ class DecodeGraphs:
     def _run(self, s: dict) -> torch.Tensor:
         return self.fast.decode_step(s["ids"], s["positions"], s["tables"], s["ctx"], s["slots"], self.cache)
 
+    def _run_step(self, s: dict) -> torch.Tensor:
+        """A bucket's step graph: with a host buffer (fetch mode), its first kernel takes the
+        inputs from it when the host marked them fresh."""
+        if "host" in s:
+            fetch_from_host(s["host"], s["packed"])
+        return self._run(s)
+
     @torch.inference_mode()
     def capture(self, B: int) -> None:
         if B in self.graphs:
             return
         s = self._static(B)
-        if self.fast.device.type != "cuda":       # CPU (tests): the same static buffers, run eagerly
+        gpu = self.fast.device.type == "cuda"
+        if self.fast.par.is_first_stage and size_switch("FTMOE_GRAPH_FETCH", B, FETCH_MAX_ROWS):
+            s["host"] = torch.zeros(self._packed_len(B) + 1, dtype=torch.int32, pin_memory=gpu)   # + the flag
+            h = s["host"].numpy()
+            s["host_views"] = (h, h[:4 * B].reshape(4, B), h[4 * B:-2].reshape(B, self.nb))
+            s["host_done"] = torch.cuda.Event() if gpu else None
+        if not gpu:                              # CPU (tests): the same static buffers, run eagerly
             self.graphs[B] = (None, s, None)
             return
-        g, out = _capture(lambda: self._run(s), self.pool, warmups=2)
+        g, out = _capture(lambda: self._run_step(s), self.pool, warmups=2)
         if self.pool is None:
             self.pool = g.pool()
         self.graphs[B] = (g, s, out)
 
     def _replay(self, g, s: dict, out: torch.Tensor | None, B: int) -> torch.Tensor:
         if g is None:
-            return self._run(s)[:B]
-        g.replay()
+            out = self._run_step(s)
+        else:
+            g.replay()
+        if s.get("host_done") is not None:
+            s["host_done"].record()              # the host buffer is free again once this has run
         return out[:B]
+
+    @staticmethod
+    def _host_buffer(s: dict, fresh: bool) -> tuple | None:
+        """Fetch mode: the host buffer's views once the last replay that may read it has run, its
+        flag set (`fresh`: the next replay takes its inputs from it) or cleared; else None."""
+        if "host" not in s:
+            return None
+        if s["host_done"] is not None:
+            s["host_done"].synchronize()
+        h = s["host_views"][0]
+        h[-1] = 1 if fresh else 0
+        return s["host_views"]
 
     def _bucket(self, B: int, min_rows: int) -> tuple[int, tuple]:
         bucket = self.bucket_for(max(B, min_rows))
@@ -139,6 +173,7 @@ class DecodeGraphs:
         B = ids.shape[0]
         bucket, (g, s, out) = self._bucket(B, min_rows)
         self._last_chunk = None
+        self._host_buffer(s, fresh=False)        # fetch mode: the replay keeps these device inputs
         s["ids"][:B].copy_(ids)
         s["positions"][:B].copy_(positions)
         s["tables"][:B, : block_tables.shape[1]].copy_(block_tables)
@@ -157,13 +192,29 @@ class DecodeGraphs:
         fills on the device), then the graph replays. Padding rows get slot -1 and context 0."""
         B = meta.positions.shape[0]
         bucket, (g, s, out) = self._bucket(B, 0)
-        self._load(ids, meta, bucket)
+        views = self._host_buffer(s, fresh=True)
+        if views is None:
+            self._load(ids, meta, bucket)
+        else:                                    # fetch mode: the graph's first kernel reads them
+            self._check_meta(meta)
+            self._pack(views, ids, meta, bucket)
         return self._replay(g, s, out, B)
 
     def _load(self, ids: torch.Tensor | None, meta: AttnMetadata, bucket: int) -> None:
         """Host ids and metadata -> the bucket's static inputs, in one copy (step counter 0).
         ids None: the ids already on the device stay (a greedy chunk continuing the last one)."""
-        B = meta.positions.shape[0]
+        self._check_meta(meta)
+        s = self.graphs[bucket][1]
+        buf, done, views = self._staging(bucket)
+        self._pack(views, ids, meta, bucket)
+        if ids is None:
+            s["packed"][bucket:].copy_(buf[bucket:], non_blocking=True)
+        else:
+            s["packed"].copy_(buf, non_blocking=True)
+        if done is not None:
+            done.record()
+
+    def _check_meta(self, meta: AttnMetadata) -> None:
         if not self.fast.par.is_first_stage:
             raise ValueError("step_host takes token ids: a later pipeline stage's residual comes through step()")
         if meta.positions.dim() != 2 or meta.positions.shape[1] != 1:
@@ -172,8 +223,13 @@ class DecodeGraphs:
         w = meta.block_tables.shape[1]
         if w > self.nb:
             raise ValueError(f"block tables of {w} blocks are wider than the graphs' {self.nb}")
-        s = self.graphs[bucket][1]
-        buf, done, (h, head, tables) = self._staging(bucket)
+
+    def _pack(self, views: tuple, ids: torch.Tensor | None, meta: AttnMetadata, bucket: int) -> None:
+        """Ids (None: keep the device's) and metadata into a host buffer laid out as the static
+        inputs, through its numpy views (whole, [4, bucket] head, [bucket, nb] tables); padding
+        rows get slot -1 and context 0, the chunk step counter 0."""
+        B, w = meta.positions.shape[0], meta.block_tables.shape[1]
+        h, head, tables = views
         # numpy on whole tensors, sliced in numpy: a torch slice costs the host ~2 us, numpy's ~0.2
         if ids is not None:
             head[0, :B] = ids.numpy().reshape(-1)
@@ -185,13 +241,7 @@ class DecodeGraphs:
             head[:3, B:] = 0
             head[3, B:] = -1
         tables[:B, :w] = meta.block_tables.numpy()
-        h[-1] = 0
-        if ids is None:
-            s["packed"][bucket:].copy_(buf[bucket:], non_blocking=True)
-        else:
-            s["packed"].copy_(buf, non_blocking=True)
-        if done is not None:
-            done.record()
+        h[self._packed_len(bucket) - 1] = 0     # the chunk step counter (a host buffer's flag follows)
 
     @torch.inference_mode()
     def capture_upto(self, max_batch: int, greedy: bool = False, progress: bool = False) -> list[int]:

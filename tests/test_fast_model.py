@@ -278,15 +278,19 @@ def test_triton_gate_decode_equals_cublas_gate(models, monkeypatch):
     assert rel(out["triton"][0], ref(ids[:, None])[:, 0]) < 1e-4
 
 
+@pytest.mark.parametrize("fetch", [False, True])
 @pytest.mark.parametrize("B", [1, 3, 8] if DEV == "cuda" else [3])     # the CPU runs the padded bucket only
-def test_cuda_graph_replay_equals_eager(models, B):
+def test_cuda_graph_replay_equals_eager(models, monkeypatch, B, fetch):
     """A decode graph's replay (on the CPU: the same static buffers, run eagerly) equals the eager
     step, fed from device tensors field by field (`step`) or from the host in one packed copy
     (`step_host`); B = 3 replays bucket 4 with a padding row. The packed layout is checked by
-    what it feeds: ids, positions, tables, context lengths and slots all change the logits."""
+    what it feeds: ids, positions, tables, context lengths and slots all change the logits.
+    fetch (FTMOE_GRAPH_FETCH=1): `step_host`'s inputs are read from pinned host memory by the
+    graph's first kernel; a `step` after a `step_host` must not take the stale host inputs."""
     from ftmoe.cuda_graphs import DecodeGraphs
     from ftmoe.kv_cache import AttnMetadata
 
+    monkeypatch.setenv("FTMOE_GRAPH_FETCH", "1" if fetch else "0")
     ref, fast = models
     cache = KVCache.for_model(ref.config, 512, block_size=8, dtype=torch.float32, device=DEV)
     seqs = list(range(B))
@@ -315,9 +319,10 @@ def test_cuda_graph_replay_equals_eager(models, B):
             # the new K landed in the same slots (bit-equal up to the GEMM's rounding at another M)
             assert torch.allclose(cache.k, k_after, rtol=1e-5, atol=1e-5)
             assert not torch.equal(cache.k, k_before)
+    assert ("host" in graphs.graphs[graphs.bucket_for(B)][1]) == fetch and bool(graphs._stage) != fetch
     if B == 3:                                               # the padding row of bucket 4
-        staged = graphs._stage[4][0][0][:16].view(4, 4)     # ids, positions, ctx, slots
-        assert staged[3, 3] == -1 and staged[2, 3] == 0
+        staged = (graphs.graphs[4][1]["host"] if fetch else graphs._stage[4][0][0])[:16].view(4, 4)
+        assert staged[3, 3] == -1 and staged[2, 3] == 0      # ids, positions, ctx, slots
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")

@@ -514,6 +514,28 @@ def test_dense_gemm_choice_tuning_and_lookup(monkeypatch):
     configs.get_dense_choice.cache_clear()
 
 
+@pytest.mark.parametrize("n", [1, 133, 2500])
+def test_fetch_from_host(gen, n):
+    """A graph's inputs from pinned host memory (`kernels.hostfetch`): copied where the flag after
+    them is set, the device buffer left as it is where not."""
+    from ftmoe.kernels.hostfetch import fetch_from_host
+
+    host = torch.randint(-5, 1 << 20, (n + 1,), generator=gen, dtype=torch.int32).pin_memory() if GPU else \
+        torch.randint(-5, 1 << 20, (n + 1,), generator=gen, dtype=torch.int32)
+    dst = torch.full((n,), 7, dtype=torch.int32, device=DEV)
+    host[-1] = 0
+    fetch_from_host(host, dst)
+    assert (dst == 7).all()
+    host[-1] = 1
+    fetch_from_host(host, dst)
+    assert torch.equal(dst.cpu(), host[:-1])
+    host[:-1] += 1                                           # the host changes them: the next fetch sees it
+    fetch_from_host(host, dst)
+    assert torch.equal(dst.cpu(), host[:-1])
+    with pytest.raises(AssertionError, match="expected int32"):
+        fetch_from_host(host[:-1], dst)
+
+
 @pytest.mark.parametrize("B,V", [(1, 5000), (3, 2048), (37, 4099)])
 @pytest.mark.parametrize("with_lp", [False, True])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
