@@ -49,9 +49,10 @@ class GreedyChunk:
 #: most steps in one greedy chunk (the chunk's token buffer rows)
 MAX_CHUNK = 32
 #: decode buckets of up to this many rows read `step_host`'s inputs from pinned host memory in
-#: the graph's first kernel (`kernels.hostfetch`) instead of a copy before the replay;
-#: FTMOE_GRAPH_FETCH=0 / 1 forces it (read at capture); 0 = off until timed
-FETCH_MAX_ROWS = 0
+#: the graph's first kernel (`kernels.hostfetch`) instead of a copy before the replay (steps
+#: timed alone on an H100: x0.971 at batch 1, x0.968 at 8); FTMOE_GRAPH_FETCH=0 / 1 forces it
+#: (read at capture). One GPU only: the parallel runner feeds its graphs from device tensors
+FETCH_MAX_ROWS = 8
 
 
 def _capture(run, pool, warmups: int) -> tuple[torch.cuda.CUDAGraph, torch.Tensor]:
@@ -126,7 +127,7 @@ class DecodeGraphs:
             return
         s = self._static(B)
         gpu = self.fast.device.type == "cuda"
-        if self.fast.par.is_first_stage and size_switch("FTMOE_GRAPH_FETCH", B, FETCH_MAX_ROWS):
+        if self.fast.par.config.world_size == 1 and size_switch("FTMOE_GRAPH_FETCH", B, FETCH_MAX_ROWS):
             s["host"] = torch.zeros(self._packed_len(B) + 1, dtype=torch.int32, pin_memory=gpu)   # + the flag
             h = s["host"].numpy()
             s["host_views"] = (h, h[:4 * B].reshape(4, B), h[4 * B:-2].reshape(B, self.nb))

@@ -93,7 +93,8 @@ def test_generation_through_graphs_with_host_metadata(models):
             out = fast(tok, cache.prepare(ids, [1] * len(ids)), cache, last_only=True)
             for i, n in enumerate(lens):
                 assert rel(out[i], full[i][n + step]) < 1e-4, (i, step)
-        assert fast.graphs.graphs and fast.graphs._stage     # the decode steps went through step_host
+        # the decode steps went through step_host: a staging copy, or (batch <= 8) the graph's host fetch
+        assert fast.graphs.graphs and all("host" in s for _, s, _ in fast.graphs.graphs.values())
     finally:
         fast.graphs = fast.prefill_graphs = None
 
@@ -323,6 +324,25 @@ def test_cuda_graph_replay_equals_eager(models, monkeypatch, B, fetch):
     if B == 3:                                               # the padding row of bucket 4
         staged = (graphs.graphs[4][1]["host"] if fetch else graphs._stage[4][0][0])[:16].view(4, 4)
         assert staged[3, 3] == -1 and staged[2, 3] == 0      # ids, positions, ctx, slots
+
+
+def test_graph_fetch_default_rule(models, monkeypatch):
+    """By default buckets of up to 8 rows take step_host's inputs through the graph's host fetch,
+    larger ones through the staging copy; FTMOE_GRAPH_FETCH=0 / 1 forces either."""
+    from ftmoe import cuda_graphs
+
+    ref, fast = models
+    cache = KVCache.for_model(ref.config, 64, block_size=8, dtype=torch.float32, device=DEV)
+    for env, want in ((None, {8: True, 16: False}), ("0", {8: False, 16: False}), ("1", {8: True, 16: True})):
+        if env is None:
+            monkeypatch.delenv("FTMOE_GRAPH_FETCH", raising=False)
+        else:
+            monkeypatch.setenv("FTMOE_GRAPH_FETCH", env)
+        graphs = cuda_graphs.DecodeGraphs(fast, cache, max_blocks_per_seq=4, buckets=(8, 16))
+        for b in (8, 16):
+            graphs.capture(b)
+        assert {b: "host" in graphs.graphs[b][1] for b in (8, 16)} == want, env
+    assert cuda_graphs.FETCH_MAX_ROWS == 8
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
