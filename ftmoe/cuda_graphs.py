@@ -129,8 +129,7 @@ class DecodeGraphs:
         gpu = self.fast.device.type == "cuda"
         if self.fast.par.config.world_size == 1 and size_switch("FTMOE_GRAPH_FETCH", B, FETCH_MAX_ROWS):
             s["host"] = torch.zeros(self._packed_len(B) + 1, dtype=torch.int32, pin_memory=gpu)   # + the flag
-            h = s["host"].numpy()
-            s["host_views"] = (h, h[:4 * B].reshape(4, B), h[4 * B:-2].reshape(B, self.nb))
+            s["host_views"] = self._views(s["host"], B)
             s["host_done"] = torch.cuda.Event() if gpu else None
         if not gpu:                              # CPU (tests): the same static buffers, run eagerly
             self.graphs[B] = (None, s, None)
@@ -225,9 +224,15 @@ class DecodeGraphs:
         if w > self.nb:
             raise ValueError(f"block tables of {w} blocks are wider than the graphs' {self.nb}")
 
+    def _views(self, buf: torch.Tensor, B: int) -> tuple:
+        """numpy views of a host buffer laid out as bucket B's static inputs (`_static`): whole,
+        the [4, B] head (ids, positions, context lengths, slots), the [B, nb] block tables."""
+        h = buf.numpy()
+        return h, h[:4 * B].reshape(4, B), h[4 * B:(4 + self.nb) * B].reshape(B, self.nb)
+
     def _pack(self, views: tuple, ids: torch.Tensor | None, meta: AttnMetadata, bucket: int) -> None:
         """Ids (None: keep the device's) and metadata into a host buffer laid out as the static
-        inputs, through its numpy views (whole, [4, bucket] head, [bucket, nb] tables); padding
+        inputs, through its numpy views (`_views`); padding
         rows get slot -1 and context 0, the chunk step counter 0."""
         B, w = meta.positions.shape[0], meta.block_tables.shape[1]
         h, head, tables = views
@@ -365,16 +370,14 @@ class DecodeGraphs:
     def _staging(self, bucket: int) -> tuple[torch.Tensor, torch.cuda.Event | None, tuple]:
         """The next of two pinned host buffers for this bucket, once its previous copy to the GPU
         has finished (the copy reads the buffer asynchronously), with the event to record and its
-        numpy views (whole, the [4, bucket] head, the [bucket, nb] block tables)."""
+        numpy views (`_views`)."""
         ring = self._stage.get(bucket)
         if ring is None:
             gpu = self.fast.device.type == "cuda"
             ring = self._stage[bucket] = []
             for _ in range(2):
                 buf = torch.zeros(self._packed_len(bucket), dtype=torch.int32, pin_memory=gpu)
-                h = buf.numpy()
-                views = (h, h[:4 * bucket].reshape(4, bucket), h[4 * bucket:-1].reshape(bucket, self.nb))
-                ring.append((buf, torch.cuda.Event() if gpu else None, views))
+                ring.append((buf, torch.cuda.Event() if gpu else None, self._views(buf, bucket)))
         buf, done, views = ring[0]
         ring.reverse()
         if done is not None:

@@ -31,7 +31,8 @@ def per_sm(n_regs: int, warps: int, shared: int) -> tuple[int, str]:
 
 
 def compiled_kernels():
-    """(name, constants, CompiledKernel) of every Triton kernel in ftmoe.kernels compiled so far."""
+    """(name, CompiledKernel) of every Triton kernel in ftmoe.kernels compiled so far, one row per
+    compiled variant."""
     import importlib
     import pkgutil
 
@@ -48,8 +49,7 @@ def compiled_kernels():
             for cache in fn.device_caches.values():
                 for k in cache[0].values():
                     k._init_handles()
-                    consts = getattr(getattr(k, "src", None), "constants", None) or {}
-                    yield name, consts, k
+                    yield name, k
 
 
 def main():
@@ -75,15 +75,14 @@ def main():
             rig.step_fn(B)
     torch.cuda.synchronize()
     print(f"device {torch.cuda.get_device_name()}; env {' '.join(a.env) or '-'}; batches {a.batches}")
-    print(f"{'kernel':34s} {'regs':>4s} {'spill':>5s} {'smem':>7s} {'warps':>5s} {'per SM':>6s}  limit      constants")
+    print(f"{'kernel':34s} {'regs':>4s} {'spill':>5s} {'smem':>7s} {'warps':>5s} {'per SM':>6s}  limit")
     rows = []
-    for name, consts, k in compiled_kernels():
+    for name, k in compiled_kernels():
         md = k.metadata
         n, lim = per_sm(k.n_regs, md.num_warps, md.shared)
-        keep = {str(c): v for c, v in consts.items() if str(c).isupper() or "BLOCK" in str(c)}
-        rows.append((name, k.n_regs, k.n_spills, md.shared, md.num_warps, n, lim, keep))
+        rows.append((name, k.n_regs, k.n_spills, md.shared, md.num_warps, n, lim))
     for r in sorted(rows, key=lambda r: (r[0], -r[1])):
-        print(f"{r[0]:34s} {r[1]:4d} {r[2]:5d} {r[3]:7d} {r[4]:5d} {r[5]:6d}  {r[6]:10s} {r[7]}")
+        print(f"{r[0]:34s} {r[1]:4d} {r[2]:5d} {r[3]:7d} {r[4]:5d} {r[5]:6d}  {r[6]}")
 
 
 if __name__ == "__main__":

@@ -26,7 +26,7 @@ def _fetch_kernel(SRC_ADDR, DST, n, BLOCK: tl.constexpr):
     src = SRC_ADDR.to(tl.pointer_type(tl.int32))
     offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
     fresh = tl.load(src + n, cache_modifier=".cv")
-    m = (offs < n) & (offs * 0 + fresh != 0)
+    m = (offs < n) & (offs * 0 + fresh != 0)      # (vector form: the interpreter's & takes no scalar)
     tl.store(DST + offs, tl.load(src + offs, mask=m, other=0, cache_modifier=".cv"), mask=m)
 
 
