@@ -50,9 +50,10 @@ class GreedyChunk:
 MAX_CHUNK = 32
 #: decode buckets of up to this many rows read `step_host`'s inputs from pinned host memory in
 #: the graph's first kernel (`kernels.hostfetch`) instead of a copy before the replay (steps
-#: timed alone on an H100: x0.971 at batch 1, x0.968 at 8); FTMOE_GRAPH_FETCH=0 / 1 forces it
+#: timed alone on an H100: x0.971 at batch 1, x0.968 at 8, x0.994 / 0.996 / 0.992 at 16 / 32 /
+#: 64; the bench with it forced on: 1.27 -> 1.24 at 256); FTMOE_GRAPH_FETCH=0 / 1 forces it
 #: (read at capture). One GPU only: the parallel runner feeds its graphs from device tensors
-FETCH_MAX_ROWS = 8
+FETCH_MAX_ROWS = 256
 
 
 def _capture(run, pool, warmups: int) -> tuple[torch.cuda.CUDAGraph, torch.Tensor]:

@@ -43,8 +43,9 @@ SMALL_BATCH_SLOTS = 32
 #: partials (summed by attention, the next GEMV or add_layernorm), with the bounded PDL cascade
 #: (`pdl.feed_on`); FTMOE_GEMV=0 / 1 forces it off / on (up to gemv's 16 rows). Whole decode steps
 #: on an H100 against the tuned cuBLAS / Triton path (scripts/ab_decode.py, 2026-12-06): -6.2 % at
-#: batch 1, -4.6 % at 2, -0.7 % at 4, -0.9 % at 8, +3.1 % at 16; without the cascade +-1 %.
-GEMV_MAX_ROWS = 8
+#: batch 1, -4.6 % at 2, -0.7 % at 4, -0.9 % at 8, +3.1 % at 16; without the cascade +-1 %. With
+#: the GEMV's TMA tiles (2026-12-07): x0.992 at 16 (x1.033 with the register tiles), x0.973 at 12.
+GEMV_MAX_ROWS = 16
 #: FTMOE_GEMV_HEAD does the same for the tied head's logits (+0.8 % at batch 1: off by default)
 GEMV_HEAD_MAX_ROWS = 0
 

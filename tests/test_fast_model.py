@@ -327,22 +327,23 @@ def test_cuda_graph_replay_equals_eager(models, monkeypatch, B, fetch):
 
 
 def test_graph_fetch_default_rule(models, monkeypatch):
-    """By default buckets of up to 8 rows take step_host's inputs through the graph's host fetch,
+    """By default buckets of up to 256 rows take step_host's inputs through the graph's host fetch,
     larger ones through the staging copy; FTMOE_GRAPH_FETCH=0 / 1 forces either."""
     from ftmoe import cuda_graphs
 
     ref, fast = models
     cache = KVCache.for_model(ref.config, 64, block_size=8, dtype=torch.float32, device=DEV)
-    for env, want in ((None, {8: True, 16: False}), ("0", {8: False, 16: False}), ("1", {8: True, 16: True})):
+    lo, hi = cuda_graphs.FETCH_MAX_ROWS, 2 * cuda_graphs.FETCH_MAX_ROWS
+    for env, want in ((None, {lo: True, hi: False}), ("0", {lo: False, hi: False}), ("1", {lo: True, hi: True})):
         if env is None:
             monkeypatch.delenv("FTMOE_GRAPH_FETCH", raising=False)
         else:
             monkeypatch.setenv("FTMOE_GRAPH_FETCH", env)
-        graphs = cuda_graphs.DecodeGraphs(fast, cache, max_blocks_per_seq=4, buckets=(8, 16))
-        for b in (8, 16):
+        graphs = cuda_graphs.DecodeGraphs(fast, cache, max_blocks_per_seq=4, buckets=(lo, hi))
+        for b in (lo, hi):
             graphs.capture(b)
-        assert {b: "host" in graphs.graphs[b][1] for b in (8, 16)} == want, env
-    assert cuda_graphs.FETCH_MAX_ROWS == 8
+        assert {b: "host" in graphs.graphs[b][1] for b in (lo, hi)} == want, env
+    assert cuda_graphs.FETCH_MAX_ROWS == 256
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
@@ -595,6 +596,35 @@ def test_pdl_graph_replay_equals_plain_launches(models, monkeypatch, B, gemv):
     for r in results[1:]:
         for a, b in zip(results[0], r):
             assert torch.equal(a, b)
+
+
+def test_gemv_tma_decode_equals_register_tiles(tiny_model_dir, monkeypatch):
+    """A 16-bit model's decode step with the GEMVs' weight tiles loaded by TMA (FTMOE_GEMV_TMA=1,
+    the swapped wgmma form) equals the register-tile form, and every GEMV of the step takes it."""
+    from ftmoe.kernels import gemv as gemv_mod
+
+    dt = torch.float16 if DEV == "cpu" else torch.bfloat16         # the interpreter's bf16 is broken
+    ref = load_model(tiny_model_dir, dtype="float16" if dt == torch.float16 else "bfloat16", device=DEV)
+    fast = FastGPTMoE(ref)
+    descs = []
+    real = gemv_mod.TensorDescriptor
+    monkeypatch.setattr(gemv_mod, "TensorDescriptor", lambda *a: descs.append(a[3]) or real(*a))
+    monkeypatch.setenv("FTMOE_GEMV", "1")
+    B = 3
+    ids, pos = torch.tensor([3, 9, 250], device=DEV), torch.tensor([0, 2, 5], device=DEV)
+    tables = torch.arange(2 * B, dtype=torch.int32, device=DEV).view(B, 2)
+    slots = (tables[:, 0] * 4 + pos.int()).int()
+    out = {}
+    for flag in ("0", "1"):
+        monkeypatch.setenv("FTMOE_GEMV_TMA", flag)
+        cache = KVCache.for_model(ref.config, 64, block_size=4, dtype=dt, device=DEV)
+        cache.k.normal_(generator=torch.Generator(DEV).manual_seed(1))
+        cache.v.normal_(generator=torch.Generator(DEV).manual_seed(2))
+        descs.clear()
+        out[flag] = (fast.decode_step(ids, pos, tables, pos.int(), slots, cache).float(), len(descs))
+    dense = sum(not L["moe"] for L in fast.layers)
+    assert out["0"][1] == 0 and out["1"][1] == 2 * ref.config.num_layer + 2 * dense   # QKV, Wo, dense W1 + W2
+    assert rel(out["1"][0], out["0"][0]) < (1e-3 if dt == torch.float16 else 1.6e-2)   # other MMA instructions
 
 
 def test_gemv_decode_equals_tuned_dense_path(models, monkeypatch):

@@ -652,10 +652,16 @@ def _gemv_out(M, N, K, w, parts, config=None, out_dtype=None):
     return torch.full(shape, float("nan"), dtype=torch.float32 if parts else (out_dtype or w.dtype), device=DEV)
 
 
-@pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("m,K,N", [(1, 64, 64), (3, 77, 100), (16, 256, 48), (5, 1024, 200)])
+#: (dtype, tma): the register-tile form for every dtype, the TMA form (16-bit weights only)
+GEMV_FORMS = [(d, False) for d in DTYPES] + [(d, True) for d in DTYPES if d != torch.float32]
+
+
+@pytest.mark.parametrize("dtype,tma", GEMV_FORMS)
+@pytest.mark.parametrize("m,K,N", [(1, 64, 64), (3, 77, 104), (16, 256, 48), (5, 1024, 200)])
 @pytest.mark.parametrize("mode", ["parts", "bias", "bias+gelu", "parts_in_gelu", "transposed_w"])
-def test_gemv(gen, dtype, m, K, N, mode):
+def test_gemv(gen, dtype, tma, m, K, N, mode):
+    if tma and mode == "transposed_w":
+        pytest.skip("TMA reads rows of w that are contiguous (the tied head is not)")
     w = rnd(K, N, dtype=dtype, gen=gen, scale=K ** -0.5)
     if mode == "transposed_w":                       # the tied head: w = wte.t(), strides (1, K)
         w = rnd(N, K, dtype=dtype, gen=gen, scale=K ** -0.5).t()
@@ -667,7 +673,7 @@ def test_gemv(gen, dtype, m, K, N, mode):
         a = rnd(m, K, dtype=dtype, gen=gen)
     gelu = mode == "bias+gelu"
     out = _gemv_out(m, N, K, w, parts)
-    c = gemv_mod.gemv(a, w, bias, parts=parts, gelu=gelu, gelu_a=mode == "parts_in_gelu", out=out)
+    c = gemv_mod.gemv(a, w, bias, parts=parts, gelu=gelu, gelu_a=mode == "parts_in_gelu", out=out, tma=tma)
     assert c.data_ptr() == out.data_ptr()
     want = ref.gemv_ref(a, w, bias, gelu=gelu, gelu_a=mode == "parts_in_gelu")
     got = c.sum(0) if parts else c
@@ -676,22 +682,22 @@ def test_gemv(gen, dtype, m, K, N, mode):
     if parts:                                        # the bias sits in the first partial only
         assert c.shape[0] > 1 or K < 2 * gemv_mod.MIN_SPLIT_K
         if bias is not None and c.shape[0] > 1:
-            no_bias = gemv_mod.gemv(a, w, None, parts=True, gelu_a=mode == "parts_in_gelu")
+            no_bias = gemv_mod.gemv(a, w, None, parts=True, gelu_a=mode == "parts_in_gelu", tma=tma)
             assert rel(c[0] - no_bias[0], bias.float().expand(m, N)) < TOL[dtype]
             assert torch.equal(c[1:], no_bias[1:])
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("dtype,tma", [(torch.float32, False), (torch.float16, False), (torch.float16, True)])
 @pytest.mark.parametrize("cfg", [{"S": 3, "BLOCK_K": 16, "BLOCK_N": 32, "num_warps": 4},    # 3 splits x 2 K steps
                                  {"S": 8, "BLOCK_K": 16, "BLOCK_N": 16, "num_warps": 1}])   # empty last splits
-def test_gemv_k_loop_and_uneven_splits(gen, dtype, cfg):
+def test_gemv_k_loop_and_uneven_splits(gen, dtype, tma, cfg):
     m, K, N = 2, 90, 40
     w, a, bias = rnd(K, N, dtype=dtype, gen=gen, scale=0.1), rnd(m, K, dtype=dtype, gen=gen), rnd(N, dtype=dtype, gen=gen)
     out = _gemv_out(m, N, K, w, True, cfg)
-    c = gemv_mod.gemv(a, w, bias, parts=True, config=cfg, out=out)
+    c = gemv_mod.gemv(a, w, bias, parts=True, config=cfg, out=out, tma=tma)
     assert c.shape == (cfg["S"], m, N)
     assert rel(c.sum(0), ref.gemv_ref(a, w, bias)) < TOL[dtype]
-    fp32_out = gemv_mod.gemv(a, w, bias, out_dtype=torch.float32, config=cfg)   # the head's logits: rounded, then fp32
+    fp32_out = gemv_mod.gemv(a, w, bias, out_dtype=torch.float32, config=cfg, tma=tma)   # the head's logits: rounded, then fp32
     assert fp32_out.dtype == torch.float32
     assert torch.equal(fp32_out, fp32_out.to(dtype).float())
     assert rel(fp32_out, ref.gemv_ref(a, w, bias)) < TOL[dtype]
@@ -707,6 +713,24 @@ def test_gemv_plan_at_the_model_shapes():
     head = gemv_mod.plan(51200, 1024, 2, 132, parts=False)      # many N tiles: no split, a K loop
     assert (head["S"], head["BLOCK_K"], head["ITERS"]) == (1, 256, 4)
     assert gemv_mod.plan(4096, 1024, 4, 132, parts=True)["BLOCK_K"] == 128   # fp32: half the tile
+
+
+def test_gemv_tma_switch_and_layouts(gen, monkeypatch):
+    """FTMOE_GEMV_TMA picks the form; TMA only for 16-bit weights whose rows are contiguous and
+    16-byte aligned; forcing it on another layout is refused, not silently wrong."""
+    w = rnd(64, 48, dtype=torch.float16, gen=gen)
+    for v, want in (("0", False), ("1", True), ("auto", gemv_mod.TMA_DEFAULT)):
+        monkeypatch.setenv("FTMOE_GEMV_TMA", v)
+        assert gemv_mod.tma_eligible(w) == want
+    monkeypatch.setenv("FTMOE_GEMV_TMA", "yes")
+    with pytest.raises(ValueError, match="FTMOE_GEMV_TMA: expected auto, 0 or 1, found 'yes'"):
+        gemv_mod.tma_on()
+    assert gemv_mod.tma_fits(w)
+    assert not gemv_mod.tma_fits(w.float())                        # fp32: the register form (IEEE dot)
+    assert not gemv_mod.tma_fits(rnd(48, 64, dtype=torch.float16, gen=gen).t())   # the tied head's wte.t()
+    assert not gemv_mod.tma_fits(rnd(64, 44, dtype=torch.float16, gen=gen))     # rows of 88 bytes
+    with pytest.raises(AssertionError, match="TMA needs a 16-bit w"):
+        gemv_mod.gemv(rnd(2, 64, gen=gen), w.float(), tma=True)
 
 
 def test_gemv_rejects_bad_shapes(gen):

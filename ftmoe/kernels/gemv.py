@@ -24,14 +24,30 @@ Measured on one H100 (2026-12-05, `scripts/stream_probe.py`, 100 kernels back to
 graph): [16, 1024] x [1024, 4096] bf16 with [256, 128] tiles and 4 K splits took 2.95-3.07 us in
 this order against 4.8-6.8 us waiting first (today's order of the other kernels) and 3.9-4.6 us
 loading, then waiting and triggering; a plain 8.4 MB read in the same order 2.65-2.8 us.
+
+Two forms of the weight tile (`tma`). The TMA form (the default for 16-bit weights whose rows
+are contiguous and 16-byte aligned, on Hopper; `FTMOE_GEMV_TMA=0` turns it off) loads the whole
+tile with one TMA copy into shared memory before the wait and computes c^T = w^T a^T on wgmma
+(the [BLOCK_N, 16] tile: w^T is read from shared memory, `a` is the 16-column operand), so a
+program holds 42-72 registers and 72 KB of shared memory: three programs per SM, and the next
+GEMV's tiles land while this one still runs. The register form (fp32 weights, the tied head's
+wte.t(), odd strides) fills its tile 16 bytes at a time through registers: the dense W2 (partials
+summed as loaded) holds it in 190 registers, one program per SM, and the QKV / dense-W1 tiles
+go to shared memory four 16-byte loads at a time (ptxas keeps them at 36 registers), so their
+fill takes several round trips. Whole decode steps on one H100 (2026-12-07, `scripts/ab_decode.py
+--variants base gemvtma=1`, one process): x0.955 / 0.963 / 0.946 / 0.960 at batches 1 / 2 / 4 / 8
+back to back, x0.953 / 0.965 at 1 / 8 timed alone; the dense GEMVs' advance of the step at
+batch 1 went from 2.81 to 1.62 us each (`scripts/critical_path.py`).
 """
 from __future__ import annotations
 
 import functools
+import os
 
 import torch
 import triton
 import triton.language as tl
+from triton.tools.tensor_descriptor import TensorDescriptor
 
 from .fused_moe import _gelu_tanh
 from .pdl import EARLY, FEED, launch_kwargs
@@ -42,13 +58,22 @@ MAX_ROWS = 16
 MAX_TILE_BYTES = 64 * 1024
 #: a K split covers at least this many rows of w
 MIN_SPLIT_K = 64
+#: whether a 16-bit weight's tiles load with TMA by default (FTMOE_GEMV_TMA overrides)
+TMA_DEFAULT = True
+_TL_DTYPE = {torch.float16: tl.float16, torch.bfloat16: tl.bfloat16, torch.float32: tl.float32}
 
 
 @triton.jit
-def _w_tile(W, k0, offs_k, offs_n, nmask, K, stride_wk, stride_wn):
-    k = k0 + offs_k
-    ptrs = W + k.to(tl.int64)[:, None] * stride_wk + offs_n.to(tl.int64)[None, :] * stride_wn
-    return tl.load(ptrs, mask=(k < K)[:, None] & nmask[None, :], other=0.0)
+def _w_tile(W, k0, n0, offs_k, offs_n, nmask, K, stride_wk, stride_wn, TMA: tl.constexpr):
+    """w[k0 + offs_k, offs_n] ([BLOCK_K, BLOCK_N]): loaded into registers, or with TMA (W a tensor
+    descriptor) into shared memory, zero past w's edges."""
+    if TMA:
+        w = W.load([k0, n0])
+    else:
+        k = k0 + offs_k
+        ptrs = W + k.to(tl.int64)[:, None] * stride_wk + offs_n.to(tl.int64)[None, :] * stride_wn
+        w = tl.load(ptrs, mask=(k < K)[:, None] & nmask[None, :], other=0.0)
+    return w
 
 
 @triton.jit
@@ -69,33 +94,41 @@ def _a_tile(A, k0, offs_k, rows, rmask, K, stride_ap, stride_am, A_PARTS: tl.con
 @triton.jit
 def _gemv_kernel(A, W, BIAS, C, M, N, K, stride_ap, stride_am, stride_wk, stride_wn, stride_cs, stride_cm,
                  HAS_BIAS: tl.constexpr, A_PARTS: tl.constexpr, GELU_A: tl.constexpr, GELU: tl.constexpr,
-                 PARTS: tl.constexpr, IEEE: tl.constexpr, ITERS: tl.constexpr,
+                 PARTS: tl.constexpr, IEEE: tl.constexpr, ITERS: tl.constexpr, TMA: tl.constexpr, DTYPE: tl.constexpr,
                  BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, USE_PDL: tl.constexpr = 0):
     pid_n = tl.program_id(0)
     ks = tl.program_id(1)
     if USE_PDL == 3:                               # FEED (pdl.pdl_start)
         tl.extra.cuda.gdc_launch_dependents()      # the next kernel may launch and load its weights now
-    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    n0 = pid_n * BLOCK_N
+    offs_n = n0 + tl.arange(0, BLOCK_N)
     nmask = offs_n < N
     offs_k = tl.arange(0, BLOCK_K)
     k_lo = ks * (ITERS * BLOCK_K)
-    w = _w_tile(W, k_lo, offs_k, offs_n, nmask, K, stride_wk, stride_wn)   # before the wait: weights are constant
+    w = _w_tile(W, k_lo, n0, offs_k, offs_n, nmask, K, stride_wk, stride_wn, TMA)   # before the wait: weights are constant
     if USE_PDL:
         tl.extra.cuda.gdc_wait()                   # the kernel before has finished: `a` is complete
     if USE_PDL == 1:                               # EARLY: the next kernel launches once `a` is ready
         tl.extra.cuda.gdc_launch_dependents()
     rows = tl.arange(0, BLOCK_M)
     rmask = rows < M
-    acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+    if TMA:   # c^T = w^T a^T: the [BLOCK_N, BLOCK_M] tile on wgmma, w^T read from shared memory
+        acc_t = tl.zeros([BLOCK_N, BLOCK_M], dtype=tl.float32)
+    else:
+        acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
     for it in tl.static_range(ITERS):
         k0 = k_lo + it * BLOCK_K
         if it > 0:
-            w = _w_tile(W, k0, offs_k, offs_n, nmask, K, stride_wk, stride_wn)
-        a = _a_tile(A, k0, offs_k, rows, rmask, K, stride_ap, stride_am, A_PARTS, GELU_A, W.dtype.element_ty)
-        if IEEE:
+            w = _w_tile(W, k0, n0, offs_k, offs_n, nmask, K, stride_wk, stride_wn, TMA)
+        a = _a_tile(A, k0, offs_k, rows, rmask, K, stride_ap, stride_am, A_PARTS, GELU_A, DTYPE)
+        if TMA:
+            acc_t = tl.dot(tl.trans(w), tl.trans(a), acc_t)
+        elif IEEE:
             acc = tl.dot(a, w, acc, input_precision="ieee")    # fp32 weights: no silent tf32
         else:
             acc = tl.dot(a, w, acc)
+    if TMA:
+        acc = tl.trans(acc_t)
     if HAS_BIAS:
         bias = tl.load(BIAS + offs_n, mask=nmask, other=0.0).to(tl.float32)
         acc += bias[None, :] * tl.where(ks == 0, 1.0, 0.0)       # once: in the first K split
@@ -104,7 +137,7 @@ def _gemv_kernel(A, W, BIAS, C, M, N, K, stride_ap, stride_am, stride_wk, stride
     if PARTS:
         out = acc
     else:
-        out = acc.to(W.dtype.element_ty).to(C.dtype.element_ty)  # the GEMM's rounding, then the store's type
+        out = acc.to(DTYPE).to(C.dtype.element_ty)  # the GEMM's rounding, then the store's type
     c_ptrs = C + ks * stride_cs + rows[:, None] * stride_cm + offs_n[None, :]
     tl.store(c_ptrs, out, mask=rmask[:, None] & nmask[None, :])
 
@@ -126,7 +159,7 @@ def plan(N: int, K: int, elem_bytes: int, sms: int, parts: bool) -> dict:
     of two S that keep N tiles x S within one wave of `sms` programs and each split >= MIN_SPLIT_K
     rows; BLOCK_K the split's K rounded up to a power of two, capped so that a weight tile stays
     within MAX_TILE_BYTES (the split then loops ITERS tiles); 8 warps for tiles of >= 32K
-    elements. Returns {BLOCK_N, BLOCK_K, ITERS, S, num_warps}."""
+    elements. Returns {BLOCK_N, BLOCK_K, ITERS, S, num_warps, tma_warps (the TMA form: one warpgroup)}."""
     bn = min(128, max(16, triton.next_power_of_2(N)))
     tiles = triton.cdiv(N, bn)
     s = 1
@@ -136,12 +169,13 @@ def plan(N: int, K: int, elem_bytes: int, sms: int, parts: bool) -> dict:
     cap = max(16, triton.next_power_of_2(MAX_TILE_BYTES // (bn * elem_bytes) + 1) // 2)
     bk = min(max(16, triton.next_power_of_2(per)), cap)
     return {"BLOCK_N": bn, "BLOCK_K": bk, "ITERS": triton.cdiv(per, bk), "S": s,
-            "num_warps": 8 if bk * bn >= 32768 else 4}
+            "num_warps": 8 if bk * bn >= 32768 else 4, "tma_warps": 4}
 
 
 def gemv(a: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None = None, *, parts: bool = False,
          gelu: bool = False, gelu_a: bool = False, out_dtype: torch.dtype | None = None,
-         out: torch.Tensor | None = None, config: dict | None = None, trigger_first: bool = True) -> torch.Tensor:
+         out: torch.Tensor | None = None, config: dict | None = None, trigger_first: bool = True,
+         tma: bool | None = None) -> torch.Tensor:
     """See the module docstring. a [M, K] or fp32 partials [P, M, K] (gelu_a: GELU of their sum);
     M <= MAX_ROWS. out: the result's tensor (its shape and dtype as they would be allocated);
     config overrides `plan`'s keys (tests, tuning). trigger_first (under PDL's EARLY mode): let
@@ -168,10 +202,37 @@ def gemv(a: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None = None, *, 
     kw = launch_kwargs(a)
     if trigger_first and kw.get("USE_PDL") == EARLY:
         kw["USE_PDL"] = FEED
+    use_tma = tma_eligible(w) if tma is None else tma
+    assert not use_tma or tma_fits(w), f"TMA needs a 16-bit w with aligned contiguous rows, got {w.dtype} {w.stride()}"
+    wt = TensorDescriptor(w, list(w.shape), list(w.stride()), [cfg["BLOCK_K"], cfg["BLOCK_N"]]) if use_tma else w
     _gemv_kernel[grid](
-        a, w, bias if bias is not None else w, c, M, N, K, a.stride(0) if a_parts else 0, a.stride(-2),
+        a, wt, bias if bias is not None else w, c, M, N, K, a.stride(0) if a_parts else 0, a.stride(-2),
         w.stride(0), w.stride(1), c.stride(0) if parts else 0, c.stride(-2),
         HAS_BIAS=bias is not None, A_PARTS=a_parts, GELU_A=gelu_a, GELU=gelu, PARTS=parts,
-        IEEE=w.dtype == torch.float32, ITERS=iters, BLOCK_M=MAX_ROWS, BLOCK_N=cfg["BLOCK_N"],
-        BLOCK_K=cfg["BLOCK_K"], num_warps=cfg["num_warps"], num_stages=1, **kw)
+        IEEE=w.dtype == torch.float32, ITERS=iters, TMA=use_tma, DTYPE=_TL_DTYPE[w.dtype], BLOCK_M=MAX_ROWS,
+        BLOCK_N=cfg["BLOCK_N"], BLOCK_K=cfg["BLOCK_K"],
+        num_warps=cfg["tma_warps"] if use_tma else cfg["num_warps"], num_stages=1, **kw)
     return c
+
+
+def tma_on() -> bool:
+    """FTMOE_GEMV_TMA: auto (the default: `TMA_DEFAULT`), 0 or 1."""
+    v = os.environ.get("FTMOE_GEMV_TMA", "auto")
+    if v not in ("auto", "0", "1"):
+        raise ValueError(f"FTMOE_GEMV_TMA: expected auto, 0 or 1, found {v!r}")
+    return v == "1" or (v == "auto" and TMA_DEFAULT)
+
+
+def tma_eligible(w: torch.Tensor) -> bool:
+    """Whether `gemv` loads w's tiles with TMA by default: `tma_on()` and `tma_fits(w)`."""
+    return tma_on() and tma_fits(w)
+
+
+def tma_fits(w: torch.Tensor) -> bool:
+    """Whether w can be read with TMA: 16-bit, rows contiguous and 16-byte aligned, on a Hopper or
+    later GPU (or the CPU interpreter)."""
+    if w.dtype not in (torch.float16, torch.bfloat16) or w.stride(1) != 1:
+        return False
+    if w.data_ptr() % 16 or (w.stride(0) * w.element_size()) % 16:
+        return False
+    return w.device.type != "cuda" or torch.cuda.get_device_capability(w.device)[0] >= 9
