@@ -29,7 +29,7 @@ from .kernels import pdl, size_switch
 from .kernels.attention import decode_attention, write_kv
 from .kernels.configs import get_config, get_dense_choice
 from .kernels.fused_moe import fused_moe
-from .kernels.gemv import MAX_ROWS as GEMV_ROWS, gemv
+from .kernels.gemv import MAX_ROWS as GEMV_ROWS, experts_fit, gemv, gemv_experts, tma_on
 from .kernels.norm import add_layernorm, add_layernorm_gate, embed_layernorm
 from .kernels.routing import gate_topk, ln_gate, moe_align, softmax_topk
 from .kv_cache import AttnMetadata, KVCache
@@ -48,12 +48,35 @@ SMALL_BATCH_SLOTS = 32
 GEMV_MAX_ROWS = 16
 #: FTMOE_GEMV_HEAD does the same for the tied head's logits (+0.8 % at batch 1: off by default)
 GEMV_HEAD_MAX_ROWS = 0
+#: decode steps (on the GEMV path) of at most this many routed slots run the MoE layer's expert
+#: GEMMs on `gemv.gemv_experts` (TMA tiles; W2 loads its expert's tiles while W1 runs); FTMOE_GEMV_EXPERTS=0 / 1
+#: forces it off / on (up to gemv's 16 rows). Whole steps on one H100 against the fused-MoE kernel
+#: (2026-12-07, scripts/ab_decode.py, one process): x0.985 / 0.978 / 1.016 / 1.099 / 1.141 at 1 / 2 /
+#: 4 / 8 / 16 slots (with the Wo splits and LN warps below: x0.972 at 1, x0.980 at 2); x0.981 at 1
+#: timed alone. Past 2 slots each slot's program grid reads its own expert in a wave of its own
+GEMV_EXPERTS_MAX_SLOTS = 2
+#: the Wo GEMV's K splits on the GEMV path: 4 [256, 128] tiles a column block (32 programs at H =
+#: 1024) rather than `gemv.plan`'s 16, so the LN after it sums 4 partials; its tiles still load
+#: during attention. On one H100 (2026-12-07, one process): x0.977 / 0.967 / 0.975 / 0.980 at
+#: batches 1 / 2 / 4 / 8, x0.968 at 16 with 16 LN warps (8 splits: x0.959-0.979 with 8 warps)
+WO_SPLITS = 4
 
 
 def _gemv_on(var: str, rows: int, limit: int) -> bool:
     """Whether a decode step of `rows` rows runs `var`'s GEMMs on `gemv`: by default up to `limit`
     rows, never past gemv's own."""
     return rows <= GEMV_ROWS and size_switch(var, rows, limit)
+
+
+def _wo_splits(K: int) -> dict | None:
+    """The Wo GEMV's K splits: `WO_SPLITS` (FTMOE_GEMV_WO_SPLITS=S overrides, 0: `gemv.plan`'s,
+    which takes 16 at K = 1024 to fill one wave of programs)."""
+    v = os.environ.get("FTMOE_GEMV_WO_SPLITS", str(WO_SPLITS))
+    if not v.isdigit() or not int(v) <= K:
+        raise ValueError(f"FTMOE_GEMV_WO_SPLITS: expected a split count from 0 to {K}, found {v!r}")
+    if v == "0":
+        return None
+    return {"S": int(v), "BLOCK_K": min(256, max(16, 1 << (-(-K // int(v)) - 1).bit_length()))}
 
 
 def small_batch_split_k(N: int, K: int) -> int:
@@ -174,16 +197,24 @@ class FastGPTMoE:
             probs, ids = gate_topk(u32, L["wg32"], L["k"], slots=slots)   # fp32 gate GEMM (no TF32) + top-k
         if self.trace is not None:
             self.trace.append(ids)
-        y = self._experts(L, u, probs, ids, split_k_ok=True, zero_out=zero_padding)
+        y = self._experts(L, u, probs, ids, split_k_ok=True, zero_out=zero_padding, use_gemv=use_gemv)
         return res, self.par.tp_all_reduce(y), None          # [split_k,] N*k rows: the next add_layernorm sums partials and slots
 
     def _experts(self, L: dict, u: torch.Tensor, probs: torch.Tensor, ids: torch.Tensor, split_k_ok: bool,
-                 zero_out: bool) -> torch.Tensor:
+                 zero_out: bool, use_gemv: bool = False) -> torch.Tensor:
         """gelu(u W1 + b1) W2 (+ b2 on TP rank 0) x prob for each routed slot of u's rows: [N*k, H], or
         fp32 split-K partials [S, N*k, H] for small batches when split_k_ok. ids are indices into
-        this rank's experts; slots with id -1 read no weights and stay unwritten (zeros with zero_out)."""
+        this rank's experts; slots with id -1 read no weights and stay unwritten (zeros with zero_out).
+        use_gemv (a decode step on the GEMV path): few slots run on `gemv_experts` (partials out)."""
         k, E, F = L["k"], L["w1"].shape[0], L["w1"].shape[2]
         S = u.shape[0] * k
+        b2 = L["b2"] if self.par.t == 0 else None       # b2 once: only TP rank 0 adds it before the reduce
+        if (use_gemv and split_k_ok and not zero_out and S <= GEMV_ROWS and u.dtype == L["w1"].dtype
+                and size_switch("FTMOE_GEMV_EXPERTS", S, GEMV_EXPERTS_MAX_SLOTS) and tma_on()
+                and experts_fit(L["w1"]) and experts_fit(L["w2"])):
+            slots = ids.view(-1)
+            h = gemv_experts(u, L["w1"], L["b1"], slots, a_div=k)                  # W1's fp32 partials
+            return gemv_experts(h, L["w2"], b2, slots, probs=probs.view(-1), gelu_a=True, ids_ready=True)
         c1 = self._cfg(E, F, self.H, S)
         c2 = self._cfg(E, self.H, F, S)
         split_k = 1
@@ -195,7 +226,6 @@ class FastGPTMoE:
             c2 = dict(c2, BLOCK_M=c1["BLOCK_M"])         # both GEMMs share one alignment
             routing = moe_align(ids, E, c1["BLOCK_M"])
         h = fused_moe(u, L["w1"], L["b1"], S, topk=k, routing=routing, gelu=True, config=c1)
-        b2 = L["b2"] if self.par.t == 0 else None       # b2 once: only TP rank 0 adds it before the reduce
         out = None
         if zero_out:
             out = torch.zeros(*((split_k,) if split_k > 1 else ()), S, self.H, device=u.device,
@@ -281,7 +311,8 @@ class FastGPTMoE:
         with pdl.feeding(feed):
             ctx = decode_attention(qkv, k_cache, v_cache, block_tables, context_lens, slots, self.scale)
         if use_gemv:
-            return gemv(ctx.view(B, self.HL), L["wo"], None, parts=True, trigger_first=not feed)
+            return gemv(ctx.view(B, self.HL), L["wo"], None, parts=True, trigger_first=not feed,
+                        config=_wo_splits(self.HL))
         return self._dense(ctx.view(B, self.HL), L["wo"], None, parts_ok=True)
 
     def _first_ln(self, x: torch.Tensor, positions: torch.Tensor):

@@ -14,7 +14,9 @@ are read at capture time):
   (FTMOE_ATTN_LAUNCH: decode attention's launch config from FROM (row, head) programs on);
   `fetch=0|1` (FTMOE_GRAPH_FETCH: `step_host`'s inputs read from pinned host memory by the graph's
   first kernel, no copy; time it with --synced); `gemvtma=0|1` (FTMOE_GEMV_TMA: the GEMVs' weight
-  tiles loaded by TMA into shared memory, the swapped wgmma form);
+  tiles loaded by TMA into shared memory, the swapped wgmma form); `gemvexperts=0|1`
+  (FTMOE_GEMV_EXPERTS: the MoE layer's expert GEMMs on `gemv.gemv_experts`); `wosplits=S`
+  (FTMOE_GEMV_WO_SPLITS: Wo's K in S splits); `lnwarps=W` (FTMOE_LN_WARPS: add_layernorm's warps);
 - `table=PATH`: a kernel-config table in place of the package's;
 - `skip=ln+attn+gate`: those kernels replaced by stand-ins that launch nothing (wrong results,
   timing only: what each costs in a step; past batch 1 skip ln together with gate, or the zero
@@ -49,7 +51,8 @@ from ftmoe.kernels import configs, pdl  # noqa: E402
 ENV_SWITCHES = {"gate": "FTMOE_GATE", "attn": "FTMOE_ATTN_SPLIT", "preload": "FTMOE_ATTN_PRELOAD",
                 "lngate": "FTMOE_LN_GATE", "gemv": "FTMOE_GEMV", "gemvhead": "FTMOE_GEMV_HEAD",
                 "feed": "FTMOE_PDL_FEED", "attnlaunch": "FTMOE_ATTN_LAUNCH", "fetch": "FTMOE_GRAPH_FETCH",
-                "gemvtma": "FTMOE_GEMV_TMA"}
+                "gemvtma": "FTMOE_GEMV_TMA", "gemvexperts": "FTMOE_GEMV_EXPERTS", "wosplits": "FTMOE_GEMV_WO_SPLITS",
+                "lnwarps": "FTMOE_LN_WARPS"}
 
 
 def _knock_out(part: str):

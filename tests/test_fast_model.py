@@ -600,7 +600,8 @@ def test_pdl_graph_replay_equals_plain_launches(models, monkeypatch, B, gemv):
 
 def test_gemv_tma_decode_equals_register_tiles(tiny_model_dir, monkeypatch):
     """A 16-bit model's decode step with the GEMVs' weight tiles loaded by TMA (FTMOE_GEMV_TMA=1,
-    the swapped wgmma form) equals the register-tile form, and every GEMV of the step takes it."""
+    the swapped wgmma form) equals the register-tile form, and every GEMV of the step takes it;
+    with FTMOE_GEMV_EXPERTS=1 the expert GEMMs run on the routed form (a padding row included)."""
     from ftmoe.kernels import gemv as gemv_mod
 
     dt = torch.float16 if DEV == "cpu" else torch.bfloat16         # the interpreter's bf16 is broken
@@ -610,21 +611,58 @@ def test_gemv_tma_decode_equals_register_tiles(tiny_model_dir, monkeypatch):
     real = gemv_mod.TensorDescriptor
     monkeypatch.setattr(gemv_mod, "TensorDescriptor", lambda *a: descs.append(a[3]) or real(*a))
     monkeypatch.setenv("FTMOE_GEMV", "1")
-    B = 3
-    ids, pos = torch.tensor([3, 9, 250], device=DEV), torch.tensor([0, 2, 5], device=DEV)
+    B = 4
+    ids, pos = torch.tensor([3, 9, 250, 0], device=DEV), torch.tensor([0, 2, 5, 0], device=DEV)
     tables = torch.arange(2 * B, dtype=torch.int32, device=DEV).view(B, 2)
     slots = (tables[:, 0] * 4 + pos.int()).int()
+    slots[3] = -1                                                  # a padding row: no expert, no KV
     out = {}
-    for flag in ("0", "1"):
-        monkeypatch.setenv("FTMOE_GEMV_TMA", flag)
+    for flag in ("0", "1", "experts"):        # experts: the MoE layers' GEMMs on gemv_experts too
+        monkeypatch.setenv("FTMOE_GEMV_TMA", "0" if flag == "0" else "1")
+        monkeypatch.setenv("FTMOE_GEMV_EXPERTS", "1" if flag == "experts" else "0")
         cache = KVCache.for_model(ref.config, 64, block_size=4, dtype=dt, device=DEV)
         cache.k.normal_(generator=torch.Generator(DEV).manual_seed(1))
         cache.v.normal_(generator=torch.Generator(DEV).manual_seed(2))
         descs.clear()
-        out[flag] = (fast.decode_step(ids, pos, tables, pos.int(), slots, cache).float(), len(descs))
+        out[flag] = (fast.decode_step(ids, pos, tables, pos.int(), slots, cache)[:3].float(), len(descs))
     dense = sum(not L["moe"] for L in fast.layers)
-    assert out["0"][1] == 0 and out["1"][1] == 2 * ref.config.num_layer + 2 * dense   # QKV, Wo, dense W1 + W2
-    assert rel(out["1"][0], out["0"][0]) < (1e-3 if dt == torch.float16 else 1.6e-2)   # other MMA instructions
+    n = ref.config.num_layer
+    assert out["0"][1] == 0 and out["1"][1] == 2 * n + 2 * dense   # QKV, Wo, dense W1 + W2
+    assert out["experts"][1] == 2 * n + 2 * dense + 2 * (n - dense) > out["1"][1]   # + expert W1 + W2
+    tol = 1e-3 if dt == torch.float16 else 1.6e-2                  # other MMA instructions, another sum order
+    assert rel(out["1"][0], out["0"][0]) < tol
+    assert rel(out["experts"][0], out["0"][0]) < tol
+
+
+def test_ab_switches_keep_the_step(models, monkeypatch):
+    """FTMOE_GEMV_WO_SPLITS (Wo's K splits: the default 4, 0 for gemv.plan's, 3) and FTMOE_LN_WARPS
+    (add_layernorm's warps) change launches, not results; a malformed value names the switch."""
+    from ftmoe import fast_model
+    from ftmoe.kernels import norm
+
+    ref, fast = models
+    monkeypatch.setenv("FTMOE_GEMV", "1")
+    B = 2
+    ids, pos = torch.tensor([5, 77], device=DEV), torch.tensor([1, 3], device=DEV)
+    tables = torch.arange(2 * B, dtype=torch.int32, device=DEV).view(B, 2)
+    slots = (tables[:, 0] * 4 + pos.int()).int()
+    out = []
+    for env in ({}, {"FTMOE_GEMV_WO_SPLITS": "0"}, {"FTMOE_GEMV_WO_SPLITS": "3", "FTMOE_LN_WARPS": "8"}):
+        for k in ("FTMOE_GEMV_WO_SPLITS", "FTMOE_LN_WARPS"):
+            monkeypatch.delenv(k, raising=False)
+        for k, v in env.items():
+            monkeypatch.setenv(k, v)
+        cache = KVCache.for_model(ref.config, 64, block_size=4, dtype=torch.float32, device=DEV)
+        cache.k.normal_(generator=torch.Generator(DEV).manual_seed(3))
+        cache.v.normal_(generator=torch.Generator(DEV).manual_seed(4))
+        out.append(fast.decode_step(ids, pos, tables, pos.int(), slots, cache))
+    assert rel(out[1], out[0]) < 1e-5 and rel(out[2], out[0]) < 1e-5
+    monkeypatch.setenv("FTMOE_GEMV_WO_SPLITS", "x")
+    with pytest.raises(ValueError, match="FTMOE_GEMV_WO_SPLITS: expected a split count from 0 to 64, found 'x'"):
+        fast_model._wo_splits(64)
+    monkeypatch.setenv("FTMOE_LN_WARPS", "3")
+    with pytest.raises(ValueError, match="FTMOE_LN_WARPS: expected a power of two from 1 to 32, found '3'"):
+        norm.ln_warps(1024)
 
 
 def test_gemv_decode_equals_tuned_dense_path(models, monkeypatch):

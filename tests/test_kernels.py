@@ -715,6 +715,47 @@ def test_gemv_plan_at_the_model_shapes():
     assert gemv_mod.plan(4096, 1024, 4, 132, parts=True)["BLOCK_K"] == 128   # fp32: half the tile
 
 
+@pytest.mark.parametrize("dtype", [d for d in DTYPES if d != torch.float32])
+@pytest.mark.parametrize("S,k,E,K,N", [(1, 1, 4, 256, 128), (3, 1, 5, 512, 200), (4, 2, 3, 128, 64), (8, 1, 6, 64, 48)])
+def test_gemv_experts(gen, dtype, S, k, E, K, N):
+    """The routed GEMV, W1 then W2 as the MoE layer chains them: W1's partials of a[s // k] @ w1[ids[s]]
+    + b1, W2 summing them through GELU, + b2, times the slot's probability; a slot without an expert
+    (-1) is not written (the NaN poison stays), whatever the expert ids (repeats included)."""
+    F = 2 * K
+    w1 = rnd(E, K, F, dtype=dtype, gen=gen, scale=K ** -0.5)
+    w2 = rnd(E, F, N, dtype=dtype, gen=gen, scale=F ** -0.5)
+    b1, b2 = rnd(E, F, dtype=dtype, gen=gen), rnd(E, N, dtype=dtype, gen=gen)
+    u = rnd(S // k + (S % k > 0), K, dtype=dtype, gen=gen)
+    ids = torch.randint(0, E, (S,), generator=gen).int().to(DEV)
+    if S > 2:
+        ids[1] = -1
+        ids[2] = ids[0]                                          # two slots on one expert
+    probs = torch.rand(S, generator=gen).to(DEV)
+    P1 = gemv_mod.plan(F, K, w1.element_size(), gemv_mod.sm_count(w1.device), True)["S"]
+    h = gemv_mod.gemv_experts(u, w1, b1, ids, a_div=k, out=torch.full((P1, S, F), float("nan"), device=DEV))
+    want_h = ref.gemv_experts_ref(u, w1, b1, ids, a_div=k)
+    real = ids >= 0
+    assert h.shape[0] == P1 and rel(h.sum(0)[real], want_h[real]) < TOL[dtype]
+    assert torch.isnan(h[:, ~real]).all()
+    y = gemv_mod.gemv_experts(h, w2, b2, ids, probs=probs, gelu_a=True, ids_ready=True)
+    want_y = ref.gemv_experts_ref(h[:, real], w2, b2, ids[real], probs=probs[real], gelu_a=True)
+    assert rel(y.sum(0)[real], want_y) < TOL[dtype]
+    if S > 2:                                                # the shared expert: the same weights, its own row
+        assert not torch.equal(y[:, 0], y[:, 2])
+
+
+def test_gemv_experts_rejects_bad_input(gen):
+    w = rnd(2, 64, 32, dtype=torch.float16, gen=gen)
+    ids = torch.zeros(1, dtype=torch.int32, device=DEV)
+    with pytest.raises(AssertionError, match="contiguous 16-bit w"):
+        gemv_mod.gemv_experts(rnd(1, 64, gen=gen), w.float(), None, ids)
+    with pytest.raises(AssertionError, match="K = 48"):
+        gemv_mod.gemv_experts(rnd(1, 48, dtype=torch.float16, gen=gen), w, None, ids)
+    with pytest.raises(AssertionError, match="whole tiles"):
+        gemv_mod.gemv_experts(rnd(1, 90, dtype=torch.float16, gen=gen), rnd(2, 90, 32, dtype=torch.float16, gen=gen),
+                              None, ids)
+
+
 def test_gemv_tma_switch_and_layouts(gen, monkeypatch):
     """FTMOE_GEMV_TMA picks the form; TMA only for 16-bit weights whose rows are contiguous and
     16-byte aligned; forcing it on another layout is refused, not silently wrong."""

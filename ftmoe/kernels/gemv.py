@@ -92,9 +92,10 @@ def _a_tile(A, k0, offs_k, rows, rmask, K, stride_ap, stride_am, A_PARTS: tl.con
 
 
 @triton.jit
-def _gemv_kernel(A, W, BIAS, C, M, N, K, stride_ap, stride_am, stride_wk, stride_wn, stride_cs, stride_cm,
-                 HAS_BIAS: tl.constexpr, A_PARTS: tl.constexpr, GELU_A: tl.constexpr, GELU: tl.constexpr,
-                 PARTS: tl.constexpr, IEEE: tl.constexpr, ITERS: tl.constexpr, TMA: tl.constexpr, DTYPE: tl.constexpr,
+def _gemv_kernel(A, W, BIAS, C, IDS, PROBS, M, N, K, E, stride_ap, stride_am, stride_wk, stride_wn, stride_be,
+                 stride_cs, stride_cm, HAS_BIAS: tl.constexpr, A_PARTS: tl.constexpr, GELU_A: tl.constexpr,
+                 GELU: tl.constexpr, PARTS: tl.constexpr, IEEE: tl.constexpr, ITERS: tl.constexpr, TMA: tl.constexpr,
+                 DTYPE: tl.constexpr, ROUTED: tl.constexpr, A_DIV: tl.constexpr, MUL_PROB: tl.constexpr,
                  BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, USE_PDL: tl.constexpr = 0):
     pid_n = tl.program_id(0)
     ks = tl.program_id(1)
@@ -105,13 +106,28 @@ def _gemv_kernel(A, W, BIAS, C, M, N, K, stride_ap, stride_am, stride_wk, stride
     nmask = offs_n < N
     offs_k = tl.arange(0, BLOCK_K)
     k_lo = ks * (ITERS * BLOCK_K)
-    w = _w_tile(W, k_lo, n0, offs_k, offs_n, nmask, K, stride_wk, stride_wn, TMA)   # before the wait: weights are constant
-    if USE_PDL:
-        tl.extra.cuda.gdc_wait()                   # the kernel before has finished: `a` is complete
-    if USE_PDL == 1:                               # EARLY: the next kernel launches once `a` is ready
-        tl.extra.cuda.gdc_launch_dependents()
     rows = tl.arange(0, BLOCK_M)
     rmask = rows < M
+    w_row = 0
+    if ROUTED:   # program (., ., s) serves routed slot s: expert IDS[s] (-1: none), a row s // A_DIV
+        if ROUTED == 1:                            # the ids come from the kernel just before
+            if USE_PDL:
+                tl.extra.cuda.gdc_wait()
+            if USE_PDL == 1:                       # the next GEMV may load its tiles during this one's
+                tl.extra.cuda.gdc_launch_dependents()
+        s = tl.program_id(2)
+        e = tl.load(IDS + s, cache_modifier=".cg").to(tl.int32)
+        w_row = tl.where(e >= 0, e * K, E * K)     # no expert: a tile wholly past w's end, no reads
+        rmask = rmask & (rows * 0 + e >= 0)        # (a vector: the interpreter's & takes no scalar bool)
+        A += (s // A_DIV).to(tl.int64) * stride_am
+        C += s.to(tl.int64) * stride_cm
+        BIAS += tl.maximum(e, 0).to(tl.int64) * stride_be
+    w = _w_tile(W, w_row + k_lo, n0, offs_k, offs_n, nmask, K, stride_wk, stride_wn, TMA)   # weights are constant
+    if ROUTED != 1:
+        if USE_PDL:
+            tl.extra.cuda.gdc_wait()               # the kernel before has finished: `a` is complete
+    if USE_PDL == 1 and ROUTED != 1:               # EARLY: the next kernel launches once `a` is ready
+        tl.extra.cuda.gdc_launch_dependents()
     if TMA:   # c^T = w^T a^T: the [BLOCK_N, BLOCK_M] tile on wgmma, w^T read from shared memory
         acc_t = tl.zeros([BLOCK_N, BLOCK_M], dtype=tl.float32)
     else:
@@ -119,7 +135,7 @@ def _gemv_kernel(A, W, BIAS, C, M, N, K, stride_ap, stride_am, stride_wk, stride
     for it in tl.static_range(ITERS):
         k0 = k_lo + it * BLOCK_K
         if it > 0:
-            w = _w_tile(W, k0, n0, offs_k, offs_n, nmask, K, stride_wk, stride_wn, TMA)
+            w = _w_tile(W, w_row + k0, n0, offs_k, offs_n, nmask, K, stride_wk, stride_wn, TMA)
         a = _a_tile(A, k0, offs_k, rows, rmask, K, stride_ap, stride_am, A_PARTS, GELU_A, DTYPE)
         if TMA:
             acc_t = tl.dot(tl.trans(w), tl.trans(a), acc_t)
@@ -134,6 +150,8 @@ def _gemv_kernel(A, W, BIAS, C, M, N, K, stride_ap, stride_am, stride_wk, stride
         acc += bias[None, :] * tl.where(ks == 0, 1.0, 0.0)       # once: in the first K split
     if GELU:
         acc = _gelu_tanh(acc)
+    if MUL_PROB:
+        acc *= tl.load(PROBS + tl.program_id(2)).to(tl.float32)
     if PARTS:
         out = acc
     else:
@@ -206,12 +224,54 @@ def gemv(a: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None = None, *, 
     assert not use_tma or tma_fits(w), f"TMA needs a 16-bit w with aligned contiguous rows, got {w.dtype} {w.stride()}"
     wt = TensorDescriptor(w, list(w.shape), list(w.stride()), [cfg["BLOCK_K"], cfg["BLOCK_N"]]) if use_tma else w
     _gemv_kernel[grid](
-        a, wt, bias if bias is not None else w, c, M, N, K, a.stride(0) if a_parts else 0, a.stride(-2),
-        w.stride(0), w.stride(1), c.stride(0) if parts else 0, c.stride(-2),
+        a, wt, bias if bias is not None else w, c, w, w, M, N, K, 0, a.stride(0) if a_parts else 0, a.stride(-2),
+        w.stride(0), w.stride(1), 0, c.stride(0) if parts else 0, c.stride(-2),
         HAS_BIAS=bias is not None, A_PARTS=a_parts, GELU_A=gelu_a, GELU=gelu, PARTS=parts,
-        IEEE=w.dtype == torch.float32, ITERS=iters, TMA=use_tma, DTYPE=_TL_DTYPE[w.dtype], BLOCK_M=MAX_ROWS,
-        BLOCK_N=cfg["BLOCK_N"], BLOCK_K=cfg["BLOCK_K"],
+        IEEE=w.dtype == torch.float32, ITERS=iters, TMA=use_tma, DTYPE=_TL_DTYPE[w.dtype], ROUTED=0, A_DIV=1,
+        MUL_PROB=False, BLOCK_M=MAX_ROWS, BLOCK_N=cfg["BLOCK_N"], BLOCK_K=cfg["BLOCK_K"],
         num_warps=cfg["tma_warps"] if use_tma else cfg["num_warps"], num_stages=1, **kw)
+    return c
+
+
+def gemv_experts(a: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None, ids: torch.Tensor, *,
+                 probs: torch.Tensor | None = None, a_div: int = 1, gelu_a: bool = False, ids_ready: bool = False,
+                 out: torch.Tensor | None = None) -> torch.Tensor:
+    """The routed form, for the MoE layer of a decode step of few rows: for every slot s of ids
+    [S] (int32 expert ids, -1: none), fp32 split-K partials c [P, S, N] whose sum is
+    act(a[s // a_div]) @ w[ids[s]] + bias[ids[s]] (bias in partial 0), times probs[s] if given.
+    a [T, K] in w's dtype, or fp32 partials [Q, S, K] (gelu_a: GELU of their sum, as W2 reads W1's);
+    w [E, K, N] contiguous, 16-bit (TMA tiles only), bias [E, N]. A slot without an expert reads
+    no weights and its rows of c are not written.
+    ids_ready=False: the ids are written by the kernel just before (W1 after the top-k): each
+    program waits for it, then reads its slot's id and weights, and lets the next kernel launch.
+    ids_ready=True: they were written before the kernel just before had passed its wait (W2 after
+    a W1 launched with ids_ready=False): the id and the weight tile load before the wait, while
+    that kernel still runs."""
+    E, K, N = w.shape
+    S = ids.shape[0]
+    assert w.is_contiguous() and tma_fits(w.view(E * K, N)), \
+        f"gemv_experts needs a contiguous 16-bit w, got {w.dtype} {w.stride()}"
+    assert experts_fit(w), f"an expert's K = {K} must be whole tiles of the plan ({_experts_plan(w)})"
+    assert ids.dtype == torch.int32 and ids.is_contiguous()
+    a_parts = a.shape[0] if a.dim() == 3 else 0
+    assert a.shape[-1] == K and a.stride(-1) == 1, f"a has K = {a.shape[-1]}, w has {K} rows per expert"
+    assert not a_parts or (a.dtype == torch.float32 and a.shape[1] == S), "partials are fp32 [Q, S, K]"
+    assert a_parts or a.dtype == w.dtype, f"a is {a.dtype}, w is {w.dtype}"
+    cfg = _experts_plan(w)
+    P, bk, iters = cfg["S"], cfg["BLOCK_K"], cfg["ITERS"]
+    c = out if out is not None else torch.empty(P, S, N, dtype=torch.float32, device=a.device)
+    assert c.shape == (P, S, N) and c.dtype == torch.float32 and c.is_contiguous()
+    wt = TensorDescriptor(w.view(E * K, N), [E * K, N], [N, 1], [bk, cfg["BLOCK_N"]])   # experts stacked
+    kw = launch_kwargs(a)
+    if kw.get("USE_PDL") == FEED:     # never let the next kernel launch before this one's wait (its ids)
+        kw["USE_PDL"] = EARLY
+    _gemv_kernel[(triton.cdiv(N, cfg["BLOCK_N"]), P, S)](
+        a, wt, bias if bias is not None else w, c, ids, probs if probs is not None else ids, 1, N, K, E,
+        a.stride(0) if a_parts else 0, a.stride(-2), N, 1, bias.stride(0) if bias is not None else 0,
+        c.stride(0), c.stride(1), HAS_BIAS=bias is not None, A_PARTS=a_parts, GELU_A=gelu_a, GELU=False,
+        PARTS=True, IEEE=False, ITERS=iters, TMA=True, DTYPE=_TL_DTYPE[w.dtype], ROUTED=2 if ids_ready else 1,
+        A_DIV=a_div, MUL_PROB=probs is not None, BLOCK_M=MAX_ROWS, BLOCK_N=cfg["BLOCK_N"], BLOCK_K=bk,
+        num_warps=cfg["tma_warps"], num_stages=1, **kw)
     return c
 
 
@@ -236,3 +296,18 @@ def tma_fits(w: torch.Tensor) -> bool:
     if w.data_ptr() % 16 or (w.stride(0) * w.element_size()) % 16:
         return False
     return w.device.type != "cuda" or torch.cuda.get_device_capability(w.device)[0] >= 9
+
+
+def _experts_plan(w: torch.Tensor) -> dict:
+    E, K, N = w.shape
+    return plan(N, K, w.element_size(), sm_count(w.device), parts=True)
+
+
+def experts_fit(w: torch.Tensor) -> bool:
+    """Whether `gemv_experts` takes the experts w [E, K, N]: contiguous, TMA-readable, and each
+    expert's K whole tiles of its plan (no tile reaches into the next expert's rows)."""
+    E, K, N = w.shape
+    if not (w.is_contiguous() and tma_fits(w.view(E * K, N))):
+        return False
+    p = _experts_plan(w)
+    return p["S"] * p["ITERS"] * p["BLOCK_K"] == K

@@ -9,6 +9,8 @@ block: token and position embedding gathers, their sum, LN1.
 """
 from __future__ import annotations
 
+import os
+
 import torch
 import triton
 import triton.language as tl
@@ -160,8 +162,23 @@ def add_layernorm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps
         H, eps, x.stride(0), stride_add, stride_part, res.stride(0), y.stride(0), HAS_ADD=add is not None,
         ADD_PARTS=parts, ADD_ROWS=rows,
         HAS_ADD_BIAS=add_bias is not None, WRITE_RES=write_res, WRITE_Y32=want_fp32,
-        BLOCK=triton.next_power_of_2(H), num_warps=4 if H <= 2048 else 8, **launch_kwargs(x))
+        BLOCK=triton.next_power_of_2(H), num_warps=ln_warps(H), **launch_kwargs(x))
     return (res, y, y32) if want_fp32 else (res, y)
+
+
+def ln_warps(H: int) -> int:
+    """Warps of an add_layernorm program (one row): H / 64, from 4 to 16 (16 at H = 1024: 2
+    elements a thread); FTMOE_LN_WARPS overrides. Whole decode steps on one H100 (2026-12-07,
+    `scripts/ab_decode.py`, one process) against the earlier 4 warps at H = 1024: x0.962 at
+    batch 1, x0.986 at 16, x0.996 at 64, x0.999 at 256 (8 warps: x0.973 / 0.995 / 0.998 / 0.998;
+    32: x0.969 at 1): the one-row LN of a small step waits on its loads, more warps keep more
+    of them in flight."""
+    v = os.environ.get("FTMOE_LN_WARPS")
+    if v is None:
+        return max(4, min(16, H // 64))
+    if v not in ("1", "2", "4", "8", "16", "32"):
+        raise ValueError(f"FTMOE_LN_WARPS: expected a power of two from 1 to 32, found {v!r}")
+    return int(v)
 
 
 def embed_layernorm(wte: torch.Tensor, wpe: torch.Tensor, ids: torch.Tensor, positions: torch.Tensor,

@@ -107,3 +107,21 @@ def gemv_ref(a, w, bias=None, gelu=False, gelu_a=False):
     if bias is not None:
         y = y + bias.float()
     return gelu_tanh_ref(y) if gelu else y
+
+
+def gemv_experts_ref(a, w, bias, ids, probs=None, a_div=1, gelu_a=False):
+    """`gemv.gemv_experts` in fp32, summed over its partials: row s = a[s // a_div] @ w[ids[s]] +
+    bias[ids[s]], times probs[s]; a may be fp32 partials [Q, S, K] (summed, GELU with gelu_a,
+    rounded to w's dtype). Rows of slots without an expert (id -1) are NaN."""
+    if a.dim() == 3:
+        a = a.float().sum(0)
+        a = (gelu_tanh_ref(a) if gelu_a else a).to(w.dtype)
+    out = torch.full((ids.shape[0], w.shape[2]), float("nan"), dtype=torch.float32, device=a.device)
+    for s, e in enumerate(ids.tolist()):
+        if e < 0:
+            continue
+        y = a[s // a_div].float() @ w[e].float()
+        if bias is not None:
+            y = y + bias[e].float()
+        out[s] = y * (float(probs[s]) if probs is not None else 1.0)
+    return out
