@@ -4,6 +4,7 @@
 #    default (decode buckets of up to 8 rows on one GPU);
 # 2. A/B of steps timed alone (--synced, as the bench's decode rows) at batches 16, 32 and 64:
 #    base against FTMOE_GRAPH_FETCH=1, whether the fetch pays past FETCH_MAX_ROWS = 8.
+# Ran once (2026-12-07, H100: benchmarks/results/2026-12-07-h100-round28.txt).
 # Usage: OUT=dir bash scripts/gpu_round28.sh
 set -u
 OUT=${OUT:-/tmp/ftmoe_out}

@@ -9,6 +9,7 @@
 # 3. scripts/kernel_resources.py with the TMA form: registers and shared memory on the card;
 # 4. scripts/critical_path.py with the TMA form at batches 1 and 8 (per-kernel advances);
 # 5. the same A/B with each step timed alone (--synced, as the bench's decode rows).
+# Ran once (2026-12-07, H100: benchmarks/results/2026-12-07-h100-round29.txt).
 # Usage: OUT=dir bash scripts/gpu_round29.sh
 set -u
 OUT=${OUT:-/tmp/ftmoe_out}

@@ -8,6 +8,7 @@
 # 2. the routed GEMV's GPU tests and the fast path's TMA / experts decode test;
 # 3. scripts/critical_path.py with FTMOE_GEMV_EXPERTS=1 at batches 1 and 8;
 # 4. the experts A/B at 16 rows and at 1 / 8 timed alone (--synced).
+# Ran once (2026-12-07, H100: benchmarks/results/2026-12-07-h100-round30.txt).
 # Usage: OUT=dir bash scripts/gpu_round30.sh
 set -u
 OUT=${OUT:-/tmp/ftmoe_out}

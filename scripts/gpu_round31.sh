@@ -6,6 +6,7 @@
 #    fused-MoE experts, Wo in 16 splits, 4-warp LN), each step timed alone (--synced) and back to back;
 # 3. the GPU tests of what changed (GEMV forms, routed experts, LN, graph replay, greedy chunks);
 # 4. scripts/critical_path.py at batches 1 and 8 with the new defaults.
+# Ran once (2026-12-07, H100: benchmarks/results/2026-12-07-h100-round31.txt).
 # Usage: OUT=dir bash scripts/gpu_round31.sh
 set -u
 OUT=${OUT:-/tmp/ftmoe_out}
