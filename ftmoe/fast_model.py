@@ -68,15 +68,13 @@ def _gemv_on(var: str, rows: int, limit: int) -> bool:
     return rows <= GEMV_ROWS and size_switch(var, rows, limit)
 
 
-def _wo_splits(K: int) -> dict | None:
-    """The Wo GEMV's K splits: `WO_SPLITS` (FTMOE_GEMV_WO_SPLITS=S overrides, 0: `gemv.plan`'s,
-    which takes 16 at K = 1024 to fill one wave of programs)."""
+def _wo_splits(K: int) -> int | None:
+    """The Wo GEMV's K splits: `WO_SPLITS` (FTMOE_GEMV_WO_SPLITS=S overrides; 0, returned as None:
+    `gemv.plan`'s, which takes 16 at K = 1024 to fill one wave of programs)."""
     v = os.environ.get("FTMOE_GEMV_WO_SPLITS", str(WO_SPLITS))
     if not v.isdigit() or not int(v) <= K:
         raise ValueError(f"FTMOE_GEMV_WO_SPLITS: expected a split count from 0 to {K}, found {v!r}")
-    if v == "0":
-        return None
-    return {"S": int(v), "BLOCK_K": min(256, max(16, 1 << (-(-K // int(v)) - 1).bit_length()))}
+    return int(v) or None
 
 
 def small_batch_split_k(N: int, K: int) -> int:
@@ -312,7 +310,7 @@ class FastGPTMoE:
             ctx = decode_attention(qkv, k_cache, v_cache, block_tables, context_lens, slots, self.scale)
         if use_gemv:
             return gemv(ctx.view(B, self.HL), L["wo"], None, parts=True, trigger_first=not feed,
-                        config=_wo_splits(self.HL))
+                        splits=_wo_splits(self.HL))
         return self._dense(ctx.view(B, self.HL), L["wo"], None, parts_ok=True)
 
     def _first_ln(self, x: torch.Tensor, positions: torch.Tensor):

@@ -172,16 +172,17 @@ def sm_count(device: torch.device) -> int:
     return _sm_count(device.index if device.index is not None else torch.cuda.current_device())
 
 
-def plan(N: int, K: int, elem_bytes: int, sms: int, parts: bool) -> dict:
-    """Tiles of one launch: BLOCK_N up to 128 columns; with `parts`, K split into the most powers
-    of two S that keep N tiles x S within one wave of `sms` programs and each split >= MIN_SPLIT_K
-    rows; BLOCK_K the split's K rounded up to a power of two, capped so that a weight tile stays
-    within MAX_TILE_BYTES (the split then loops ITERS tiles); 8 warps for tiles of >= 32K
-    elements. Returns {BLOCK_N, BLOCK_K, ITERS, S, num_warps, tma_warps (the TMA form: one warpgroup)}."""
+def plan(N: int, K: int, elem_bytes: int, sms: int, parts: bool, splits: int | None = None) -> dict:
+    """Tiles of one launch: BLOCK_N up to 128 columns; with `parts`, K split into `splits`, or by
+    default into the most powers of two S that keep N tiles x S within one wave of `sms` programs
+    and each split >= MIN_SPLIT_K rows; BLOCK_K the split's K rounded up to a power of two, capped
+    so that a weight tile stays within MAX_TILE_BYTES (the split then loops ITERS tiles); 8 warps
+    for tiles of >= 32K elements. Returns {BLOCK_N, BLOCK_K, ITERS, S, num_warps, tma_warps (the
+    TMA form: one warpgroup)}."""
     bn = min(128, max(16, triton.next_power_of_2(N)))
     tiles = triton.cdiv(N, bn)
-    s = 1
-    while parts and tiles * s * 2 <= sms and triton.cdiv(K, s * 2) >= MIN_SPLIT_K:
+    s = splits if parts and splits else 1
+    while parts and not splits and tiles * s * 2 <= sms and triton.cdiv(K, s * 2) >= MIN_SPLIT_K:
         s *= 2
     per = triton.cdiv(K, s)
     cap = max(16, triton.next_power_of_2(MAX_TILE_BYTES // (bn * elem_bytes) + 1) // 2)
@@ -193,12 +194,14 @@ def plan(N: int, K: int, elem_bytes: int, sms: int, parts: bool) -> dict:
 def gemv(a: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None = None, *, parts: bool = False,
          gelu: bool = False, gelu_a: bool = False, out_dtype: torch.dtype | None = None,
          out: torch.Tensor | None = None, config: dict | None = None, trigger_first: bool = True,
-         tma: bool | None = None) -> torch.Tensor:
+         tma: bool | None = None, splits: int | None = None) -> torch.Tensor:
     """See the module docstring. a [M, K] or fp32 partials [P, M, K] (gelu_a: GELU of their sum);
     M <= MAX_ROWS. out: the result's tensor (its shape and dtype as they would be allocated);
     config overrides `plan`'s keys (tests, tuning). trigger_first (under PDL's EARLY mode): let
     the next kernel launch before this one's weight loads (another GEMV follows, or the chain of
-    waits is left as it is); False: after the wait, once `a` is complete (`pdl.feed_on`)."""
+    waits is left as it is); False: after the wait, once `a` is complete (`pdl.feed_on`).
+    tma: load the weight tiles with TMA (None: where `tma_eligible`). splits (with parts): K in
+    that many splits (None: `plan`'s)."""
     M, K = a.shape[-2:]
     Kw, N = w.shape
     assert K == Kw, f"a has K = {K}, w has {Kw} rows"
@@ -209,7 +212,7 @@ def gemv(a: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None = None, *, 
     assert a_parts or not gelu_a, "gelu_a applies to the sum of partials"
     assert a_parts or a.dtype == w.dtype, f"a is {a.dtype}, w is {w.dtype}"
     assert not a_parts or a.dtype == torch.float32, "partials are fp32"
-    cfg = dict(plan(N, K, w.element_size(), sm_count(a.device), parts), **(config or {}))
+    cfg = dict(plan(N, K, w.element_size(), sm_count(a.device), parts, splits), **(config or {}))
     S = cfg["S"] if parts else 1
     iters = triton.cdiv(triton.cdiv(K, S), cfg["BLOCK_K"])
     shape, dtype = ((S, M, N), torch.float32) if parts else ((M, N), out_dtype or w.dtype)
@@ -249,15 +252,14 @@ def gemv_experts(a: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None, id
     that kernel still runs."""
     E, K, N = w.shape
     S = ids.shape[0]
-    assert w.is_contiguous() and tma_fits(w.view(E * K, N)), \
-        f"gemv_experts needs a contiguous 16-bit w, got {w.dtype} {w.stride()}"
-    assert experts_fit(w), f"an expert's K = {K} must be whole tiles of the plan ({_experts_plan(w)})"
+    assert _experts_readable(w), f"gemv_experts needs a contiguous 16-bit w, got {w.dtype} {w.stride()}"
+    cfg = _experts_plan(w)
+    assert _whole_tiles(cfg, K), f"an expert's K = {K} must be whole tiles of the plan ({cfg})"
     assert ids.dtype == torch.int32 and ids.is_contiguous()
     a_parts = a.shape[0] if a.dim() == 3 else 0
     assert a.shape[-1] == K and a.stride(-1) == 1, f"a has K = {a.shape[-1]}, w has {K} rows per expert"
     assert not a_parts or (a.dtype == torch.float32 and a.shape[1] == S), "partials are fp32 [Q, S, K]"
     assert a_parts or a.dtype == w.dtype, f"a is {a.dtype}, w is {w.dtype}"
-    cfg = _experts_plan(w)
     P, bk, iters = cfg["S"], cfg["BLOCK_K"], cfg["ITERS"]
     c = out if out is not None else torch.empty(P, S, N, dtype=torch.float32, device=a.device)
     assert c.shape == (P, S, N) and c.dtype == torch.float32 and c.is_contiguous()
@@ -303,11 +305,18 @@ def _experts_plan(w: torch.Tensor) -> dict:
     return plan(N, K, w.element_size(), sm_count(w.device), parts=True)
 
 
+def _experts_readable(w: torch.Tensor) -> bool:
+    """w [E, K, N] contiguous and, as the stacked [E * K, N], TMA-readable."""
+    E, K, N = w.shape
+    return w.is_contiguous() and tma_fits(w.view(E * K, N))
+
+
+def _whole_tiles(p: dict, K: int) -> bool:
+    """The plan's splits x tiles cover K exactly: no tile reaches into the next expert's rows."""
+    return p["S"] * p["ITERS"] * p["BLOCK_K"] == K
+
+
 def experts_fit(w: torch.Tensor) -> bool:
     """Whether `gemv_experts` takes the experts w [E, K, N]: contiguous, TMA-readable, and each
-    expert's K whole tiles of its plan (no tile reaches into the next expert's rows)."""
-    E, K, N = w.shape
-    if not (w.is_contiguous() and tma_fits(w.view(E * K, N))):
-        return False
-    p = _experts_plan(w)
-    return p["S"] * p["ITERS"] * p["BLOCK_K"] == K
+    expert's K whole tiles of its plan."""
+    return _experts_readable(w) and _whole_tiles(_experts_plan(w), w.shape[1])
