@@ -598,6 +598,22 @@ def test_pdl_graph_replay_equals_plain_launches(models, monkeypatch, B, gemv):
             assert torch.equal(a, b)
 
 
+def _decode_rows(pos):
+    """Block tables [B, 2] (row b owns blocks 2b and 2b + 1, block size 4) and the KV slots of
+    decode rows at positions pos."""
+    B = pos.shape[0]
+    tables = torch.arange(2 * B, dtype=torch.int32, device=DEV).view(B, 2)
+    return tables, (tables[:, 0] * 4 + pos.int()).int()
+
+
+def _random_cache(config, dtype, seed):
+    """A 64-block cache (block size 4) whose K / V are seeded random values, not zeros."""
+    cache = KVCache.for_model(config, 64, block_size=4, dtype=dtype, device=DEV)
+    cache.k.normal_(generator=torch.Generator(DEV).manual_seed(seed))
+    cache.v.normal_(generator=torch.Generator(DEV).manual_seed(seed + 1))
+    return cache
+
+
 def test_gemv_tma_decode_equals_register_tiles(tiny_model_dir, monkeypatch):
     """A 16-bit model's decode step with the GEMVs' weight tiles loaded by TMA (FTMOE_GEMV_TMA=1,
     the swapped wgmma form) equals the register-tile form, and every GEMV of the step takes it;
@@ -611,18 +627,14 @@ def test_gemv_tma_decode_equals_register_tiles(tiny_model_dir, monkeypatch):
     real = gemv_mod.TensorDescriptor
     monkeypatch.setattr(gemv_mod, "TensorDescriptor", lambda *a: descs.append(a[3]) or real(*a))
     monkeypatch.setenv("FTMOE_GEMV", "1")
-    B = 4
     ids, pos = torch.tensor([3, 9, 250, 0], device=DEV), torch.tensor([0, 2, 5, 0], device=DEV)
-    tables = torch.arange(2 * B, dtype=torch.int32, device=DEV).view(B, 2)
-    slots = (tables[:, 0] * 4 + pos.int()).int()
+    tables, slots = _decode_rows(pos)
     slots[3] = -1                                                  # a padding row: no expert, no KV
     out = {}
     for flag in ("0", "1", "experts"):        # experts: the MoE layers' GEMMs on gemv_experts too
         monkeypatch.setenv("FTMOE_GEMV_TMA", "0" if flag == "0" else "1")
         monkeypatch.setenv("FTMOE_GEMV_EXPERTS", "1" if flag == "experts" else "0")
-        cache = KVCache.for_model(ref.config, 64, block_size=4, dtype=dt, device=DEV)
-        cache.k.normal_(generator=torch.Generator(DEV).manual_seed(1))
-        cache.v.normal_(generator=torch.Generator(DEV).manual_seed(2))
+        cache = _random_cache(ref.config, dt, seed=1)
         descs.clear()
         out[flag] = (fast.decode_step(ids, pos, tables, pos.int(), slots, cache)[:3].float(), len(descs))
     dense = sum(not L["moe"] for L in fast.layers)
@@ -642,19 +654,15 @@ def test_ab_switches_keep_the_step(models, monkeypatch):
 
     ref, fast = models
     monkeypatch.setenv("FTMOE_GEMV", "1")
-    B = 2
     ids, pos = torch.tensor([5, 77], device=DEV), torch.tensor([1, 3], device=DEV)
-    tables = torch.arange(2 * B, dtype=torch.int32, device=DEV).view(B, 2)
-    slots = (tables[:, 0] * 4 + pos.int()).int()
+    tables, slots = _decode_rows(pos)
     out = []
     for env in ({}, {"FTMOE_GEMV_WO_SPLITS": "0"}, {"FTMOE_GEMV_WO_SPLITS": "3", "FTMOE_LN_WARPS": "8"}):
         for k in ("FTMOE_GEMV_WO_SPLITS", "FTMOE_LN_WARPS"):
             monkeypatch.delenv(k, raising=False)
         for k, v in env.items():
             monkeypatch.setenv(k, v)
-        cache = KVCache.for_model(ref.config, 64, block_size=4, dtype=torch.float32, device=DEV)
-        cache.k.normal_(generator=torch.Generator(DEV).manual_seed(3))
-        cache.v.normal_(generator=torch.Generator(DEV).manual_seed(4))
+        cache = _random_cache(ref.config, torch.float32, seed=3)
         out.append(fast.decode_step(ids, pos, tables, pos.int(), slots, cache))
     assert rel(out[1], out[0]) < 1e-5 and rel(out[2], out[0]) < 1e-5
     monkeypatch.setenv("FTMOE_GEMV_WO_SPLITS", "x")
@@ -678,17 +686,14 @@ def test_gemv_decode_equals_tuned_dense_path(models, monkeypatch):
     ids = torch.tensor([3, 9, 250], device=DEV)
     B = ids.shape[0]
     pos = torch.tensor([0, 2, 5], device=DEV)
-    tables = torch.arange(2 * B, dtype=torch.int32, device=DEV).view(B, 2)
+    tables, slots = _decode_rows(pos)
     ctx = pos.int()
-    slots = (tables[:, 0] * 4 + ctx).int()
     out = {}
     for flag in ("0", "1", "feed"):     # feed: the bounded cascade (launch order only: the same results)
         monkeypatch.setenv("FTMOE_GEMV", "0" if flag == "0" else "1")
         monkeypatch.setenv("FTMOE_GEMV_HEAD", "0" if flag == "0" else "1")
         monkeypatch.setenv("FTMOE_PDL_FEED", "1" if flag == "feed" else "0")
-        cache = KVCache.for_model(ref.config, 64, block_size=4, dtype=torch.float32, device=DEV)
-        cache.k.normal_(generator=torch.Generator(DEV).manual_seed(1))
-        cache.v.normal_(generator=torch.Generator(DEV).manual_seed(2))
+        cache = _random_cache(ref.config, torch.float32, seed=1)
         calls.clear()
         out[flag] = (fast.decode_step(ids, pos, tables, ctx, slots, cache), cache.k.clone(), cache.v.clone(),
                      list(calls))
