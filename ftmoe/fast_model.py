@@ -29,7 +29,7 @@ from .kernels import pdl, size_switch
 from .kernels.attention import decode_attention, write_kv
 from .kernels.configs import get_config, get_dense_choice
 from .kernels.fused_moe import fused_moe
-from .kernels.gemv import MAX_ROWS as GEMV_ROWS, experts_fit, gemv, gemv_experts, tma_on
+from .kernels.gemv import MAX_ROWS as GEMV_ROWS, experts_fit, gemv, gemv_experts, tma_eligible, tma_on
 from .kernels.norm import add_layernorm, add_layernorm_gate, embed_layernorm
 from .kernels.routing import gate_topk, ln_gate, moe_align, softmax_topk
 from .kv_cache import AttnMetadata, KVCache
@@ -60,6 +60,11 @@ GEMV_EXPERTS_MAX_SLOTS = 2
 #: during attention. On one H100 (2026-12-07, one process): x0.977 / 0.967 / 0.975 / 0.980 at
 #: batches 1 / 2 / 4 / 8, x0.968 at 16 with 16 LN warps (8 splits: x0.959-0.979 with 8 warps)
 WO_SPLITS = 4
+#: the dense W2 GEMV's TMA tiles [BLOCK_K = 256, BLOCK_N = 64], two a K split, both loaded before
+#: the PDL wait (`_w2_tiles`): 8 splits at K = 4096, so the LN after it sums 8 partials where
+#: gemv.plan's [256, 128] tiles make 16. On one H100 (2026-12-07, scripts/ab_decode.py, one
+#: process): x0.984 / 0.997 / 0.997 / 0.995 at batches 1 / 2 / 4 / 8
+W2_TILE = (64, 256)
 
 
 def _gemv_on(var: str, rows: int, limit: int) -> bool:
@@ -75,6 +80,26 @@ def _wo_splits(K: int) -> int | None:
     if not v.isdigit() or not int(v) <= K:
         raise ValueError(f"FTMOE_GEMV_WO_SPLITS: expected a split count from 0 to {K}, found {v!r}")
     return int(v) or None
+
+
+def _w2_tiles(w: torch.Tensor) -> dict | None:
+    """The dense W2 GEMV's tiles for w [K, N]: `W2_TILE` with two tiles a K split (K / 512 splits)
+    where w loads by TMA and K is whole pairs of tiles, else `gemv.plan`'s (None).
+    FTMOE_GEMV_W2_TILES=BNxBKxS forces BLOCK_N x BLOCK_K tiles in S K splits, =0 the plan's."""
+    v = os.environ.get("FTMOE_GEMV_W2_TILES")
+    if v == "0":
+        return None
+    if v:
+        try:
+            bn, bk, splits = (int(x) for x in v.split("x"))
+        except ValueError:
+            raise ValueError(f"FTMOE_GEMV_W2_TILES: expected BLOCK_NxBLOCK_KxSPLITS (e.g. 64x256x8) or 0, "
+                             f"found {v!r}") from None
+        return {"BLOCK_N": bn, "BLOCK_K": bk, "S": splits}
+    bn, bk = W2_TILE
+    if not tma_eligible(w) or w.shape[0] % (2 * bk):
+        return None
+    return {"BLOCK_N": bn, "BLOCK_K": bk, "S": w.shape[0] // (2 * bk)}
 
 
 def small_batch_split_k(N: int, K: int) -> int:
@@ -179,7 +204,8 @@ class FastGPTMoE:
                 res, u = add_layernorm(res, L["ln2"].weight, L["ln2"].bias, eps, add=o, add_bias=L["bo"])
             if use_gemv:
                 h = gemv(u, L["w1"][0], L["b1"][0], parts=True)
-                y = gemv(h, L["w2"], None, parts=True, gelu_a=True, trigger_first=not feed)
+                y = gemv(h, L["w2"], None, parts=True, gelu_a=True, trigger_first=not feed,
+                         config=_w2_tiles(L["w2"]))
                 return res, self.par.tp_all_reduce(y), L["b2"]
             h = fused_moe(u, L["w1"], L["b1"], N, gelu=True, config=self._cfg(1, F, self.H, N))
             return res, self.par.tp_all_reduce(self._dense(h, L["w2"], None, parts_ok=True)), L["b2"]
@@ -285,7 +311,8 @@ class FastGPTMoE:
                 qkv = gemv(a, L["wqkv"], L["bqkv"], parts=True, trigger_first=not feed)
                 qkv = qkv.view(-1, B, 3, self.heads, self.D)
             else:
-                qkv = self._dense(a, L["wqkv"], L["bqkv"], parts_ok=False).view(B, 3, self.heads, self.D)
+                qkv = self._dense(a, L["wqkv"], L["bqkv"], parts_ok=True)   # split-K partials: attention sums them
+                qkv = qkv.view(*qkv.shape[:-2], B, 3, self.heads, self.D)
             o = self._attention_wo(L, qkv, cache.k[i], cache.v[i], block_tables, context_lens, slots, g, feed)
             res, y, y_bias = self._ln2_mlp(L, res, o, slots, i, use_gemv=g, feed=feed)
             last = i + 1 == len(self.layers)

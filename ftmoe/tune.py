@@ -121,7 +121,7 @@ def dense_shapes(cfg, tp: int = 1) -> list[tuple[int, int, bool, bool]]:
     """(N, K, partials allowed, bias fused) of the decode step's dense GEMMs on one TP rank:
     QKV (+bias), attention out, the dense MLP's second GEMM (the first is the tuned E=1 'w1')."""
     H, F = cfg.hidden_size, cfg.inter_size
-    return [(3 * H // tp, H, False, True), (H, H // tp, True, False), (H, F // tp, True, False)]
+    return [(3 * H // tp, H, True, True), (H, H // tp, True, False), (H, F // tp, True, False)]
 
 
 def run_tune(shapes: list[tuple[int, int, int, str]], dtype: torch.dtype, ms=DEFAULT_MS, out: str | None = None,

@@ -1,6 +1,6 @@
 """Decode-attention launch sweep: (BLOCK_N, num_warps) against batch and context, on a GPU.
 
-Usage (repo root, GPU host): python3 scripts/attn_sweep.py [--split]
+Usage (repo root, GPU host): python3 scripts/attn_sweep.py [--split [--batches 1,4,16] [--ctx 128,2048]]
 Prints, per (B, ctx), the time and KV read bandwidth of the current choice
 (`kernels.attention.launch_config`) and of the four fastest candidates. The 0.35B model's
 attention: 16 heads of 64, bf16, KV blocks of 16 tokens scattered over the cache.
@@ -40,15 +40,15 @@ def _inputs(B: int, ctx: int, h: int = 16, D: int = 64, bs: int = 16, dev: str =
     return qkv, kc, vc, tables, ctx_t, slots, out, 2 * B * (ctx + 1) * h * D * 2
 
 
-def split_sweep() -> None:
+def split_sweep(batches=(1, 4, 16), ctxs=(128, 2048)) -> None:
     torch.manual_seed(0)
     h, D = 16, 64
-    for B, ctx in itertools.product((1, 4, 16), (128, 2048)):
+    for B, ctx in itertools.product(batches, ctxs):
         qkv, kc, vc, tables, ctx_t, slots, out, kv_bytes = _inputs(B, ctx)
         one_pass = (1, *launch_config(B * h))
         S0 = min(num_splits(B * h), tables.shape[1])
         default = one_pass if S0 == 1 else (S0, 16, 1)       # decode_attention's defaults: BLOCK_N = 16, 1 warp
-        cands = [one_pass] + list(itertools.product((4, 8, 16), (16, 64), (1, 4)))
+        cands = [one_pass] + list(itertools.product((2, 4, 8, 16), (16, 64), (1, 4)))
         res = []
         with pdl.allowed(True):
             for S, bn, nw in cands:
@@ -66,8 +66,11 @@ def split_sweep() -> None:
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--split", action="store_true")
-    if ap.parse_args().split:
-        return split_sweep()
+    ap.add_argument("--batches", default="1,4,16", help="--split: batches (comma-separated)")
+    ap.add_argument("--ctx", default="128,2048", help="--split: contexts (comma-separated)")
+    args = ap.parse_args()
+    if args.split:
+        return split_sweep(tuple(int(x) for x in args.batches.split(",")), tuple(int(x) for x in args.ctx.split(",")))
     torch.manual_seed(0)
     h, D = 16, 64
     for B, ctx in [(1, 128), (8, 128), (64, 128), (256, 128), (1024, 128), (64, 1024), (8, 2048)]:

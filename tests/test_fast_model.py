@@ -474,7 +474,8 @@ def test_prefill_graphs_decline_what_no_bucket_fits(models):
 
 def test_triton_dense_gemms_with_split_k_match_reference(models, monkeypatch):
     """Where the tuned table picks the Triton kernel for the dense GEMMs (QKV, Wo, dense W2), with
-    split-K partials summed by add+LayerNorm, prefill and decode still equal the reference."""
+    split-K partials summed by add+LayerNorm (decode's QKV partials by attention), prefill and
+    decode still equal the reference."""
     from ftmoe import fast_model
 
     picked = []
@@ -486,6 +487,10 @@ def test_triton_dense_gemms_with_split_k_match_reference(models, monkeypatch):
                 "split_k": 3}
 
     monkeypatch.setattr(fast_model, "get_dense_choice", choice)
+    qkv_dims = []
+    real_attn = fast_model.decode_attention
+    monkeypatch.setattr(fast_model, "decode_attention", lambda qkv, *a, **k: qkv_dims.append(qkv.dim()) or
+                        real_attn(qkv, *a, **k))
     ref, fast = models
     H, F = ref.config.hidden_size, ref.config.inter_size
     g = torch.Generator().manual_seed(5)
@@ -499,6 +504,7 @@ def test_triton_dense_gemms_with_split_k_match_reference(models, monkeypatch):
         out = fast(seq[None, t:t + 1], cache.prepare([0], [1]), cache, last_only=True)
         assert rel(out[0], full[t]) < 1e-4
     assert {(3 * H, H), (H, H), (H, F)} <= set(picked)     # QKV, Wo, dense W2
+    assert qkv_dims and set(qkv_dims) == {5}               # decode's QKV as partials [3, B, 3, h, D]
 
 
 def test_pdl_launch_arguments(monkeypatch):
@@ -631,9 +637,11 @@ def test_gemv_tma_decode_equals_register_tiles(tiny_model_dir, monkeypatch):
     tables, slots = _decode_rows(pos)
     slots[3] = -1                                                  # a padding row: no expert, no KV
     out = {}
-    for flag in ("0", "1", "experts"):        # experts: the MoE layers' GEMMs on gemv_experts too
+    for flag in ("0", "1", "experts", "w2tiles"):   # experts: the MoE layers' GEMMs on gemv_experts too
         monkeypatch.setenv("FTMOE_GEMV_TMA", "0" if flag == "0" else "1")
         monkeypatch.setenv("FTMOE_GEMV_EXPERTS", "1" if flag == "experts" else "0")
+        if flag == "w2tiles":                 # the dense W2's splits each load two TMA tiles before the wait
+            monkeypatch.setenv("FTMOE_GEMV_W2_TILES", f"16x{ref.config.inter_size // 4}x2")
         cache = _random_cache(ref.config, dt, seed=1)
         descs.clear()
         out[flag] = (fast.decode_step(ids, pos, tables, pos.int(), slots, cache)[:3].float(), len(descs))
@@ -644,6 +652,8 @@ def test_gemv_tma_decode_equals_register_tiles(tiny_model_dir, monkeypatch):
     tol = 1e-3 if dt == torch.float16 else 1.6e-2                  # other MMA instructions, another sum order
     assert rel(out["1"][0], out["0"][0]) < tol
     assert rel(out["experts"][0], out["0"][0]) < tol
+    assert out["w2tiles"][1] == out["1"][1] and rel(out["w2tiles"][0], out["0"][0]) < tol
+    assert [ref.config.inter_size // 4, 16] in [list(b) for b in descs]       # [BLOCK_K, BLOCK_N] boxes
 
 
 def test_ab_switches_keep_the_step(models, monkeypatch):
@@ -657,8 +667,9 @@ def test_ab_switches_keep_the_step(models, monkeypatch):
     ids, pos = torch.tensor([5, 77], device=DEV), torch.tensor([1, 3], device=DEV)
     tables, slots = _decode_rows(pos)
     out = []
-    for env in ({}, {"FTMOE_GEMV_WO_SPLITS": "0"}, {"FTMOE_GEMV_WO_SPLITS": "3", "FTMOE_LN_WARPS": "8"}):
-        for k in ("FTMOE_GEMV_WO_SPLITS", "FTMOE_LN_WARPS"):
+    for env in ({}, {"FTMOE_GEMV_WO_SPLITS": "0"},
+                {"FTMOE_GEMV_WO_SPLITS": "3", "FTMOE_LN_WARPS": "8", "FTMOE_GEMV_W2_TILES": "16x32x2"}):
+        for k in ("FTMOE_GEMV_WO_SPLITS", "FTMOE_LN_WARPS", "FTMOE_GEMV_W2_TILES"):
             monkeypatch.delenv(k, raising=False)
         for k, v in env.items():
             monkeypatch.setenv(k, v)
@@ -671,6 +682,16 @@ def test_ab_switches_keep_the_step(models, monkeypatch):
     monkeypatch.setenv("FTMOE_LN_WARPS", "3")
     with pytest.raises(ValueError, match="FTMOE_LN_WARPS: expected a power of two from 1 to 32, found '3'"):
         norm.ln_warps(1024)
+    w2 = torch.empty(4096, 1024, dtype=torch.float16)
+    monkeypatch.setenv("FTMOE_GEMV_W2_TILES", "64x256")
+    with pytest.raises(ValueError, match="FTMOE_GEMV_W2_TILES: expected BLOCK_NxBLOCK_KxSPLITS"):
+        fast_model._w2_tiles(w2)
+    monkeypatch.setenv("FTMOE_GEMV_W2_TILES", "0")
+    assert fast_model._w2_tiles(w2) is None                      # gemv.plan's tiles
+    monkeypatch.delenv("FTMOE_GEMV_W2_TILES")
+    assert fast_model._w2_tiles(w2) == {"BLOCK_N": 64, "BLOCK_K": 256, "S": 8}   # two TMA tiles a split
+    assert fast_model._w2_tiles(w2.float()) is None               # fp32: the register form, plan's tiles
+    assert fast_model._w2_tiles(w2[:1000]) is None                # K not whole pairs of 256-row tiles
 
 
 def test_gemv_decode_equals_tuned_dense_path(models, monkeypatch):

@@ -179,6 +179,21 @@ def test_moe_align(gen, n, k, e, bm):
     _assert_align_equal(moe_align(ids, e, bm), ref.moe_align_ref(ids, e, bm))
 
 
+@pytest.mark.parametrize("warps", ["1", "2", "16"])
+def test_moe_align_one_program_warps(gen, monkeypatch, warps):
+    """FTMOE_ALIGN_WARPS changes the one-program align's launch, not its result (64 slots, skewed);
+    a malformed value names the switch."""
+    from ftmoe.kernels import routing
+
+    ids = torch.randint(0, 64, (64, 1), generator=gen, dtype=torch.int32).to(DEV)
+    ids[:20] = 7
+    monkeypatch.setenv("FTMOE_ALIGN_WARPS", warps)
+    _assert_align_equal(moe_align(ids, 64, 16), ref.moe_align_ref(ids, 64, 16))
+    monkeypatch.setenv("FTMOE_ALIGN_WARPS", "3")
+    with pytest.raises(ValueError, match="FTMOE_ALIGN_WARPS: expected a power of two from 1 to 32, found '3'"):
+        routing.align_warps()
+
+
 def _routing(n, k, e, gen):
     logits = torch.randn(n, e, generator=gen)
     p = torch.softmax(logits, -1)
@@ -205,6 +220,46 @@ def test_fused_moe(gen, dtype, n, k, e, K, N, stage):
     want = ref.fused_moe_ref(a, w, bias, ids, probs, k, a_per_slot=a_per_slot, gelu=stage == "w1_gelu",
                              mul_prob=stage == "w2_prob")
     assert rel(out, want) < TOL[dtype] * 2
+
+
+@pytest.mark.parametrize("dtype", [d for d in DTYPES if d != torch.float32])
+@pytest.mark.parametrize("mode", ["sorted", "per_slot", "dense_split_k"])
+def test_fused_moe_tma_weights(gen, monkeypatch, dtype, mode):
+    """FTMOE_MOE_TMA=1: the weight tiles load by TMA from the stacked [E * K, N] view (one
+    descriptor a launch, tiles never crossing into the next expert); the sorted-slot, per-slot
+    (a skipped slot included) and dense split-K forms equal the pointer-load kernel's results."""
+    import ftmoe.kernels.fused_moe as fm
+
+    n, k, e, K, N = (20, 2, 6, 128, 96) if mode != "dense_split_k" else (5, 1, 1, 256, 80)
+    probs, ids = _routing(n, k, e, gen)
+    if mode == "per_slot":
+        ids[1, 0] = -1                                         # a slot of no expert: no weights read
+    w = rnd(e, K, N, dtype=dtype, gen=gen, scale=K ** -0.5)
+    bias = rnd(e, N, dtype=dtype, gen=gen, scale=0.1)
+    cfg = {"BLOCK_M": 16, "BLOCK_N": 32, "BLOCK_K": 64, "GROUP_M": 2}
+    routing = {"sorted": lambda: moe_align(ids, e, 16), "per_slot": lambda: ids.view(-1).contiguous(),
+               "dense_split_k": lambda: None}[mode]()
+    a = rnd(n, K, dtype=dtype, gen=gen)
+    boxes = []
+    real = fm.TensorDescriptor
+    monkeypatch.setattr(fm, "TensorDescriptor", lambda *x: boxes.append((x[1], x[3])) or real(*x))
+    split = 2 if mode == "dense_split_k" else 1
+    kw = dict(topk=k, routing=routing, gelu=mode != "dense_split_k", config=cfg, split_k=split)
+    got = {}
+    for flag in ("0", "1"):
+        monkeypatch.setenv("FTMOE_MOE_TMA", flag)
+        shape = (split, n, N) if split > 1 else (n * k, N)
+        out = torch.full(shape, float("nan"), dtype=torch.float32 if split > 1 else dtype, device=DEV)
+        if mode == "per_slot":
+            out.zero_()                                        # the skipped slot's row stays unwritten
+        got[flag] = fused_moe(a, w, bias, n * k if mode != "dense_split_k" else n, out=out, **kw)
+    assert boxes == [([e * K, N], [64, 32])]                   # TMA only with the switch on
+    assert torch.equal(got["1"], got["0"]) or rel(got["1"], got["0"]) < TOL[dtype]
+    monkeypatch.setenv("FTMOE_MOE_TMA", "yes")
+    with pytest.raises(ValueError, match="FTMOE_MOE_TMA: expected 0 or 1, found 'yes'"):
+        fm.tma_ok(w, 64)
+    monkeypatch.setenv("FTMOE_MOE_TMA", "1")
+    assert not fm.tma_ok(w[:, :100], 64) and not fm.tma_ok(w.float(), 64)   # K not whole tiles; fp32
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
@@ -239,6 +294,7 @@ def test_attention_launch_override(monkeypatch):
 
     monkeypatch.delenv("FTMOE_ATTN_LAUNCH", raising=False)
     rule = {p: launch_config(p) for p in (16, 1024, 4096)}
+    assert launch_config(512) == (64, 1) and rule[1024] == rule[4096] == (32, 1)   # the rule's steps
     monkeypatch.setenv("FTMOE_ATTN_LAUNCH", "257:64x2")
     assert launch_config(16) == rule[16] and launch_config(1024) == launch_config(4096) == (64, 2)
     for bad in ("64x1", "257:64", "a:64x1"):

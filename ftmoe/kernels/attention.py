@@ -213,7 +213,9 @@ def launch_config(programs: int) -> tuple[int, int]:
     17-128 at 16 heads) 64-token one-warp tiles: the H100 sweep's fastest at batch 64 (22.7 us
     against 25.4 for (128, 1) at context 128, 108.5 against 112.3 at 1024), and whole decode
     steps on an H100 -1.8 % at batch 32, -3.5 % at 64 and at 128 against (128, 1)
-    (scripts/ab_decode.py, 2026-12-07, benchmarks/results/2026-12-07-h100-round24.txt).
+    (scripts/ab_decode.py, 2026-12-07, benchmarks/results/2026-12-07-h100-round24.txt). Past 512
+    programs (batches 33-128) 32-token tiles: x0.993 at batch 64, x0.983 at 128 against (64, 1),
+    x1.010 at 32 (benchmarks/results/2026-12-07-h100-round33.txt).
     FTMOE_ATTN_LAUNCH=FROM:BLOCK_NxWARPS (read at each call, i.e. at graph capture) uses that
     config from FROM programs on, for `scripts/ab_decode.py`'s A/B of the rule."""
     forced = os.environ.get("FTMOE_ATTN_LAUNCH")
@@ -228,7 +230,7 @@ def launch_config(programs: int) -> tuple[int, int]:
             return bn, nw
     if programs <= 256:
         return 256, 8
-    if programs <= 2048:
+    if programs <= 512:
         return 64, 1
     return 32, 1
 

@@ -12,9 +12,12 @@ the same epilogues) and needs no routing.
 """
 from __future__ import annotations
 
+import os
+
 import torch
 import triton
 import triton.language as tl
+from triton.tools.tensor_descriptor import TensorDescriptor
 
 from .pdl import launch_kwargs, pdl_start
 
@@ -33,7 +36,7 @@ def _fused_moe_kernel(A, W, BIAS, C, PROBS, SORTED, BLOCK_EXPERT, NUM_POST,
                       HAS_BIAS: tl.constexpr,
                       GELU: tl.constexpr, MUL_PROB: tl.constexpr, IEEE: tl.constexpr, SPLIT_K: tl.constexpr,
                       BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
-                      USE_PDL: tl.constexpr = False):
+                      USE_PDL: tl.constexpr = False, TMA: tl.constexpr = False):
     pid = tl.program_id(0)
     num_n = tl.cdiv(N, BLOCK_N)
     num_m = tl.num_programs(0) // num_n
@@ -78,19 +81,25 @@ def _fused_moe_kernel(A, W, BIAS, C, PROBS, SORTED, BLOCK_EXPERT, NUM_POST,
     k_lo = ks * k_per
     offs_k = tl.arange(0, BLOCK_K)
     a_ptrs = A + rows[:, None] * stride_am + (k_lo + offs_k)[None, :]
-    w_ptrs = W + expert * stride_we + (k_lo + offs_k)[:, None] * stride_wk + offs_n[None, :]
+    w_ptrs = W      # (unused with TMA: W is then a descriptor)
+    if not TMA:
+        w_ptrs = W + expert * stride_we + (k_lo + offs_k)[:, None] * stride_wk + offs_n[None, :]
     acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
     k_hi = tl.where(skip, k_lo, tl.minimum(K, k_lo + k_per))   # a skipped slot reads no weights
     for k0 in range(k_lo, k_hi, BLOCK_K):
         kmask = offs_k < K - k0
         a = tl.load(a_ptrs, mask=smask[:, None] & kmask[None, :], other=0.0)
-        w = tl.load(w_ptrs, mask=kmask[:, None] & nmask[None, :], other=0.0)
+        if TMA:   # W: a descriptor of the stacked [E * K, N] weights; K is whole BLOCK_K tiles
+            w = W.load([(expert * K + k0).to(tl.int32), pid_n * BLOCK_N])
+        else:
+            w = tl.load(w_ptrs, mask=kmask[:, None] & nmask[None, :], other=0.0)
         if IEEE:
             acc += tl.dot(a, w, input_precision="ieee")   # fp32 inputs: no silent tf32
         else:
             acc += tl.dot(a, w)
         a_ptrs += BLOCK_K
-        w_ptrs += BLOCK_K * stride_wk
+        if not TMA:
+            w_ptrs += BLOCK_K * stride_wk
     if HAS_BIAS:  # once, in the first K split
         bias = tl.load(BIAS + expert * stride_be + offs_n, mask=nmask, other=0.0).to(tl.float32)
         acc += bias[None, :] * tl.where(ks == 0, 1.0, 0.0)
@@ -137,12 +146,29 @@ def fused_moe(a: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None, num_s
         sorted_slots, block_expert, num_post = routing
         num_m = block_expert.numel()
     grid = (num_m * triton.cdiv(N, cfg["BLOCK_N"]), split_k)
+    use_tma = tma_ok(w, cfg["BLOCK_K"])
+    wt = TensorDescriptor(w.view(E * K, N), [E * K, N], [N, 1], [cfg["BLOCK_K"], cfg["BLOCK_N"]]) if use_tma else w
     _fused_moe_kernel[grid](
-        a, w, bias if bias is not None else w, c, probs if probs is not None else a,
+        a, wt, bias if bias is not None else w, c, probs if probs is not None else a,
         sorted_slots, block_expert, num_post, N, K, num_slots,
         a.stride(0), w.stride(0), w.stride(1), bias.stride(0) if bias is not None and bias.dim() == 2 else 0,
         c.stride(-2), c.stride(0) if split_k > 1 else 0, TOPK=topk, A_PER_SLOT=a_per_slot, DENSE=dense, PER_SLOT=per_slot, HAS_BIAS=bias is not None, GELU=gelu,
         MUL_PROB=mul_prob, IEEE=a.dtype == torch.float32, SPLIT_K=split_k, BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], BLOCK_K=cfg["BLOCK_K"],
         GROUP_M=cfg["GROUP_M"], num_warps=cfg["num_warps"],
-        num_stages=cfg["num_stages"], **launch_kwargs(a))
+        num_stages=cfg["num_stages"], TMA=use_tma, **launch_kwargs(a))
     return c
+
+
+def tma_ok(w: torch.Tensor, block_k: int) -> bool:
+    """Whether the weight tiles of w [E, K, N] load by TMA: FTMOE_MOE_TMA=1 (default 0), a Hopper GPU
+    (or the interpreter), 16-bit contiguous weights with 16-byte rows, and K whole BLOCK_K tiles (a
+    tile of the stacked [E * K, N] view never reaches into the next expert's rows)."""
+    v = os.environ.get("FTMOE_MOE_TMA", "0")
+    if v not in ("0", "1"):
+        raise ValueError(f"FTMOE_MOE_TMA: expected 0 or 1, found {v!r}")
+    E, K, N = w.shape
+    if v == "0" or w.dtype not in (torch.float16, torch.bfloat16) or not w.is_contiguous():
+        return False
+    if K % block_k or (N * w.element_size()) % 16 or w.data_ptr() % 16 or E * K >= 2 ** 31:
+        return False
+    return w.device.type != "cuda" or torch.cuda.get_device_capability(w.device)[0] >= 9

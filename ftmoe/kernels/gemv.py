@@ -123,6 +123,9 @@ def _gemv_kernel(A, W, BIAS, C, IDS, PROBS, M, N, K, E, stride_ap, stride_am, st
         C += s.to(tl.int64) * stride_cm
         BIAS += tl.maximum(e, 0).to(tl.int64) * stride_be
     w = _w_tile(W, w_row + k_lo, n0, offs_k, offs_n, nmask, K, stride_wk, stride_wn, TMA)   # weights are constant
+    w_next = w
+    if TMA and ITERS == 2:     # both TMA tiles of the split before the wait (2 x 32 KB: [256, 64] tiles)
+        w_next = _w_tile(W, w_row + k_lo + BLOCK_K, n0, offs_k, offs_n, nmask, K, stride_wk, stride_wn, TMA)
     if ROUTED != 1:
         if USE_PDL:
             tl.extra.cuda.gdc_wait()               # the kernel before has finished: `a` is complete
@@ -135,7 +138,10 @@ def _gemv_kernel(A, W, BIAS, C, IDS, PROBS, M, N, K, E, stride_ap, stride_am, st
     for it in tl.static_range(ITERS):
         k0 = k_lo + it * BLOCK_K
         if it > 0:
-            w = _w_tile(W, w_row + k0, n0, offs_k, offs_n, nmask, K, stride_wk, stride_wn, TMA)
+            if TMA and ITERS == 2:
+                w = w_next
+            else:
+                w = _w_tile(W, w_row + k0, n0, offs_k, offs_n, nmask, K, stride_wk, stride_wn, TMA)
         a = _a_tile(A, k0, offs_k, rows, rmask, K, stride_ap, stride_am, A_PARTS, GELU_A, DTYPE)
         if TMA:
             acc_t = tl.dot(tl.trans(w), tl.trans(a), acc_t)

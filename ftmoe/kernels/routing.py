@@ -122,8 +122,11 @@ def gate_gemm_config(N: int, H: int) -> tuple[dict, int]:
 
 #: steps of at most this many rows compute the gate logits in the LN2 kernel (`add_layernorm_gate`).
 #: Whole decode steps on an H200 against a separate gate GEMM (scripts/ab_decode.py, sixth session):
-#: -6.4 % at batch 1, -6.2 % at 2, -5.3 % at 4, -3.7 % at 8, -3.1 % at 16, -2.1 % at 32, -0.7 % at 64
-LN_GATE_MAX_ROWS = 64
+#: -6.4 % at batch 1, -6.2 % at 2, -5.3 % at 4, -3.7 % at 8, -3.1 % at 16, -2.1 % at 32, -0.7 % at 64.
+#: On one H100 (2026-12-07, same script) the separate gate is x1.016 at 32 but x0.992 at 64 (cuBLAS;
+#: x0.991 with FTMOE_GATE=triton): 64 rows x 8 programs each re-read the row's Wo partials and a
+#: 32 KB gate slice from L2 (7.9 us a launch)
+LN_GATE_MAX_ROWS = 32
 
 
 def ln_gate(N: int) -> bool:
@@ -238,6 +241,21 @@ ALIGN_CHUNK = 64
 ALIGN_MAX_PROGRAMS = 64
 
 
+#: warps of the one-program align: 8. Whole decode steps on one H100 (2026-12-07, scripts/ab_decode.py,
+#: one process) against 4: x0.991 at batch 64 (64 slots, 5.1 us a launch with 4 warps), level at 32
+#: and 128 (those take the per-slot path and the two-kernel align); 16: x0.993 at 64
+ALIGN_WARPS = 8
+
+
+def align_warps() -> int:
+    """Warps of the one-program align (up to ALIGN_ONE_PROGRAM slots): `ALIGN_WARPS`;
+    FTMOE_ALIGN_WARPS overrides."""
+    v = os.environ.get("FTMOE_ALIGN_WARPS", str(ALIGN_WARPS))
+    if v not in ("1", "2", "4", "8", "16", "32"):
+        raise ValueError(f"FTMOE_ALIGN_WARPS: expected a power of two from 1 to 32, found {v!r}")
+    return int(v)
+
+
 def moe_align(ids: torch.Tensor, num_experts: int, block_m: int):
     """ids [N, k] int32 -> (sorted_slots [max_blocks*BM], block_expert [max_blocks], num_post [1]).
     Slots grouped by expert in slot order, each group padded to BM with the sentinel N*k (as is
@@ -255,7 +273,7 @@ def moe_align(ids: torch.Tensor, num_experts: int, block_m: int):
         chunk = max(16, triton.next_power_of_2(nk))
         _align_place_kernel[(1,)](ids, ids, sorted_slots, block_expert, num_post, nk, num_experts, max_len,
                                   max_blocks, chunk, BLOCK_M=block_m, BLOCK_E=BLOCK_E, CHUNK=chunk, BLOCK_P=1,
-                                  COUNTED=False, num_warps=4, **kw)
+                                  COUNTED=False, num_warps=align_warps(), **kw)
         return sorted_slots, block_expert, num_post
     chunks = triton.cdiv(nk, ALIGN_CHUNK)
     span = triton.cdiv(chunks, min(chunks, ALIGN_MAX_PROGRAMS)) * ALIGN_CHUNK
