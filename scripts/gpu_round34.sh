@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Seventeenth session's third GPU call (issue 3), outputs straight into $OUT (about 4 minutes):
+# Seventeenth session's third GPU call (issue 3), outputs straight into $OUT (about 4 minutes;
+# MINI=1: the A/Bs only, about 2 minutes, for a short device budget):
 # 1. bench v21: `ftmoe bench --prefill-graphs --no-latency` with this session's defaults (the dense
 #    W2 GEMV in [256, 64] TMA tiles x 8 splits; QKV at 32 / 64 rows on the Triton GEMM in 2 / 4 K
 #    splits summed by attention; the one-program align on 8 warps; attention (32, 1) tiles past
@@ -13,7 +14,7 @@ set -u
 OUT=${OUT:-/tmp/ftmoe_out}
 export PYTHONPATH=$PWD PYTHONUNBUFFERED=1 TMPDIR=${TMPDIR:-/tmp} NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1
 nvidia-smi -L > "$OUT/gpus.txt" 2>&1
-timeout 240 python3 -m ftmoe.cli bench --prefill-graphs --no-latency --json "$OUT/bench.json" > "$OUT/bench.txt" 2>&1
+[ -n "${MINI:-}" ] || timeout 240 python3 -m ftmoe.cli bench --prefill-graphs --no-latency --json "$OUT/bench.json" > "$OUT/bench.txt" 2>&1
 echo "[bench rc $? at ${SECONDS}s]"; grep -E "^(device|decode|prefill)|rror" "$OUT/bench.txt"
 python3 - "$OUT" <<'PY'
 import json, sys, torch
@@ -33,8 +34,9 @@ echo "[ab128 rc $? at ${SECONDS}s]"; grep -E "^B=|rror" "$OUT/ab128.txt" | sed "
 timeout 80 python3 scripts/ab_decode.py --batches 256 --rounds 5 --json "$OUT/ab256.json" --variants base moetma=1 \
     > "$OUT/ab256.txt" 2>&1     # at 256 this session's defaults are the old ones
 echo "[ab256 rc $? at ${SECONDS}s]"; grep -E "^B=|rror" "$OUT/ab256.txt"
+[ -n "${MINI:-}" ] && exit 0
 python3 -c "import pytest" 2>/dev/null || pip install -q --no-index --find-links .gpu_wheels pytest
-timeout 170 python3 -m pytest -q -p no:cacheprovider tests/test_kernels.py tests/test_fast_model.py \
-    -k "fused_moe_tma or align_one_program or launch_override or k_loop or tma_decode or split_k_match" \
+timeout 90 python3 -m pytest -q -p no:cacheprovider tests/test_kernels.py tests/test_fast_model.py \
+    -k "fused_moe_tma or align_one_program or launch_override" \
     > "$OUT/tests.txt" 2>&1
 echo "[tests rc $? at ${SECONDS}s]"; tail -2 "$OUT/tests.txt"; grep -E "^(FAILED|ERROR)" "$OUT/tests.txt" | head -20
