@@ -7,7 +7,8 @@
 #    512 programs; the gate in the LN2 kernel up to 32 rows);
 # 2. A/B of those defaults against the sixteenth session's, one process, back to back (batches
 #    1, 8, 64, 128), and of the fused-MoE kernel's weight tiles by TMA (FTMOE_MOE_TMA=1: the MoE
-#    experts from batch 4 up, Wo and the dense MLP past 16 rows) at 1-256;
+#    experts from batch 4 up, Wo and the dense MLP past 16 rows) at 1-256; at 64, the expert W1 / W2
+#    in 64-column tiles (twice the programs: the wave tail of ~240 1 MB programs on 132 SMs);
 # 3. GPU tests of what changed.
 # Usage: OUT=dir bash scripts/gpu_round34.sh
 set -u
@@ -23,11 +24,19 @@ t = json.load(open(f"ftmoe/kernels/configs/{'NVIDIA_H100_80GB_HBM3' if h100 else
 for m in ("32", "64") if h100 else ():
     t["dense:N=3072,K=1024,dtype=bf16"][m] = {"backend": "cublas"}     # the sixteenth session's entries
 json.dump(t, open(f"{sys.argv[1]}/old_table.json", "w"), indent=1)
+cur = json.load(open(f"ftmoe/kernels/configs/{'NVIDIA_H100_80GB_HBM3' if h100 else 'NVIDIA_H200'}.json"))
+for name, key in (("w1n64", "E=64,N=4096,K=1024,dtype=bf16"), ("w2n64", "E=64,N=1024,K=4096,dtype=bf16")):
+    v = json.loads(json.dumps(cur))       # the expert GEMM at 64 slots in 64-column tiles: twice the programs
+    v[key]["64"] = dict(BLOCK_M=16, BLOCK_N=64, BLOCK_K=128, GROUP_M=1, num_warps=4, num_stages=4)
+    json.dump(v, open(f"{sys.argv[1]}/{name}.json", "w"), indent=1)
 PY
 OLD="w2tiles=0,table=$OUT/old_table.json,alignwarps=4,attnlaunch=257:64x1,lngate=1"   # valid up to 64 rows
 timeout 150 python3 scripts/ab_decode.py --batches 1,8,64 --rounds 5 --json "$OUT/ab.json" \
     --variants base "$OLD" moetma=1 > "$OUT/ab.txt" 2>&1
 echo "[ab rc $? at ${SECONDS}s]"; grep -E "^B=|rror" "$OUT/ab.txt" | sed "s|$OUT/||"
+timeout 90 python3 scripts/ab_decode.py --batches 64 --rounds 5 --json "$OUT/ab_tiles.json" --variants base \
+    "table=$OUT/w1n64.json" "table=$OUT/w2n64.json" moetma=1 > "$OUT/ab_tiles.txt" 2>&1
+echo "[ab tiles rc $? at ${SECONDS}s]"; grep -E "^B=|rror" "$OUT/ab_tiles.txt" | sed "s|$OUT/||"
 timeout 80 python3 scripts/ab_decode.py --batches 128 --rounds 5 --json "$OUT/ab128.json" --variants base \
     "table=$OUT/old_table.json,alignwarps=4,attnlaunch=257:64x1" moetma=1 > "$OUT/ab128.txt" 2>&1
 echo "[ab128 rc $? at ${SECONDS}s]"; grep -E "^B=|rror" "$OUT/ab128.txt" | sed "s|$OUT/||"
