@@ -24,3 +24,13 @@ def size_switch(var: str, size: int, limit: int) -> bool:
     if v not in ("auto", "0", "1"):
         raise ValueError(f"{var}: expected auto, 0 or 1, found {v!r}")
     return v == "1" or (v == "auto" and size <= limit)
+
+
+def warps_switch(var: str, default: int) -> int:
+    """A kernel's warps: `default`, or the power of two from 1 to 32 that the environment's `var` names."""
+    v = os.environ.get(var)
+    if v is None:
+        return default
+    if v not in ("1", "2", "4", "8", "16", "32"):
+        raise ValueError(f"{var}: expected a power of two from 1 to 32, found {v!r}")
+    return int(v)

@@ -258,7 +258,7 @@ def gemv_experts(a: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None, id
     that kernel still runs."""
     E, K, N = w.shape
     S = ids.shape[0]
-    assert _experts_readable(w), f"gemv_experts needs a contiguous 16-bit w, got {w.dtype} {w.stride()}"
+    assert experts_readable(w), f"gemv_experts needs a contiguous 16-bit w, got {w.dtype} {w.stride()}"
     cfg = _experts_plan(w)
     assert _whole_tiles(cfg, K), f"an expert's K = {K} must be whole tiles of the plan ({cfg})"
     assert ids.dtype == torch.int32 and ids.is_contiguous()
@@ -311,7 +311,7 @@ def _experts_plan(w: torch.Tensor) -> dict:
     return plan(N, K, w.element_size(), sm_count(w.device), parts=True)
 
 
-def _experts_readable(w: torch.Tensor) -> bool:
+def experts_readable(w: torch.Tensor) -> bool:
     """w [E, K, N] contiguous and, as the stacked [E * K, N], TMA-readable."""
     E, K, N = w.shape
     return w.is_contiguous() and tma_fits(w.view(E * K, N))
@@ -325,4 +325,4 @@ def _whole_tiles(p: dict, K: int) -> bool:
 def experts_fit(w: torch.Tensor) -> bool:
     """Whether `gemv_experts` takes the experts w [E, K, N]: contiguous, TMA-readable, and each
     expert's K whole tiles of its plan."""
-    return _experts_readable(w) and _whole_tiles(_experts_plan(w), w.shape[1])
+    return experts_readable(w) and _whole_tiles(_experts_plan(w), w.shape[1])

@@ -9,12 +9,11 @@ block: token and position embedding gathers, their sum, LN1.
 """
 from __future__ import annotations
 
-import os
-
 import torch
 import triton
 import triton.language as tl
 
+from . import warps_switch
 from .pdl import launch_kwargs, pdl_start
 
 
@@ -173,12 +172,7 @@ def ln_warps(H: int) -> int:
     batch 1, x0.986 at 16, x0.996 at 64, x0.999 at 256 (8 warps: x0.973 / 0.995 / 0.998 / 0.998;
     32: x0.969 at 1): the one-row LN of a small step waits on its loads, more warps keep more
     of them in flight."""
-    v = os.environ.get("FTMOE_LN_WARPS")
-    if v is None:
-        return max(4, min(16, H // 64))
-    if v not in ("1", "2", "4", "8", "16", "32"):
-        raise ValueError(f"FTMOE_LN_WARPS: expected a power of two from 1 to 32, found {v!r}")
-    return int(v)
+    return warps_switch("FTMOE_LN_WARPS", max(4, min(16, H // 64)))
 
 
 def embed_layernorm(wte: torch.Tensor, wpe: torch.Tensor, ids: torch.Tensor, positions: torch.Tensor,

@@ -19,7 +19,7 @@ import torch
 import triton
 import triton.language as tl
 
-from . import size_switch
+from . import size_switch, warps_switch
 from .fused_moe import fused_moe
 from .pdl import launch_kwargs, pdl_start
 
@@ -250,10 +250,7 @@ ALIGN_WARPS = 8
 def align_warps() -> int:
     """Warps of the one-program align (up to ALIGN_ONE_PROGRAM slots): `ALIGN_WARPS`;
     FTMOE_ALIGN_WARPS overrides."""
-    v = os.environ.get("FTMOE_ALIGN_WARPS", str(ALIGN_WARPS))
-    if v not in ("1", "2", "4", "8", "16", "32"):
-        raise ValueError(f"FTMOE_ALIGN_WARPS: expected a power of two from 1 to 32, found {v!r}")
-    return int(v)
+    return warps_switch("FTMOE_ALIGN_WARPS", ALIGN_WARPS)
 
 
 def moe_align(ids: torch.Tensor, num_experts: int, block_m: int):
