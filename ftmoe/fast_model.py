@@ -28,7 +28,7 @@ import torch
 from .kernels import pdl, size_switch
 from .kernels.attention import decode_attention, write_kv
 from .kernels.configs import get_config, get_dense_choice
-from .kernels.fused_moe import fused_moe
+from .kernels.fused_moe import SCAN_MAX_SLOTS, fused_moe
 from .kernels.gemv import MAX_ROWS as GEMV_ROWS, experts_fit, gemv, gemv_experts, tma_eligible, tma_on
 from .kernels.norm import add_layernorm, add_layernorm_gate, embed_layernorm
 from .kernels.routing import gate_topk, ln_gate, moe_align, softmax_topk
@@ -65,6 +65,12 @@ WO_SPLITS = 4
 #: gemv.plan's [256, 128] tiles make 16. On one H100 (2026-12-07, scripts/ab_decode.py, one
 #: process): x0.984 / 0.997 / 0.997 / 0.995 at batches 1 / 2 / 4 / 8
 W2_TILE = (64, 256)
+#: MoE layers of at most this many routed slots (past the GEMV experts) run their expert GEMMs in
+#: the fused-MoE kernel's scan mode: no alignment kernel, each program finds its expert's slots in
+#: the ids, so every used expert's weights are read once (the per-slot mode reads an expert once
+#: a slot). FTMOE_MOE_SCAN=0 / 1 forces it off / on (up to `fused_moe.SCAN_MAX_SLOTS`).
+#: 0 (off) until measured on a GPU
+MOE_SCAN_MAX_SLOTS = 0
 
 
 def _gemv_on(var: str, rows: int, limit: int) -> bool:
@@ -242,20 +248,22 @@ class FastGPTMoE:
         c1 = self._cfg(E, F, self.H, S)
         c2 = self._cfg(E, self.H, F, S)
         split_k = 1
-        if S <= SMALL_BATCH_SLOTS:
-            routing = ids.view(-1)                       # one program row per slot, no sorting
-            if split_k_ok:
+        scan = S <= SCAN_MAX_SLOTS and size_switch("FTMOE_MOE_SCAN", S, MOE_SCAN_MAX_SLOTS)
+        if S > SMALL_BATCH_SLOTS:
+            c2 = dict(c2, BLOCK_M=c1["BLOCK_M"])         # both GEMMs share one alignment (tuned so)
+        if S <= SMALL_BATCH_SLOTS or scan:
+            routing = ids.view(-1)                       # no sorting: one program row per slot or, scan, per chunk
+            if split_k_ok and S <= SMALL_BATCH_SLOTS:
                 split_k = small_batch_split_k(self.H, F)  # W2 has few N tiles: spread K over programs
         else:
-            c2 = dict(c2, BLOCK_M=c1["BLOCK_M"])         # both GEMMs share one alignment
             routing = moe_align(ids, E, c1["BLOCK_M"])
-        h = fused_moe(u, L["w1"], L["b1"], S, topk=k, routing=routing, gelu=True, config=c1)
+        h = fused_moe(u, L["w1"], L["b1"], S, topk=k, routing=routing, gelu=True, config=c1, scan=scan)
         out = None
         if zero_out:
             out = torch.zeros(*((split_k,) if split_k > 1 else ()), S, self.H, device=u.device,
                               dtype=torch.float32 if split_k > 1 else u.dtype)
         return fused_moe(h, L["w2"], b2, S, topk=k, routing=routing, probs=probs, a_per_slot=True,
-                         mul_prob=True, config=c2, split_k=split_k, out=out)
+                         mul_prob=True, config=c2, split_k=split_k, out=out, scan=scan)
 
     def _ln2_moe_ep(self, L: dict, res: torch.Tensor, o: torch.Tensor, real: torch.Tensor, li: int):
         """The MoE layer under expert parallelism, with fixed shapes (graph-capturable, no host sync).

@@ -9,6 +9,7 @@
 #    1, 8, 64, 128), and of the fused-MoE kernel's weight tiles by TMA (FTMOE_MOE_TMA=1: the MoE
 #    experts from batch 4 up, Wo and the dense MLP past 16 rows) at 1-256; at 64, the expert W1 / W2
 #    in 64-column tiles (twice the programs: the wave tail of ~240 1 MB programs on 132 SMs);
+#    eighteenth session: the expert GEMMs' scan mode (FTMOE_MOE_SCAN=1: no alignment kernel) at 1-256;
 # 3. GPU tests of what changed.
 # Usage: OUT=dir bash scripts/gpu_round34.sh
 set -u
@@ -32,20 +33,20 @@ for name, key in (("w1n64", "E=64,N=4096,K=1024,dtype=bf16"), ("w2n64", "E=64,N=
 PY
 OLD="w2tiles=0,table=$OUT/old_table.json,alignwarps=4,attnlaunch=257:64x1,lngate=1"   # valid up to 64 rows
 timeout 150 python3 scripts/ab_decode.py --batches 1,8,64 --rounds 5 --json "$OUT/ab.json" \
-    --variants base "$OLD" moetma=1 > "$OUT/ab.txt" 2>&1
+    --variants base "$OLD" moetma=1 moescan=1 > "$OUT/ab.txt" 2>&1
 echo "[ab rc $? at ${SECONDS}s]"; grep -E "^B=|rror" "$OUT/ab.txt" | sed "s|$OUT/||"
 timeout 90 python3 scripts/ab_decode.py --batches 64 --rounds 5 --json "$OUT/ab_tiles.json" --variants base \
-    "table=$OUT/w1n64.json" "table=$OUT/w2n64.json" moetma=1 > "$OUT/ab_tiles.txt" 2>&1
+    "table=$OUT/w1n64.json" "table=$OUT/w2n64.json" moetma=1 moescan=1,moetma=1 > "$OUT/ab_tiles.txt" 2>&1
 echo "[ab tiles rc $? at ${SECONDS}s]"; grep -E "^B=|rror" "$OUT/ab_tiles.txt" | sed "s|$OUT/||"
 timeout 80 python3 scripts/ab_decode.py --batches 128 --rounds 5 --json "$OUT/ab128.json" --variants base \
-    "table=$OUT/old_table.json,alignwarps=4,attnlaunch=257:64x1" moetma=1 > "$OUT/ab128.txt" 2>&1
+    "table=$OUT/old_table.json,alignwarps=4,attnlaunch=257:64x1" moetma=1 moescan=1 > "$OUT/ab128.txt" 2>&1
 echo "[ab128 rc $? at ${SECONDS}s]"; grep -E "^B=|rror" "$OUT/ab128.txt" | sed "s|$OUT/||"
 timeout 80 python3 scripts/ab_decode.py --batches 256 --rounds 5 --json "$OUT/ab256.json" --variants base moetma=1 \
-    > "$OUT/ab256.txt" 2>&1     # at 256 this session's defaults are the old ones
+    moescan=1 > "$OUT/ab256.txt" 2>&1     # at 256 this session's defaults are the old ones
 echo "[ab256 rc $? at ${SECONDS}s]"; grep -E "^B=|rror" "$OUT/ab256.txt"
 [ -n "${MINI:-}" ] && exit 0
 python3 -c "import pytest" 2>/dev/null || pip install -q --no-index --find-links .gpu_wheels pytest
 timeout 90 python3 -m pytest -q -p no:cacheprovider tests/test_kernels.py tests/test_fast_model.py \
-    -k "fused_moe_tma or align_one_program or launch_override" \
+    -k "fused_moe_tma or align_one_program or launch_override or scan_mode" \
     > "$OUT/tests.txt" 2>&1
 echo "[tests rc $? at ${SECONDS}s]"; tail -2 "$OUT/tests.txt"; grep -E "^(FAILED|ERROR)" "$OUT/tests.txt" | head -20

@@ -731,3 +731,42 @@ def test_gemv_decode_equals_tuned_dense_path(models, monkeypatch):
     assert out["feed"][3] == out["1"][3]
     for i in range(3):
         assert torch.equal(out["feed"][i], out["1"][i])
+
+
+def test_moe_scan_mode_equals_sorted_and_per_slot(models, monkeypatch):
+    """FTMOE_MOE_SCAN=1 (the expert GEMMs without the alignment kernel) keeps prefill (33 padded
+    slots: the aligned path otherwise, its padding zeroed) and decode (3 rows: per slot otherwise)
+    equal to the reference, and a 12-row decode step (a padding row included) equal to the
+    per-slot path with the same routing; a malformed value names the switch."""
+    from ftmoe import fast_model
+
+    ref, fast = models
+    aligned = []
+    real_align = fast_model.moe_align
+    monkeypatch.setattr(fast_model, "moe_align", lambda *a: aligned.append(a[0].numel()) or real_align(*a))
+    monkeypatch.setenv("FTMOE_MOE_SCAN", "1")
+    _prefill_then_decode(ref, fast, [5, 11, 1], 4, steps=1, seed=11)
+    assert aligned == []                                            # no alignment kernel in scan mode
+    g = torch.Generator().manual_seed(5)
+    B = 12
+    ids = torch.randint(0, ref.config.vocab_size, (B,), generator=g).to(DEV)
+    pos = torch.randint(0, 7, (B,), generator=g).to(DEV)
+    tables, slots = _decode_rows(pos)
+    slots[7] = -1                                                   # a padding row: no expert, no KV
+    out = {}
+    for flag in ("0", "1"):
+        monkeypatch.setenv("FTMOE_MOE_SCAN", flag)
+        cache = KVCache.for_model(ref.config, 8 * B, block_size=4, dtype=torch.float32, device=DEV)   # 2 blocks a row
+        cache.k.normal_(generator=torch.Generator(DEV).manual_seed(2))
+        cache.v.normal_(generator=torch.Generator(DEV).manual_seed(3))
+        fast.trace = []
+        out[flag] = (fast.decode_step(ids, pos, tables, pos.int(), slots, cache), [t.clone() for t in fast.trace])
+        fast.trace = None
+    assert aligned == []
+    assert len(out["1"][1]) > 0 and all(torch.equal(a, b) for a, b in zip(out["0"][1], out["1"][1]))
+    real = slots >= 0
+    assert rel(out["1"][0][real], out["0"][0][real]) < 1e-5
+    monkeypatch.setenv("FTMOE_MOE_SCAN", "yes")
+    with pytest.raises(ValueError, match="FTMOE_MOE_SCAN: expected auto, 0 or 1, found 'yes'"):
+        fast.decode_step(ids, pos, tables, pos.int(), slots, cache)
+    assert fast_model.MOE_SCAN_MAX_SLOTS == 0          # off by default until a GPU measures it

@@ -397,6 +397,52 @@ def test_fused_moe_per_slot_mode(gen, dtype, n, k, e, stage, block_n):
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("n,k,e,spread", [(1, 1, 8, "random"), (5, 2, 64, "random"), (37, 2, 4, "random"),
+                                          (64, 1, 64, "one"), (136, 1, 8, "17s")])
+@pytest.mark.parametrize("stage", ["w1_gelu", "w2_prob"])
+def test_fused_moe_scan_mode(gen, dtype, n, k, e, spread, stage):
+    """scan=True (no alignment: each program row finds its expert's chunk of slots in the ids)
+    equals the reference for one slot, odd sizes, every slot on one expert (4 whole chunks) and
+    17 slots an expert (a whole and a 1-slot chunk each: the grid's bound is met exactly); slots of
+    id -1 stay unwritten; split-K partials sum to the result."""
+    from ftmoe.kernels.fused_moe import SCAN_MAX_SLOTS, scan_rows
+
+    K, N, bm = 64, 80, 16
+    probs, ids = _routing(n, k, e, gen)
+    if spread == "one":
+        ids[:] = 5
+    elif spread == "17s":
+        ids = torch.arange(n, device=DEV).view(n, 1).int() % e              # 17 slots each of 8 experts
+        assert scan_rows(n * k, e, bm) == 2 * e
+    elif n > 1:
+        ids[1::3, 0] = -1
+    w = rnd(e, K, N, dtype=dtype, gen=gen, scale=K ** -0.5)
+    bias = rnd(e, N, dtype=dtype, gen=gen, scale=0.1)
+    a_per_slot = stage == "w2_prob"
+    a = rnd(n * k if a_per_slot else n, K, dtype=dtype, gen=gen)
+    out = torch.full((n * k, N), float("nan"), dtype=dtype, device=DEV)
+    cfg = {"BLOCK_M": bm, "BLOCK_N": 32, "BLOCK_K": 32, "GROUP_M": 2}
+    kw = dict(topk=k, routing=ids.view(-1), probs=probs, a_per_slot=a_per_slot, gelu=stage == "w1_gelu",
+              mul_prob=stage == "w2_prob", config=cfg, scan=True)
+    fused_moe(a, w, bias, n * k, out=out, **kw)
+    want = ref.fused_moe_ref(a, w, bias, ids, probs, k, a_per_slot=a_per_slot, gelu=stage == "w1_gelu",
+                             mul_prob=stage == "w2_prob")
+    skipped = (ids.view(-1) < 0).to(DEV)
+    assert bool(out[skipped].isnan().all())
+    assert rel(out[~skipped], want[~skipped]) < TOL[dtype] * 2
+    if stage == "w2_prob":
+        parts = fused_moe(a, w, bias, n * k, split_k=2, out=torch.zeros(2, n * k, N, device=DEV), **kw)
+        assert rel(parts.sum(0)[~skipped], want[~skipped]) < TOL[dtype] * 2
+    with pytest.raises(ValueError, match="fused_moe scan: expected an ids tensor of at most 256 slots, "
+                                         "found aligned routing of"):
+        fused_moe(a, w, bias, n * k, topk=k, routing=moe_align(ids, e, bm), config=cfg, scan=True)
+    big = torch.zeros(SCAN_MAX_SLOTS + 1, dtype=torch.int32, device=DEV)
+    with pytest.raises(ValueError, match="at most 256 slots, found ids of 257 slots"):
+        fused_moe(rnd(SCAN_MAX_SLOTS + 1, K, dtype=dtype, gen=gen), w, bias, SCAN_MAX_SLOTS + 1, routing=big,
+                  config=cfg, scan=True)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
 def test_write_kv(gen, dtype):
     N, h, D, bs, NB = 11, 4, 16, 8, 5
     qkv = rnd(N, 3, h, D, dtype=dtype, gen=gen)

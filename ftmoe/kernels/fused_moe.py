@@ -8,7 +8,9 @@ Out: c [N_slots, N]: c[s] = act(a[row(s)] @ w[e(s)] + bias[e(s)]) (* prob[s]), w
 One launch covers every expert: each program owns one BLOCK_M x BLOCK_N tile of one
 expert's group, so an expert's weights are read once per N-tile per M-block, and experts
 with no tokens cost nothing. `dense=True` is the one-expert case (a plain MLP GEMM with
-the same epilogues) and needs no routing.
+the same epilogues) and needs no routing. Small batches need no alignment either: one program
+row per slot (`routing` = the ids), or, with `scan`, one per used expert that finds its slots in
+the ids itself.
 """
 from __future__ import annotations
 
@@ -30,42 +32,12 @@ def _gelu_tanh(x):
 
 
 @triton.jit
-def _fused_moe_kernel(A, W, BIAS, C, PROBS, SORTED, BLOCK_EXPERT, NUM_POST,
-                      N, K, NUM_SLOTS, stride_am, stride_we, stride_wk, stride_be, stride_cm, stride_cs,
-                      TOPK: tl.constexpr, A_PER_SLOT: tl.constexpr, DENSE: tl.constexpr, PER_SLOT: tl.constexpr,
-                      HAS_BIAS: tl.constexpr,
-                      GELU: tl.constexpr, MUL_PROB: tl.constexpr, IEEE: tl.constexpr, SPLIT_K: tl.constexpr,
-                      BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
-                      USE_PDL: tl.constexpr = False, TMA: tl.constexpr = False):
-    pid = tl.program_id(0)
-    num_n = tl.cdiv(N, BLOCK_N)
-    num_m = tl.num_programs(0) // num_n
-    # grouped ordering: GROUP_M row-blocks share each column sweep (L2 reuse of the weight tiles)
-    group = pid // (GROUP_M * num_n)
-    first_m = group * GROUP_M
-    size_m = tl.minimum(num_m - first_m, GROUP_M)
-    pid_m = first_m + (pid % (GROUP_M * num_n)) % size_m
-    pid_n = (pid % (GROUP_M * num_n)) // size_m
-    pdl_start(USE_PDL)
-
-    skip = False
-    if DENSE:
-        slots = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-        expert = 0
-    elif PER_SLOT:
-        # small batches: program row-block m serves slot m alone (no sorting); rows 1.. are padding
-        r = tl.arange(0, BLOCK_M)
-        slots = tl.where(r == 0, pid_m, NUM_SLOTS)
-        expert = tl.load(SORTED + pid_m).to(tl.int64)   # SORTED holds the expert id of every slot
-        # a negative id: the slot belongs to another rank's expert (expert parallelism) or is padding
-        slots = tl.where(expert >= 0, slots, NUM_SLOTS)
-        skip = expert < 0
-        expert = tl.maximum(expert, 0)
-    else:
-        if pid_m * BLOCK_M >= tl.load(NUM_POST):
-            return
-        slots = tl.load(SORTED + pid_m * BLOCK_M + tl.arange(0, BLOCK_M))
-        expert = tl.load(BLOCK_EXPERT + pid_m).to(tl.int64)
+def _tile(A, W, BIAS, C, PROBS, slots, expert, skip, pid_n, N, K, NUM_SLOTS, stride_am, stride_we, stride_wk,
+          stride_be, stride_cm, stride_cs, TOPK: tl.constexpr, A_PER_SLOT: tl.constexpr, HAS_BIAS: tl.constexpr,
+          GELU: tl.constexpr, MUL_PROB: tl.constexpr, IEEE: tl.constexpr, SPLIT_K: tl.constexpr,
+          BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, TMA: tl.constexpr):
+    """One BLOCK_M x BLOCK_N tile of c: the rows `slots` (>= NUM_SLOTS: none) of `expert`, over
+    this program's K split (program_id 1); skip: read no weights (a slot of no expert)."""
     smask = slots < NUM_SLOTS
     if A_PER_SLOT:
         rows = slots
@@ -111,20 +83,102 @@ def _fused_moe_kernel(A, W, BIAS, C, PROBS, SORTED, BLOCK_EXPERT, NUM_POST,
     tl.store(c_ptrs, acc.to(C.dtype.element_ty), mask=smask[:, None] & nmask[None, :])
 
 
+@triton.jit
+def _fused_moe_kernel(A, W, BIAS, C, PROBS, SORTED, BLOCK_EXPERT, NUM_POST,
+                      N, K, NUM_SLOTS, stride_am, stride_we, stride_wk, stride_be, stride_cm, stride_cs,
+                      TOPK: tl.constexpr, A_PER_SLOT: tl.constexpr, DENSE: tl.constexpr, PER_SLOT: tl.constexpr,
+                      HAS_BIAS: tl.constexpr,
+                      GELU: tl.constexpr, MUL_PROB: tl.constexpr, IEEE: tl.constexpr, SPLIT_K: tl.constexpr,
+                      BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+                      USE_PDL: tl.constexpr = False, TMA: tl.constexpr = False, SCAN: tl.constexpr = False,
+                      BLOCK_E: tl.constexpr = 1, BLOCK_S: tl.constexpr = 1):
+    pid = tl.program_id(0)
+    num_n = tl.cdiv(N, BLOCK_N)
+    num_m = tl.num_programs(0) // num_n
+    # grouped ordering: GROUP_M row-blocks share each column sweep (L2 reuse of the weight tiles)
+    group = pid // (GROUP_M * num_n)
+    first_m = group * GROUP_M
+    size_m = tl.minimum(num_m - first_m, GROUP_M)
+    pid_m = first_m + (pid % (GROUP_M * num_n)) % size_m
+    pid_n = (pid % (GROUP_M * num_n)) // size_m
+    pdl_start(USE_PDL)
+
+    if SCAN:
+        # no alignment kernel: SORTED holds the expert id of every slot; the used experts' slots in
+        # chunks of BLOCK_M (expert by expert, in id and slot order), and program row pid_m takes
+        # chunk pid_m (rows past the last chunk read and write nothing)
+        es = tl.arange(0, BLOCK_E)
+        counts = tl.zeros([BLOCK_E], dtype=tl.int32)
+        for c in range(0, NUM_SLOTS, 64):
+            offs = c + tl.arange(0, 64)
+            e = tl.load(SORTED + offs, mask=offs < NUM_SLOTS, other=-1)
+            counts += tl.sum((e[:, None] == es[None, :]).to(tl.int32), axis=0)   # ids < 0 match none
+        chunks = (counts + BLOCK_M - 1) // BLOCK_M
+        ends = tl.cumsum(chunks, axis=0)
+        here = (ends - chunks <= pid_m) & (pid_m < ends)                      # the expert of chunk pid_m
+        skip = tl.sum(here.to(tl.int32), axis=0) == 0
+        expert = tl.sum(tl.where(here, es, 0), axis=0).to(tl.int64)
+        first = (pid_m - tl.sum(tl.where(here, ends - chunks, 0), axis=0)) * BLOCK_M   # its first rank
+        sid = tl.arange(0, BLOCK_S)
+        mine = tl.load(SORTED + sid, mask=sid < NUM_SLOTS, other=-1) == expert
+        upto = tl.cumsum(mine.to(tl.int32), axis=0)          # how many of mine up to and including each slot
+        # the slot of rank t is the number of slots with fewer than t + 1 of mine up to them
+        # (BLOCK_S, past NUM_SLOTS, where the expert has no rank t)
+        t = first + tl.arange(0, BLOCK_M)
+        slots = tl.sum((upto[None, :] <= t[:, None]).to(tl.int32), axis=1)   # [BLOCK_M, BLOCK_S] counted
+        slots = tl.where(skip | (slots > NUM_SLOTS), NUM_SLOTS, slots)
+        _tile(A, W, BIAS, C, PROBS, slots, expert, skip, pid_n, N, K, NUM_SLOTS, stride_am, stride_we,
+              stride_wk, stride_be, stride_cm, stride_cs, TOPK, A_PER_SLOT, HAS_BIAS, GELU, MUL_PROB, IEEE,
+              SPLIT_K, BLOCK_M, BLOCK_N, BLOCK_K, TMA)
+    else:
+        skip = False
+        if DENSE:
+            slots = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+            expert = 0
+        elif PER_SLOT:
+            # small batches: program row-block m serves slot m alone (no sorting); rows 1.. are padding
+            r = tl.arange(0, BLOCK_M)
+            slots = tl.where(r == 0, pid_m, NUM_SLOTS)
+            expert = tl.load(SORTED + pid_m).to(tl.int64)   # SORTED holds the expert id of every slot
+            # a negative id: the slot belongs to another rank's expert (expert parallelism) or is padding
+            slots = tl.where(expert >= 0, slots, NUM_SLOTS)
+            skip = expert < 0
+            expert = tl.maximum(expert, 0)
+        else:
+            if pid_m * BLOCK_M >= tl.load(NUM_POST):
+                return
+            slots = tl.load(SORTED + pid_m * BLOCK_M + tl.arange(0, BLOCK_M))
+            expert = tl.load(BLOCK_EXPERT + pid_m).to(tl.int64)
+        _tile(A, W, BIAS, C, PROBS, slots, expert, skip, pid_n, N, K, NUM_SLOTS, stride_am, stride_we, stride_wk,
+              stride_be, stride_cm, stride_cs, TOPK, A_PER_SLOT, HAS_BIAS, GELU, MUL_PROB, IEEE, SPLIT_K,
+              BLOCK_M, BLOCK_N, BLOCK_K, TMA)
+
+
+#: the most slots the scan mode takes: each program's scan holds [BLOCK_M, slots] in registers
+SCAN_MAX_SLOTS = 256
+
+def scan_rows(num_slots: int, num_experts: int, block_m: int) -> int:
+    """Program rows of the scan mode: at most one partial chunk per used expert, plus the whole ones."""
+    return min(num_slots, num_experts) + num_slots // block_m
+
+
 DEFAULT_CONFIG = {"BLOCK_M": 16, "BLOCK_N": 64, "BLOCK_K": 64, "GROUP_M": 8, "num_warps": 4, "num_stages": 3}
 
 
 def fused_moe(a: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None, num_slots: int, *,
               topk: int = 1, routing=None, probs: torch.Tensor | None = None, a_per_slot: bool = False,
               gelu: bool = False, mul_prob: bool = False, out: torch.Tensor | None = None,
-              config: dict | None = None, split_k: int = 1) -> torch.Tensor:
+              config: dict | None = None, split_k: int = 1, scan: bool = False) -> torch.Tensor:
     """c [num_slots, N]. `routing` = (sorted_slots, block_expert, num_post) from moe_align with
     the same BLOCK_M as `config`; or an int32 tensor of expert ids [num_slots] (small batches: one
     program row per slot, no sorting); None means dense (one expert, slot = row).
     Slots with a negative expert id (both routed modes) are skipped: their rows of c are not
     written (pass a zeroed `out` where they must read as zeros).
     split_k > 1 (small batches, long K): returns fp32 partials [split_k, num_slots, N] whose sum
-    is the result (summed deterministically by the consumer, `add_layernorm`)."""
+    is the result (summed deterministically by the consumer, `add_layernorm`).
+    scan (with an ids tensor as routing, up to SCAN_MAX_SLOTS slots): no alignment kernel; each
+    program row finds the slots of one expert in the ids itself (the n-th expert that has any),
+    so every used expert's weights are read once and the grid holds min(slots, E) rows."""
     cfg = dict(DEFAULT_CONFIG, **(config or {}))
     E, K, N = w.shape
     assert a.shape[1] == K
@@ -136,11 +190,15 @@ def fused_moe(a: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None, num_s
         c = out if out is not None else torch.empty(num_slots, N, dtype=a.dtype, device=a.device)
     dense = routing is None
     per_slot = isinstance(routing, torch.Tensor)
+    if scan and not (per_slot and num_slots <= SCAN_MAX_SLOTS):
+        kind = "ids" if per_slot else "dense" if dense else "aligned routing"
+        raise ValueError(f"fused_moe scan: expected an ids tensor of at most {SCAN_MAX_SLOTS} slots, "
+                         f"found {kind} of {num_slots} slots")
     if dense:
         num_m = triton.cdiv(num_slots, cfg["BLOCK_M"])
         sorted_slots = block_expert = num_post = c  # unused
     elif per_slot:
-        num_m = num_slots
+        num_m = scan_rows(num_slots, E, cfg["BLOCK_M"]) if scan else num_slots
         sorted_slots, block_expert, num_post = routing, c, c
     else:
         sorted_slots, block_expert, num_post = routing
@@ -152,10 +210,11 @@ def fused_moe(a: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None, num_s
         a, wt, bias if bias is not None else w, c, probs if probs is not None else a,
         sorted_slots, block_expert, num_post, N, K, num_slots,
         a.stride(0), w.stride(0), w.stride(1), bias.stride(0) if bias is not None and bias.dim() == 2 else 0,
-        c.stride(-2), c.stride(0) if split_k > 1 else 0, TOPK=topk, A_PER_SLOT=a_per_slot, DENSE=dense, PER_SLOT=per_slot, HAS_BIAS=bias is not None, GELU=gelu,
+        c.stride(-2), c.stride(0) if split_k > 1 else 0, TOPK=topk, A_PER_SLOT=a_per_slot, DENSE=dense, PER_SLOT=per_slot and not scan, HAS_BIAS=bias is not None, GELU=gelu,
         MUL_PROB=mul_prob, IEEE=a.dtype == torch.float32, SPLIT_K=split_k, BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], BLOCK_K=cfg["BLOCK_K"],
         GROUP_M=cfg["GROUP_M"], num_warps=cfg["num_warps"],
-        num_stages=cfg["num_stages"], TMA=use_tma, **launch_kwargs(a))
+        num_stages=cfg["num_stages"], TMA=use_tma, SCAN=scan, BLOCK_E=triton.next_power_of_2(E) if scan else 1,
+        BLOCK_S=max(16, triton.next_power_of_2(num_slots)) if scan else 1, **launch_kwargs(a))
     return c
 
 
