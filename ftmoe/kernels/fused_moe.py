@@ -108,19 +108,16 @@ def _fused_moe_kernel(A, W, BIAS, C, PROBS, SORTED, BLOCK_EXPERT, NUM_POST,
         # chunks of BLOCK_M (expert by expert, in id and slot order), and program row pid_m takes
         # chunk pid_m (rows past the last chunk read and write nothing)
         es = tl.arange(0, BLOCK_E)
-        counts = tl.zeros([BLOCK_E], dtype=tl.int32)
-        for c in range(0, NUM_SLOTS, 64):
-            offs = c + tl.arange(0, 64)
-            e = tl.load(SORTED + offs, mask=offs < NUM_SLOTS, other=-1)
-            counts += tl.sum((e[:, None] == es[None, :]).to(tl.int32), axis=0)   # ids < 0 match none
+        sid = tl.arange(0, BLOCK_S)
+        ids = tl.load(SORTED + sid, mask=sid < NUM_SLOTS, other=-1)
+        counts = tl.histogram(ids, BLOCK_E, mask=ids >= 0)                   # each expert's slots
         chunks = (counts + BLOCK_M - 1) // BLOCK_M
         ends = tl.cumsum(chunks, axis=0)
         here = (ends - chunks <= pid_m) & (pid_m < ends)                      # the expert of chunk pid_m
         skip = tl.sum(here.to(tl.int32), axis=0) == 0
         expert = tl.sum(tl.where(here, es, 0), axis=0).to(tl.int64)
         first = (pid_m - tl.sum(tl.where(here, ends - chunks, 0), axis=0)) * BLOCK_M   # its first rank
-        sid = tl.arange(0, BLOCK_S)
-        mine = tl.load(SORTED + sid, mask=sid < NUM_SLOTS, other=-1) == expert
+        mine = ids == expert
         upto = tl.cumsum(mine.to(tl.int32), axis=0)          # how many of mine up to and including each slot
         # the slot of rank t is the number of slots with fewer than t + 1 of mine up to them
         # (BLOCK_S, past NUM_SLOTS, where the expert has no rank t)
