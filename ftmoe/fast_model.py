@@ -68,9 +68,16 @@ W2_TILE = (64, 256)
 #: MoE layers of at most this many routed slots (past the GEMV experts) run their expert GEMMs in
 #: the fused-MoE kernel's scan mode: no alignment kernel, each program finds its expert's slots in
 #: the ids, so every used expert's weights are read once (the per-slot mode reads an expert once
-#: a slot). FTMOE_MOE_SCAN=0 / 1 forces it off / on (up to `fused_moe.SCAN_MAX_SLOTS`).
+#: a slot), and W2 keeps its own tuned BLOCK_M (the aligned path runs it on W1's, the alignment
+#: they share). FTMOE_MOE_SCAN=0 / 1 forces it off / on (up to `fused_moe.SCAN_MAX_SLOTS`).
 #: 0 (off) until measured on a GPU
 MOE_SCAN_MAX_SLOTS = 0
+
+
+def moe_scan(slots: int) -> bool:
+    """Whether a MoE layer of `slots` routed slots (past the GEMV experts) runs its expert GEMMs in
+    the scan mode (each with its own tuned BLOCK_M: no alignment to share)."""
+    return slots <= SCAN_MAX_SLOTS and size_switch("FTMOE_MOE_SCAN", slots, MOE_SCAN_MAX_SLOTS)
 
 
 def _gemv_on(var: str, rows: int, limit: int) -> bool:
@@ -248,9 +255,9 @@ class FastGPTMoE:
         c1 = self._cfg(E, F, self.H, S)
         c2 = self._cfg(E, self.H, F, S)
         split_k = 1
-        scan = S <= SCAN_MAX_SLOTS and size_switch("FTMOE_MOE_SCAN", S, MOE_SCAN_MAX_SLOTS)
-        if S > SMALL_BATCH_SLOTS:
-            c2 = dict(c2, BLOCK_M=c1["BLOCK_M"])         # both GEMMs share one alignment (tuned so)
+        scan = moe_scan(S)
+        if S > SMALL_BATCH_SLOTS and not scan:
+            c2 = dict(c2, BLOCK_M=c1["BLOCK_M"])         # both GEMMs share one alignment
         if S <= SMALL_BATCH_SLOTS or scan:
             routing = ids.view(-1)                       # no sorting: one program row per slot or, scan, per chunk
             if split_k_ok and S <= SMALL_BATCH_SLOTS:

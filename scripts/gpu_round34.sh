@@ -10,7 +10,8 @@
 #    1, 8, 64, 128), and of the fused-MoE kernel's weight tiles by TMA (FTMOE_MOE_TMA=1: the MoE
 #    experts from batch 4 up, Wo and the dense MLP past 16 rows) at 1-256; at 64, the expert W1 / W2
 #    in 64-column tiles (twice the programs: the wave tail of ~240 1 MB programs on 132 SMs);
-#    eighteenth session: the expert GEMMs' scan mode (FTMOE_MOE_SCAN=1: no alignment kernel) at 1-256;
+#    eighteenth session: the expert GEMMs' scan mode (FTMOE_MOE_SCAN=1: no alignment kernel, each
+#    GEMM on its own tuned BLOCK_M) at 1-256, and at 64 with W2 on W1's BLOCK_M (w2bm.json);
 # 3. GPU tests of what changed.
 # Usage: OUT=dir bash scripts/gpu_round34.sh
 set -u
@@ -29,13 +30,17 @@ for name, key in (("w1n64", "E=64,N=4096,K=1024,dtype=bf16"), ("w2n64", "E=64,N=
     v = json.loads(json.dumps(cur))       # the expert GEMM at 64 slots in 64-column tiles: twice the programs
     v[key]["64"] = dict(BLOCK_M=16, BLOCK_N=64, BLOCK_K=128, GROUP_M=1, num_warps=4, num_stages=4)
     json.dump(v, open(f"{sys.argv[1]}/{name}.json", "w"), indent=1)
+v = json.loads(json.dumps(cur))           # scan mode with W2 on W1's BLOCK_M (as the aligned path runs it)
+v["E=64,N=1024,K=4096,dtype=bf16"]["64"]["BLOCK_M"] = v["E=64,N=4096,K=1024,dtype=bf16"]["64"]["BLOCK_M"]
+json.dump(v, open(f"{sys.argv[1]}/w2bm.json", "w"), indent=1)
 PY
 OLD="w2tiles=0,table=$OUT/old_table.json,alignwarps=4,attnlaunch=257:64x1,lngate=1"   # valid up to 64 rows
 timeout 170 python3 scripts/ab_decode.py --batches 1,8,64 --rounds 5 --json "$OUT/ab.json" \
     --variants base "$OLD" moetma=1 moescan=1 > "$OUT/ab.txt" 2>&1
 echo "[ab rc $? at ${SECONDS}s]"; grep -E "^B=|rror" "$OUT/ab.txt" | sed "s|$OUT/||"
 timeout 100 python3 scripts/ab_decode.py --batches 64 --rounds 5 --json "$OUT/ab_tiles.json" --variants base \
-    "table=$OUT/w1n64.json" "table=$OUT/w2n64.json" moetma=1 > "$OUT/ab_tiles.txt" 2>&1
+    "table=$OUT/w1n64.json" "table=$OUT/w2n64.json" \
+    "moescan=1,table=$OUT/w2bm.json" > "$OUT/ab_tiles.txt" 2>&1
 echo "[ab tiles rc $? at ${SECONDS}s]"; grep -E "^B=|rror" "$OUT/ab_tiles.txt" | sed "s|$OUT/||"
 timeout 90 python3 scripts/ab_decode.py --batches 128 --rounds 5 --json "$OUT/ab128.json" --variants base \
     "table=$OUT/old_table.json,alignwarps=4,attnlaunch=257:64x1" moetma=1 moescan=1 > "$OUT/ab128.txt" 2>&1

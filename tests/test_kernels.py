@@ -576,6 +576,31 @@ def test_moe_align_is_graph_capturable_at_large_batches(gen):
     assert int(got[2]) == total and torch.equal(got[0][:total].cpu(), want[0][:total].cpu())
 
 
+@pytest.mark.parametrize("scan", ["0", "1"])
+def test_tune_shape_routes_as_the_model(monkeypatch, scan):
+    """`ftmoe tune` times the expert GEMMs in the routing the model will use for M slots: with
+    FTMOE_MOE_SCAN=1 the scan mode (no alignment), else the aligned one past 32 slots; and it
+    keeps the fastest config."""
+    from ftmoe import tune
+
+    monkeypatch.setenv("FTMOE_MOE_SCAN", scan)
+    seen = []
+    real = tune.fused_moe
+    monkeypatch.setattr(tune, "fused_moe", lambda *a, **kw: seen.append((type(kw["routing"]), kw["scan"])) or real(*a, **kw))
+    cands = [dict(c, BLOCK_K=32) for c in tune.candidate_configs(40)[:3]]
+    monkeypatch.setattr(tune, "candidate_configs", lambda M: cands)
+
+    def fake_time(fn, n_sets, iters=10):
+        fn(0)
+        fake_time.calls += 1
+        return 2.0 if fake_time.calls == 2 else 3.0
+    fake_time.calls = 0
+    monkeypatch.setattr(tune, "_time", fake_time)
+    best, ms = tune.tune_shape(4, 32, 32, 40, torch.float32, "w2", n_sets=1, dev=DEV)
+    assert best == cands[1] and ms == 2.0
+    assert seen == [(torch.Tensor, True)] * 3 if scan == "1" else seen == [(tuple, False)] * 3
+
+
 def test_dense_gemm_choice_tuning_and_lookup(monkeypatch):
     """`ftmoe tune` keeps cuBLAS unless a Triton config (split-K only where partials are allowed)
     is faster; the runtime reads that choice by (N, K, dtype) and nearest M, cuBLAS past 2x the
