@@ -28,7 +28,7 @@ import torch
 from .kernels import pdl, size_switch
 from .kernels.attention import decode_attention, write_kv
 from .kernels.configs import get_config, get_dense_choice
-from .kernels.fused_moe import SCAN_MAX_SLOTS, fused_moe
+from .kernels.fused_moe import fused_moe
 from .kernels.gemv import MAX_ROWS as GEMV_ROWS, experts_fit, gemv, gemv_experts, tma_eligible, tma_on
 from .kernels.norm import add_layernorm, add_layernorm_gate, embed_layernorm
 from .kernels.routing import gate_topk, ln_gate, moe_align, softmax_topk
@@ -65,19 +65,6 @@ WO_SPLITS = 4
 #: gemv.plan's [256, 128] tiles make 16. On one H100 (2026-12-07, scripts/ab_decode.py, one
 #: process): x0.984 / 0.997 / 0.997 / 0.995 at batches 1 / 2 / 4 / 8
 W2_TILE = (64, 256)
-#: MoE layers of at most this many routed slots (past the GEMV experts) run their expert GEMMs in
-#: the fused-MoE kernel's scan mode: no alignment kernel, each program finds its expert's slots in
-#: the ids, so every used expert's weights are read once (the per-slot mode reads an expert once
-#: a slot), and W2 keeps its own tuned BLOCK_M (the aligned path runs it on W1's, the alignment
-#: they share). FTMOE_MOE_SCAN=0 / 1 forces it off / on (up to `fused_moe.SCAN_MAX_SLOTS`).
-#: 0 (off) until measured on a GPU
-MOE_SCAN_MAX_SLOTS = 0
-
-
-def moe_scan(slots: int) -> bool:
-    """Whether a MoE layer of `slots` routed slots (past the GEMV experts) runs its expert GEMMs in
-    the scan mode (each with its own tuned BLOCK_M: no alignment to share)."""
-    return slots <= SCAN_MAX_SLOTS and size_switch("FTMOE_MOE_SCAN", slots, MOE_SCAN_MAX_SLOTS)
 
 
 def _gemv_on(var: str, rows: int, limit: int) -> bool:
@@ -255,22 +242,20 @@ class FastGPTMoE:
         c1 = self._cfg(E, F, self.H, S)
         c2 = self._cfg(E, self.H, F, S)
         split_k = 1
-        scan = moe_scan(S)
-        if S > SMALL_BATCH_SLOTS and not scan:
-            c2 = dict(c2, BLOCK_M=c1["BLOCK_M"])         # both GEMMs share one alignment
-        if S <= SMALL_BATCH_SLOTS or scan:
-            routing = ids.view(-1)                       # no sorting: one program row per slot or, scan, per chunk
-            if split_k_ok and S <= SMALL_BATCH_SLOTS:
+        if S <= SMALL_BATCH_SLOTS:
+            routing = ids.view(-1)                       # one program row per slot, no sorting
+            if split_k_ok:
                 split_k = small_batch_split_k(self.H, F)  # W2 has few N tiles: spread K over programs
         else:
+            c2 = dict(c2, BLOCK_M=c1["BLOCK_M"])         # both GEMMs share one alignment
             routing = moe_align(ids, E, c1["BLOCK_M"])
-        h = fused_moe(u, L["w1"], L["b1"], S, topk=k, routing=routing, gelu=True, config=c1, scan=scan)
+        h = fused_moe(u, L["w1"], L["b1"], S, topk=k, routing=routing, gelu=True, config=c1)
         out = None
         if zero_out:
             out = torch.zeros(*((split_k,) if split_k > 1 else ()), S, self.H, device=u.device,
                               dtype=torch.float32 if split_k > 1 else u.dtype)
         return fused_moe(h, L["w2"], b2, S, topk=k, routing=routing, probs=probs, a_per_slot=True,
-                         mul_prob=True, config=c2, split_k=split_k, out=out, scan=scan)
+                         mul_prob=True, config=c2, split_k=split_k, out=out)
 
     def _ln2_moe_ep(self, L: dict, res: torch.Tensor, o: torch.Tensor, real: torch.Tensor, li: int):
         """The MoE layer under expert parallelism, with fixed shapes (graph-capturable, no host sync).

@@ -20,7 +20,7 @@ import torch
 from .errors import FtmoeError
 from .kernels.configs import CONFIG_DIR, dense_key, device_key, shape_key
 from .kernels.fused_moe import fused_moe
-from .fast_model import SMALL_BATCH_SLOTS, moe_scan, small_batch_split_k
+from .fast_model import SMALL_BATCH_SLOTS, small_batch_split_k
 from .kernels.routing import moe_align
 
 DEFAULT_MS = (1, 8, 32, 64, 256, 1024, 4096)
@@ -64,7 +64,7 @@ def _time(fn, n_sets: int, iters: int = 10) -> float:
 def tune_shape(E: int, N: int, K: int, M: int, dtype: torch.dtype, stage: str, n_sets: int = 8,
                dev: str = "cuda") -> tuple[dict, float]:
     """Best config for c = fused_moe(a [M..], w [E, K, N]) with `stage` = w1 (gelu) or w2 (prob),
-    routed as the model routes M slots (dense, per slot, scan or aligned)."""
+    routed as the model routes M slots (dense, per slot or aligned)."""
     k = 1
     weights = [torch.randn(E, K, N, device=dev, dtype=dtype) * K ** -0.5 for _ in range(n_sets if E == 1 else 1)]
     bias = torch.randn(E, N, device=dev, dtype=dtype)
@@ -76,19 +76,18 @@ def tune_shape(E: int, N: int, K: int, M: int, dtype: torch.dtype, stage: str, n
     for cfg in candidate_configs(M):
         try:
             split_k = 1
-            scan = E > 1 and moe_scan(M * k)                  # as the model will run it
             if E == 1:
                 routings = [None] * n_sets
-            elif M * k <= SMALL_BATCH_SLOTS or scan:
+            elif M * k <= SMALL_BATCH_SLOTS:
                 routings = [i.view(-1) for i in ids]
-                split_k = small_batch_split_k(N, K) if stage == "w2" and M * k <= SMALL_BATCH_SLOTS else 1
+                split_k = small_batch_split_k(N, K) if stage == "w2" else 1
             else:
                 routings = [moe_align(i, E, cfg["BLOCK_M"]) for i in ids]
 
-            def run(i, cfg=cfg, routings=routings, scan=scan):
+            def run(i, cfg=cfg, routings=routings):
                 fused_moe(a, weights[i % len(weights)], bias, M, topk=k, routing=routings[i], probs=probs,
                           a_per_slot=stage == "w2", gelu=stage == "w1", mul_prob=stage == "w2" and E > 1,
-                          out=None if split_k > 1 else out, config=cfg, split_k=split_k, scan=scan)
+                          out=None if split_k > 1 else out, config=cfg, split_k=split_k)
             ms = _time(run, n_sets)
         except Exception:  # out of resources for this tile: skip it
             continue

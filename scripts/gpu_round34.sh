@@ -14,6 +14,8 @@
 #    GEMM on its own tuned BLOCK_M) at 1-256, and at 64 with W2 on W1's BLOCK_M (w2bm.json);
 # 3. GPU tests of what changed.
 # Usage: OUT=dir bash scripts/gpu_round34.sh
+# Ran once (eighteenth session, 2026-12-07, one H100): benchmarks/results/2026-12-07-h100-round34.txt.
+# moetma and moescan were removed after it (measured slower): those variants no longer exist.
 set -u
 OUT=${OUT:-/tmp/ftmoe_out}
 export PYTHONPATH=$PWD PYTHONUNBUFFERED=1 TMPDIR=${TMPDIR:-/tmp} NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1

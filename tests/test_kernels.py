@@ -222,46 +222,6 @@ def test_fused_moe(gen, dtype, n, k, e, K, N, stage):
     assert rel(out, want) < TOL[dtype] * 2
 
 
-@pytest.mark.parametrize("dtype", [d for d in DTYPES if d != torch.float32])
-@pytest.mark.parametrize("mode", ["sorted", "per_slot", "dense_split_k"])
-def test_fused_moe_tma_weights(gen, monkeypatch, dtype, mode):
-    """FTMOE_MOE_TMA=1: the weight tiles load by TMA from the stacked [E * K, N] view (one
-    descriptor a launch, tiles never crossing into the next expert); the sorted-slot, per-slot
-    (a skipped slot included) and dense split-K forms equal the pointer-load kernel's results."""
-    import ftmoe.kernels.fused_moe as fm
-
-    n, k, e, K, N = (20, 2, 6, 128, 96) if mode != "dense_split_k" else (5, 1, 1, 256, 80)
-    probs, ids = _routing(n, k, e, gen)
-    if mode == "per_slot":
-        ids[1, 0] = -1                                         # a slot of no expert: no weights read
-    w = rnd(e, K, N, dtype=dtype, gen=gen, scale=K ** -0.5)
-    bias = rnd(e, N, dtype=dtype, gen=gen, scale=0.1)
-    cfg = {"BLOCK_M": 16, "BLOCK_N": 32, "BLOCK_K": 64, "GROUP_M": 2}
-    routing = {"sorted": lambda: moe_align(ids, e, 16), "per_slot": lambda: ids.view(-1).contiguous(),
-               "dense_split_k": lambda: None}[mode]()
-    a = rnd(n, K, dtype=dtype, gen=gen)
-    boxes = []
-    real = fm.TensorDescriptor
-    monkeypatch.setattr(fm, "TensorDescriptor", lambda *x: boxes.append((x[1], x[3])) or real(*x))
-    split = 2 if mode == "dense_split_k" else 1
-    kw = dict(topk=k, routing=routing, gelu=mode != "dense_split_k", config=cfg, split_k=split)
-    got = {}
-    for flag in ("0", "1"):
-        monkeypatch.setenv("FTMOE_MOE_TMA", flag)
-        shape = (split, n, N) if split > 1 else (n * k, N)
-        out = torch.full(shape, float("nan"), dtype=torch.float32 if split > 1 else dtype, device=DEV)
-        if mode == "per_slot":
-            out.zero_()                                        # the skipped slot's row stays unwritten
-        got[flag] = fused_moe(a, w, bias, n * k if mode != "dense_split_k" else n, out=out, **kw)
-    assert boxes == [([e * K, N], [64, 32])]                   # TMA only with the switch on
-    assert torch.equal(got["1"], got["0"]) or rel(got["1"], got["0"]) < TOL[dtype]
-    monkeypatch.setenv("FTMOE_MOE_TMA", "yes")
-    with pytest.raises(ValueError, match="FTMOE_MOE_TMA: expected 0 or 1, found 'yes'"):
-        fm.tma_ok(w, 64)
-    monkeypatch.setenv("FTMOE_MOE_TMA", "1")
-    assert not fm.tma_ok(w[:, :100], 64) and not fm.tma_ok(w.float(), 64)   # K not whole tiles; fp32
-
-
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("m,K,N", [(1, 64, 64), (5, 96, 130), (33, 64, 64)])
 def test_fused_moe_dense_mode(gen, dtype, m, K, N):
@@ -294,7 +254,8 @@ def test_attention_launch_override(monkeypatch):
 
     monkeypatch.delenv("FTMOE_ATTN_LAUNCH", raising=False)
     rule = {p: launch_config(p) for p in (16, 1024, 4096)}
-    assert launch_config(512) == (64, 1) and rule[1024] == rule[4096] == (32, 1)   # the rule's steps
+    assert launch_config(512) == (64, 1) and rule[1024] == launch_config(2048) == (32, 1)   # the rule's steps
+    assert rule[4096] == launch_config(2049) == (16, 1)
     monkeypatch.setenv("FTMOE_ATTN_LAUNCH", "257:64x2")
     assert launch_config(16) == rule[16] and launch_config(1024) == launch_config(4096) == (64, 2)
     for bad in ("64x1", "257:64", "a:64x1"):
@@ -305,7 +266,7 @@ def test_attention_launch_override(monkeypatch):
 
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("ctx", [[0], [5, 0, 70], [130, 1]])
-@pytest.mark.parametrize("launch", [(16, 4, 1), (32, 1, 1), (128, 8, 1), (None, None, 1),   # one pass per row
+@pytest.mark.parametrize("launch", [(16, 4, 1), (16, 1, 1), (32, 1, 1), (128, 8, 1), (None, None, 1),   # one pass per row
                                     (None, None, None),        # None: launch_config's / num_splits' choice
                                     (16, 1, 3), (8, 2, 16)])   # context split over 3 / 16 programs, then merged
 def test_decode_attention(gen, dtype, ctx, launch):
@@ -394,52 +355,6 @@ def test_fused_moe_per_slot_mode(gen, dtype, n, k, e, stage, block_n):
                           mul_prob=True, config={"BLOCK_M": 16, "BLOCK_N": block_n, "BLOCK_K": 16}, split_k=3)
         assert parts.shape == (3, n * k, N) and parts.dtype == torch.float32
         assert rel(parts.sum(0), want) < TOL[dtype] * 2
-
-
-@pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("n,k,e,spread", [(1, 1, 8, "random"), (5, 2, 64, "random"), (37, 2, 4, "random"),
-                                          (64, 1, 64, "one"), (136, 1, 8, "17s")])
-@pytest.mark.parametrize("stage", ["w1_gelu", "w2_prob"])
-def test_fused_moe_scan_mode(gen, dtype, n, k, e, spread, stage):
-    """scan=True (no alignment: each program row finds its expert's chunk of slots in the ids)
-    equals the reference for one slot, odd sizes, every slot on one expert (4 whole chunks) and
-    17 slots an expert (a whole and a 1-slot chunk each: the grid's bound is met exactly); slots of
-    id -1 stay unwritten; split-K partials sum to the result."""
-    from ftmoe.kernels.fused_moe import SCAN_MAX_SLOTS, scan_rows
-
-    K, N, bm = 64, 80, 16
-    probs, ids = _routing(n, k, e, gen)
-    if spread == "one":
-        ids[:] = 5
-    elif spread == "17s":
-        ids = torch.arange(n, device=DEV).view(n, 1).int() % e              # 17 slots each of 8 experts
-        assert scan_rows(n * k, e, bm) == 2 * e
-    elif n > 1:
-        ids[1::3, 0] = -1
-    w = rnd(e, K, N, dtype=dtype, gen=gen, scale=K ** -0.5)
-    bias = rnd(e, N, dtype=dtype, gen=gen, scale=0.1)
-    a_per_slot = stage == "w2_prob"
-    a = rnd(n * k if a_per_slot else n, K, dtype=dtype, gen=gen)
-    out = torch.full((n * k, N), float("nan"), dtype=dtype, device=DEV)
-    cfg = {"BLOCK_M": bm, "BLOCK_N": 32, "BLOCK_K": 32, "GROUP_M": 2}
-    kw = dict(topk=k, routing=ids.view(-1), probs=probs, a_per_slot=a_per_slot, gelu=stage == "w1_gelu",
-              mul_prob=stage == "w2_prob", config=cfg, scan=True)
-    fused_moe(a, w, bias, n * k, out=out, **kw)
-    want = ref.fused_moe_ref(a, w, bias, ids, probs, k, a_per_slot=a_per_slot, gelu=stage == "w1_gelu",
-                             mul_prob=stage == "w2_prob")
-    skipped = (ids.view(-1) < 0).to(DEV)
-    assert bool(out[skipped].isnan().all())
-    assert rel(out[~skipped], want[~skipped]) < TOL[dtype] * 2
-    if stage == "w2_prob":
-        parts = fused_moe(a, w, bias, n * k, split_k=2, out=torch.zeros(2, n * k, N, device=DEV), **kw)
-        assert rel(parts.sum(0)[~skipped], want[~skipped]) < TOL[dtype] * 2
-    with pytest.raises(ValueError, match="fused_moe scan: expected an ids tensor of at most 256 slots, "
-                                         "found aligned routing of"):
-        fused_moe(a, w, bias, n * k, topk=k, routing=moe_align(ids, e, bm), config=cfg, scan=True)
-    big = torch.zeros(SCAN_MAX_SLOTS + 1, dtype=torch.int32, device=DEV)
-    with pytest.raises(ValueError, match="at most 256 slots, found ids of 257 slots"):
-        fused_moe(rnd(SCAN_MAX_SLOTS + 1, K, dtype=dtype, gen=gen), w, bias, SCAN_MAX_SLOTS + 1, routing=big,
-                  config=cfg, scan=True)
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
@@ -576,18 +491,16 @@ def test_moe_align_is_graph_capturable_at_large_batches(gen):
     assert int(got[2]) == total and torch.equal(got[0][:total].cpu(), want[0][:total].cpu())
 
 
-@pytest.mark.parametrize("scan", ["0", "1"])
-def test_tune_shape_routes_as_the_model(monkeypatch, scan):
-    """`ftmoe tune` times the expert GEMMs in the routing the model will use for M slots: with
-    FTMOE_MOE_SCAN=1 the scan mode (no alignment), else the aligned one past 32 slots; and it
-    keeps the fastest config."""
+@pytest.mark.parametrize("M", [20, 40])
+def test_tune_shape_routes_as_the_model(monkeypatch, M):
+    """`ftmoe tune` times the expert GEMMs in the routing the model uses for M slots (one program
+    row a slot up to 32, aligned past) and keeps the fastest config."""
     from ftmoe import tune
 
-    monkeypatch.setenv("FTMOE_MOE_SCAN", scan)
     seen = []
     real = tune.fused_moe
-    monkeypatch.setattr(tune, "fused_moe", lambda *a, **kw: seen.append((type(kw["routing"]), kw["scan"])) or real(*a, **kw))
-    cands = [dict(c, BLOCK_K=32) for c in tune.candidate_configs(40)[:3]]
+    monkeypatch.setattr(tune, "fused_moe", lambda *a, **kw: seen.append(type(kw["routing"])) or real(*a, **kw))
+    cands = [dict(c, BLOCK_K=32) for c in tune.candidate_configs(M)[:3]]
     monkeypatch.setattr(tune, "candidate_configs", lambda M: cands)
 
     def fake_time(fn, n_sets, iters=10):
@@ -596,9 +509,9 @@ def test_tune_shape_routes_as_the_model(monkeypatch, scan):
         return 2.0 if fake_time.calls == 2 else 3.0
     fake_time.calls = 0
     monkeypatch.setattr(tune, "_time", fake_time)
-    best, ms = tune.tune_shape(4, 32, 32, 40, torch.float32, "w2", n_sets=1, dev=DEV)
+    best, ms = tune.tune_shape(4, 32, 32, M, torch.float32, "w2", n_sets=1, dev=DEV)
     assert best == cands[1] and ms == 2.0
-    assert seen == [(torch.Tensor, True)] * 3 if scan == "1" else seen == [(tuple, False)] * 3
+    assert seen == [torch.Tensor if M <= 32 else tuple] * 3
 
 
 def test_dense_gemm_choice_tuning_and_lookup(monkeypatch):

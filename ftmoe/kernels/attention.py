@@ -215,7 +215,10 @@ def launch_config(programs: int) -> tuple[int, int]:
     steps on an H100 -1.8 % at batch 32, -3.5 % at 64 and at 128 against (128, 1)
     (scripts/ab_decode.py, 2026-12-07, benchmarks/results/2026-12-07-h100-round24.txt). Past 512
     programs (batches 33-128) 32-token tiles: x0.993 at batch 64, x0.983 at 128 against (64, 1),
-    x1.010 at 32 (benchmarks/results/2026-12-07-h100-round33.txt).
+    x1.010 at 32 (benchmarks/results/2026-12-07-h100-round33.txt). Past 2048 programs (batches
+    above 128) 16-token tiles: x0.991 at 256 (twice), x0.989 at 512, x0.995 at 1024 against
+    (32, 1); x1.002 at 128, so 2048 programs keep (32, 1); (16, 2) x1.015-1.025
+    (benchmarks/results/2026-12-07-h100-round38.txt)
     FTMOE_ATTN_LAUNCH=FROM:BLOCK_NxWARPS (read at each call, i.e. at graph capture) uses that
     config from FROM programs on, for `scripts/ab_decode.py`'s A/B of the rule."""
     forced = os.environ.get("FTMOE_ATTN_LAUNCH")
@@ -232,7 +235,9 @@ def launch_config(programs: int) -> tuple[int, int]:
         return 256, 8
     if programs <= 512:
         return 64, 1
-    return 32, 1
+    if programs <= 2048:
+        return 32, 1
+    return 16, 1
 
 
 #: up to this many (row, head) programs the context is split over SPLITS programs each

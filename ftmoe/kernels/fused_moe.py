@@ -8,18 +8,13 @@ Out: c [N_slots, N]: c[s] = act(a[row(s)] @ w[e(s)] + bias[e(s)]) (* prob[s]), w
 One launch covers every expert: each program owns one BLOCK_M x BLOCK_N tile of one
 expert's group, so an expert's weights are read once per N-tile per M-block, and experts
 with no tokens cost nothing. `dense=True` is the one-expert case (a plain MLP GEMM with
-the same epilogues) and needs no routing. Small batches need no alignment either: one program
-row per slot (`routing` = the ids), or, with `scan`, one per used expert that finds its slots in
-the ids itself.
+the same epilogues) and needs no routing.
 """
 from __future__ import annotations
-
-import os
 
 import torch
 import triton
 import triton.language as tl
-from triton.tools.tensor_descriptor import TensorDescriptor
 
 from .pdl import launch_kwargs, pdl_start
 
@@ -32,12 +27,42 @@ def _gelu_tanh(x):
 
 
 @triton.jit
-def _tile(A, W, BIAS, C, PROBS, slots, expert, skip, pid_n, N, K, NUM_SLOTS, stride_am, stride_we, stride_wk,
-          stride_be, stride_cm, stride_cs, TOPK: tl.constexpr, A_PER_SLOT: tl.constexpr, HAS_BIAS: tl.constexpr,
-          GELU: tl.constexpr, MUL_PROB: tl.constexpr, IEEE: tl.constexpr, SPLIT_K: tl.constexpr,
-          BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, TMA: tl.constexpr):
-    """One BLOCK_M x BLOCK_N tile of c: the rows `slots` (>= NUM_SLOTS: none) of `expert`, over
-    this program's K split (program_id 1); skip: read no weights (a slot of no expert)."""
+def _fused_moe_kernel(A, W, BIAS, C, PROBS, SORTED, BLOCK_EXPERT, NUM_POST,
+                      N, K, NUM_SLOTS, stride_am, stride_we, stride_wk, stride_be, stride_cm, stride_cs,
+                      TOPK: tl.constexpr, A_PER_SLOT: tl.constexpr, DENSE: tl.constexpr, PER_SLOT: tl.constexpr,
+                      HAS_BIAS: tl.constexpr,
+                      GELU: tl.constexpr, MUL_PROB: tl.constexpr, IEEE: tl.constexpr, SPLIT_K: tl.constexpr,
+                      BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+                      USE_PDL: tl.constexpr = False):
+    pid = tl.program_id(0)
+    num_n = tl.cdiv(N, BLOCK_N)
+    num_m = tl.num_programs(0) // num_n
+    # grouped ordering: GROUP_M row-blocks share each column sweep (L2 reuse of the weight tiles)
+    group = pid // (GROUP_M * num_n)
+    first_m = group * GROUP_M
+    size_m = tl.minimum(num_m - first_m, GROUP_M)
+    pid_m = first_m + (pid % (GROUP_M * num_n)) % size_m
+    pid_n = (pid % (GROUP_M * num_n)) // size_m
+    pdl_start(USE_PDL)
+
+    skip = False
+    if DENSE:
+        slots = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+        expert = 0
+    elif PER_SLOT:
+        # small batches: program row-block m serves slot m alone (no sorting); rows 1.. are padding
+        r = tl.arange(0, BLOCK_M)
+        slots = tl.where(r == 0, pid_m, NUM_SLOTS)
+        expert = tl.load(SORTED + pid_m).to(tl.int64)   # SORTED holds the expert id of every slot
+        # a negative id: the slot belongs to another rank's expert (expert parallelism) or is padding
+        slots = tl.where(expert >= 0, slots, NUM_SLOTS)
+        skip = expert < 0
+        expert = tl.maximum(expert, 0)
+    else:
+        if pid_m * BLOCK_M >= tl.load(NUM_POST):
+            return
+        slots = tl.load(SORTED + pid_m * BLOCK_M + tl.arange(0, BLOCK_M))
+        expert = tl.load(BLOCK_EXPERT + pid_m).to(tl.int64)
     smask = slots < NUM_SLOTS
     if A_PER_SLOT:
         rows = slots
@@ -53,25 +78,19 @@ def _tile(A, W, BIAS, C, PROBS, slots, expert, skip, pid_n, N, K, NUM_SLOTS, str
     k_lo = ks * k_per
     offs_k = tl.arange(0, BLOCK_K)
     a_ptrs = A + rows[:, None] * stride_am + (k_lo + offs_k)[None, :]
-    w_ptrs = W      # (unused with TMA: W is then a descriptor)
-    if not TMA:
-        w_ptrs = W + expert * stride_we + (k_lo + offs_k)[:, None] * stride_wk + offs_n[None, :]
+    w_ptrs = W + expert * stride_we + (k_lo + offs_k)[:, None] * stride_wk + offs_n[None, :]
     acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
     k_hi = tl.where(skip, k_lo, tl.minimum(K, k_lo + k_per))   # a skipped slot reads no weights
     for k0 in range(k_lo, k_hi, BLOCK_K):
         kmask = offs_k < K - k0
         a = tl.load(a_ptrs, mask=smask[:, None] & kmask[None, :], other=0.0)
-        if TMA:   # W: a descriptor of the stacked [E * K, N] weights; K is whole BLOCK_K tiles
-            w = W.load([(expert * K + k0).to(tl.int32), pid_n * BLOCK_N])
-        else:
-            w = tl.load(w_ptrs, mask=kmask[:, None] & nmask[None, :], other=0.0)
+        w = tl.load(w_ptrs, mask=kmask[:, None] & nmask[None, :], other=0.0)
         if IEEE:
             acc += tl.dot(a, w, input_precision="ieee")   # fp32 inputs: no silent tf32
         else:
             acc += tl.dot(a, w)
         a_ptrs += BLOCK_K
-        if not TMA:
-            w_ptrs += BLOCK_K * stride_wk
+        w_ptrs += BLOCK_K * stride_wk
     if HAS_BIAS:  # once, in the first K split
         bias = tl.load(BIAS + expert * stride_be + offs_n, mask=nmask, other=0.0).to(tl.float32)
         acc += bias[None, :] * tl.where(ks == 0, 1.0, 0.0)
@@ -83,99 +102,20 @@ def _tile(A, W, BIAS, C, PROBS, slots, expert, skip, pid_n, N, K, NUM_SLOTS, str
     tl.store(c_ptrs, acc.to(C.dtype.element_ty), mask=smask[:, None] & nmask[None, :])
 
 
-@triton.jit
-def _fused_moe_kernel(A, W, BIAS, C, PROBS, SORTED, BLOCK_EXPERT, NUM_POST,
-                      N, K, NUM_SLOTS, stride_am, stride_we, stride_wk, stride_be, stride_cm, stride_cs,
-                      TOPK: tl.constexpr, A_PER_SLOT: tl.constexpr, DENSE: tl.constexpr, PER_SLOT: tl.constexpr,
-                      HAS_BIAS: tl.constexpr,
-                      GELU: tl.constexpr, MUL_PROB: tl.constexpr, IEEE: tl.constexpr, SPLIT_K: tl.constexpr,
-                      BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
-                      USE_PDL: tl.constexpr = False, TMA: tl.constexpr = False, SCAN: tl.constexpr = False,
-                      BLOCK_E: tl.constexpr = 1, BLOCK_S: tl.constexpr = 1):
-    pid = tl.program_id(0)
-    num_n = tl.cdiv(N, BLOCK_N)
-    num_m = tl.num_programs(0) // num_n
-    # grouped ordering: GROUP_M row-blocks share each column sweep (L2 reuse of the weight tiles)
-    group = pid // (GROUP_M * num_n)
-    first_m = group * GROUP_M
-    size_m = tl.minimum(num_m - first_m, GROUP_M)
-    pid_m = first_m + (pid % (GROUP_M * num_n)) % size_m
-    pid_n = (pid % (GROUP_M * num_n)) // size_m
-    pdl_start(USE_PDL)
-
-    if SCAN:
-        # no alignment kernel: SORTED holds the expert id of every slot; the used experts' slots in
-        # chunks of BLOCK_M (expert by expert, in id and slot order), and program row pid_m takes
-        # chunk pid_m (rows past the last chunk read and write nothing)
-        es = tl.arange(0, BLOCK_E)
-        sid = tl.arange(0, BLOCK_S)
-        ids = tl.load(SORTED + sid, mask=sid < NUM_SLOTS, other=-1)
-        counts = tl.histogram(ids, BLOCK_E, mask=ids >= 0)                   # each expert's slots
-        chunks = (counts + BLOCK_M - 1) // BLOCK_M
-        ends = tl.cumsum(chunks, axis=0)
-        here = (ends - chunks <= pid_m) & (pid_m < ends)                      # the expert of chunk pid_m
-        skip = tl.sum(here.to(tl.int32), axis=0) == 0
-        expert = tl.sum(tl.where(here, es, 0), axis=0).to(tl.int64)
-        first = (pid_m - tl.sum(tl.where(here, ends - chunks, 0), axis=0)) * BLOCK_M   # its first rank
-        mine = ids == expert
-        upto = tl.cumsum(mine.to(tl.int32), axis=0)          # how many of mine up to and including each slot
-        # the slot of rank t is the number of slots with fewer than t + 1 of mine up to them
-        # (BLOCK_S, past NUM_SLOTS, where the expert has no rank t)
-        t = first + tl.arange(0, BLOCK_M)
-        slots = tl.sum((upto[None, :] <= t[:, None]).to(tl.int32), axis=1)   # [BLOCK_M, BLOCK_S] counted
-        slots = tl.where(skip | (slots > NUM_SLOTS), NUM_SLOTS, slots)
-        _tile(A, W, BIAS, C, PROBS, slots, expert, skip, pid_n, N, K, NUM_SLOTS, stride_am, stride_we,
-              stride_wk, stride_be, stride_cm, stride_cs, TOPK, A_PER_SLOT, HAS_BIAS, GELU, MUL_PROB, IEEE,
-              SPLIT_K, BLOCK_M, BLOCK_N, BLOCK_K, TMA)
-    else:
-        skip = False
-        if DENSE:
-            slots = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-            expert = 0
-        elif PER_SLOT:
-            # small batches: program row-block m serves slot m alone (no sorting); rows 1.. are padding
-            r = tl.arange(0, BLOCK_M)
-            slots = tl.where(r == 0, pid_m, NUM_SLOTS)
-            expert = tl.load(SORTED + pid_m).to(tl.int64)   # SORTED holds the expert id of every slot
-            # a negative id: the slot belongs to another rank's expert (expert parallelism) or is padding
-            slots = tl.where(expert >= 0, slots, NUM_SLOTS)
-            skip = expert < 0
-            expert = tl.maximum(expert, 0)
-        else:
-            if pid_m * BLOCK_M >= tl.load(NUM_POST):
-                return
-            slots = tl.load(SORTED + pid_m * BLOCK_M + tl.arange(0, BLOCK_M))
-            expert = tl.load(BLOCK_EXPERT + pid_m).to(tl.int64)
-        _tile(A, W, BIAS, C, PROBS, slots, expert, skip, pid_n, N, K, NUM_SLOTS, stride_am, stride_we, stride_wk,
-              stride_be, stride_cm, stride_cs, TOPK, A_PER_SLOT, HAS_BIAS, GELU, MUL_PROB, IEEE, SPLIT_K,
-              BLOCK_M, BLOCK_N, BLOCK_K, TMA)
-
-
-#: the most slots the scan mode takes: each program's scan holds [BLOCK_M, slots] in registers
-SCAN_MAX_SLOTS = 256
-
-def scan_rows(num_slots: int, num_experts: int, block_m: int) -> int:
-    """Program rows of the scan mode: at most one partial chunk per used expert, plus the whole ones."""
-    return min(num_slots, num_experts) + num_slots // block_m
-
-
 DEFAULT_CONFIG = {"BLOCK_M": 16, "BLOCK_N": 64, "BLOCK_K": 64, "GROUP_M": 8, "num_warps": 4, "num_stages": 3}
 
 
 def fused_moe(a: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None, num_slots: int, *,
               topk: int = 1, routing=None, probs: torch.Tensor | None = None, a_per_slot: bool = False,
               gelu: bool = False, mul_prob: bool = False, out: torch.Tensor | None = None,
-              config: dict | None = None, split_k: int = 1, scan: bool = False) -> torch.Tensor:
+              config: dict | None = None, split_k: int = 1) -> torch.Tensor:
     """c [num_slots, N]. `routing` = (sorted_slots, block_expert, num_post) from moe_align with
     the same BLOCK_M as `config`; or an int32 tensor of expert ids [num_slots] (small batches: one
     program row per slot, no sorting); None means dense (one expert, slot = row).
     Slots with a negative expert id (both routed modes) are skipped: their rows of c are not
     written (pass a zeroed `out` where they must read as zeros).
     split_k > 1 (small batches, long K): returns fp32 partials [split_k, num_slots, N] whose sum
-    is the result (summed deterministically by the consumer, `add_layernorm`).
-    scan (with an ids tensor as routing, up to SCAN_MAX_SLOTS slots): no alignment kernel; each
-    program row finds the slots of one expert in the ids itself (the n-th expert that has any),
-    so every used expert's weights are read once and the grid holds min(slots, E) rows."""
+    is the result (summed deterministically by the consumer, `add_layernorm`)."""
     cfg = dict(DEFAULT_CONFIG, **(config or {}))
     E, K, N = w.shape
     assert a.shape[1] == K
@@ -187,42 +127,22 @@ def fused_moe(a: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None, num_s
         c = out if out is not None else torch.empty(num_slots, N, dtype=a.dtype, device=a.device)
     dense = routing is None
     per_slot = isinstance(routing, torch.Tensor)
-    if scan and not (per_slot and num_slots <= SCAN_MAX_SLOTS):
-        kind = "ids" if per_slot else "dense" if dense else "aligned routing"
-        raise ValueError(f"fused_moe scan: expected an ids tensor of at most {SCAN_MAX_SLOTS} slots, "
-                         f"found {kind} of {num_slots} slots")
     if dense:
         num_m = triton.cdiv(num_slots, cfg["BLOCK_M"])
         sorted_slots = block_expert = num_post = c  # unused
     elif per_slot:
-        num_m = scan_rows(num_slots, E, cfg["BLOCK_M"]) if scan else num_slots
+        num_m = num_slots
         sorted_slots, block_expert, num_post = routing, c, c
     else:
         sorted_slots, block_expert, num_post = routing
         num_m = block_expert.numel()
     grid = (num_m * triton.cdiv(N, cfg["BLOCK_N"]), split_k)
-    use_tma = tma_ok(w, cfg["BLOCK_K"])
-    wt = TensorDescriptor(w.view(E * K, N), [E * K, N], [N, 1], [cfg["BLOCK_K"], cfg["BLOCK_N"]]) if use_tma else w
     _fused_moe_kernel[grid](
-        a, wt, bias if bias is not None else w, c, probs if probs is not None else a,
+        a, w, bias if bias is not None else w, c, probs if probs is not None else a,
         sorted_slots, block_expert, num_post, N, K, num_slots,
         a.stride(0), w.stride(0), w.stride(1), bias.stride(0) if bias is not None and bias.dim() == 2 else 0,
-        c.stride(-2), c.stride(0) if split_k > 1 else 0, TOPK=topk, A_PER_SLOT=a_per_slot, DENSE=dense, PER_SLOT=per_slot and not scan, HAS_BIAS=bias is not None, GELU=gelu,
+        c.stride(-2), c.stride(0) if split_k > 1 else 0, TOPK=topk, A_PER_SLOT=a_per_slot, DENSE=dense, PER_SLOT=per_slot, HAS_BIAS=bias is not None, GELU=gelu,
         MUL_PROB=mul_prob, IEEE=a.dtype == torch.float32, SPLIT_K=split_k, BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], BLOCK_K=cfg["BLOCK_K"],
         GROUP_M=cfg["GROUP_M"], num_warps=cfg["num_warps"],
-        num_stages=cfg["num_stages"], TMA=use_tma, SCAN=scan, BLOCK_E=triton.next_power_of_2(E) if scan else 1,
-        BLOCK_S=max(16, triton.next_power_of_2(num_slots)) if scan else 1, **launch_kwargs(a))
+        num_stages=cfg["num_stages"], **launch_kwargs(a))
     return c
-
-
-def tma_ok(w: torch.Tensor, block_k: int) -> bool:
-    """Whether the weight tiles of w [E, K, N] load by TMA: FTMOE_MOE_TMA=1 (default 0), a Hopper GPU
-    (or the interpreter), 16-bit contiguous weights with 16-byte rows, and K whole BLOCK_K tiles (a
-    tile of the stacked [E * K, N] view never reaches into the next expert's rows)."""
-    v = os.environ.get("FTMOE_MOE_TMA", "0")
-    if v not in ("0", "1"):
-        raise ValueError(f"FTMOE_MOE_TMA: expected 0 or 1, found {v!r}")
-    from .gemv import experts_readable     # (gemv imports this module)
-
-    E, K, N = w.shape
-    return v == "1" and K % block_k == 0 and E * K < 2 ** 31 and experts_readable(w)
