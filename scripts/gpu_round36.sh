@@ -10,14 +10,7 @@ set -u
 OUT=${OUT:-/tmp/ftmoe_out}
 export PYTHONPATH=$PWD PYTHONUNBUFFERED=1 TMPDIR=${TMPDIR:-/tmp}
 nvidia-smi -L > "$OUT/gpus.txt" 2>&1
-python3 - "$OUT" <<'PY'
-import json, sys, torch
-name = "NVIDIA_H100_80GB_HBM3" if "H200" not in torch.cuda.get_device_name() else "NVIDIA_H200"
-t = json.load(open(f"ftmoe/kernels/configs/{name}.json"))
-for m in ("32", "64"):
-    t["dense:N=3072,K=1024,dtype=bf16"][m] = {"backend": "cublas"}     # the sixteenth session's QKV entries
-json.dump(t, open(f"{sys.argv[1]}/old_table.json", "w"), indent=1)
-PY
+python3 scripts/old_qkv_table.py "$OUT"
 OLD="w2tiles=0,table=$OUT/old_table.json,alignwarps=4,attnlaunch=257:64x1,lngate=1"
 timeout 250 python3 scripts/ab_decode.py --batches 64,128 --rounds 11 --json "$OUT/ab_twice.json" \
     --variants base "$OLD" lngate=1 attnlaunch=257:64x1 lngate=auto "$OLD,lnwarps=16" > "$OUT/ab_twice.txt" 2>&1
