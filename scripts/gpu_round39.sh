@@ -4,6 +4,7 @@
 # mode and the fused-MoE TMA tiles removed), then the GPU tests of what changed (the attention
 # launch rule and the kernel on its tiles) in the time left (the fused-MoE kernel is again the
 # version before the TMA tiles, as GPU-tested in the sixteenth session).
+# Ran once (eighteenth session, 2026-12-07, one H100): benchmarks/results/2026-12-07-h100-bench-v22.*.
 # Usage: OUT=dir bash scripts/gpu_round39.sh
 set -u
 OUT=${OUT:-/tmp/ftmoe_out}
