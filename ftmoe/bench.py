@@ -238,9 +238,9 @@ def run_bench(preset: str = "gpt-moe-0.35b-64e", model_dir: str | None = None, d
                               ctx_lens.long().cpu(), torch.ones(B, dtype=torch.long))
         ids_h = ids.cpu()
         ms = _events_ms(lambda: graphs.step_host(ids_h, meta_h), iters, _reps(3, iters))
-        kernels = _count_kernels(lambda: graphs.graphs[B][0].replay()) if graphed else None
+        kernels = _count_kernels(lambda: graphs.graph(B, ctx).replay()) if graphed else None
         if profile and graphed:
-            _profile_table(lambda: graphs.graphs[B][0].replay(), f"decode B={B}", log)
+            _profile_table(lambda: graphs.graph(B, ctx).replay(), f"decode B={B}", log)
         eager_ms = None
         if eager:
             meta = meta_h.to(dev)

@@ -12,6 +12,10 @@ from the host in one copy (`step_host`), or field by field from device tensors (
 Greedy chunks (`greedy_chunk`): a second graph per bucket appends the argmax and
 `kernels.advance` (tokens fed back, rows moved one position on), so N steps replay back to back
 from one host copy and the host reads N tokens per row once.
+Short contexts: where decode attention runs in one pass for short contexts (small buckets:
+`attention.one_pass_differs`), a bucket keeps a step graph (and greedy-chunk graph) for each
+context limit of `attention.ONE_PASS_TILES`, on the same static inputs; a step from the host,
+whose context lengths the host holds, replays the smallest whose limit every row is within.
 On a shard of a parallel model the graphs hold its collectives (NCCL is captured), every
 rank captures and replays the same buckets in the same order, and a pipeline stage after
 the first takes the residual [B, H] instead of token ids.
@@ -23,7 +27,7 @@ import dataclasses
 import torch
 
 from .fast_model import FastGPTMoE
-from .kernels import size_switch
+from .kernels import attention, size_switch
 from .kernels.advance import GreedyWork, greedy_advance
 from .kernels.hostfetch import fetch_from_host
 from .kv_cache import AttnMetadata, KVCache
@@ -78,9 +82,10 @@ class DecodeGraphs:
         self.nb = max_blocks_per_seq
         self.buckets = tuple(sorted(buckets))
         self.graphs: dict[int, tuple[torch.cuda.CUDAGraph, dict, torch.Tensor]] = {}
+        self.short: dict[tuple[int, int], tuple] = {}   # (bucket, context limit) -> short-context (graph, out)
         self.pool = None
         self._stage: dict[int, list] = {}       # bucket -> pinned staging buffers (step_host)
-        self.greedy: dict[tuple[int, bool], tuple] = {}   # (bucket, logprobs) -> greedy-chunk graph
+        self.greedy: dict[tuple[int, bool, int], tuple] = {}   # (bucket, logprobs, context limit) -> greedy-chunk graph
         self._chunk_ring: dict[tuple[int, bool], list] = {}   # (bucket, logprobs) -> host token buffers
         self._last_chunk: GreedyChunk | None = None
 
@@ -112,15 +117,35 @@ class DecodeGraphs:
             s["ids"] = torch.zeros(B, self.fast.H, dtype=self.fast.dtype, device=dev)
         return s
 
-    def _run(self, s: dict) -> torch.Tensor:
-        return self.fast.decode_step(s["ids"], s["positions"], s["tables"], s["ctx"], s["slots"], self.cache)
+    def _run(self, s: dict, short: int = 0) -> torch.Tensor:
+        """The bucket's decode step; short: every row's context is within this limit (0: any)."""
+        return self.fast.decode_step(s["ids"], s["positions"], s["tables"], s["ctx"], s["slots"], self.cache,
+                                     max_ctx=short or None)
 
-    def _run_step(self, s: dict) -> torch.Tensor:
+    def _run_step(self, s: dict, short: int = 0) -> torch.Tensor:
         """A bucket's step graph: with a host buffer (fetch mode), its first kernel takes the
         inputs from it when the host marked them fresh."""
         if "host" in s:
             fetch_from_host(s["host"], s["packed"])
-        return self._run(s)
+        return self._run(s, short)
+
+    def has_short(self, B: int) -> bool:
+        """Whether bucket B keeps short-context graphs (its attention differs for short contexts)."""
+        return attention.one_pass_differs(B * self.fast.heads)
+
+    def short_limit(self, bucket: int, max_ctx: int, steps: int = 1) -> int:
+        """The context limit of the (captured) bucket's short-context graphs that `steps` steps from
+        a longest row of max_ctx cached tokens replay (the last step's row has max_ctx + steps - 1):
+        the smallest that holds it; 0: the graphs for any context."""
+        last = max_ctx + steps - 1
+        return next((c for c, _ in attention.ONE_PASS_TILES if (bucket, c) in self.short and last <= c), 0)
+
+    def graph(self, bucket: int, max_ctx: int) -> torch.cuda.CUDAGraph | None:
+        """The step graph a step of `bucket` from the host replays when its longest row has max_ctx
+        cached tokens (captured first if it is not yet; None on the CPU), for tools that time it."""
+        self.capture(bucket)
+        limit = self.short_limit(bucket, max_ctx)
+        return self.short[(bucket, limit)][0] if limit else self.graphs[bucket][0]
 
     @torch.inference_mode()
     def capture(self, B: int) -> None:
@@ -134,15 +159,24 @@ class DecodeGraphs:
             s["host_done"] = torch.cuda.Event() if gpu else None
         if not gpu:                              # CPU (tests): the same static buffers, run eagerly
             self.graphs[B] = (None, s, None)
+            if self.has_short(B):
+                self.short.update({(B, c): (None, None) for c, _ in attention.ONE_PASS_TILES})
             return
         g, out = _capture(lambda: self._run_step(s), self.pool, warmups=2)
         if self.pool is None:
             self.pool = g.pool()
         self.graphs[B] = (g, s, out)
+        if self.has_short(B):
+            for c, _ in attention.ONE_PASS_TILES:
+                self.short[(B, c)] = _capture(lambda: self._run_step(s, short=c), self.pool, warmups=2)
 
-    def _replay(self, g, s: dict, out: torch.Tensor | None, B: int) -> torch.Tensor:
+    def _replay(self, bucket: int, B: int, short: int = 0) -> torch.Tensor:
+        """Replay the bucket's step graph (short: its graph for that context limit); B rows out."""
+        g, s, out = self.graphs[bucket]
+        if short:
+            g, out = self.short[(bucket, short)]
         if g is None:
-            out = self._run_step(s)
+            out = self._run_step(s, short)
         else:
             g.replay()
         if s.get("host_done") is not None:
@@ -168,9 +202,11 @@ class DecodeGraphs:
 
     @torch.inference_mode()
     def step(self, ids: torch.Tensor, positions: torch.Tensor, block_tables: torch.Tensor,
-             context_lens: torch.Tensor, slots: torch.Tensor, min_rows: int = 0) -> torch.Tensor:
+             context_lens: torch.Tensor, slots: torch.Tensor, min_rows: int = 0, max_ctx: int | None = None) -> torch.Tensor:
         """Inputs already on the device (any integer dtype), one copy each.
-        min_rows: replay a bucket of at least this many rows (expert-parallel ranks must agree)."""
+        min_rows: replay a bucket of at least this many rows (expert-parallel ranks must agree).
+        max_ctx: the longest row's cached tokens where the caller knows it (a short-context graph
+        may then serve: `short_limit`); None: the graph for any context."""
         B = ids.shape[0]
         bucket, (g, s, out) = self._bucket(B, min_rows)
         self._last_chunk = None
@@ -183,7 +219,7 @@ class DecodeGraphs:
         if B < bucket:
             s["slots"][B:].fill_(-1)
             s["ctx"][B:].fill_(0)
-        return self._replay(g, s, out, B)
+        return self._replay(bucket, B, 0 if max_ctx is None else self.short_limit(bucket, max_ctx))
 
     @torch.inference_mode()
     def step_host(self, ids: torch.Tensor, meta: AttnMetadata) -> torch.Tensor:
@@ -199,7 +235,12 @@ class DecodeGraphs:
         else:                                    # fetch mode: the graph's first kernel reads them
             self._check_meta(meta)
             self._pack(views, ids, meta, bucket)
-        return self._replay(g, s, out, B)
+        return self._replay(bucket, B, self.short_limit(bucket, self._max_ctx(meta)))
+
+    @staticmethod
+    def _max_ctx(meta: AttnMetadata) -> int:
+        """The longest row's cached tokens (metadata on the host)."""
+        return int(meta.context_lens.numpy().max()) if meta.context_lens.numel() else 0
 
     def _load(self, ids: torch.Tensor | None, meta: AttnMetadata, bucket: int) -> None:
         """Host ids and metadata -> the bucket's static inputs, in one copy (step counter 0).
@@ -264,19 +305,23 @@ class DecodeGraphs:
             self.capture(b)
             if greedy:
                 self.capture_greedy(b, False)
+                for c, _ in attention.ONE_PASS_TILES:
+                    if (b, c) in self.short:
+                        self.capture_greedy(b, False, short=c)
             bar.update(1, f"batch {b}")
         bar.close()
         return todo
 
     # ---- greedy chunks: steps replayed back to back, each one's tokens fed back on the GPU ----
     @torch.inference_mode()
-    def capture_greedy(self, B: int, logprobs: bool) -> None:
+    def capture_greedy(self, B: int, logprobs: bool, short: int = 0) -> None:
         """The greedy-chunk graph of bucket B: a decode step, then `greedy_advance`: the argmax of
         its logits (first index on ties, as the host's greedy), optionally their log-softmax, the
         tokens fed back and every live row moved one position on, in one kernel.
         It shares the bucket's static inputs; they are set to padding first, because the
-        warm-up steps run on whatever they hold (padding rows read and write no cache)."""
-        key = (B, logprobs)
+        warm-up steps run on whatever they hold (padding rows read and write no cache).
+        short: the step of the short-context graphs of that context limit (`short_limit`)."""
+        key = (B, logprobs, short)
         if key in self.greedy:
             return
         self.capture(B)
@@ -291,7 +336,7 @@ class DecodeGraphs:
         work = GreedyWork(B, m.vocab_end - m.vocab_start, dev)
 
         def run():
-            greedy_advance(self._run(s), toks, lps, s, self.cache.block_size, work)
+            greedy_advance(self._run(s, short), toks, lps, s, self.cache.block_size, work)
             return toks
 
         if dev.type != "cuda":
@@ -326,8 +371,10 @@ class DecodeGraphs:
                 raise ValueError("a continued greedy chunk must follow the last chunk queued, with its rows")
         elif ids is None:
             raise ValueError("a greedy chunk needs token ids unless it continues the last chunk")
-        self.capture_greedy(bucket, logprobs)
-        g, run, toks, lps = self.greedy[(bucket, logprobs)]
+        self.capture(bucket)
+        short = self.short_limit(bucket, self._max_ctx(meta), steps)
+        self.capture_greedy(bucket, logprobs, short)
+        g, run, toks, lps = self.greedy[(bucket, logprobs, short)]
         self._load(None if after is not None else ids, meta, bucket)
         for _ in range(steps):
             if g is None:

@@ -290,15 +290,18 @@ class FastGPTMoE:
 
     # ---- decode: one token per row, fixed shapes (graph-capturable) -----------
     def decode_step(self, ids: torch.Tensor, positions: torch.Tensor, block_tables: torch.Tensor,
-                    context_lens: torch.Tensor, slots: torch.Tensor, cache: KVCache) -> torch.Tensor:
+                    context_lens: torch.Tensor, slots: torch.Tensor, cache: KVCache,
+                    max_ctx: int | None = None) -> torch.Tensor:
         """ids/positions/context_lens/slots [B] (slots -1: padding row), tables [B, nb] -> logits [B, V] fp32.
         A later pipeline stage takes the residual [B, H] instead of ids; a stage before the last
-        returns its residual [B, H]; under TP the logits are this rank's vocabulary slice."""
+        returns its residual [B, H]; under TP the logits are this rank's vocabulary slice.
+        max_ctx: no row has more cached tokens (known to the caller; None: any), so that attention
+        may run in one pass (`attention.one_pass_tile`; a longer row stays correct, only slower)."""
         B = ids.shape[0]
         with pdl.allowed(pdl.mode_for(B)):
-            return self._decode_step(ids, positions, block_tables, context_lens, slots, cache)
+            return self._decode_step(ids, positions, block_tables, context_lens, slots, cache, max_ctx)
 
-    def _decode_step(self, ids, positions, block_tables, context_lens, slots, cache):
+    def _decode_step(self, ids, positions, block_tables, context_lens, slots, cache, max_ctx=None):
         B = ids.shape[0]
         eps = self.config.layernorm_eps
         g = _gemv_on("FTMOE_GEMV", B, GEMV_MAX_ROWS) and cache.k.dtype == self.dtype
@@ -313,7 +316,8 @@ class FastGPTMoE:
             else:
                 qkv = self._dense(a, L["wqkv"], L["bqkv"], parts_ok=True)   # split-K partials: attention sums them
                 qkv = qkv.view(*qkv.shape[:-2], B, 3, self.heads, self.D)
-            o = self._attention_wo(L, qkv, cache.k[i], cache.v[i], block_tables, context_lens, slots, g, feed)
+            o = self._attention_wo(L, qkv, cache.k[i], cache.v[i], block_tables, context_lens, slots, g, feed,
+                                   max_ctx)
             res, y, y_bias = self._ln2_mlp(L, res, o, slots, i, use_gemv=g, feed=feed)
             last = i + 1 == len(self.layers)
             nxt = self.final_ln if last else self.layers[i + 1]["ln1"]
@@ -328,13 +332,14 @@ class FastGPTMoE:
 
     def _attention_wo(self, L: dict, qkv: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                       block_tables: torch.Tensor, context_lens: torch.Tensor, slots: torch.Tensor,
-                      use_gemv: bool = False, feed: bool = False) -> torch.Tensor:
+                      use_gemv: bool = False, feed: bool = False, max_ctx: int | None = None) -> torch.Tensor:
         """Decode attention, then its output GEMM Wo (no bias: added with the residual).
         use_gemv: qkv is the QKV GEMV's partials and Wo runs on `gemv` (fp32 partials out);
-        feed: attention lets Wo launch before its wait, Wo triggers after its own."""
+        feed: attention lets Wo launch before its wait, Wo triggers after its own; max_ctx as in
+        `decode_step`."""
         B = qkv.shape[-4]
         with pdl.feeding(feed):
-            ctx = decode_attention(qkv, k_cache, v_cache, block_tables, context_lens, slots, self.scale)
+            ctx = decode_attention(qkv, k_cache, v_cache, block_tables, context_lens, slots, self.scale, max_ctx=max_ctx)
         if use_gemv:
             return gemv(ctx.view(B, self.HL), L["wo"], None, parts=True, trigger_first=not feed,
                         splits=_wo_splits(self.HL))

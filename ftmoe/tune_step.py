@@ -69,12 +69,13 @@ class StepRig:
             dg.capture(B)
             dg.step_host(*self.inputs[B])                 # fills the static inputs; runs the step once
         g, s, _ = dg.graphs[B]
+        short = dg.short_limit(B, self.ctx)        # the graph the engine replays at this context
         if g is not None:
-            return g.replay
+            return dg.graph(B, self.ctx).replay
 
         def eager():
             with self._tables(table, None):
-                return dg._run(s)
+                return dg._run(s, short)
         return eager
 
     def _tables(self, table: dict | None, record: list | None):

@@ -3,7 +3,8 @@
 Each variant is a set of switches applied while its decode graphs are captured (the switches
 are read at capture time):
 - `pdl=N`: programmatic dependent launch with the early trigger up to N rows; `pdlx=N`: the
-  trigger at exit, for larger steps up to N rows;
+  trigger at exit, for larger steps up to N rows; `pdlalso=LO:HI|0`: the early trigger also at
+  LO..HI rows (`pdl.EARLY_ALSO`), or not;
 - `gate=auto|cublas|triton` (FTMOE_GATE); `lngate=auto|0|1` (FTMOE_LN_GATE: the gate logits in the
   LN2 kernel: up to 64 rows, never, always);
 - `attn=S` (FTMOE_ATTN_SPLIT: decode-attention context splits, 0 = one pass); `preload=0|1`
@@ -95,7 +96,7 @@ def _knock_out(part: str):
 @contextlib.contextmanager
 def switches(spec: str, device_name: str):
     """Apply a variant's switches ("base", or comma-separated key=value) for the block."""
-    saved_rows, saved_exit = pdl.MAX_ROWS, pdl.EXIT_MAX_ROWS
+    saved_rows, saved_exit, saved_also = pdl.MAX_ROWS, pdl.EXIT_MAX_ROWS, pdl.EARLY_ALSO
     saved_fns = []
     saved_env = {v: os.environ.get(v) for v in ENV_SWITCHES.values()}
     tables = contextlib.ExitStack()
@@ -106,6 +107,8 @@ def switches(spec: str, device_name: str):
                 pdl.MAX_ROWS = int(value)
             elif key == "pdlx":
                 pdl.EXIT_MAX_ROWS = int(value)
+            elif key == "pdlalso":
+                pdl.EARLY_ALSO = None if value == "0" else tuple(int(x) for x in value.split(":"))
             elif key == "skip":
                 for part in value.split("+"):
                     saved_fns.append(_knock_out(part))
@@ -120,7 +123,7 @@ def switches(spec: str, device_name: str):
     finally:
         for name, fn in saved_fns:
             setattr(fast_model, name, fn)
-        pdl.MAX_ROWS, pdl.EXIT_MAX_ROWS = saved_rows, saved_exit
+        pdl.MAX_ROWS, pdl.EXIT_MAX_ROWS, pdl.EARLY_ALSO = saved_rows, saved_exit, saved_also
         for var, value in saved_env.items():
             if value is None:
                 os.environ.pop(var, None)
@@ -135,17 +138,18 @@ def _time_replays(dg: DecodeGraphs, B: int, inputs, iters: int, synced: str | No
     alone, then waited for, as `ftmoe bench` and a serving loop that samples on the host do: the
     host's launch work is inside; median). synced "host": ids and metadata from the host in one
     copy (`step_host`, the engine's path); "device": device tensors copied field by field (`step`)."""
-    g = dg.graphs[B][0]
     ids, meta = inputs
+    max_ctx = int(meta.context_lens.max())
+    g = dg.graph(B, max_ctx)          # the graph a step from the host replays at this context
     dev = dg.fast.device
     dev_args = (ids.to(dev)[:, 0], *(t.to(dev) for t in (
         meta.positions[:, 0], meta.block_tables, meta.context_lens, meta.slot_mapping[:, 0])))
-    dg.step(*dev_args)
+    dg.step(*dev_args, max_ctx=max_ctx)
     torch.cuda.synchronize()
     if synced == "host":
         return _events_ms(lambda: dg.step_host(ids, meta), iters, warmup=1)
     if synced == "device":
-        return _events_ms(lambda: dg.step(*dev_args), iters, warmup=1)
+        return _events_ms(lambda: dg.step(*dev_args, max_ctx=max_ctx), iters, warmup=1)
     return back_to_back_ms(g.replay, iters)
 
 

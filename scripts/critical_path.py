@@ -98,7 +98,7 @@ def host_times(dg, B: int, inputs, n: int = 200) -> None:
 
     ids, meta = inputs
     bucket = dg.bucket_for(B)
-    g = dg.graphs[bucket][0]
+    g = dg.graph(bucket, int(meta.context_lens.max()))
     load, launch = [], []
     for _ in range(n):
         torch.cuda.synchronize()
@@ -134,14 +134,15 @@ def main():
         for B in batches:
             dg.capture(B)
             dg.step_host(*rig.inputs[B])
-            report(f"decode B={B}", _kernels(dg.graphs[B][0].replay, a.reps), a.detail)
+            report(f"decode B={B}", _kernels(dg.graph(B, a.ctx).replay, a.reps), a.detail)
             if a.host:
                 host_times(dg, B, rig.inputs[B])
             if a.greedy:
-                dg.capture_greedy(B, False)
+                short = dg.short_limit(B, a.ctx, a.reps + 3)    # the graph a chunk of these steps replays
+                dg.capture_greedy(B, False, short)
                 dg.step_host(*rig.inputs[B])      # real rows again (capture set them to padding)
                 # each replay moves the rows one position on (past MAX_CHUNK its tokens are not stored)
-                report(f"greedy step B={B}", _kernels(dg.greedy[(B, False)][0].replay, a.reps), a.detail)
+                report(f"greedy step B={B}", _kernels(dg.greedy[(B, False, short)][0].replay, a.reps), a.detail)
 
 
 if __name__ == "__main__":

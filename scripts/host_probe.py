@@ -103,7 +103,7 @@ def main():
             dg.capture(B)
             ids, meta = rig.inputs[B]
             bucket = dg.bucket_for(B)
-            g = dg.graphs[bucket][0]
+            g = dg.graph(bucket, 128)
             load = _call_us(lambda: dg._load(ids, meta, bucket))
             call = _call_us(g.replay)
             print(f"decode step B={B}: _load {load:.1f} us, launch call {call:.1f} us; step_host alone "

@@ -159,7 +159,8 @@ def test_serving_engine_decodes_greedy_chunks(models, monkeypatch):
         fast.enable_cuda_graphs(eng.cache, prefill=False)
         if chunk > 1:       # as `ftmoe serve` does at start-up: every bucket up to max_num_seqs first
             assert fast.graphs.capture_upto(3, greedy=True) == [1, 2, 4]
-            assert sorted(fast.graphs.graphs) == [1, 2, 4] and sorted(fast.graphs.greedy) == [(1, False), (2, False), (4, False)]
+            assert sorted(fast.graphs.graphs) == [1, 2, 4]
+            assert {k[:2] for k in fast.graphs.greedy} == {(1, False), (2, False), (4, False)}   # (+ short contexts')
         calls, continued = [], []
         real = fast.graphs.greedy_chunk_start
 
@@ -515,7 +516,11 @@ def test_pdl_launch_arguments(monkeypatch):
     assert pdl.launch_kwargs(torch.zeros(1)) == {}
     monkeypatch.setattr(pdl, "MAX_ROWS", 16)
     monkeypatch.setattr(pdl, "EXIT_MAX_ROWS", 256)
-    assert [pdl.mode_for(r) for r in (1, 16, 17, 256, 257)] == [pdl.EARLY] * 2 + [pdl.AT_EXIT] * 2 + [pdl.OFF]
+    monkeypatch.setattr(pdl, "EARLY_ALSO", (33, 64))
+    assert [pdl.mode_for(r) for r in (1, 16, 17, 32, 33, 64, 65, 256, 257)] == \
+        [pdl.EARLY] * 2 + [pdl.AT_EXIT] * 2 + [pdl.EARLY] * 2 + [pdl.AT_EXIT] * 2 + [pdl.OFF]
+    monkeypatch.setattr(pdl, "EARLY_ALSO", None)
+    assert pdl.mode_for(64) == pdl.AT_EXIT
     import triton
 
     newer = tuple(int(x) for x in triton.__version__.split(".")[:2]) >= (3, 3)
@@ -584,6 +589,7 @@ def test_pdl_graph_replay_equals_plain_launches(models, monkeypatch, B, gemv):
         monkeypatch.setenv("FTMOE_PDL", "0" if flag == "0" else "1")
         if flag == "exit":
             monkeypatch.setattr(pdl, "MAX_ROWS", 0)
+            monkeypatch.setattr(pdl, "EARLY_ALSO", None)
             monkeypatch.setattr(pdl, "EXIT_MAX_ROWS", 4096)
         pdl._enabled.cache_clear()
         cache = KVCache.for_model(ref.config, 512, block_size=8, dtype=torch.float32, device=DEV)
@@ -731,3 +737,76 @@ def test_gemv_decode_equals_tuned_dense_path(models, monkeypatch):
     assert out["feed"][3] == out["1"][3]
     for i in range(3):
         assert torch.equal(out["feed"][i], out["1"][i])
+
+
+def test_short_context_graphs(models, monkeypatch):
+    """Decode graphs of buckets whose attention runs in one pass for short contexts
+    (`attention.one_pass_differs`) keep a step graph and a greedy-chunk graph per context limit of
+    `attention.ONE_PASS_TILES`, on the same inputs: a step from the host replays the smallest limit
+    that every row is within (a chunk: up to its last step), the split graph past them; logits
+    equal the reference's either way, and a chunk's tokens equal single steps'."""
+    from ftmoe.cuda_graphs import DecodeGraphs
+    from ftmoe.kernels import attention
+
+    monkeypatch.delenv("FTMOE_ATTN_SPLIT", raising=False)   # the default rule (the CPU fixture forces 2 splits)
+    monkeypatch.setattr(attention, "ONE_PASS_TILES", ((5, 8), (6, 16)))
+    kernels = []                                            # per step on the CPU: split (S) or one pass (its tile)
+    real_split, real_one = attention._split_partials, attention._decode_attention_kernel
+    monkeypatch.setattr(attention, "_split_partials", lambda *a, **k: kernels.append("S") or real_split(*a, **k))
+
+    class OnePass:
+        def __getitem__(self, grid):
+            def launch(*a, **k):
+                kernels.append(k["BLOCK_N"])
+                return real_one[grid](*a, **k)
+            return launch
+    monkeypatch.setattr(attention, "_decode_attention_kernel", OnePass())
+    ref, fast = models
+    lens, steps = [3, 5], 4                     # the longest row caches 5, 6, 7, 8 tokens before each step
+    g = torch.Generator().manual_seed(17)
+    seqs = [torch.randint(0, ref.config.vocab_size, (n + steps,), generator=g) for n in lens]
+    full = [ref(s[None].to(DEV))[0] for s in seqs]
+    prompt = torch.zeros(2, max(lens), dtype=torch.long)
+    for i, n in enumerate(lens):
+        prompt[i, :n] = seqs[i][:n]
+    rows = [0, 1]
+
+    def setup():
+        cache = KVCache.for_model(ref.config, 256, block_size=4, dtype=torch.float32, device=DEV)
+        cache.meta_device = "cpu"
+        for q in rows:
+            cache.add(q)
+        first = fast(prompt.to(DEV), cache.prepare(rows, lens).to(DEV), cache, last_only=True).argmax(-1).cpu()
+        return cache, DecodeGraphs(fast, cache, max_blocks_per_seq=8, buckets=(2,)), first
+
+    cache, graphs, _ = setup()
+    graphs.capture(2)
+    assert graphs.has_short(2) and set(graphs.short) == {(2, 5), (2, 6)}
+    replayed = []
+    real_replay = graphs._replay
+    monkeypatch.setattr(graphs, "_replay", lambda b, B, short=0: replayed.append(short) or real_replay(b, B, short))
+    for step in range(steps):
+        meta = cache.prepare(rows, [1, 1])
+        kernels.clear()
+        tok = torch.stack([s[n + step] for s, n in zip(seqs, lens)])[:, None]
+        out = graphs.step_host(tok, meta)
+        for i, n in enumerate(lens):
+            assert rel(out[i], full[i][n + step]) < 1e-4, (i, step)
+        if DEV == "cpu":                        # eager: this step's attention kernels
+            assert set(kernels) == [{8}, {16}, {"S"}, {"S"}][step], (step, kernels)
+    assert replayed == [5, 6, 0, 0]
+    got = {}
+    for mode in ("chunk", "steps"):
+        cache, graphs, first = setup()
+        if mode == "chunk":    # 2 steps (the last at 6 cached tokens: limit 6), then 2 more (7, 8: split)
+            c1 = graphs.greedy_chunk_start(first, cache.prepare_chunk(rows, 2), 2)
+            c2 = graphs.greedy_chunk_start(None, cache.prepare_chunk(rows, 2), 2, after=c1)
+            assert set(graphs.greedy) == {(2, False, 6), (2, False, 0)}
+            got[mode] = torch.cat([graphs.greedy_chunk_result(c1)[0], graphs.greedy_chunk_result(c2)[0]])
+        else:
+            tok, toks = first, []
+            for _ in range(steps):
+                tok = graphs.step_host(tok, cache.prepare(rows, [1, 1])).argmax(-1).cpu()
+                toks.append(tok)
+            got[mode] = torch.stack(toks)
+    assert torch.equal(got["chunk"], got["steps"])

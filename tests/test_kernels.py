@@ -302,18 +302,24 @@ def test_decode_attention_sums_qkv_partials(gen, dtype, ctx, splits, parts):
 
 
 def test_attention_splits_choice(monkeypatch):
-    """Up to SPLIT_MAX_PROGRAMS (row, head) programs split the context; FTMOE_ATTN_SPLIT forces a
-    count (0 = one pass) and a bad value is an error naming the variable."""
+    """Up to SPLIT_MAX_PROGRAMS (row, head) programs split the context, except short contexts up to
+    ONE_PASS_MAX_PROGRAMS; FTMOE_ATTN_SPLIT forces a count (0 = one pass) and a bad value is an
+    error naming the variable."""
     from ftmoe.kernels import attention
 
     monkeypatch.delenv("FTMOE_ATTN_SPLIT", raising=False)
     S = attention.SPLITS
     assert S > 1
     assert [attention.num_splits(p) for p in (1, 16, 256, 257, 4096)] == [S, S, S, 1, 1]
+    one, (c1, t1), (c2, t2) = attention.ONE_PASS_MAX_PROGRAMS, *attention.ONE_PASS_TILES   # short contexts
+    assert [attention.one_pass_tile(p, c1) for p in (1, one, one + 1)] == [t1, t1, None]
+    assert [attention.one_pass_tile(16, c) for c in (0, c1, c1 + 1, c2, c2 + 1, None)] == [t1, t1, t2, t2, None, None]
+    assert [attention.one_pass_differs(p) for p in (1, one, one + 1, 4096)] == [True, True, False, False]
     monkeypatch.setenv("FTMOE_ATTN_SPLIT", "0")
     assert attention.num_splits(16) == 1
     monkeypatch.setenv("FTMOE_ATTN_SPLIT", "4")
-    assert attention.num_splits(4096) == 4
+    assert attention.num_splits(4096) == 4 and attention.one_pass_tile(1, 1) is None
+    assert not attention.one_pass_differs(1)          # forced: the same kernels whatever the context
     monkeypatch.setenv("FTMOE_ATTN_SPLIT", "many")
     with pytest.raises(ValueError, match="FTMOE_ATTN_SPLIT"):
         attention.num_splits(16)

@@ -10,7 +10,9 @@ S programs (flash-decoding): each writes its block range's (max, sum, weighted V
 partial, and a second kernel, one program per (row, head), merges the S partials with the new
 token, writes the output and stores the new K/V. A one-program-per-row pass is a chain of
 dependent loads over the whole context in one SM (~10 us at batch 1 on an H200 whatever the
-context up to 128); the split shortens each chain S-fold.
+context up to 128); the split shortens each chain S-fold. A step whose contexts are all short
+(`max_ctx`: one tile of ONE_PASS_TILES, loaded before the PDL wait) runs in one pass up to
+ONE_PASS_MAX_PROGRAMS programs: one kernel instead of two.
 """
 from __future__ import annotations
 
@@ -218,7 +220,8 @@ def launch_config(programs: int) -> tuple[int, int]:
     x1.010 at 32 (benchmarks/results/2026-12-07-h100-round33.txt). Past 2048 programs (batches
     above 128) 16-token tiles: x0.991 at 256 (twice), x0.989 at 512, x0.995 at 1024 against
     (32, 1); x1.002 at 128, so 2048 programs keep (32, 1); (16, 2) x1.015-1.025
-    (benchmarks/results/2026-12-07-h100-round38.txt)
+    (benchmarks/results/2026-12-07-h100-round38.txt). A short-context step's one pass takes its
+    tile from `one_pass_tile` instead.
     FTMOE_ATTN_LAUNCH=FROM:BLOCK_NxWARPS (read at each call, i.e. at graph capture) uses that
     config from FROM programs on, for `scripts/ab_decode.py`'s A/B of the rule."""
     forced = os.environ.get("FTMOE_ATTN_LAUNCH")
@@ -247,10 +250,22 @@ def launch_config(programs: int) -> tuple[int, int]:
 #: (benchmarks/results/2026-11-28-h200-attn-split.txt)
 SPLIT_MAX_PROGRAMS = 256
 SPLITS = 8
+#: a short-context step of at most ONE_PASS_MAX_PROGRAMS (row, head) programs (batches 1-8 at 16
+#: heads), whose rows all have at most C cached tokens (which the caller knows: the decode graphs
+#: read the lengths on the host), runs in one pass, one kernel, on one [BLOCK_N, D] tile of 8 warps
+#: loaded before the PDL wait: (C, BLOCK_N) in ONE_PASS_TILES. Whole decode steps on an H100 against
+#: the 8-way split (scripts/ab_decode.py, 2026-12-07, one process; benchmarks/results/
+#: 2026-12-07-h100-round41.txt to -round43.txt): at context 128, (128, 8) x0.984 / 0.988 / 0.993 at
+#: batch 1, 0.979 / 0.978 / 0.980 at 2, 0.988 / 0.985 / 0.982 at 4, 0.999 / 0.995 / 0.994 at 8 (three
+#: runs), x1.018 at 16; (256, 8) there x1.04-1.06. At 144, (256, 8) x0.993 / 0.980 / 0.964 / 0.985
+#: at 1 / 2 / 4 / 8 ((128, 8): x1.016-1.047); at 256, x1.013 / 0.985 / 0.973 / 0.987
+ONE_PASS_MAX_PROGRAMS = 128
+ONE_PASS_TILES = ((128, 128), (256, 256))
+ONE_PASS_MAX_CONTEXT = ONE_PASS_TILES[-1][0]
 
 
 def num_splits(programs: int) -> int:
-    """Context splits per (row, head) for B x heads = `programs`."""
+    """Context splits per (row, head) for B x heads = `programs` (a step of any context)."""
     forced = os.environ.get("FTMOE_ATTN_SPLIT")
     if forced is not None:
         if not forced.isdigit():
@@ -259,16 +274,37 @@ def num_splits(programs: int) -> int:
     return SPLITS if programs <= SPLIT_MAX_PROGRAMS else 1
 
 
+def one_pass_tile(programs: int, max_ctx: int | None) -> int | None:
+    """BLOCK_N of the one pass of a step of `programs` (row, head) programs whose rows have at
+    most max_ctx cached tokens (`ONE_PASS_TILES`), or None where the step takes `num_splits`'
+    rule (max_ctx None: not known; too many programs or tokens; FTMOE_ATTN_SPLIT set)."""
+    if max_ctx is None or programs > ONE_PASS_MAX_PROGRAMS or os.environ.get("FTMOE_ATTN_SPLIT") is not None:
+        return None
+    return next((bn for limit, bn in ONE_PASS_TILES if max_ctx <= limit), None)
+
+
+def one_pass_differs(programs: int) -> bool:
+    """Whether short-context steps of `programs` (row, head) programs launch other attention
+    kernels than steps of any context (the decode graphs then keep short-context graphs too)."""
+    return one_pass_tile(programs, 0) is not None and num_splits(programs) > 1
+
+
 def decode_attention(qkv: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_tables: torch.Tensor,
                      context_lens: torch.Tensor, slots: torch.Tensor, scale: float,
                      out: torch.Tensor | None = None, block_n: int | None = None,
-                     num_warps: int | None = None, splits: int | None = None) -> torch.Tensor:
+                     num_warps: int | None = None, splits: int | None = None,
+                     max_ctx: int | None = None) -> torch.Tensor:
     """qkv [B, 3, h, D], or the QKV GEMV's fp32 split-K partials [P, B, 3, h, D] (summed and
     rounded to the cache's dtype as they are loaded; ctx then in the cache's dtype).
-    splits: context splits per (row, head) (default `num_splits`; 1 = one pass per row)."""
+    splits: context splits per (row, head) (default `num_splits`; 1 = one pass per row).
+    max_ctx: no row has more cached tokens (the caller knows; None: any), for the one pass of
+    short contexts (`one_pass_tile`; a longer row is still served correctly, only slower)."""
     B, h, D, parts = _qkv_shape(qkv, k_cache)
     o = out if out is not None else torch.empty(B, h, D, dtype=k_cache.dtype if parts else qkv.dtype,
                                                 device=qkv.device)
+    tile = one_pass_tile(B * h, max_ctx) if splits is None and block_n is None else None
+    if tile is not None:
+        splits, block_n, num_warps = 1, tile, num_warps or 8
     # more splits than the table has blocks per row would always be empty
     splits = splits or min(num_splits(B * h), block_tables.shape[1])
     strides = _strides(qkv, k_cache)

@@ -22,8 +22,8 @@ Measured on H200s (2026-11-28, decode steps replayed from graphs, `ftmoe bench` 
 without FTMOE_PDL=0; `benchmarks/results/2026-11-28-h200-pdl-and-gate-ab.txt`): batch 1
 0.982 -> 0.853 ms, batch 8 1.276 -> 1.217, batch 16 1.800 -> 1.728, batch 32 2.123 -> 2.134 and
 batch 64 2.612 -> 2.606 (another run: 2.519 -> 2.658), batch 256 4.208 -> 4.354 ms. So the model
-turns it on for steps of at most `MAX_ROWS` rows only (`FastGPTMoE` wraps each step in
-`allowed(rows <= MAX_ROWS)`).
+turns the early trigger on for steps of at most `MAX_ROWS` rows and of the `EARLY_ALSO` range
+only (`mode_for`; `FastGPTMoE` wraps each step in `allowed(mode_for(rows))`).
 """
 from __future__ import annotations
 
@@ -59,6 +59,12 @@ def pdl_start(USE_PDL: tl.constexpr):
 #: steps of at most this many rows launch with the early trigger (it cost time at batch 64);
 #: FTMOE_PDL_MAX_ROWS overrides it (read at import)
 MAX_ROWS = int(os.environ.get("FTMOE_PDL_MAX_ROWS", "16"))
+#: steps of LO..HI rows launch with the early trigger too (None: none): the decode bucket of 64
+#: rows. Whole decode steps on one H100 (2026-12-07, scripts/ab_decode.py, one process) against
+#: the trigger at exit: x0.978 / 0.982 / 0.980 at 64 rows (three runs; the base repeated x0.996 /
+#: 1.000), where 32 rows measured x1.004 / 1.013 / 1.012 and 128 x1.027
+#: (benchmarks/results/2026-12-07-h100-round41.txt to -round43.txt)
+EARLY_ALSO: tuple[int, int] | None = (33, 64)
 #: larger steps of at most this many rows launch with the trigger at exit (0: none; every decode
 #: bucket by default). Whole decode steps on an H200 against no PDL (scripts/ab_decode.py, sixth
 #: session): -0.6 % at batch 32, -0.7 % at 64, -0.5 % at 128 and 256, where the early trigger
@@ -83,7 +89,7 @@ def feed_on() -> bool:
 
 def mode_for(rows: int) -> int:
     """The launch mode of a step of `rows` rows."""
-    if rows <= MAX_ROWS:
+    if rows <= MAX_ROWS or (EARLY_ALSO is not None and EARLY_ALSO[0] <= rows <= EARLY_ALSO[1]):
         return EARLY
     return AT_EXIT if rows <= EXIT_MAX_ROWS else OFF
 
