@@ -319,13 +319,16 @@ class DecodeGraphs:
         its logits (first index on ties, as the host's greedy), optionally their log-softmax, the
         tokens fed back and every live row moved one position on, in one kernel.
         It shares the bucket's static inputs; they are set to padding first, because the
-        warm-up steps run on whatever they hold (padding rows read and write no cache).
+        warm-up steps run on whatever they hold (padding rows read and write no cache), and put
+        back after (a chunk that continues the last one on the device, into a graph captured
+        only now, reads the ids that chunk fed back).
         short: the step of the short-context graphs of that context limit (`short_limit`)."""
         key = (B, logprobs, short)
         if key in self.greedy:
             return
         self.capture(B)
         s = self.graphs[B][1]
+        kept = s["packed"].clone()     # the inputs as they are (a chunk continued on the device reads its ids)
         s["slots"].fill_(-1)
         s["ctx"].zero_()
         dev = self.fast.device
@@ -343,6 +346,7 @@ class DecodeGraphs:
             self.greedy[key] = (None, run, toks, lps)
             return
         g, _ = _capture(run, self.pool, warmups=2)
+        s["packed"].copy_(kept)        # the warm-ups fed their own tokens back
         self.greedy[key] = (g, None, toks, lps)
 
     @torch.inference_mode()

@@ -7,6 +7,7 @@
 #    and under it at 64: attention's first K/V tile before the wait (preload=1), its (64, 1) and
 #    (16, 1) tiles, the gate in the LN2 kernel (lngate=1) and on cuBLAS;
 # 4. bench v23 (`ftmoe bench --prefill-graphs --no-latency`).
+# Ran once (nineteenth session, 2026-12-07, one H100): benchmarks/results/2026-12-07-h100-round44.txt.
 # Usage: OUT=dir bash scripts/gpu_round44.sh
 set -u
 OUT=${OUT:-/tmp/ftmoe_out}
