@@ -343,6 +343,7 @@ class DecodeGraphs:
             return toks
 
         if dev.type != "cuda":
+            s["packed"].copy_(kept)
             self.greedy[key] = (None, run, toks, lps)
             return
         g, _ = _capture(run, self.pool, warmups=2)

@@ -810,3 +810,21 @@ def test_short_context_graphs(models, monkeypatch):
                 toks.append(tok)
             got[mode] = torch.stack(toks)
     assert torch.equal(got["chunk"], got["steps"])
+
+
+def test_greedy_capture_keeps_the_static_inputs(models):
+    """Capturing a bucket's greedy-chunk graph (its warm-up steps run on padding and feed their
+    tokens back) leaves the bucket's static inputs as they were: a chunk continued on the device
+    into a graph captured only then reads the ids the last chunk fed back."""
+    from ftmoe.cuda_graphs import DecodeGraphs
+
+    ref, fast = models
+    cache = KVCache.for_model(ref.config, 64, block_size=4, dtype=torch.float32, device=DEV)
+    graphs = DecodeGraphs(fast, cache, max_blocks_per_seq=4, buckets=(2,))
+    graphs.capture(2)
+    packed = graphs.graphs[2][1]["packed"]
+    with torch.inference_mode():                 # (the graphs' buffers are inference tensors)
+        packed.copy_(torch.randint(0, 16, packed.shape, generator=torch.Generator().manual_seed(3)).to(packed))
+        before = packed.clone()
+    graphs.capture_greedy(2, False)
+    assert (2, False, 0) in graphs.greedy and torch.equal(packed, before)
