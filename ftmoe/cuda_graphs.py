@@ -208,7 +208,7 @@ class DecodeGraphs:
         max_ctx: the longest row's cached tokens where the caller knows it (a short-context graph
         may then serve: `short_limit`); None: the graph for any context."""
         B = ids.shape[0]
-        bucket, (g, s, out) = self._bucket(B, min_rows)
+        bucket, (_, s, _) = self._bucket(B, min_rows)
         self._last_chunk = None
         self._host_buffer(s, fresh=False)        # fetch mode: the replay keeps these device inputs
         s["ids"][:B].copy_(ids)
@@ -228,18 +228,18 @@ class DecodeGraphs:
         the bucket's static inputs and reach the GPU in one copy (no per-field copies, casts or
         fills on the device), then the graph replays. Padding rows get slot -1 and context 0."""
         B = meta.positions.shape[0]
-        bucket, (g, s, out) = self._bucket(B, 0)
+        bucket, (_, s, _) = self._bucket(B, 0)
         views = self._host_buffer(s, fresh=True)
         if views is None:
             self._load(ids, meta, bucket)
         else:                                    # fetch mode: the graph's first kernel reads them
             self._check_meta(meta)
             self._pack(views, ids, meta, bucket)
-        return self._replay(bucket, B, self.short_limit(bucket, self._max_ctx(meta)))
+        return self._replay(bucket, B, self.short_limit(bucket, self.max_ctx(meta)))
 
     @staticmethod
-    def _max_ctx(meta: AttnMetadata) -> int:
-        """The longest row's cached tokens (metadata on the host)."""
+    def max_ctx(meta: AttnMetadata) -> int:
+        """The longest row's cached tokens (metadata on the host): what `short_limit` takes."""
         return int(meta.context_lens.numpy().max()) if meta.context_lens.numel() else 0
 
     def _load(self, ids: torch.Tensor | None, meta: AttnMetadata, bucket: int) -> None:
@@ -377,7 +377,7 @@ class DecodeGraphs:
         elif ids is None:
             raise ValueError("a greedy chunk needs token ids unless it continues the last chunk")
         self.capture(bucket)
-        short = self.short_limit(bucket, self._max_ctx(meta), steps)
+        short = self.short_limit(bucket, self.max_ctx(meta), steps)
         self.capture_greedy(bucket, logprobs, short)
         g, run, toks, lps = self.greedy[(bucket, logprobs, short)]
         self._load(None if after is not None else ids, meta, bucket)

@@ -68,10 +68,10 @@ class StepRig:
         with self._tables(table, record):
             dg.capture(B)
             dg.step_host(*self.inputs[B])                 # fills the static inputs; runs the step once
-        g, s, _ = dg.graphs[B]
-        short = dg.short_limit(B, self.ctx)        # the graph the engine replays at this context
+        g = dg.graph(B, self.ctx)                  # the graph the engine replays at this context
         if g is not None:
-            return dg.graph(B, self.ctx).replay
+            return g.replay
+        s, short = dg.graphs[B][1], dg.short_limit(B, self.ctx)
 
         def eager():
             with self._tables(table, None):

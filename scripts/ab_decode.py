@@ -139,7 +139,7 @@ def _time_replays(dg: DecodeGraphs, B: int, inputs, iters: int, synced: str | No
     host's launch work is inside; median). synced "host": ids and metadata from the host in one
     copy (`step_host`, the engine's path); "device": device tensors copied field by field (`step`)."""
     ids, meta = inputs
-    max_ctx = int(meta.context_lens.max())
+    max_ctx = dg.max_ctx(meta)
     g = dg.graph(B, max_ctx)          # the graph a step from the host replays at this context
     dev = dg.fast.device
     dev_args = (ids.to(dev)[:, 0], *(t.to(dev) for t in (

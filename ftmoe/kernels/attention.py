@@ -261,7 +261,6 @@ SPLITS = 8
 #: at 1 / 2 / 4 / 8 ((128, 8): x1.016-1.047); at 256, x1.013 / 0.985 / 0.973 / 0.987
 ONE_PASS_MAX_PROGRAMS = 128
 ONE_PASS_TILES = ((128, 128), (256, 256))
-ONE_PASS_MAX_CONTEXT = ONE_PASS_TILES[-1][0]
 
 
 def num_splits(programs: int) -> int:
