@@ -255,7 +255,7 @@ class FastGPTMoE:
             out = torch.zeros(*((split_k,) if split_k > 1 else ()), S, self.H, device=u.device,
                               dtype=torch.float32 if split_k > 1 else u.dtype)
         return fused_moe(h, L["w2"], b2, S, topk=k, routing=routing, probs=probs, a_per_slot=True,
-                         mul_prob=True, config=c2, split_k=split_k, out=out)
+                         mul_prob=True, config=c2, split_k=split_k, out=out, routing_ready=True)
 
     def _ln2_moe_ep(self, L: dict, res: torch.Tensor, o: torch.Tensor, real: torch.Tensor, li: int):
         """The MoE layer under expert parallelism, with fixed shapes (graph-capturable, no host sync).

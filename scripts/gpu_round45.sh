@@ -1,17 +1,26 @@
 #!/usr/bin/env bash
-# Nineteenth session's last GPU call (issue 3; ~3 min), outputs into $OUT: 1. the GPU tests of the
-# short-context graphs and greedy chunks (round 44's run of them timed out after one failure:
-# a chunk continued on the device into a greedy graph captured only then read the ids its
-# warm-ups had fed back; the static inputs are now put back after a capture); 2. bench v24.
-# Not yet run (the session's device time ran out): the first GPU call of the next session.
+# Twentieth session's first GPU call (issue 3; ~6 min), outputs in $OUT/round45.tgz:
+# 1. the GPU tests of the short-context graphs and greedy chunks (round 44's run of them stopped
+#    at one failure: a chunk continued on the device into a greedy graph captured only then read
+#    the ids its warm-ups had fed back; the static inputs are now put back after a capture), and
+#    of the fused-MoE weight preload (bit-equal to the plain kernel);
+# 2. batch 64 under the early PDL trigger: attention's (64, 1) tiles and its first K/V tile
+#    before the wait, each measured once in round 44 (x0.989, x0.991), alone and together;
+# 3. fused-MoE launches loading their first weight tile before the PDL wait (moepreload=1:
+#    dense GEMMs and the experts' second GEMM) at 32-256 rows, where the GEMV path does not run;
+# 4. bench v24 (`ftmoe bench --prefill-graphs --no-latency`).
 # Usage: OUT=dir bash scripts/gpu_round45.sh
-set -u
-OUT=${OUT:-/tmp/ftmoe_out}
-export PYTHONPATH=$PWD PYTHONUNBUFFERED=1 TMPDIR=${TMPDIR:-/tmp}
-nvidia-smi -L > "$OUT/gpus.txt" 2>&1
-python3 -c "import pytest" 2>/dev/null || pip install -q --no-index --find-links .gpu_wheels pytest
-timeout 100 python3 -m pytest -q -x -p no:cacheprovider tests/test_fast_model.py \
-    -k "short_context or greedy_chunk" > "$OUT/tests.txt" 2>&1
-echo "[tests rc $? at ${SECONDS}s]"; tail -25 "$OUT/tests.txt" | grep -v "^$"
-timeout 150 python3 -m ftmoe.cli bench --prefill-graphs --no-latency --json "$OUT/bench.json" > "$OUT/bench.txt" 2>&1
-echo "[bench rc $? at ${SECONDS}s]"; grep -E "^(device|decode|prefill)|rror" "$OUT/bench.txt"
+ROUND=round45
+. scripts/gpu_env.sh
+timeout 200 python3 -m pytest -q -x -p no:cacheprovider tests/test_fast_model.py tests/test_kernels.py \
+    -k "short_context or greedy_chunk or fused_moe_preload" > "$W/tests.txt" 2>&1
+echo "[tests rc $? at ${SECONDS}s]"; tail -25 "$W/tests.txt" | grep -v "^$"; save tests
+timeout 150 python3 scripts/ab_decode.py --batches 32,64,128,256 --rounds 7 \
+    --variants base lngate=auto moepreload=1 > "$W/ab_moepre.txt" 2>&1
+echo "[ab moepreload rc $? at ${SECONDS}s]"; grep -E "^B=|rror" "$W/ab_moepre.txt"; save abpre
+timeout 120 python3 scripts/ab_decode.py --batches 64 --rounds 9 \
+    --variants base lngate=auto attnlaunch=513:64x1 preload=1 attnlaunch=513:64x1,preload=1 \
+    > "$W/ab64.txt" 2>&1
+echo "[ab64 rc $? at ${SECONDS}s]"; grep -E "^B=|rror" "$W/ab64.txt"; save ab64
+timeout 200 python3 -m ftmoe.cli bench --prefill-graphs --no-latency --json "$W/bench.json" > "$W/bench.txt" 2>&1
+echo "[bench rc $? at ${SECONDS}s]"; grep -E "^(device|decode|prefill|eager)|rror" "$W/bench.txt"; save bench

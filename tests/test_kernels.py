@@ -20,6 +20,7 @@ if not kernels.available():
 
 from ftmoe.kernels import reference as ref  # noqa: E402
 from ftmoe.kernels.attention import decode_attention, write_kv  # noqa: E402
+from ftmoe.kernels import fused_moe as fused_moe_mod  # noqa: E402
 from ftmoe.kernels.fused_moe import fused_moe  # noqa: E402
 from ftmoe.kernels.norm import add_layernorm, embed_layernorm  # noqa: E402
 from ftmoe.kernels.routing import gate_topk, moe_align, softmax_topk  # noqa: E402
@@ -231,6 +232,56 @@ def test_fused_moe_dense_mode(gen, dtype, m, K, N):
     fused_moe(a, w, bias, m, gelu=True, out=out, config={"BLOCK_M": 16, "BLOCK_N": 64, "BLOCK_K": 64})
     want = ref.gelu_tanh_ref(a.float() @ w[0].float() + bias[0].float())
     assert rel(out, want) < TOL[dtype] * 2
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("mode,n,k,e,split_k", [("dense", 1, 1, 1, 1), ("dense", 33, 1, 1, 3), ("per_slot", 5, 2, 4, 1),
+                                                ("per_slot", 7, 1, 8, 3), ("aligned", 37, 2, 4, 1), ("aligned", 64, 1, 8, 1)])
+def test_fused_moe_preload_equals_plain(gen, monkeypatch, dtype, mode, n, k, e, split_k):
+    """The first weight tile loaded before the PDL wait (FTMOE_MOE_PRELOAD=1) gives the plain
+    kernel's results bit for bit: dense, per-slot (split-K partials too) and aligned second
+    GEMMs, skipped slots (-1) still unwritten; an odd K leaves the first tile partly masked."""
+    K, N = 80, 96
+    probs, ids = _routing(n, k, e, gen)
+    if mode != "dense":
+        ids[::3, 0] = -1
+    w = rnd(e, K, N, dtype=dtype, gen=gen, scale=K ** -0.5)
+    bias = rnd(e, N, dtype=dtype, gen=gen, scale=0.1)
+    a = rnd(n * k, K, dtype=dtype, gen=gen)
+    cfg = {"BLOCK_M": 16, "BLOCK_N": 32, "BLOCK_K": 32}
+    routing = {"dense": None, "per_slot": ids.view(-1), "aligned": moe_align(ids, e, cfg["BLOCK_M"])}[mode]
+    outs = []
+    for v in ("0", "1"):
+        monkeypatch.setenv("FTMOE_MOE_PRELOAD", v)
+        assert fused_moe_mod.preloads(n * k, mode == "dense", True) == (v == "1")
+        shape = (split_k, n * k, N) if split_k > 1 else (n * k, N)
+        out = torch.full(shape, float("nan"), dtype=torch.float32 if split_k > 1 else dtype, device=DEV)
+        fused_moe(a, w, bias, n * k, topk=k, routing=routing, probs=probs, a_per_slot=True, mul_prob=mode != "dense",
+                  out=out, config=cfg, split_k=split_k, routing_ready=True)
+        outs.append(out)
+    assert torch.equal(outs[0].nan_to_num(7.0), outs[1].nan_to_num(7.0))
+    if mode != "dense":
+        skipped = (ids.view(-1) < 0).to(DEV)
+        assert bool(outs[1][..., skipped, :].isnan().all()) and not bool(outs[1][..., ~skipped, :].isnan().any())
+    want = ref.fused_moe_ref(a, w, bias, torch.zeros_like(ids) if mode == "dense" else ids, probs, k,
+                             a_per_slot=True, mul_prob=mode != "dense")
+    got = outs[1].sum(0) if split_k > 1 else outs[1]
+    keep = (ids.view(-1) >= 0).to(DEV)
+    assert rel(got[keep], want[keep]) < TOL[dtype] * 2
+
+
+def test_fused_moe_preload_rule(monkeypatch):
+    """auto: up to PRELOAD_MAX_SLOTS; never for a first GEMM, whose routing the kernel just before writes."""
+    monkeypatch.delenv("FTMOE_MOE_PRELOAD", raising=False)
+    lim = fused_moe_mod.PRELOAD_MAX_SLOTS
+    assert not fused_moe_mod.preloads(lim + 1, True, False) and not fused_moe_mod.preloads(lim + 1, False, True)
+    assert lim == 0 or (fused_moe_mod.preloads(lim, True, False) and fused_moe_mod.preloads(lim, False, True))
+    monkeypatch.setenv("FTMOE_MOE_PRELOAD", "1")
+    assert fused_moe_mod.preloads(4096, True, False) and fused_moe_mod.preloads(4096, False, True)
+    assert not fused_moe_mod.preloads(1, False, False)
+    monkeypatch.setenv("FTMOE_MOE_PRELOAD", "on")
+    with pytest.raises(ValueError, match="FTMOE_MOE_PRELOAD: expected auto, 0 or 1, found 'on'"):
+        fused_moe_mod.preloads(1, True, False)
 
 
 def _decode_case(gen, dtype, ctx: list[int], h: int, D: int, bs: int):

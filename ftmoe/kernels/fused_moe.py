@@ -9,6 +9,13 @@ One launch covers every expert: each program owns one BLOCK_M x BLOCK_N tile of 
 expert's group, so an expert's weights are read once per N-tile per M-block, and experts
 with no tokens cost nothing. `dense=True` is the one-expert case (a plain MLP GEMM with
 the same epilogues) and needs no routing.
+
+Under programmatic dependent launch a program may load its first weight tile before it waits
+for the kernel before (`PRELOAD`): weights are constant, and the expert of a second GEMM comes
+from routing that was complete before the first GEMM passed its own wait (so before this kernel
+could launch); it is read past the L1 (`.cg`), since an earlier layer's kernel on the same SM may
+have cached the buffer. The first GEMM's routing is written by the kernel just before it: it
+never preloads. `FTMOE_MOE_PRELOAD` (auto: off; 0; 1) switches it.
 """
 from __future__ import annotations
 
@@ -16,7 +23,12 @@ import torch
 import triton
 import triton.language as tl
 
+from . import size_switch
 from .pdl import launch_kwargs, pdl_start
+
+#: launches of at most this many slots (rows) load their first weight tile before the PDL wait
+#: where they may (`FTMOE_MOE_PRELOAD`: auto, 0, 1); 0 until measured in whole steps
+PRELOAD_MAX_SLOTS = 0
 
 
 @triton.jit
@@ -33,7 +45,7 @@ def _fused_moe_kernel(A, W, BIAS, C, PROBS, SORTED, BLOCK_EXPERT, NUM_POST,
                       HAS_BIAS: tl.constexpr,
                       GELU: tl.constexpr, MUL_PROB: tl.constexpr, IEEE: tl.constexpr, SPLIT_K: tl.constexpr,
                       BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
-                      USE_PDL: tl.constexpr = False):
+                      PRELOAD: tl.constexpr = False, USE_PDL: tl.constexpr = False):
     pid = tl.program_id(0)
     num_n = tl.cdiv(N, BLOCK_N)
     num_m = tl.num_programs(0) // num_n
@@ -43,8 +55,8 @@ def _fused_moe_kernel(A, W, BIAS, C, PROBS, SORTED, BLOCK_EXPERT, NUM_POST,
     size_m = tl.minimum(num_m - first_m, GROUP_M)
     pid_m = first_m + (pid % (GROUP_M * num_n)) % size_m
     pid_n = (pid % (GROUP_M * num_n)) // size_m
-    pdl_start(USE_PDL)
-
+    if not PRELOAD:
+        pdl_start(USE_PDL)     # the routing may come from the kernel just before: read it after the wait
     skip = False
     if DENSE:
         slots = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -53,16 +65,16 @@ def _fused_moe_kernel(A, W, BIAS, C, PROBS, SORTED, BLOCK_EXPERT, NUM_POST,
         # small batches: program row-block m serves slot m alone (no sorting); rows 1.. are padding
         r = tl.arange(0, BLOCK_M)
         slots = tl.where(r == 0, pid_m, NUM_SLOTS)
-        expert = tl.load(SORTED + pid_m).to(tl.int64)   # SORTED holds the expert id of every slot
+        expert = tl.load(SORTED + pid_m, cache_modifier=".cg").to(tl.int64)   # the expert id of every slot
         # a negative id: the slot belongs to another rank's expert (expert parallelism) or is padding
         slots = tl.where(expert >= 0, slots, NUM_SLOTS)
         skip = expert < 0
         expert = tl.maximum(expert, 0)
     else:
-        if pid_m * BLOCK_M >= tl.load(NUM_POST):
+        if pid_m * BLOCK_M >= tl.load(NUM_POST, cache_modifier=".cg"):
             return
-        slots = tl.load(SORTED + pid_m * BLOCK_M + tl.arange(0, BLOCK_M))
-        expert = tl.load(BLOCK_EXPERT + pid_m).to(tl.int64)
+        slots = tl.load(SORTED + pid_m * BLOCK_M + tl.arange(0, BLOCK_M), cache_modifier=".cg")
+        expert = tl.load(BLOCK_EXPERT + pid_m, cache_modifier=".cg").to(tl.int64)
     smask = slots < NUM_SLOTS
     if A_PER_SLOT:
         rows = slots
@@ -81,7 +93,20 @@ def _fused_moe_kernel(A, W, BIAS, C, PROBS, SORTED, BLOCK_EXPERT, NUM_POST,
     w_ptrs = W + expert * stride_we + (k_lo + offs_k)[:, None] * stride_wk + offs_n[None, :]
     acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
     k_hi = tl.where(skip, k_lo, tl.minimum(K, k_lo + k_per))   # a skipped slot reads no weights
-    for k0 in range(k_lo, k_hi, BLOCK_K):
+    k_start = k_lo
+    if PRELOAD:   # the first weight tile before the wait (none for a skipped slot)
+        kmask = offs_k < k_hi - k_lo
+        w = tl.load(w_ptrs, mask=kmask[:, None] & nmask[None, :], other=0.0)
+        pdl_start(USE_PDL)
+        a = tl.load(a_ptrs, mask=smask[:, None] & kmask[None, :], other=0.0)
+        if IEEE:
+            acc += tl.dot(a, w, input_precision="ieee")
+        else:
+            acc += tl.dot(a, w)
+        a_ptrs += BLOCK_K
+        w_ptrs += BLOCK_K * stride_wk
+        k_start = k_lo + BLOCK_K
+    for k0 in range(k_start, k_hi, BLOCK_K):
         kmask = offs_k < K - k0
         a = tl.load(a_ptrs, mask=smask[:, None] & kmask[None, :], other=0.0)
         w = tl.load(w_ptrs, mask=kmask[:, None] & nmask[None, :], other=0.0)
@@ -105,17 +130,27 @@ def _fused_moe_kernel(A, W, BIAS, C, PROBS, SORTED, BLOCK_EXPERT, NUM_POST,
 DEFAULT_CONFIG = {"BLOCK_M": 16, "BLOCK_N": 64, "BLOCK_K": 64, "GROUP_M": 8, "num_warps": 4, "num_stages": 3}
 
 
+def preloads(num_slots: int, dense: bool, routing_ready: bool) -> bool:
+    """Whether a launch loads its first weight tile before its PDL wait: a dense GEMM or one whose
+    routing was ready before the kernel just before it, of at most PRELOAD_MAX_SLOTS slots
+    (`FTMOE_MOE_PRELOAD`: auto, 0 never, 1 always where it may)."""
+    return (dense or routing_ready) and size_switch("FTMOE_MOE_PRELOAD", num_slots, PRELOAD_MAX_SLOTS)
+
+
 def fused_moe(a: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None, num_slots: int, *,
               topk: int = 1, routing=None, probs: torch.Tensor | None = None, a_per_slot: bool = False,
               gelu: bool = False, mul_prob: bool = False, out: torch.Tensor | None = None,
-              config: dict | None = None, split_k: int = 1) -> torch.Tensor:
+              config: dict | None = None, split_k: int = 1, routing_ready: bool = False) -> torch.Tensor:
     """c [num_slots, N]. `routing` = (sorted_slots, block_expert, num_post) from moe_align with
     the same BLOCK_M as `config`; or an int32 tensor of expert ids [num_slots] (small batches: one
     program row per slot, no sorting); None means dense (one expert, slot = row).
     Slots with a negative expert id (both routed modes) are skipped: their rows of c are not
     written (pass a zeroed `out` where they must read as zeros).
     split_k > 1 (small batches, long K): returns fp32 partials [split_k, num_slots, N] whose sum
-    is the result (summed deterministically by the consumer, `add_layernorm`)."""
+    is the result (summed deterministically by the consumer, `add_layernorm`).
+    routing_ready: the routing was complete before the kernel just before this one started (the
+    second GEMM's): with the dense case, this launch may load its first weight tile before its
+    PDL wait (`PRELOAD_MAX_SLOTS`)."""
     cfg = dict(DEFAULT_CONFIG, **(config or {}))
     E, K, N = w.shape
     assert a.shape[1] == K
@@ -144,5 +179,6 @@ def fused_moe(a: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None, num_s
         c.stride(-2), c.stride(0) if split_k > 1 else 0, TOPK=topk, A_PER_SLOT=a_per_slot, DENSE=dense, PER_SLOT=per_slot, HAS_BIAS=bias is not None, GELU=gelu,
         MUL_PROB=mul_prob, IEEE=a.dtype == torch.float32, SPLIT_K=split_k, BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], BLOCK_K=cfg["BLOCK_K"],
         GROUP_M=cfg["GROUP_M"], num_warps=cfg["num_warps"],
+        PRELOAD=preloads(num_slots, dense, routing_ready),
         num_stages=cfg["num_stages"], **launch_kwargs(a))
     return c
