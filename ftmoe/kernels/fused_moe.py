@@ -39,6 +39,14 @@ def _gelu_tanh(x):
 
 
 @triton.jit
+def _mma(acc, a, w, IEEE: tl.constexpr):
+    """acc + a @ w in fp32 (fp32 inputs in IEEE precision: no silent tf32)."""
+    if IEEE:
+        return acc + tl.dot(a, w, input_precision="ieee")
+    return acc + tl.dot(a, w)
+
+
+@triton.jit
 def _fused_moe_kernel(A, W, BIAS, C, PROBS, SORTED, BLOCK_EXPERT, NUM_POST,
                       N, K, NUM_SLOTS, stride_am, stride_we, stride_wk, stride_be, stride_cm, stride_cs,
                       TOPK: tl.constexpr, A_PER_SLOT: tl.constexpr, DENSE: tl.constexpr, PER_SLOT: tl.constexpr,
@@ -98,11 +106,7 @@ def _fused_moe_kernel(A, W, BIAS, C, PROBS, SORTED, BLOCK_EXPERT, NUM_POST,
         kmask = offs_k < k_hi - k_lo
         w = tl.load(w_ptrs, mask=kmask[:, None] & nmask[None, :], other=0.0)
         pdl_start(USE_PDL)
-        a = tl.load(a_ptrs, mask=smask[:, None] & kmask[None, :], other=0.0)
-        if IEEE:
-            acc += tl.dot(a, w, input_precision="ieee")
-        else:
-            acc += tl.dot(a, w)
+        acc = _mma(acc, tl.load(a_ptrs, mask=smask[:, None] & kmask[None, :], other=0.0), w, IEEE)
         a_ptrs += BLOCK_K
         w_ptrs += BLOCK_K * stride_wk
         k_start = k_lo + BLOCK_K
@@ -110,10 +114,7 @@ def _fused_moe_kernel(A, W, BIAS, C, PROBS, SORTED, BLOCK_EXPERT, NUM_POST,
         kmask = offs_k < K - k0
         a = tl.load(a_ptrs, mask=smask[:, None] & kmask[None, :], other=0.0)
         w = tl.load(w_ptrs, mask=kmask[:, None] & nmask[None, :], other=0.0)
-        if IEEE:
-            acc += tl.dot(a, w, input_precision="ieee")   # fp32 inputs: no silent tf32
-        else:
-            acc += tl.dot(a, w)
+        acc = _mma(acc, a, w, IEEE)
         a_ptrs += BLOCK_K
         w_ptrs += BLOCK_K * stride_wk
     if HAS_BIAS:  # once, in the first K split
