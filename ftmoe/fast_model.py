@@ -31,7 +31,7 @@ from .kernels.configs import get_config, get_dense_choice
 from .kernels.fused_moe import fused_moe
 from .kernels.gemv import MAX_ROWS as GEMV_ROWS, experts_fit, gemv, gemv_experts, tma_eligible, tma_on
 from .kernels.norm import add_layernorm, add_layernorm_gate, embed_layernorm
-from .kernels.routing import gate_topk, ln_gate, moe_align, softmax_topk
+from .kernels.routing import gate_logits, gate_topk, ln_gate, moe_align, softmax_topk_align
 from .kv_cache import AttnMetadata, KVCache
 from .model import GPTMoE
 
@@ -214,22 +214,29 @@ class FastGPTMoE:
         if ln_gate(res.shape[0]):     # few rows: the gate logits from the LN kernel, then the top-k kernel
             res, u, logits = add_layernorm_gate(res, L["ln2"].weight, L["ln2"].bias, eps, L["wg32"], add=o,
                                                 add_bias=L["bo"])
-            probs, ids = softmax_topk(logits, L["k"], slots=slots)
         else:
             res, u, u32 = add_layernorm(res, L["ln2"].weight, L["ln2"].bias, eps, add=o, add_bias=L["bo"],
                                         want_fp32=True)
-            probs, ids = gate_topk(u32, L["wg32"], L["k"], slots=slots)   # fp32 gate GEMM (no TF32) + top-k
+            logits = gate_logits(u32, L["wg32"])         # fp32 gate GEMM (no TF32)
+        probs, ids, routing = softmax_topk_align(logits, L["k"], self._align_m(L, u.shape[0]), slots=slots)
         if self.trace is not None:
             self.trace.append(ids)
-        y = self._experts(L, u, probs, ids, split_k_ok=True, zero_out=zero_padding, use_gemv=use_gemv)
+        y = self._experts(L, u, probs, ids, split_k_ok=True, zero_out=zero_padding, use_gemv=use_gemv,
+                          routing=routing)
         return res, self.par.tp_all_reduce(y), None          # [split_k,] N*k rows: the next add_layernorm sums partials and slots
 
+    def _align_m(self, L: dict, rows: int) -> int | None:
+        """The BLOCK_M to which `_experts` aligns the slots of `rows` rows; None: per-slot routing."""
+        S = rows * L["k"]
+        return None if S <= SMALL_BATCH_SLOTS else self._cfg(L["w1"].shape[0], L["w1"].shape[2], self.H, S)["BLOCK_M"]
+
     def _experts(self, L: dict, u: torch.Tensor, probs: torch.Tensor, ids: torch.Tensor, split_k_ok: bool,
-                 zero_out: bool, use_gemv: bool = False) -> torch.Tensor:
+                 zero_out: bool, use_gemv: bool = False, routing=None) -> torch.Tensor:
         """gelu(u W1 + b1) W2 (+ b2 on TP rank 0) x prob for each routed slot of u's rows: [N*k, H], or
         fp32 split-K partials [S, N*k, H] for small batches when split_k_ok. ids are indices into
         this rank's experts; slots with id -1 read no weights and stay unwritten (zeros with zero_out).
-        use_gemv (a decode step on the GEMV path): few slots run on `gemv_experts` (partials out)."""
+        use_gemv (a decode step on the GEMV path): few slots run on `gemv_experts` (partials out).
+        routing: `moe_align(ids, E, self._align_m(L, rows))` if already computed (aligned slots only)."""
         k, E, F = L["k"], L["w1"].shape[0], L["w1"].shape[2]
         S = u.shape[0] * k
         b2 = L["b2"] if self.par.t == 0 else None       # b2 once: only TP rank 0 adds it before the reduce
@@ -248,7 +255,8 @@ class FastGPTMoE:
                 split_k = small_batch_split_k(self.H, F)  # W2 has few N tiles: spread K over programs
         else:
             c2 = dict(c2, BLOCK_M=c1["BLOCK_M"])         # both GEMMs share one alignment
-            routing = moe_align(ids, E, c1["BLOCK_M"])
+            if routing is None:
+                routing = moe_align(ids, E, c1["BLOCK_M"])
         h = fused_moe(u, L["w1"], L["b1"], S, topk=k, routing=routing, gelu=True, config=c1)
         out = None
         if zero_out:

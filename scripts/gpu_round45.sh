@@ -8,18 +8,20 @@
 #    before the wait, each measured once in round 44 (x0.989, x0.991), alone and together;
 # 3. fused-MoE launches loading their first weight tile before the PDL wait (moepreload=1:
 #    dense GEMMs and the experts' second GEMM) at 32-256 rows, where the GEMV path does not run;
-# 4. bench v24 (`ftmoe bench --prefill-graphs --no-latency`).
+# 4. batch 64's MoE top-k and slot alignment in one kernel (topkalign=1; 8 and 16 warps);
+# 5. bench v24 (`ftmoe bench --prefill-graphs --no-latency`).
 # Usage: OUT=dir bash scripts/gpu_round45.sh
 ROUND=round45
 . scripts/gpu_env.sh
 timeout 200 python3 -m pytest -q -x -p no:cacheprovider tests/test_fast_model.py tests/test_kernels.py \
-    -k "short_context or greedy_chunk or fused_moe_preload" > "$W/tests.txt" 2>&1
+    -k "short_context or greedy_chunk or fused_moe_preload or topk_align" > "$W/tests.txt" 2>&1
 echo "[tests rc $? at ${SECONDS}s]"; tail -25 "$W/tests.txt" | grep -v "^$"; save tests
 timeout 150 python3 scripts/ab_decode.py --batches 32,64,128,256 --rounds 7 \
     --variants base lngate=auto moepreload=1 > "$W/ab_moepre.txt" 2>&1
 echo "[ab moepreload rc $? at ${SECONDS}s]"; grep -E "^B=|rror" "$W/ab_moepre.txt"; save abpre
-timeout 120 python3 scripts/ab_decode.py --batches 64 --rounds 9 \
+timeout 160 python3 scripts/ab_decode.py --batches 64 --rounds 9 \
     --variants base lngate=auto attnlaunch=513:64x1 preload=1 attnlaunch=513:64x1,preload=1 \
+    topkalign=1 topkalign=1,alignwarps=16 \
     > "$W/ab64.txt" 2>&1
 echo "[ab64 rc $? at ${SECONDS}s]"; grep -E "^B=|rror" "$W/ab64.txt"; save ab64
 timeout 200 python3 -m ftmoe.cli bench --prefill-graphs --no-latency --json "$W/bench.json" > "$W/bench.txt" 2>&1

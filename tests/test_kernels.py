@@ -195,6 +195,53 @@ def test_moe_align_one_program_warps(gen, monkeypatch, warps):
         routing.align_warps()
 
 
+@pytest.mark.parametrize("n,k,e,parts,bm", [(1, 1, 64, 1, 16), (33, 1, 64, 8, 16), (64, 1, 64, 8, 16),
+                                            (21, 3, 10, 2, 32), (64, 1, 64, 1, 64)])
+def test_softmax_topk_align_one_kernel(gen, monkeypatch, n, k, e, parts, bm):
+    """The one-kernel top-k + alignment (FTMOE_TOPK_ALIGN=1) gives the top-k kernel's probs and
+    ids and `moe_align`'s routing of them, padding rows (KV slot -1, NaN logits) included; outputs
+    are NaN / -7 poisoned by the allocator hook below, so an unwritten element fails."""
+    from ftmoe.kernels import routing
+
+    logits = rnd(parts, n, e, dtype=torch.float32, gen=gen)
+    logits[:, ::2, 3] += 2.0                          # skewed: many rows share expert 3
+    slots = torch.arange(n, dtype=torch.int64, device=DEV)
+    slots[1::5] = -1
+    logits[:, 1::5] = float("nan")                    # padding rows
+    want_p, want_i = softmax_topk(logits, k, slots=slots)
+    want_r = moe_align(want_i, e, bm)
+    empty = torch.empty
+
+    def poisoned(*size, dtype=None, device=None):
+        t = empty(*size, dtype=dtype, device=device)
+        return t.fill_(float("nan") if dtype.is_floating_point else -7)
+
+    monkeypatch.setattr(routing.torch, "empty", poisoned)
+    monkeypatch.setenv("FTMOE_TOPK_ALIGN", "1")
+    assert routing.topk_align_fused(n, k)
+    probs, ids, got_r = routing.softmax_topk_align(logits, k, bm, slots=slots)
+    monkeypatch.undo()
+    assert torch.equal(ids, want_i) and torch.equal(probs, want_p)
+    _assert_align_equal(got_r, want_r)
+
+
+def test_softmax_topk_align_rule(monkeypatch):
+    """auto follows TOPK_ALIGN_MAX_SLOTS; 1 still needs one program's worth of slots; block_m None
+    aligns nothing; a malformed value names the switch."""
+    from ftmoe.kernels import routing
+
+    monkeypatch.setattr(routing, "TOPK_ALIGN_MAX_SLOTS", 64)
+    assert routing.topk_align_fused(64, 1) and routing.topk_align_fused(32, 2) and not routing.topk_align_fused(65, 1)
+    monkeypatch.setenv("FTMOE_TOPK_ALIGN", "0")
+    assert not routing.topk_align_fused(64, 1)
+    monkeypatch.setenv("FTMOE_TOPK_ALIGN", "1")
+    assert routing.topk_align_fused(64, 1) and not routing.topk_align_fused(128, 1)
+    assert routing.softmax_topk_align(torch.randn(4, 8, device=DEV), 1, None)[2] is None
+    monkeypatch.setenv("FTMOE_TOPK_ALIGN", "yes")
+    with pytest.raises(ValueError, match="FTMOE_TOPK_ALIGN: expected auto, 0 or 1, found 'yes'"):
+        routing.topk_align_fused(8, 1)
+
+
 def _routing(n, k, e, gen):
     logits = torch.randn(n, e, generator=gen)
     p = torch.softmax(logits, -1)

@@ -59,11 +59,19 @@ def _softmax_topk_kernel(LOGITS, PROBS, IDS, SLOTS, N, E, stride_l, stride_p, K_
     rm = rows < N
     es = tl.arange(0, BLOCK_E)
     em = es < E
+    logits = _gate_logits(LOGITS, rows, rm, es, em, stride_l, stride_p, BLOCK_M, BLOCK_E, PARTS)
+    _softmax_topk_store(logits, rows, rm, es, em, PROBS, IDS, SLOTS, K_TOP, HAS_SLOTS)   # padding rows stay finite
+
+
+@triton.jit
+def _gate_logits(LOGITS, rows, rm, es, em, stride_l, stride_p, BLOCK_M: tl.constexpr, BLOCK_E: tl.constexpr,
+                 PARTS: tl.constexpr):
+    """fp32 gate logits [BLOCK_M, BLOCK_E] of rows `rows`: the sum of PARTS split-K partials, in order."""
     ptrs = LOGITS + rows[:, None].to(tl.int64) * stride_l + es[None, :]
     logits = tl.zeros([BLOCK_M, BLOCK_E], dtype=tl.float32)
-    for p in tl.static_range(PARTS):                   # split-K partials of the gate GEMM, summed in order
+    for p in tl.static_range(PARTS):
         logits += tl.load(ptrs + p * stride_p, mask=rm[:, None] & em[None, :], other=0.0).to(tl.float32)
-    _softmax_topk_store(logits, rows, rm, es, em, PROBS, IDS, SLOTS, K_TOP, HAS_SLOTS)   # padding rows stay finite
+    return logits
 
 
 def softmax_topk(logits: torch.Tensor, k: int, probs_out=None, ids_out=None, slots: torch.Tensor | None = None):
@@ -142,14 +150,19 @@ def gate_topk(u: torch.Tensor, wg32: torch.Tensor, k: int, slots: torch.Tensor |
     TF32), then the top-k kernel; "triton": the GEMM on the fused-MoE kernel in fp32 (IEEE
     products, split-K partials) and the top-k kernel sums the partials, two Triton launches that
     chain under programmatic dependent launch. Default: `gate_backend(N)`."""
+    return softmax_topk(gate_logits(u, wg32, backend), k, slots=slots)
+
+
+def gate_logits(u: torch.Tensor, wg32: torch.Tensor, backend: str | None = None) -> torch.Tensor:
+    """The gate GEMM of `gate_topk`: fp32 logits [N, E] (cuBLAS) or split-K partials [P, N, E]
+    (Triton), for `softmax_topk` / `softmax_topk_align`."""
     N = u.shape[0]
     backend = backend or gate_backend(N)
     if backend == "cublas":
-        return softmax_topk(u.float() @ wg32, k, slots=slots)
+        return u.float() @ wg32
     cfg, split_k = gate_gemm_config(N, u.shape[1])
     assert wg32.dtype == torch.float32 and wg32.stride(1) == 1
-    logits = fused_moe(u.float(), wg32.unsqueeze(0), None, N, config=cfg, split_k=split_k)
-    return softmax_topk(logits, k, slots=slots)
+    return fused_moe(u.float(), wg32.unsqueeze(0), None, N, config=cfg, split_k=split_k)
 
 
 @triton.jit
@@ -171,6 +184,15 @@ def _align_count_kernel(IDS, CNT, NK, SPAN, CHUNK: tl.constexpr, BLOCK_E: tl.con
 def _align_place_kernel(IDS, CNT, SORTED, BLOCK_EXPERT, NUM_POST, NK, E, MAX_LEN, MAX_BLOCKS, SPAN,
                         BLOCK_M: tl.constexpr, BLOCK_E: tl.constexpr, CHUNK: tl.constexpr, BLOCK_P: tl.constexpr,
                         COUNTED: tl.constexpr, USE_PDL: tl.constexpr = False):
+    pdl_start(USE_PDL)
+    _align_place(IDS, CNT, SORTED, BLOCK_EXPERT, NUM_POST, NK, E, MAX_LEN, MAX_BLOCKS, SPAN, tl.program_id(0),
+                 tl.num_programs(0), BLOCK_M, BLOCK_E, CHUNK, BLOCK_P, COUNTED)
+
+
+@triton.jit
+def _align_place(IDS, CNT, SORTED, BLOCK_EXPERT, NUM_POST, NK, E, MAX_LEN, MAX_BLOCKS, SPAN, p, P,
+                 BLOCK_M: tl.constexpr, BLOCK_E: tl.constexpr, CHUNK: tl.constexpr, BLOCK_P: tl.constexpr,
+                 COUNTED: tl.constexpr):
     """Program p of P places the slots of its span [p*SPAN, (p+1)*SPAN), CHUNK at a time. It reads
     every program's expert counts (COUNTED: from `_align_count_kernel`; else P = 1, SPAN = CHUNK
     and it counts its own slots), so it knows each expert's padded group [start, start + padded)
@@ -179,9 +201,6 @@ def _align_place_kernel(IDS, CNT, SORTED, BLOCK_EXPERT, NUM_POST, NK, E, MAX_LEN
     The sentinel goes where no slot is placed (group padding: expert e % P == p; the tail past
     the last group and the block-to-expert map: a 1/P share each), so no two programs write
     one element and none needs a barrier."""
-    pdl_start(USE_PDL)
-    p = tl.program_id(0)
-    P = tl.num_programs(0)
     es = tl.arange(0, BLOCK_E)
     em = es < E
     if COUNTED:
@@ -223,6 +242,26 @@ def _align_place_kernel(IDS, CNT, SORTED, BLOCK_EXPERT, NUM_POST, NK, E, MAX_LEN
         bs = p * nb + c + i
         owner = tl.sum(((ends[None, :] <= (bs * BLOCK_M)[:, None]) & em[None, :]).to(tl.int32), axis=1)
         tl.store(BLOCK_EXPERT + bs, tl.minimum(owner, E - 1), mask=(bs < MAX_BLOCKS) & (bs < (p + 1) * nb))
+
+
+@triton.jit
+def _topk_align_kernel(LOGITS, PROBS, IDS, SLOTS, SORTED, BLOCK_EXPERT, NUM_POST, N, E, stride_l, stride_p,
+                       MAX_LEN, MAX_BLOCKS, K_TOP: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_E: tl.constexpr,
+                       HAS_SLOTS: tl.constexpr, PARTS: tl.constexpr, BLOCK_M: tl.constexpr, CHUNK: tl.constexpr,
+                       USE_PDL: tl.constexpr = False):
+    """One program: the softmax + top-k of all N rows (as `_softmax_topk_kernel`), then their
+    slots aligned (as the one-program `_align_place_kernel`), which reads the ids just stored
+    after a barrier (a CTA's global stores are visible to its threads past bar.sync)."""
+    pdl_start(USE_PDL)
+    rows = tl.arange(0, BLOCK_R)
+    rm = rows < N
+    es = tl.arange(0, BLOCK_E)
+    em = es < E
+    logits = _gate_logits(LOGITS, rows, rm, es, em, stride_l, stride_p, BLOCK_R, BLOCK_E, PARTS)
+    _softmax_topk_store(logits, rows, rm, es, em, PROBS, IDS, SLOTS, K_TOP, HAS_SLOTS)
+    tl.debug_barrier()
+    _align_place(IDS, IDS, SORTED, BLOCK_EXPERT, NUM_POST, N * K_TOP, E, MAX_LEN, MAX_BLOCKS, CHUNK, 0, 1,
+                 BLOCK_M, BLOCK_E, CHUNK, 1, False)
 
 
 def align_sizes(nk: int, num_experts: int, block_m: int) -> tuple[int, int]:
@@ -281,3 +320,43 @@ def moe_align(ids: torch.Tensor, num_experts: int, block_m: int):
                               span, BLOCK_M=block_m, BLOCK_E=BLOCK_E, CHUNK=ALIGN_CHUNK,
                               BLOCK_P=triton.next_power_of_2(P), COUNTED=True, num_warps=4, **kw)
     return sorted_slots, block_expert, num_post
+
+
+#: steps of up to this many slots take their top-k and alignment from one kernel
+#: (`softmax_topk_align`) when they fit one program (ALIGN_ONE_PROGRAM slots); 0: not yet measured
+TOPK_ALIGN_MAX_SLOTS = 0
+
+
+def topk_align_fused(rows: int, k: int) -> bool:
+    """Whether `softmax_topk_align` runs one kernel for rows x k slots. FTMOE_TOPK_ALIGN: auto (the
+    default: up to TOPK_ALIGN_MAX_SLOTS slots), 0 (never), 1 (whenever they fit one program)."""
+    nk = rows * k
+    return nk <= ALIGN_ONE_PROGRAM and size_switch("FTMOE_TOPK_ALIGN", nk, TOPK_ALIGN_MAX_SLOTS)
+
+
+def softmax_topk_align(logits: torch.Tensor, k: int, block_m: int | None, slots: torch.Tensor | None = None):
+    """`softmax_topk` then `moe_align(ids, E, block_m)` over all E experts of the logits ->
+    (probs, ids, routing): in one kernel where `topk_align_fused`, else in their own kernels;
+    block_m None: no alignment (routing None)."""
+    parts = logits if logits.dim() == 3 else logits.unsqueeze(0)
+    P, N, E = parts.shape
+    if block_m is None or not topk_align_fused(N, k):
+        probs, ids = softmax_topk(logits, k, slots=slots)
+        return probs, ids, None if block_m is None else moe_align(ids, E, block_m)
+    assert parts.stride(2) == 1
+    dev = logits.device
+    probs = torch.empty(N, k, dtype=torch.float32, device=dev)
+    ids = torch.empty(N, k, dtype=torch.int32, device=dev)
+    max_len, max_blocks = align_sizes(N * k, E, block_m)
+    sorted_slots = torch.empty(max_len, dtype=torch.int32, device=dev)
+    block_expert = torch.empty(max_blocks, dtype=torch.int32, device=dev)
+    num_post = torch.empty(1, dtype=torch.int32, device=dev)
+    if slots is not None:
+        assert slots.shape == (N,) and slots.stride(0) == 1
+    _topk_align_kernel[(1,)](parts, probs, ids, slots if slots is not None else ids, sorted_slots, block_expert,
+                             num_post, N, E, parts.stride(1), parts.stride(0), max_len, max_blocks, K_TOP=k,
+                             BLOCK_R=triton.next_power_of_2(N), BLOCK_E=triton.next_power_of_2(E),
+                             HAS_SLOTS=slots is not None, PARTS=P, BLOCK_M=block_m,
+                             CHUNK=max(16, triton.next_power_of_2(N * k)), num_warps=align_warps(),
+                             **launch_kwargs(logits))
+    return probs, ids, (sorted_slots, block_expert, num_post)
