@@ -16,11 +16,11 @@ ROUND=round45
 timeout 200 python3 -m pytest -q -x -p no:cacheprovider tests/test_fast_model.py tests/test_kernels.py \
     -k "short_context or greedy_chunk or fused_moe_preload or topk_align" > "$W/tests.txt" 2>&1
 echo "[tests rc $? at ${SECONDS}s]"; tail -25 "$W/tests.txt" | grep -v "^$"; save tests
-timeout 150 python3 scripts/ab_decode.py --batches 32,64,128,256 --rounds 7 \
-    --variants base lngate=auto moepreload=1 > "$W/ab_moepre.txt" 2>&1
+timeout 150 python3 scripts/ab_decode.py --batches 32,64,128,256 --rounds 5 \
+    --variants base moepreload=1 > "$W/ab_moepre.txt" 2>&1
 echo "[ab moepreload rc $? at ${SECONDS}s]"; grep -E "^B=|rror" "$W/ab_moepre.txt"; save abpre
-timeout 160 python3 scripts/ab_decode.py --batches 64 --rounds 9 \
-    --variants base lngate=auto attnlaunch=513:64x1 preload=1 attnlaunch=513:64x1,preload=1 \
+timeout 160 python3 scripts/ab_decode.py --batches 64 --rounds 7 \
+    --variants base attnlaunch=513:64x1 preload=1 attnlaunch=513:64x1,preload=1 \
     topkalign=1 topkalign=1,alignwarps=16 \
     > "$W/ab64.txt" 2>&1
 echo "[ab64 rc $? at ${SECONDS}s]"; grep -E "^B=|rror" "$W/ab64.txt"; save ab64
