@@ -13,7 +13,7 @@
 # Usage: OUT=dir bash scripts/gpu_round45.sh
 ROUND=round45
 . scripts/gpu_env.sh
-timeout 200 python3 -m pytest -q -x -p no:cacheprovider tests/test_fast_model.py tests/test_kernels.py \
+timeout 150 python3 -m pytest -q -x -p no:cacheprovider tests/test_fast_model.py tests/test_kernels.py \
     -k "short_context or greedy_chunk or fused_moe_preload or topk_align" > "$W/tests.txt" 2>&1
 echo "[tests rc $? at ${SECONDS}s]"; tail -25 "$W/tests.txt" | grep -v "^$"; save tests
 timeout 150 python3 scripts/ab_decode.py --batches 32,64,128,256 --rounds 5 \
