@@ -10,7 +10,8 @@
 #    dense GEMMs and the experts' second GEMM) at 32-256 rows, where the GEMV path does not run;
 # 4. batch 64's MoE top-k and slot alignment in one kernel (topkalign=1; 8 and 16 warps);
 # 5. bench v24 (`ftmoe bench --prefill-graphs --no-latency`).
-# Usage: OUT=dir bash scripts/gpu_round45.sh (MINI=1: the tests and one A/B at batch 64, ~4 min)
+# Usage: OUT=dir bash scripts/gpu_round45.sh (MINI=1: the tests, one A/B at batch 64, then the
+# preload at 32 / 128 / 256; no bench)
 ROUND=round45
 . scripts/gpu_env.sh
 timeout 150 python3 -m pytest -q -x -p no:cacheprovider tests/test_fast_model.py tests/test_kernels.py \
@@ -19,7 +20,10 @@ echo "[tests rc $? at ${SECONDS}s]"; tail -25 "$W/tests.txt" | grep -v "^$"; sav
 if [ "${MINI:-0}" = 1 ]; then    # little device time left: the batch-64 candidates in one A/B, no bench
     timeout 150 python3 scripts/ab_decode.py --batches 64 --rounds 5 \
         --variants base moepreload=1 topkalign=1 attnlaunch=513:64x1 > "$W/ab64.txt" 2>&1
-    echo "[ab64 mini rc $? at ${SECONDS}s]"; grep -E "^B=|rror" "$W/ab64.txt"; save ab64; exit 0
+    echo "[ab64 mini rc $? at ${SECONDS}s]"; grep -E "^B=|rror" "$W/ab64.txt"; save ab64
+    timeout 150 python3 scripts/ab_decode.py --batches 32,128,256 --rounds 5 \
+        --variants base moepreload=1 > "$W/ab_moepre.txt" 2>&1
+    echo "[ab moepreload rc $? at ${SECONDS}s]"; grep -E "^B=|rror" "$W/ab_moepre.txt"; save abpre; exit 0
 fi
 timeout 150 python3 scripts/ab_decode.py --batches 32,64,128,256 --rounds 5 \
     --variants base moepreload=1 > "$W/ab_moepre.txt" 2>&1
