@@ -14,12 +14,12 @@
 # preload at 32 / 128 / 256; no bench)
 ROUND=round45
 . scripts/gpu_env.sh
-timeout 150 python3 -m pytest -q -x -p no:cacheprovider tests/test_fast_model.py tests/test_kernels.py \
+timeout $([ "${MINI:-0}" = 1 ] && echo 100 || echo 150) python3 -m pytest -q -x -p no:cacheprovider tests/test_fast_model.py tests/test_kernels.py \
     -k "short_context or greedy_chunk or fused_moe_preload or topk_align" > "$W/tests.txt" 2>&1
 echo "[tests rc $? at ${SECONDS}s]"; tail -25 "$W/tests.txt" | grep -v "^$"; save tests
 if [ "${MINI:-0}" = 1 ]; then    # little device time left: the batch-64 candidates in one A/B, no bench
     timeout 150 python3 scripts/ab_decode.py --batches 64 --rounds 5 \
-        --variants base moepreload=1 topkalign=1 attnlaunch=513:64x1 > "$W/ab64.txt" 2>&1
+        --variants base topkalign=1 moepreload=1 attnlaunch=513:64x1 > "$W/ab64.txt" 2>&1
     echo "[ab64 mini rc $? at ${SECONDS}s]"; grep -E "^B=|rror" "$W/ab64.txt"; save ab64
     timeout 150 python3 scripts/ab_decode.py --batches 32,128,256 --rounds 5 \
         --variants base moepreload=1 > "$W/ab_moepre.txt" 2>&1
