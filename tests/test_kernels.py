@@ -300,7 +300,7 @@ def test_fused_moe_preload_equals_plain(gen, monkeypatch, dtype, mode, n, k, e, 
     outs = []
     for v in ("0", "1"):
         monkeypatch.setenv("FTMOE_MOE_PRELOAD", v)
-        assert fused_moe_mod.preloads(n * k, mode == "dense", True) == (v == "1")
+        assert fused_moe_mod.preloads(mode == "dense", True, 0) == (v == "1")
         shape = (split_k, n * k, N) if split_k > 1 else (n * k, N)
         out = torch.full(shape, float("nan"), dtype=torch.float32 if split_k > 1 else dtype, device=DEV)
         fused_moe(a, w, bias, n * k, topk=k, routing=routing, probs=probs, a_per_slot=True, mul_prob=mode != "dense",
@@ -317,18 +317,48 @@ def test_fused_moe_preload_equals_plain(gen, monkeypatch, dtype, mode, n, k, e, 
     assert rel(got[keep], want[keep]) < TOL[dtype] * 2
 
 
-def test_fused_moe_preload_rule(monkeypatch):
-    """auto: up to PRELOAD_MAX_SLOTS; never for a first GEMM, whose routing the kernel just before writes."""
-    monkeypatch.delenv("FTMOE_MOE_PRELOAD", raising=False)
-    lim = fused_moe_mod.PRELOAD_MAX_SLOTS
-    assert not fused_moe_mod.preloads(lim + 1, True, False) and not fused_moe_mod.preloads(lim + 1, False, True)
-    assert lim == 0 or (fused_moe_mod.preloads(lim, True, False) and fused_moe_mod.preloads(lim, False, True))
+def test_fused_moe_preload_falls_back_when_shared_memory_runs_out(gen, monkeypatch):
+    """A preloading tile that needs more shared memory than the card has (seen on an H100 at 256
+    rows with FTMOE_MOE_PRELOAD=1) is launched again without the preload, same result."""
+    from triton.runtime.errors import OutOfResources
+
+    a, w = rnd(9, 64, dtype=torch.float32, gen=gen), rnd(1, 64, 48, dtype=torch.float32, gen=gen)
+    cfg = {"BLOCK_M": 16, "BLOCK_N": 32, "BLOCK_K": 32}
+    real, seen = fused_moe_mod._fused_moe_kernel, []
+
+    class Tight:
+        def __getitem__(self, grid):
+            def launch(*args, PRELOAD, **kw):
+                seen.append(PRELOAD)
+                if PRELOAD:
+                    raise OutOfResources(245760, 232448, "shared memory")
+                return real[grid](*args, PRELOAD=PRELOAD, **kw)
+            return launch
+
     monkeypatch.setenv("FTMOE_MOE_PRELOAD", "1")
-    assert fused_moe_mod.preloads(4096, True, False) and fused_moe_mod.preloads(4096, False, True)
-    assert not fused_moe_mod.preloads(1, False, False)
+    monkeypatch.setattr(fused_moe_mod, "_fused_moe_kernel", Tight())
+    got = fused_moe(a, w, None, 9, config=cfg)
+    assert seen == [True, False]
+    assert rel(got, a @ w[0]) < TOL[torch.float32]
+
+
+def test_fused_moe_preload_rule(monkeypatch):
+    """auto: under the early trigger (PRELOAD_MODES) only, not at exit or without PDL; never for a
+    first GEMM, whose routing the kernel just before writes; 1: wherever it may."""
+    from ftmoe.kernels import pdl
+
+    pre = fused_moe_mod.preloads
+    monkeypatch.delenv("FTMOE_MOE_PRELOAD", raising=False)
+    for mode in (pdl.EARLY, pdl.FEED):
+        assert pre(True, False, mode) and pre(False, True, mode) and not pre(False, False, mode)
+    assert not pre(True, False, pdl.AT_EXIT) and not pre(False, True, pdl.OFF)
+    monkeypatch.setenv("FTMOE_MOE_PRELOAD", "0")
+    assert not pre(True, True, pdl.EARLY)
+    monkeypatch.setenv("FTMOE_MOE_PRELOAD", "1")
+    assert pre(True, False, pdl.AT_EXIT) and pre(False, True, pdl.OFF) and not pre(False, False, pdl.EARLY)
     monkeypatch.setenv("FTMOE_MOE_PRELOAD", "on")
     with pytest.raises(ValueError, match="FTMOE_MOE_PRELOAD: expected auto, 0 or 1, found 'on'"):
-        fused_moe_mod.preloads(1, True, False)
+        pre(True, False, pdl.EARLY)
 
 
 def _decode_case(gen, dtype, ctx: list[int], h: int, D: int, bs: int):

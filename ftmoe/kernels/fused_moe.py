@@ -15,20 +15,26 @@ for the kernel before (`PRELOAD`): weights are constant, and the expert of a sec
 from routing that was complete before the first GEMM passed its own wait (so before this kernel
 could launch); it is read past the L1 (`.cg`), since an earlier layer's kernel on the same SM may
 have cached the buffer. The first GEMM's routing is written by the kernel just before it: it
-never preloads. `FTMOE_MOE_PRELOAD` (auto: off; 0; 1) switches it.
+never preloads. By default a launch preloads under the early trigger only (`preloads`), where
+the kernel before lets it launch early; `FTMOE_MOE_PRELOAD` (auto; 0; 1) switches it.
 """
 from __future__ import annotations
+
+import os
 
 import torch
 import triton
 import triton.language as tl
+from triton.runtime.errors import OutOfResources
 
-from . import size_switch
-from .pdl import launch_kwargs, pdl_start
+from .pdl import EARLY, FEED, launch_kwargs, pdl_start
 
-#: launches of at most this many slots (rows) load their first weight tile before the PDL wait
-#: where they may (`FTMOE_MOE_PRELOAD`: auto, 0, 1); 0 until measured in whole steps
-PRELOAD_MAX_SLOTS = 0
+#: the PDL launch modes under which `preloads` says yes by default: the early trigger, where the
+#: kernel before lets this one launch right after its own wait. Whole decode steps on one H100
+#: (2026-12-08, scripts/ab_decode.py, one process, FTMOE_MOE_PRELOAD=1 against the default then,
+#: off): x0.987 / 0.991 at batch 4, x0.999 at 8, x0.991 / 0.985 at 16, x0.990 / 0.983 at 64
+#: (early trigger); x1.029 / 1.028 at 32, x1.010 at 128 (trigger at exit)
+PRELOAD_MODES = (EARLY, FEED)
 
 
 @triton.jit
@@ -131,11 +137,15 @@ def _fused_moe_kernel(A, W, BIAS, C, PROBS, SORTED, BLOCK_EXPERT, NUM_POST,
 DEFAULT_CONFIG = {"BLOCK_M": 16, "BLOCK_N": 64, "BLOCK_K": 64, "GROUP_M": 8, "num_warps": 4, "num_stages": 3}
 
 
-def preloads(num_slots: int, dense: bool, routing_ready: bool) -> bool:
-    """Whether a launch loads its first weight tile before its PDL wait: a dense GEMM or one whose
-    routing was ready before the kernel just before it, of at most PRELOAD_MAX_SLOTS slots
-    (`FTMOE_MOE_PRELOAD`: auto, 0 never, 1 always where it may)."""
-    return (dense or routing_ready) and size_switch("FTMOE_MOE_PRELOAD", num_slots, PRELOAD_MAX_SLOTS)
+def preloads(dense: bool, routing_ready: bool, pdl_mode: int) -> bool:
+    """Whether a launch in PDL mode `pdl_mode` (0: none) loads its first weight tile before its
+    wait: a dense GEMM or one whose routing was ready before the kernel just before it, under
+    PRELOAD_MODES (`FTMOE_MOE_PRELOAD`: auto, 0 never, 1 always where it may: with PDL off too,
+    where it changes nothing but the code path, which the CPU tests check)."""
+    v = os.environ.get("FTMOE_MOE_PRELOAD", "auto")
+    if v not in ("auto", "0", "1"):
+        raise ValueError(f"FTMOE_MOE_PRELOAD: expected auto, 0 or 1, found {v!r}")
+    return (dense or routing_ready) and (v == "1" or (v == "auto" and pdl_mode in PRELOAD_MODES))
 
 
 def fused_moe(a: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None, num_slots: int, *,
@@ -151,7 +161,7 @@ def fused_moe(a: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None, num_s
     is the result (summed deterministically by the consumer, `add_layernorm`).
     routing_ready: the routing was complete before the kernel just before this one started (the
     second GEMM's): with the dense case, this launch may load its first weight tile before its
-    PDL wait (`PRELOAD_MAX_SLOTS`)."""
+    PDL wait (`preloads`)."""
     cfg = dict(DEFAULT_CONFIG, **(config or {}))
     E, K, N = w.shape
     assert a.shape[1] == K
@@ -173,13 +183,20 @@ def fused_moe(a: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None, num_s
         sorted_slots, block_expert, num_post = routing
         num_m = block_expert.numel()
     grid = (num_m * triton.cdiv(N, cfg["BLOCK_N"]), split_k)
-    _fused_moe_kernel[grid](
-        a, w, bias if bias is not None else w, c, probs if probs is not None else a,
-        sorted_slots, block_expert, num_post, N, K, num_slots,
-        a.stride(0), w.stride(0), w.stride(1), bias.stride(0) if bias is not None and bias.dim() == 2 else 0,
-        c.stride(-2), c.stride(0) if split_k > 1 else 0, TOPK=topk, A_PER_SLOT=a_per_slot, DENSE=dense, PER_SLOT=per_slot, HAS_BIAS=bias is not None, GELU=gelu,
-        MUL_PROB=mul_prob, IEEE=a.dtype == torch.float32, SPLIT_K=split_k, BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], BLOCK_K=cfg["BLOCK_K"],
-        GROUP_M=cfg["GROUP_M"], num_warps=cfg["num_warps"],
-        PRELOAD=preloads(num_slots, dense, routing_ready),
-        num_stages=cfg["num_stages"], **launch_kwargs(a))
+    kw = launch_kwargs(a)
+    args = (a, w, bias if bias is not None else w, c, probs if probs is not None else a,
+            sorted_slots, block_expert, num_post, N, K, num_slots,
+            a.stride(0), w.stride(0), w.stride(1), bias.stride(0) if bias is not None and bias.dim() == 2 else 0,
+            c.stride(-2), c.stride(0) if split_k > 1 else 0)
+    consts = dict(TOPK=topk, A_PER_SLOT=a_per_slot, DENSE=dense, PER_SLOT=per_slot, HAS_BIAS=bias is not None,
+                  GELU=gelu, MUL_PROB=mul_prob, IEEE=a.dtype == torch.float32, SPLIT_K=split_k,
+                  BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], BLOCK_K=cfg["BLOCK_K"], GROUP_M=cfg["GROUP_M"],
+                  num_warps=cfg["num_warps"], num_stages=cfg["num_stages"], **kw)
+    if preloads(dense, routing_ready, kw.get("USE_PDL", 0)):
+        try:
+            _fused_moe_kernel[grid](*args, PRELOAD=True, **consts)
+            return c
+        except OutOfResources:
+            pass    # the peeled tile needs one more shared-memory buffer: a tile sized to the limit (256 rows)
+    _fused_moe_kernel[grid](*args, PRELOAD=False, **consts)
     return c

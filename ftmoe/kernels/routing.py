@@ -9,7 +9,8 @@ sentinel N*k marks padding), the expert of every block and the padded total. Neg
 (another rank's experts under expert parallelism, padding rows) are left out. One program up
 to 64 slots, a count kernel and a place kernel over 64-slot chunks above (batch 256: 4
 programs; at most 64, each taking several chunks for very long prompts);
-graph-capturable.
+graph-capturable. `softmax_topk_align`: both in one program for up to 64 slots (the decode
+bucket of 64 rows: one launch fewer a MoE layer).
 """
 from __future__ import annotations
 
@@ -323,8 +324,12 @@ def moe_align(ids: torch.Tensor, num_experts: int, block_m: int):
 
 
 #: steps of up to this many slots take their top-k and alignment from one kernel
-#: (`softmax_topk_align`) when they fit one program (ALIGN_ONE_PROGRAM slots); 0: not yet measured
-TOPK_ALIGN_MAX_SLOTS = 0
+#: (`softmax_topk_align`) when they fit one program (ALIGN_ONE_PROGRAM slots; aligned routing
+#: runs past fast_model.SMALL_BATCH_SLOTS, so the decode bucket of 64 rows). Whole decode steps at
+#: batch 64 on one H100 (2026-12-08, scripts/ab_decode.py, one process) against two kernels:
+#: x0.990 / 0.989; with the fused-MoE preload x0.973 / 0.983 / 0.982 (the preload alone x0.990 /
+#: 0.983); 16 warps instead of ALIGN_WARPS' 8 x1.001
+TOPK_ALIGN_MAX_SLOTS = 64
 
 
 def topk_align_fused(rows: int, k: int) -> bool:
