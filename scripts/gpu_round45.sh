@@ -10,6 +10,8 @@
 #    dense GEMMs and the experts' second GEMM) at 32-256 rows, where the GEMV path does not run;
 # 4. batch 64's MoE top-k and slot alignment in one kernel (topkalign=1; 8 and 16 warps);
 # 5. bench v24 (`ftmoe bench --prefill-graphs --no-latency`).
+# Ran once (2026-12-08, one H100, MINI=1; benchmarks/results/2026-12-08-h100-round45.txt): the tests
+# passed; the preload's 256-row capture ran out of shared memory (now launched again without it).
 # Usage: OUT=dir bash scripts/gpu_round45.sh (MINI=1: the tests, one A/B at batch 64, then the
 # preload at 32 / 128 / 256; no bench)
 ROUND=round45
