@@ -6,7 +6,8 @@
 #    before the wait), topkalign=0 (two kernels), both, at 1-256 rows (1-2: neither applies);
 #    moepreload=1 at 256 (the fallback: it must capture, and launch what the base launches);
 # 3. batch 64: attention's first K/V tile before the wait (preload=1), alone and with (64, 1) tiles
-#    (round 44: x0.991 / x0.989 alone; round 45: the tiles x0.997);
+#    (round 44: x0.991 / x0.989 alone; round 45: the tiles x0.997); the Triton gate in 4 or 2 K
+#    splits rather than 8 (the one top-k + align program reads every split from L2);
 # 4. bench v24 (`ftmoe bench --prefill-graphs --no-latency`): the standing figures with these defaults.
 # Usage: OUT=dir bash scripts/gpu_round46.sh
 ROUND=round46
@@ -17,8 +18,8 @@ echo "[tests rc $? at ${SECONDS}s]"; tail -25 "$W/tests.txt" | grep -v "^$"; sav
 timeout 150 python3 scripts/ab_decode.py --batches 4,16,32,64,128,256 --rounds 7 \
     --variants base moepreload=0 topkalign=0 moepreload=0,topkalign=0 moepreload=1 > "$W/ab_defaults.txt" 2>&1
 echo "[ab defaults rc $? at ${SECONDS}s]"; grep -E "^B=|rror" "$W/ab_defaults.txt"; save abdef
-timeout 100 python3 scripts/ab_decode.py --batches 64 --rounds 9 \
-    --variants base preload=1 attnlaunch=513:64x1,preload=1 > "$W/ab64.txt" 2>&1
+timeout 120 python3 scripts/ab_decode.py --batches 64 --rounds 9 \
+    --variants base preload=1 attnlaunch=513:64x1,preload=1 gatesplits=4 gatesplits=2 > "$W/ab64.txt" 2>&1
 echo "[ab64 rc $? at ${SECONDS}s]"; grep -E "^B=|rror" "$W/ab64.txt"; save ab64
 timeout 200 python3 -m ftmoe.cli bench --prefill-graphs --no-latency --json "$W/bench.json" > "$W/bench.txt" 2>&1
 echo "[bench rc $? at ${SECONDS}s]"; grep -E "^(device|decode|prefill|eager)|rror" "$W/bench.txt"; save bench

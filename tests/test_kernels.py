@@ -121,6 +121,22 @@ def test_gate_split_k_never_exceeds_the_slices_of_h():
         == [16, 8, 4, 1, 2, 1]
 
 
+def test_gate_splits_override(gen, monkeypatch):
+    """FTMOE_GATE_SPLITS sets the Triton gate's split count (still capped by H's slices) and leaves
+    the routing as it was; a malformed value names the switch."""
+    from ftmoe.kernels.routing import gate_gemm_config
+
+    u, wg = rnd(40, 256, gen=gen), rnd(256, 16, gen=gen)
+    want_p, want_i = gate_topk(u, wg, 2, backend="triton")
+    monkeypatch.setenv("FTMOE_GATE_SPLITS", "2")
+    assert gate_gemm_config(40, 1024)[1] == 2 and gate_gemm_config(1, 64)[1] == 1
+    probs, ids = gate_topk(u, wg, 2, backend="triton")
+    assert torch.equal(ids, want_i) and rel(probs, want_p) < 1e-5
+    monkeypatch.setenv("FTMOE_GATE_SPLITS", "0")
+    with pytest.raises(ValueError, match="FTMOE_GATE_SPLITS: expected a whole number >= 1, found '0'"):
+        gate_gemm_config(40, 1024)
+
+
 def test_gate_backend_choice(monkeypatch):
     """Default (auto): Triton for 1-64 rows only; FTMOE_GATE=cublas always cuBLAS; =triton up
     to TRITON_GATE_MAX_ROWS rows; a bad value is an error naming the variable."""

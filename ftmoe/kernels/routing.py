@@ -119,14 +119,20 @@ def gate_backend(N: int) -> str:
 def gate_gemm_config(N: int, H: int) -> tuple[dict, int]:
     """(tile config, split-K) of the fp32 gate GEMM [N, H] x [H, E] on the Triton kernel: few rows
     spread K over more programs (the 256 KB fp32 weight of a 1024 x 64 gate is read by 16), but
-    never more splits than H has BLOCK_K slices (a split past them would only store zeros)."""
+    never more splits than H has BLOCK_K slices (a split past them would only store zeros).
+    FTMOE_GATE_SPLITS=N sets the split count at every size (for A/Bs; the same cap applies)."""
     cfg = {"BLOCK_N": 64, "BLOCK_K": 64, "GROUP_M": 1, "num_warps": 4, "num_stages": 2}
     slices = triton.cdiv(H, cfg["BLOCK_K"])
+    want = os.environ.get("FTMOE_GATE_SPLITS")     # an A/B override of the split count
+    if want is not None and not (want.isdigit() and int(want) >= 1):
+        raise ValueError(f"FTMOE_GATE_SPLITS: expected a whole number >= 1, found {want!r}")
     if N <= 16:
-        return dict(cfg, BLOCK_M=16), min(16, slices)
-    if N <= 64:
-        return dict(cfg, BLOCK_M=16), min(8, slices)
-    return dict(cfg, BLOCK_M=32), min(4, slices)
+        cfg, split = dict(cfg, BLOCK_M=16), 16
+    elif N <= 64:
+        cfg, split = dict(cfg, BLOCK_M=16), 8
+    else:
+        cfg, split = dict(cfg, BLOCK_M=32), 4
+    return cfg, min(int(want) if want is not None else split, slices)
 
 
 #: steps of at most this many rows compute the gate logits in the LN2 kernel (`add_layernorm_gate`).
