@@ -18,11 +18,17 @@ def available() -> bool:
     return torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET") == "1"
 
 
-def size_switch(var: str, size: int, limit: int) -> bool:
-    """An environment switch `var` of auto (the default: on up to `limit`), 0 (never) or 1 (always)."""
+def auto_switch(var: str) -> str:
+    """The value of an environment switch `var` of auto (the default), 0 or 1."""
     v = os.environ.get(var, "auto")
     if v not in ("auto", "0", "1"):
         raise ValueError(f"{var}: expected auto, 0 or 1, found {v!r}")
+    return v
+
+
+def size_switch(var: str, size: int, limit: int) -> bool:
+    """An environment switch `var` of auto (the default: on up to `limit`), 0 (never) or 1 (always)."""
+    v = auto_switch(var)
     return v == "1" or (v == "auto" and size <= limit)
 
 

@@ -20,13 +20,12 @@ the kernel before lets it launch early; `FTMOE_MOE_PRELOAD` (auto; 0; 1) switche
 """
 from __future__ import annotations
 
-import os
-
 import torch
 import triton
 import triton.language as tl
 from triton.runtime.errors import OutOfResources
 
+from . import auto_switch
 from .pdl import EARLY, FEED, launch_kwargs, pdl_start
 
 #: the PDL launch modes under which `preloads` says yes by default: the early trigger, where the
@@ -142,9 +141,7 @@ def preloads(dense: bool, routing_ready: bool, pdl_mode: int) -> bool:
     wait: a dense GEMM or one whose routing was ready before the kernel just before it, under
     PRELOAD_MODES (`FTMOE_MOE_PRELOAD`: auto, 0 never, 1 always where it may: with PDL off too,
     where it changes nothing but the code path, which the CPU tests check)."""
-    v = os.environ.get("FTMOE_MOE_PRELOAD", "auto")
-    if v not in ("auto", "0", "1"):
-        raise ValueError(f"FTMOE_MOE_PRELOAD: expected auto, 0 or 1, found {v!r}")
+    v = auto_switch("FTMOE_MOE_PRELOAD")
     return (dense or routing_ready) and (v == "1" or (v == "auto" and pdl_mode in PRELOAD_MODES))
 
 

@@ -42,13 +42,13 @@ batch 1 went from 2.81 to 1.62 us each (`scripts/critical_path.py`).
 from __future__ import annotations
 
 import functools
-import os
 
 import torch
 import triton
 import triton.language as tl
 from triton.tools.tensor_descriptor import TensorDescriptor
 
+from . import auto_switch
 from .fused_moe import _gelu_tanh
 from .pdl import EARLY, FEED, launch_kwargs
 
@@ -285,9 +285,7 @@ def gemv_experts(a: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None, id
 
 def tma_on() -> bool:
     """FTMOE_GEMV_TMA: auto (the default: `TMA_DEFAULT`), 0 or 1."""
-    v = os.environ.get("FTMOE_GEMV_TMA", "auto")
-    if v not in ("auto", "0", "1"):
-        raise ValueError(f"FTMOE_GEMV_TMA: expected auto, 0 or 1, found {v!r}")
+    v = auto_switch("FTMOE_GEMV_TMA")
     return v == "1" or (v == "auto" and TMA_DEFAULT)
 
 
