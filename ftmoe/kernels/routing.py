@@ -277,6 +277,13 @@ def align_sizes(nk: int, num_experts: int, block_m: int) -> tuple[int, int]:
     return max_blocks * block_m, max_blocks
 
 
+def _align_outputs(nk: int, num_experts: int, block_m: int, dev):
+    """Empty (sorted_slots [max_len], block_expert [max_blocks], num_post [1]) for nk slots."""
+    max_len, max_blocks = align_sizes(nk, num_experts, block_m)
+    return (torch.empty(max_len, dtype=torch.int32, device=dev), torch.empty(max_blocks, dtype=torch.int32, device=dev),
+            torch.empty(1, dtype=torch.int32, device=dev))
+
+
 #: up to this many slots one program aligns them all (one launch); above, spans of whole
 #: ALIGN_CHUNK-slot chunks are counted and placed by one program each (two launches), at most
 #: ALIGN_MAX_PROGRAMS programs (longer spans past that: each program's count table row stays
@@ -305,11 +312,9 @@ def moe_align(ids: torch.Tensor, num_experts: int, block_m: int):
     everything past num_post); negative ids are left out. No host synchronisation (graph-capturable)."""
     ids = ids.reshape(-1).contiguous()
     nk = ids.numel()
-    max_len, max_blocks = align_sizes(nk, num_experts, block_m)
     dev = ids.device
-    sorted_slots = torch.empty(max_len, dtype=torch.int32, device=dev)
-    block_expert = torch.empty(max_blocks, dtype=torch.int32, device=dev)
-    num_post = torch.empty(1, dtype=torch.int32, device=dev)
+    sorted_slots, block_expert, num_post = _align_outputs(nk, num_experts, block_m, dev)
+    max_len, max_blocks = sorted_slots.numel(), block_expert.numel()
     BLOCK_E = triton.next_power_of_2(num_experts)
     kw = launch_kwargs(ids)
     if nk <= ALIGN_ONE_PROGRAM:
@@ -358,14 +363,12 @@ def softmax_topk_align(logits: torch.Tensor, k: int, block_m: int | None, slots:
     dev = logits.device
     probs = torch.empty(N, k, dtype=torch.float32, device=dev)
     ids = torch.empty(N, k, dtype=torch.int32, device=dev)
-    max_len, max_blocks = align_sizes(N * k, E, block_m)
-    sorted_slots = torch.empty(max_len, dtype=torch.int32, device=dev)
-    block_expert = torch.empty(max_blocks, dtype=torch.int32, device=dev)
-    num_post = torch.empty(1, dtype=torch.int32, device=dev)
+    sorted_slots, block_expert, num_post = _align_outputs(N * k, E, block_m, dev)
     if slots is not None:
         assert slots.shape == (N,) and slots.stride(0) == 1
     _topk_align_kernel[(1,)](parts, probs, ids, slots if slots is not None else ids, sorted_slots, block_expert,
-                             num_post, N, E, parts.stride(1), parts.stride(0), max_len, max_blocks, K_TOP=k,
+                             num_post, N, E, parts.stride(1), parts.stride(0), sorted_slots.numel(),
+                             block_expert.numel(), K_TOP=k,
                              BLOCK_R=triton.next_power_of_2(N), BLOCK_E=triton.next_power_of_2(E),
                              HAS_SLOTS=slots is not None, PARTS=P, BLOCK_M=block_m,
                              CHUNK=max(16, triton.next_power_of_2(N * k)), num_warps=align_warps(),
