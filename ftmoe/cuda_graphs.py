@@ -117,10 +117,11 @@ class DecodeGraphs:
             s["ids"] = torch.zeros(B, self.fast.H, dtype=self.fast.dtype, device=dev)
         return s
 
-    def _run(self, s: dict, short: int = 0) -> torch.Tensor:
-        """The bucket's decode step; short: every row's context is within this limit (0: any)."""
+    def _run(self, s: dict, short: int = 0, fp32_logits: bool = True) -> torch.Tensor:
+        """The bucket's decode step; short: every row's context is within this limit (0: any);
+        fp32_logits=False: logits left in the model's dtype (the greedy chunks' argmax reads them so)."""
         return self.fast.decode_step(s["ids"], s["positions"], s["tables"], s["ctx"], s["slots"], self.cache,
-                                     max_ctx=short or None)
+                                     max_ctx=short or None, fp32_logits=fp32_logits)
 
     def _run_step(self, s: dict, short: int = 0) -> torch.Tensor:
         """A bucket's step graph: with a host buffer (fetch mode), its first kernel takes the
@@ -339,7 +340,9 @@ class DecodeGraphs:
         work = GreedyWork(B, m.vocab_end - m.vocab_start, dev)
 
         def run():
-            greedy_advance(self._run(s, short), toks, lps, s, self.cache.block_size, work)
+            # logits in the model's dtype: the argmax and log-softmax read them as fp32, the values
+            # the host's greedy sees, without a conversion kernel over [B, V] (42 us at 256 rows)
+            greedy_advance(self._run(s, short, fp32_logits=False), toks, lps, s, self.cache.block_size, work)
             return toks
 
         if dev.type != "cuda":

@@ -299,17 +299,19 @@ class FastGPTMoE:
     # ---- decode: one token per row, fixed shapes (graph-capturable) -----------
     def decode_step(self, ids: torch.Tensor, positions: torch.Tensor, block_tables: torch.Tensor,
                     context_lens: torch.Tensor, slots: torch.Tensor, cache: KVCache,
-                    max_ctx: int | None = None) -> torch.Tensor:
-        """ids/positions/context_lens/slots [B] (slots -1: padding row), tables [B, nb] -> logits [B, V] fp32.
+                    max_ctx: int | None = None, fp32_logits: bool = True) -> torch.Tensor:
+        """ids/positions/context_lens/slots [B] (slots -1: padding row), tables [B, nb] -> logits [B, V] fp32
+        (fp32_logits=False: in the model's dtype, the same values unconverted, for a consumer that
+        reads them as they are, as the greedy chunks' argmax does).
         A later pipeline stage takes the residual [B, H] instead of ids; a stage before the last
         returns its residual [B, H]; under TP the logits are this rank's vocabulary slice.
         max_ctx: no row has more cached tokens (known to the caller; None: any), so that attention
         may run in one pass (`attention.one_pass_tile`; a longer row stays correct, only slower)."""
         B = ids.shape[0]
         with pdl.allowed(pdl.mode_for(B)):
-            return self._decode_step(ids, positions, block_tables, context_lens, slots, cache, max_ctx)
+            return self._decode_step(ids, positions, block_tables, context_lens, slots, cache, max_ctx, fp32_logits)
 
-    def _decode_step(self, ids, positions, block_tables, context_lens, slots, cache, max_ctx=None):
+    def _decode_step(self, ids, positions, block_tables, context_lens, slots, cache, max_ctx=None, fp32_logits=True):
         B = ids.shape[0]
         eps = self.config.layernorm_eps
         g = _gemv_on("FTMOE_GEMV", B, GEMV_MAX_ROWS) and cache.k.dtype == self.dtype
@@ -335,8 +337,9 @@ class FastGPTMoE:
             return res
         if gemv_head:
             m = self.model   # logits rounded to the model's dtype (as the GEMM's), stored as fp32
-            return gemv(a, m.wte[m.vocab_start:m.vocab_end].t(), out_dtype=torch.float32, trigger_first=not feed)
-        return self._head(a)
+            return gemv(a, m.wte[m.vocab_start:m.vocab_end].t(), out_dtype=torch.float32 if fp32_logits else None,
+                        trigger_first=not feed)
+        return self._head(a, fp32_logits)
 
     def _attention_wo(self, L: dict, qkv: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                       block_tables: torch.Tensor, context_lens: torch.Tensor, slots: torch.Tensor,
@@ -362,9 +365,10 @@ class FastGPTMoE:
             return embed_layernorm(m.wte, m.wpe, x, positions, ln.weight, ln.bias, self.config.layernorm_eps)
         return add_layernorm(x, ln.weight, ln.bias, self.config.layernorm_eps)
 
-    def _head(self, a: torch.Tensor) -> torch.Tensor:
+    def _head(self, a: torch.Tensor, fp32: bool = True) -> torch.Tensor:
         m = self.model
-        return (a @ m.wte[m.vocab_start:m.vocab_end].t()).float()
+        logits = a @ m.wte[m.vocab_start:m.vocab_end].t()
+        return logits.float() if fp32 else logits
 
     # ---- prefill: fresh prompts, right-padded [B, T] --------------------------
     def prefill(self, input_ids: torch.Tensor, meta: AttnMetadata, cache: KVCache,

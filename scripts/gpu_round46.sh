@@ -8,7 +8,8 @@
 # 3. batch 64: attention's first K/V tile before the wait (preload=1), alone and with (64, 1) tiles
 #    (round 44: x0.991 / x0.989 alone; round 45: the tiles x0.997); the Triton gate in 4 or 2 K
 #    splits rather than 8 (the one top-k + align program reads every split from L2);
-# 4. bench v24 (`ftmoe bench --prefill-graphs --no-latency`): the standing figures with these defaults.
+# 4. bench v24 (`ftmoe bench --prefill-graphs --no-latency`): the standing figures with these defaults
+#    (the greedy-chunk rows now without the head's fp32 conversion: `decode_step(fp32_logits=False)`).
 # Usage: OUT=dir bash scripts/gpu_round46.sh
 ROUND=round46
 . scripts/gpu_env.sh

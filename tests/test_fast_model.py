@@ -662,6 +662,26 @@ def test_gemv_tma_decode_equals_register_tiles(tiny_model_dir, monkeypatch):
     assert [ref.config.inter_size // 4, 16] in [list(b) for b in descs]       # [BLOCK_K, BLOCK_N] boxes
 
 
+@pytest.mark.parametrize("gemv_head", ["0", "1"])
+def test_model_dtype_logits_are_the_fp32_logits_unconverted(tiny_model_dir, monkeypatch, gemv_head):
+    """decode_step(fp32_logits=False), the greedy chunks' step, returns the 16-bit model's logits
+    in its own dtype, and they are exactly the fp32 logits (which are those values converted),
+    from the head GEMM and from the head GEMV."""
+    dt = torch.float16 if DEV == "cpu" else torch.bfloat16         # the interpreter's bf16 is broken
+    ref = load_model(tiny_model_dir, dtype="float16" if dt == torch.float16 else "bfloat16", device=DEV)
+    fast = FastGPTMoE(ref)
+    monkeypatch.setenv("FTMOE_GEMV_HEAD", gemv_head)
+    ids, pos = torch.tensor([3, 9, 250], device=DEV), torch.tensor([0, 2, 5], device=DEV)
+    tables, slots = _decode_rows(pos)
+    out = {}
+    for fp32 in (True, False):
+        cache = _random_cache(ref.config, dt, seed=3)
+        out[fp32] = fast.decode_step(ids, pos, tables, pos.int(), slots, cache, fp32_logits=fp32)
+    assert out[True].dtype == torch.float32 and out[False].dtype == dt
+    assert out[True].shape == out[False].shape == (3, ref.config.vocab_size)
+    assert out[True].abs().max() > 0 and torch.equal(out[False].float(), out[True])
+
+
 def test_ab_switches_keep_the_step(models, monkeypatch):
     """FTMOE_GEMV_WO_SPLITS (Wo's K splits: the default 4, 0 for gemv.plan's, 3) and FTMOE_LN_WARPS
     (add_layernorm's warps) change launches, not results; a malformed value names the switch."""
