@@ -5,22 +5,23 @@
 # 2. the new defaults against the old behaviour in one process: moepreload=0 (no weight tile
 #    before the wait), topkalign=0 (two kernels), both, at 1-256 rows (1-2: neither applies);
 #    moepreload=1 at 256 (the fallback: it must capture, and launch what the base launches);
-# 3. batch 64: attention's first K/V tile before the wait (preload=1), alone and with (64, 1) tiles
+# 3. bench v24 (`ftmoe bench --prefill-graphs --no-latency`): the standing figures with these
+#    defaults (the greedy-chunk rows now without the head's fp32 conversion:
+#    `decode_step(fp32_logits=False)`); before 4, so that a call cut short keeps it;
+# 4. batch 64: attention's first K/V tile before the wait (preload=1), alone and with (64, 1) tiles
 #    (round 44: x0.991 / x0.989 alone; round 45: the tiles x0.997); the Triton gate in 4 or 2 K
-#    splits rather than 8 (the one top-k + align program reads every split from L2);
-# 4. bench v24 (`ftmoe bench --prefill-graphs --no-latency`): the standing figures with these defaults
-#    (the greedy-chunk rows now without the head's fp32 conversion: `decode_step(fp32_logits=False)`).
+#    splits rather than 8 (the one top-k + align program reads every split from L2).
 # Usage: OUT=dir bash scripts/gpu_round46.sh
 ROUND=round46
 . scripts/gpu_env.sh
 timeout 150 python3 -m pytest -q -x -p no:cacheprovider tests/test_kernels.py tests/test_fast_model.py \
-    -k "topk_align or preload or moe_align or gate_topk or short_context or greedy_chunk" > "$W/tests.txt" 2>&1
+    -k "topk_align or preload or moe_align or gate_topk or short_context or greedy_chunk or model_dtype_logits" > "$W/tests.txt" 2>&1
 echo "[tests rc $? at ${SECONDS}s]"; tail -25 "$W/tests.txt" | grep -v "^$"; save tests
 timeout 150 python3 scripts/ab_decode.py --batches 4,16,32,64,128,256 --rounds 7 \
     --variants base moepreload=0 topkalign=0 moepreload=0,topkalign=0 moepreload=1 > "$W/ab_defaults.txt" 2>&1
 echo "[ab defaults rc $? at ${SECONDS}s]"; grep -E "^B=|rror" "$W/ab_defaults.txt"; save abdef
-timeout 120 python3 scripts/ab_decode.py --batches 64 --rounds 9 \
-    --variants base preload=1 attnlaunch=513:64x1,preload=1 gatesplits=4 gatesplits=2 > "$W/ab64.txt" 2>&1
-echo "[ab64 rc $? at ${SECONDS}s]"; grep -E "^B=|rror" "$W/ab64.txt"; save ab64
 timeout 200 python3 -m ftmoe.cli bench --prefill-graphs --no-latency --json "$W/bench.json" > "$W/bench.txt" 2>&1
 echo "[bench rc $? at ${SECONDS}s]"; grep -E "^(device|decode|prefill|eager)|rror" "$W/bench.txt"; save bench
+timeout 110 python3 scripts/ab_decode.py --batches 64 --rounds 9 \
+    --variants base preload=1 attnlaunch=513:64x1,preload=1 gatesplits=4 gatesplits=2 > "$W/ab64.txt" 2>&1
+echo "[ab64 rc $? at ${SECONDS}s]"; grep -E "^B=|rror" "$W/ab64.txt"; save ab64
