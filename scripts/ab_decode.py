@@ -22,7 +22,8 @@ are read at capture time):
   `alignwarps=W` (FTMOE_ALIGN_WARPS: the one-program MoE alignment's warps); `moepreload=auto|0|1`
   (FTMOE_MOE_PRELOAD: fused-MoE launches that may load their first weight tile before the PDL wait);
   `topkalign=auto|0|1` (FTMOE_TOPK_ALIGN: the MoE top-k and the slot alignment in one kernel);
-  `gatesplits=N` (FTMOE_GATE_SPLITS: the Triton gate GEMM's split-K count);
+  `gatesplits=N` (FTMOE_GATE_SPLITS: the Triton gate GEMM's split-K count); `moepersist=auto|0|1`
+  (FTMOE_MOE_PERSISTENT: aligned expert GEMMs on resident programs looping over the routed tiles);
 - `table=PATH`: a kernel-config table in place of the package's;
 - `skip=ln+attn+gate`: those kernels replaced by stand-ins that launch nothing (wrong results,
   timing only: what each costs in a step; past batch 1 skip ln together with gate, or the zero
@@ -60,7 +61,7 @@ ENV_SWITCHES = {"gate": "FTMOE_GATE", "attn": "FTMOE_ATTN_SPLIT", "preload": "FT
                 "gemvtma": "FTMOE_GEMV_TMA", "gemvexperts": "FTMOE_GEMV_EXPERTS", "wosplits": "FTMOE_GEMV_WO_SPLITS",
                 "lnwarps": "FTMOE_LN_WARPS", "w2tiles": "FTMOE_GEMV_W2_TILES",
                 "alignwarps": "FTMOE_ALIGN_WARPS", "moepreload": "FTMOE_MOE_PRELOAD",
-                "topkalign": "FTMOE_TOPK_ALIGN", "gatesplits": "FTMOE_GATE_SPLITS"}
+                "topkalign": "FTMOE_TOPK_ALIGN", "gatesplits": "FTMOE_GATE_SPLITS", "moepersist": "FTMOE_MOE_PERSISTENT"}
 
 
 def _knock_out(part: str):

@@ -3,8 +3,11 @@
 # 1. the GPU tests of the routing and fused-MoE kernels (one-kernel top-k + alignment, preload and
 #    its shared-memory fallback) and of the short-context / greedy-chunk graphs;
 # 2. the new defaults against the old behaviour in one process: moepreload=0 (no weight tile
-#    before the wait), topkalign=0 (two kernels), both, at 1-256 rows (1-2: neither applies);
+#    before the wait), topkalign=0 (two kernels), both, at 16-256 rows;
 #    moepreload=1 at 256 (the fallback: it must capture, and launch what the base launches);
+#    moepersist=1: the aligned expert GEMMs (33+ slots) on resident programs looping over the
+#    routed tiles, no program that only finds its row-block empty (at 16 / 32 rows a no-op: the
+#    base repeated);
 # 3. bench v24 (`ftmoe bench --prefill-graphs --no-latency`): the standing figures with these
 #    defaults (the greedy-chunk rows now without the head's fp32 conversion:
 #    `decode_step(fp32_logits=False)`); before 4, so that a call cut short keeps it;
@@ -15,10 +18,10 @@
 ROUND=round46
 . scripts/gpu_env.sh
 timeout 150 python3 -m pytest -q -x -p no:cacheprovider tests/test_kernels.py tests/test_fast_model.py \
-    -k "topk_align or preload or moe_align or gate_topk or short_context or greedy_chunk or model_dtype_logits" > "$W/tests.txt" 2>&1
+    -k "topk_align or preload or moe_align or gate_topk or short_context or greedy_chunk or model_dtype_logits or persistent" > "$W/tests.txt" 2>&1
 echo "[tests rc $? at ${SECONDS}s]"; tail -25 "$W/tests.txt" | grep -v "^$"; save tests
-timeout 150 python3 scripts/ab_decode.py --batches 4,16,32,64,128,256 --rounds 7 \
-    --variants base moepreload=0 topkalign=0 moepreload=0,topkalign=0 moepreload=1 > "$W/ab_defaults.txt" 2>&1
+timeout 170 python3 scripts/ab_decode.py --batches 16,32,64,128,256 --rounds 7 \
+    --variants base moepreload=0 topkalign=0 moepreload=0,topkalign=0 moepreload=1 moepersist=1 > "$W/ab_defaults.txt" 2>&1
 echo "[ab defaults rc $? at ${SECONDS}s]"; grep -E "^B=|rror" "$W/ab_defaults.txt"; save abdef
 timeout 200 python3 -m ftmoe.cli bench --prefill-graphs --no-latency --json "$W/bench.json" > "$W/bench.txt" 2>&1
 echo "[bench rc $? at ${SECONDS}s]"; grep -E "^(device|decode|prefill|eager)|rror" "$W/bench.txt"; save bench

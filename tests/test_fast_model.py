@@ -619,7 +619,8 @@ def _decode_rows(pos):
 
 
 def _random_cache(config, dtype, seed):
-    """A 64-block cache (block size 4) whose K / V are seeded random values, not zeros."""
+    """A 64-token cache (16 blocks of 4: `_decode_rows` of up to 8 rows) whose K / V are seeded
+    random values, not zeros."""
     cache = KVCache.for_model(config, 64, block_size=4, dtype=dtype, device=DEV)
     cache.k.normal_(generator=torch.Generator(DEV).manual_seed(seed))
     cache.v.normal_(generator=torch.Generator(DEV).manual_seed(seed + 1))
@@ -680,6 +681,22 @@ def test_model_dtype_logits_are_the_fp32_logits_unconverted(tiny_model_dir, monk
     assert out[True].dtype == torch.float32 and out[False].dtype == dt
     assert out[True].shape == out[False].shape == (3, ref.config.vocab_size)
     assert out[True].abs().max() > 0 and torch.equal(out[False].float(), out[True])
+
+
+def test_persistent_expert_gemms_keep_the_model(models, monkeypatch):
+    """FTMOE_MOE_PERSISTENT=1 (aligned expert GEMMs on resident programs): a prefill of 37 slots,
+    aligned after the one-kernel top-k + align, still follows the reference, through the
+    persistent kernel (two launches per MoE layer; the decode steps of 2 rows are per-slot). The
+    kernel against the plain one, bit for bit: `test_fused_moe_persistent_equals_plain`."""
+    from ftmoe.kernels import fused_moe as fused_moe_mod
+
+    ref, fast = models
+    asked = []
+    real = fused_moe_mod.resident_programs
+    monkeypatch.setattr(fused_moe_mod, "resident_programs", lambda *a: asked.append(1) or real(*a))
+    monkeypatch.setenv("FTMOE_MOE_PERSISTENT", "1")
+    _prefill_then_decode(ref, fast, [20, 17], 4, steps=1, seed=11)
+    assert len(asked) == 2 * sum(L["moe"] for L in fast.layers) > 0
 
 
 def test_ab_switches_keep_the_step(models, monkeypatch):

@@ -358,6 +358,77 @@ def test_fused_moe_preload_falls_back_when_shared_memory_runs_out(gen, monkeypat
     assert rel(got, a @ w[0]) < TOL[torch.float32]
 
 
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("stage,n,k,e,programs", [("w1_gelu", 37, 2, 4, 3), ("w1_gelu", 64, 1, 8, 1),
+                                                  ("w2_prob", 64, 1, 8, 5), ("w2_prob", 1, 1, 4, 1000),
+                                                  ("w2_prob", 40, 1, 16, 2)])
+def test_fused_moe_persistent_equals_plain(gen, monkeypatch, dtype, stage, n, k, e, programs):
+    """The aligned mode on resident programs looping over the routed tiles (FTMOE_MOE_PERSISTENT=1)
+    gives the plain kernel's results bit for bit, with 1, a few or more programs than tiles; both
+    GEMMs' epilogues; skipped slots (-1) stay unwritten; odd K and N leave tiles partly masked;
+    one case routes every token to one expert (its row-blocks follow each other in one program)."""
+    K, N = 80, 96
+    probs, ids = _routing(n, k, e, gen)
+    ids[::3, 0] = -1
+    if n == 40:
+        ids[1:, 0] = 3
+    w = rnd(e, K, N, dtype=dtype, gen=gen, scale=K ** -0.5)
+    bias = rnd(e, N, dtype=dtype, gen=gen, scale=0.1)
+    w1 = stage == "w1_gelu"
+    a = rnd(n if w1 else n * k, K, dtype=dtype, gen=gen)
+    cfg = {"BLOCK_M": 16, "BLOCK_N": 32, "BLOCK_K": 32}
+    routing = moe_align(ids, e, cfg["BLOCK_M"])
+    launched = []
+    real = fused_moe_mod.resident_programs
+    monkeypatch.setattr(fused_moe_mod, "resident_programs",
+                        lambda *args: launched.append(real(*args)) or programs)
+    monkeypatch.setenv("FTMOE_MOE_PRELOAD", "0")
+    outs = []
+    for v in ("0", "1"):
+        monkeypatch.setenv("FTMOE_MOE_PERSISTENT", v)
+        out = torch.full((n * k, N), float("nan"), dtype=dtype, device=DEV)
+        fused_moe(a, w, bias, n * k, topk=k, routing=routing, probs=probs, a_per_slot=not w1, gelu=w1,
+                  mul_prob=not w1, out=out, config=cfg)
+        outs.append(out)
+    assert len(launched) == 1 and launched[0] >= 1                # only the persistent launch asks
+    assert torch.equal(outs[0].nan_to_num(7.0), outs[1].nan_to_num(7.0))
+    skipped = (ids.view(-1) < 0).to(DEV)
+    assert bool(outs[1][skipped].isnan().all()) and not bool(outs[1][~skipped].isnan().any())
+    want = ref.fused_moe_ref(a, w, bias, ids, probs, k, a_per_slot=not w1, gelu=w1, mul_prob=not w1)
+    assert rel(outs[1][~skipped], want[~skipped]) < TOL[dtype] * 2
+
+
+def test_fused_moe_persistent_rule(gen, monkeypatch):
+    """Only aligned launches of one K split go persistent, only with FTMOE_MOE_PERSISTENT=1 (auto
+    is off until timed); per-slot and dense launches keep the plain kernel; a malformed value
+    names the switch; a flattened loop out of shared memory is launched on the plain kernel."""
+    from triton.runtime.errors import OutOfResources
+
+    on = fused_moe_mod.persistent_on
+    monkeypatch.delenv("FTMOE_MOE_PERSISTENT", raising=False)
+    assert not on(True, 1)
+    monkeypatch.setenv("FTMOE_MOE_PERSISTENT", "1")
+    assert on(True, 1) and not on(True, 2) and not on(False, 1)
+    probs, ids = _routing(9, 1, 4, gen)
+    a, w = rnd(9, 64, dtype=torch.float32, gen=gen), rnd(4, 64, 48, dtype=torch.float32, gen=gen)
+    cfg = {"BLOCK_M": 16, "BLOCK_N": 32, "BLOCK_K": 32}
+
+    class Tight:
+        def __getitem__(self, grid):
+            def launch(*args, **kw):
+                raise OutOfResources(245760, 232448, "shared memory")
+            return launch
+
+    monkeypatch.setattr(fused_moe_mod, "_fused_moe_persistent_kernel", Tight())
+    monkeypatch.setattr(fused_moe_mod, "resident_programs", lambda *args: 2)
+    got = fused_moe(a, w, None, 9, routing=moe_align(ids, 4, 16), config=cfg)
+    want = ref.fused_moe_ref(a, w, None, ids, probs, 1)
+    assert rel(got, want) < TOL[torch.float32]
+    monkeypatch.setenv("FTMOE_MOE_PERSISTENT", "yes")
+    with pytest.raises(ValueError, match="FTMOE_MOE_PERSISTENT: expected auto, 0 or 1, found 'yes'"):
+        on(True, 1)
+
+
 def test_fused_moe_preload_rule(monkeypatch):
     """auto: under the early trigger (PRELOAD_MODES) only, not at exit or without PDL; never for a
     first GEMM, whose routing the kernel just before writes; 1: wherever it may."""

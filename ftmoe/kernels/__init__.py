@@ -5,6 +5,7 @@ tensors; `available()` says whether Triton can run (a CUDA GPU, or TRITON_INTERP
 """
 from __future__ import annotations
 
+import functools
 import os
 
 
@@ -40,3 +41,20 @@ def warps_switch(var: str, default: int) -> int:
     if v not in ("1", "2", "4", "8", "16", "32"):
         raise ValueError(f"{var}: expected a power of two from 1 to 32, found {v!r}")
     return int(v)
+
+
+@functools.lru_cache(maxsize=None)
+def _sm_count(device_index: int) -> int:
+    import torch
+
+    return torch.cuda.get_device_properties(device_index).multi_processor_count
+
+
+def sm_count(device) -> int:
+    """Streaming multiprocessors of torch device `device` (4 on the CPU interpreter: few programs,
+    quick tests)."""
+    if device.type != "cuda":
+        return 4
+    import torch
+
+    return _sm_count(device.index if device.index is not None else torch.cuda.current_device())

@@ -17,6 +17,12 @@ could launch); it is read past the L1 (`.cg`), since an earlier layer's kernel o
 have cached the buffer. The first GEMM's routing is written by the kernel just before it: it
 never preloads. By default a launch preloads under the early trigger only (`preloads`), where
 the kernel before lets it launch early; `FTMOE_MOE_PRELOAD` (auto; 0; 1) switches it.
+
+`FTMOE_MOE_PERSISTENT=1` runs the aligned mode on a grid of resident programs that loop over the
+routed tiles (`_fused_moe_persistent_kernel`): the plain grid covers the worst case's row-blocks
+(every slot in its own expert: 64 blocks of 16 for 64 slots of 64 experts), so at batch 64 W1
+launches 2,048 programs of which only the routed experts' (~26-40 experts: ~850-1,300) hold
+slots; the rest start after them only to read NUM_POST and exit. Off by default until timed.
 """
 from __future__ import annotations
 
@@ -25,7 +31,7 @@ import triton
 import triton.language as tl
 from triton.runtime.errors import OutOfResources
 
-from . import auto_switch
+from . import auto_switch, sm_count
 from .pdl import EARLY, FEED, launch_kwargs, pdl_start
 
 #: the PDL launch modes under which `preloads` says yes by default: the early trigger, where the
@@ -49,6 +55,39 @@ def _mma(acc, a, w, IEEE: tl.constexpr):
     if IEEE:
         return acc + tl.dot(a, w, input_precision="ieee")
     return acc + tl.dot(a, w)
+
+
+@triton.jit
+def _aligned_block(SORTED, BLOCK_EXPERT, pid_m, BLOCK_M: tl.constexpr):
+    """The slots and the expert of aligned row-block pid_m (read past the L1: see the module's note)."""
+    slots = tl.load(SORTED + pid_m * BLOCK_M + tl.arange(0, BLOCK_M), cache_modifier=".cg")
+    return slots, tl.load(BLOCK_EXPERT + pid_m, cache_modifier=".cg").to(tl.int64)
+
+
+@triton.jit
+def _slot_rows(slots, NUM_SLOTS, TOPK: tl.constexpr, A_PER_SLOT: tl.constexpr):
+    """(which slots are real, the rows of A they read: the slot itself or its token)."""
+    smask = slots < NUM_SLOTS
+    if A_PER_SLOT:
+        rows = slots
+    else:
+        rows = slots // TOPK
+    return smask, tl.where(smask, rows, 0).to(tl.int64)
+
+
+@triton.jit
+def _store_tile(acc, C, BIAS, PROBS, expert, slots, smask, offs_n, nmask, stride_be, stride_cm, add_bias,
+                HAS_BIAS: tl.constexpr, GELU: tl.constexpr, MUL_PROB: tl.constexpr):
+    """The epilogue: + bias (where add_bias: once, in the first K split), GELU, x prob, stored."""
+    if HAS_BIAS:
+        bias = tl.load(BIAS + expert * stride_be + offs_n, mask=nmask, other=0.0).to(tl.float32)
+        acc += bias[None, :] * tl.where(add_bias, 1.0, 0.0)
+    if GELU:
+        acc = _gelu_tanh(acc)
+    if MUL_PROB:
+        acc *= tl.load(PROBS + slots, mask=smask, other=0.0)[:, None]
+    c_ptrs = C + slots.to(tl.int64)[:, None] * stride_cm + offs_n[None, :]
+    tl.store(c_ptrs, acc.to(C.dtype.element_ty), mask=smask[:, None] & nmask[None, :])
 
 
 @triton.jit
@@ -86,14 +125,8 @@ def _fused_moe_kernel(A, W, BIAS, C, PROBS, SORTED, BLOCK_EXPERT, NUM_POST,
     else:
         if pid_m * BLOCK_M >= tl.load(NUM_POST, cache_modifier=".cg"):
             return
-        slots = tl.load(SORTED + pid_m * BLOCK_M + tl.arange(0, BLOCK_M), cache_modifier=".cg")
-        expert = tl.load(BLOCK_EXPERT + pid_m, cache_modifier=".cg").to(tl.int64)
-    smask = slots < NUM_SLOTS
-    if A_PER_SLOT:
-        rows = slots
-    else:
-        rows = slots // TOPK
-    rows = tl.where(smask, rows, 0).to(tl.int64)
+        slots, expert = _aligned_block(SORTED, BLOCK_EXPERT, pid_m, BLOCK_M)
+    smask, rows = _slot_rows(slots, NUM_SLOTS, TOPK, A_PER_SLOT)
 
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     nmask = offs_n < N
@@ -122,15 +155,48 @@ def _fused_moe_kernel(A, W, BIAS, C, PROBS, SORTED, BLOCK_EXPERT, NUM_POST,
         acc = _mma(acc, a, w, IEEE)
         a_ptrs += BLOCK_K
         w_ptrs += BLOCK_K * stride_wk
-    if HAS_BIAS:  # once, in the first K split
-        bias = tl.load(BIAS + expert * stride_be + offs_n, mask=nmask, other=0.0).to(tl.float32)
-        acc += bias[None, :] * tl.where(ks == 0, 1.0, 0.0)
-    if GELU:
-        acc = _gelu_tanh(acc)
-    if MUL_PROB:
-        acc *= tl.load(PROBS + slots, mask=smask, other=0.0)[:, None]
-    c_ptrs = C + ks.to(tl.int64) * stride_cs + slots.to(tl.int64)[:, None] * stride_cm + offs_n[None, :]
-    tl.store(c_ptrs, acc.to(C.dtype.element_ty), mask=smask[:, None] & nmask[None, :])
+    _store_tile(acc, C + ks.to(tl.int64) * stride_cs, BIAS, PROBS, expert, slots, smask, offs_n, nmask, stride_be,
+                stride_cm, ks == 0, HAS_BIAS, GELU, MUL_PROB)
+
+
+@triton.jit
+def _fused_moe_persistent_kernel(A, W, BIAS, C, PROBS, SORTED, BLOCK_EXPERT, NUM_POST,
+                                 N, K, NUM_SLOTS, stride_am, stride_we, stride_wk, stride_be, stride_cm,
+                                 TOPK: tl.constexpr, A_PER_SLOT: tl.constexpr, HAS_BIAS: tl.constexpr,
+                                 GELU: tl.constexpr, MUL_PROB: tl.constexpr, IEEE: tl.constexpr,
+                                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                                 USE_PDL: tl.constexpr = False):
+    """The aligned mode on a grid of resident programs: program p takes tiles p, p + G, ... of the
+    NUM_POST / BLOCK_M x cdiv(N, BLOCK_N) tiles that hold slots (m-major), in one loop that the
+    compiler flattens, so the next tile's first loads are issued while this one's last K steps
+    run. No program starts only to find its row-block empty (the grid covers the routed blocks of
+    the worst case, every slot in its own expert)."""
+    pdl_start(USE_PDL)         # the routing may come from the kernel just before
+    pid = tl.program_id(0)
+    num_n = tl.cdiv(N, BLOCK_N)
+    tiles = tl.load(NUM_POST, cache_modifier=".cg") // BLOCK_M * num_n
+    offs_k = tl.arange(0, BLOCK_K)
+    for t in tl.range(pid, tiles, tl.num_programs(0), flatten=True):
+        pid_m = t // num_n
+        slots, expert = _aligned_block(SORTED, BLOCK_EXPERT, pid_m, BLOCK_M)
+        smask, rows = _slot_rows(slots, NUM_SLOTS, TOPK, A_PER_SLOT)
+        offs_n = (t % num_n) * BLOCK_N + tl.arange(0, BLOCK_N)
+        nmask = offs_n < N
+        acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+        for k0 in range(0, K, BLOCK_K):
+            # the columns again here, made to depend on k0 (min(k0, 0) is 0) so that they are not
+            # hoisted: a tensor carried through the flattened loop loses its contiguity, and the
+            # weight loads then go one element at a time, unpipelined (triton 3.6, sm_90: 130
+            # ld.global.b16 and 230 registers at W1's batch-64 tile, against cp.async and 80)
+            cols = (t % num_n) * BLOCK_N + tl.minimum(k0, 0) + tl.arange(0, BLOCK_N)
+            kmask = offs_k < K - k0
+            a = tl.load(A + rows[:, None] * stride_am + (k0 + offs_k)[None, :], mask=smask[:, None] & kmask[None, :],
+                        other=0.0)
+            w = tl.load(W + expert * stride_we + (k0 + offs_k)[:, None] * stride_wk + cols[None, :],
+                        mask=kmask[:, None] & (cols < N)[None, :], other=0.0)
+            acc = _mma(acc, a, w, IEEE)
+        _store_tile(acc, C, BIAS, PROBS, expert, slots, smask, offs_n, nmask, stride_be, stride_cm, True,
+                    HAS_BIAS, GELU, MUL_PROB)
 
 
 DEFAULT_CONFIG = {"BLOCK_M": 16, "BLOCK_N": 64, "BLOCK_K": 64, "GROUP_M": 8, "num_warps": 4, "num_stages": 3}
@@ -143,6 +209,35 @@ def preloads(dense: bool, routing_ready: bool, pdl_mode: int) -> bool:
     where it changes nothing but the code path, which the CPU tests check)."""
     v = auto_switch("FTMOE_MOE_PRELOAD")
     return (dense or routing_ready) and (v == "1" or (v == "auto" and pdl_mode in PRELOAD_MODES))
+
+
+def persistent_on(aligned: bool, split_k: int) -> bool:
+    """Whether an aligned launch (one K split) runs on `_fused_moe_persistent_kernel`:
+    `FTMOE_MOE_PERSISTENT` auto (off: not yet timed on a GPU), 0, 1."""
+    return aligned and split_k == 1 and auto_switch("FTMOE_MOE_PERSISTENT") == "1"
+
+
+_RESIDENT: dict = {}
+
+
+def resident_programs(kernel, args: tuple, consts: dict, device: torch.device) -> int:
+    """How many programs of this launch the GPU holds at once: SMs x programs per SM by registers,
+    shared memory and threads of the compiled kernel (the CPU interpreter: `sm_count`'s 4)."""
+    if device.type != "cuda":
+        return sm_count(device)
+    key = (kernel, device.index, tuple(sorted(consts.items())),
+           tuple(x.dtype for x in args if isinstance(x, torch.Tensor)))
+    if key not in _RESIDENT:
+        k = kernel.warmup(*args, grid=(1,), **consts)
+        k._init_handles()
+        props = torch.cuda.get_device_properties(device)
+        warps = consts.get("num_warps", 4)
+        warp_regs = -(-k.n_regs * 32 // 256) * 256                        # allocated per warp in 256s
+        by_regs = getattr(props, "regs_per_multiprocessor", 65536) // warp_regs // warps
+        by_smem = getattr(props, "shared_memory_per_multiprocessor", 233472) // (k.metadata.shared + 1024)
+        by_threads = getattr(props, "max_threads_per_multi_processor", 2048) // (32 * warps)
+        _RESIDENT[key] = sm_count(device) * max(1, min(by_regs, by_smem, by_threads, 32))
+    return _RESIDENT[key]
 
 
 def fused_moe(a: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None, num_slots: int, *,
@@ -189,6 +284,15 @@ def fused_moe(a: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None, num_s
                   GELU=gelu, MUL_PROB=mul_prob, IEEE=a.dtype == torch.float32, SPLIT_K=split_k,
                   BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], BLOCK_K=cfg["BLOCK_K"], GROUP_M=cfg["GROUP_M"],
                   num_warps=cfg["num_warps"], num_stages=cfg["num_stages"], **kw)
+    if persistent_on(not (dense or per_slot), split_k):
+        pargs = args[:-1]                               # no partial stride
+        pconsts = {k: v for k, v in consts.items() if k not in ("DENSE", "PER_SLOT", "SPLIT_K", "GROUP_M")}
+        try:
+            G = min(grid[0], resident_programs(_fused_moe_persistent_kernel, pargs, pconsts, a.device))
+            _fused_moe_persistent_kernel[(G,)](*pargs, **pconsts)
+            return c
+        except OutOfResources:
+            pass    # a flattened loop that needs more shared memory than the plain kernel: launch that
     if preloads(dense, routing_ready, kw.get("USE_PDL", 0)):
         try:
             _fused_moe_kernel[grid](*args, PRELOAD=True, **consts)

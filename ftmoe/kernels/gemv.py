@@ -41,14 +41,12 @@ batch 1 went from 2.81 to 1.62 us each (`scripts/critical_path.py`).
 """
 from __future__ import annotations
 
-import functools
-
 import torch
 import triton
 import triton.language as tl
 from triton.tools.tensor_descriptor import TensorDescriptor
 
-from . import auto_switch
+from . import auto_switch, sm_count
 from .fused_moe import _gelu_tanh
 from .pdl import EARLY, FEED, launch_kwargs
 
@@ -164,18 +162,6 @@ def _gemv_kernel(A, W, BIAS, C, IDS, PROBS, M, N, K, E, stride_ap, stride_am, st
         out = acc.to(DTYPE).to(C.dtype.element_ty)  # the GEMM's rounding, then the store's type
     c_ptrs = C + ks * stride_cs + rows[:, None] * stride_cm + offs_n[None, :]
     tl.store(c_ptrs, out, mask=rmask[:, None] & nmask[None, :])
-
-
-@functools.lru_cache(maxsize=None)
-def _sm_count(device_index: int) -> int:
-    return torch.cuda.get_device_properties(device_index).multi_processor_count
-
-
-def sm_count(device: torch.device) -> int:
-    """Streaming multiprocessors of `device` (4 on the CPU interpreter: few programs, quick tests)."""
-    if device.type != "cuda":
-        return 4
-    return _sm_count(device.index if device.index is not None else torch.cuda.current_device())
 
 
 def plan(N: int, K: int, elem_bytes: int, sms: int, parts: bool, splits: int | None = None) -> dict:
