@@ -398,6 +398,23 @@ def test_fused_moe_persistent_equals_plain(gen, monkeypatch, dtype, stage, n, k,
     assert rel(outs[1][~skipped], want[~skipped]) < TOL[dtype] * 2
 
 
+def test_programs_per_sm():
+    """An H100 SM (64K registers, 228 KB of shared memory, 2048 threads) holds 3 of the persistent
+    W1 tile at batch 64 (80 registers, 75,776 bytes, 4 warps: shared memory decides), 2 at 230
+    registers (registers decide), 16 of a tiny 4-warp kernel (threads decide), and one of a
+    program too large for two."""
+    from types import SimpleNamespace
+
+    h100 = SimpleNamespace(regs_per_multiprocessor=65536, shared_memory_per_multiprocessor=233472,
+                           max_threads_per_multi_processor=2048)
+    per_sm = fused_moe_mod.programs_per_sm
+    assert per_sm(80, 75776, 4, h100) == 3
+    assert per_sm(230, 40960, 4, h100) == 2          # 232 registers a thread: 7424 a warp -> 8 warps
+    assert per_sm(32, 0, 4, h100) == 16
+    assert per_sm(112, 151552, 8, h100) == 1 and per_sm(255, 200000, 8, h100) == 1
+    assert per_sm(80, 75776, 4, SimpleNamespace()) == 3   # properties torch lacks: the H100's
+
+
 def test_fused_moe_persistent_rule(gen, monkeypatch):
     """Only aligned launches of one K split go persistent, only with FTMOE_MOE_PERSISTENT=1 (auto
     is off until timed); per-slot and dense launches keep the plain kernel; a malformed value

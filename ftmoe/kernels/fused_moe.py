@@ -230,14 +230,21 @@ def resident_programs(kernel, args: tuple, consts: dict, device: torch.device) -
     if key not in _RESIDENT:
         k = kernel.warmup(*args, grid=(1,), **consts)
         k._init_handles()
-        props = torch.cuda.get_device_properties(device)
-        warps = consts.get("num_warps", 4)
-        warp_regs = -(-k.n_regs * 32 // 256) * 256                        # allocated per warp in 256s
-        by_regs = getattr(props, "regs_per_multiprocessor", 65536) // warp_regs // warps
-        by_smem = getattr(props, "shared_memory_per_multiprocessor", 233472) // (k.metadata.shared + 1024)
-        by_threads = getattr(props, "max_threads_per_multi_processor", 2048) // (32 * warps)
-        _RESIDENT[key] = sm_count(device) * max(1, min(by_regs, by_smem, by_threads, 32))
+        per_sm = programs_per_sm(k.n_regs, k.metadata.shared, consts.get("num_warps", 4),
+                                 torch.cuda.get_device_properties(device))
+        _RESIDENT[key] = sm_count(device) * per_sm
     return _RESIDENT[key]
+
+
+def programs_per_sm(regs: int, shared: int, warps: int, props) -> int:
+    """Programs of `warps` warps using `regs` registers a thread and `shared` bytes of shared
+    memory that one SM of `props` (a torch device-properties object) holds at once (at least 1):
+    registers go to a warp in 256s, each program's shared memory has 1 KB reserved beside it."""
+    warp_regs = -(-regs * 32 // 256) * 256
+    by_regs = getattr(props, "regs_per_multiprocessor", 65536) // warp_regs // warps
+    by_smem = getattr(props, "shared_memory_per_multiprocessor", 233472) // (shared + 1024)
+    by_threads = getattr(props, "max_threads_per_multi_processor", 2048) // (32 * warps)
+    return max(1, min(by_regs, by_smem, by_threads, 32))
 
 
 def fused_moe(a: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None, num_slots: int, *,
