@@ -881,6 +881,82 @@ def test_greedy_advance_matches_twin(B, V, with_lp, dtype, ctr):
         assert torch.allclose(lk[ctr:n], lt[ctr:n], atol=1e-5, rtol=1e-5) and lk[:ctr].isnan().all()
 
 
+@pytest.mark.parametrize("B,V,tp", [(1, 5000, 2), (3, 4099, 3), (6, 2048, 4)])
+@pytest.mark.parametrize("with_lp", [False, True])
+def test_greedy_tensor_parallel_merge_equals_one_vocabulary(B, V, tp, with_lp):
+    """Tensor-parallel greedy chunks: each rank's slice of the logits (uneven slices, one split
+    over several programs) reduced to per-row partials (`greedy_advance(part=)`, against
+    `greedy_partials_ref`), the partials merged by `greedy_merge` (against `greedy_merge_ref`),
+    give what `greedy_advance_ref` gives on the whole vocabulary: the tokens (ties inside a
+    slice and across slices: the first index wins), the update of the rows (padding rows
+    untouched), the log probs; twice in a row (the counter and partials reused)."""
+    from ftmoe.kernels.advance import (GreedyWork, greedy_advance, greedy_advance_ref, greedy_merge, greedy_merge_ref,
+                                       greedy_partials_ref)
+
+    g = torch.Generator().manual_seed(B * 11 + V + tp + with_lp)
+    bs, nb, steps = 4, 6, 8
+    pos = torch.randint(0, nb * bs - 2, (B,), generator=g)
+    tables = torch.randint(0, 500, (B, nb), generator=g)
+    slots = tables.gather(1, (pos // bs)[:, None])[:, 0] * bs + pos % bs
+    slots[torch.rand(B, generator=g) < 0.3] = -1
+    packed = torch.zeros((4 + nb) * B + 1, dtype=torch.int32)
+
+    def static(p):
+        return {"ids": p[:B], "positions": p[B:2 * B], "ctx": p[2 * B:3 * B], "slots": p[3 * B:4 * B],
+                "tables": p[4 * B:(4 + nb) * B].view(B, nb), "ctr": p[-1:]}
+    s0 = static(packed)
+    s0["positions"].copy_(pos)
+    s0["ctx"].copy_(pos)
+    s0["slots"].copy_(slots)
+    s0["tables"].copy_(tables)
+    s0["ctr"].fill_(3)
+    bounds = [len(c) for c in torch.tensor_split(torch.arange(V), tp)]
+    starts = [sum(bounds[:t]) for t in range(tp)]
+    logits = [(torch.randn(B, V, generator=g) * 3).to(torch.float16) for _ in range(2)]
+    top = logits[0].float().max(1).values + 1
+    logits[0][0, starts[1] + 5] = logits[0][0, starts[-1] + bounds[-1] - 1] = top[0]   # across slices: the first
+    if B > 1:
+        logits[0][-1, 7] = logits[0][-1, 9] = top[-1]                                   # inside a slice
+    out = {}
+    for name in ("kernel", "twin", "whole"):
+        p = packed.clone().to(DEV)
+        toks = torch.full((steps, B), -7, dtype=torch.long, device=DEV)
+        lps = torch.full((steps, B), float("nan"), device=DEV) if with_lp else None
+        works = [GreedyWork(B, n, DEV) for n in bounds]
+        for lg in logits:
+            lg = lg.to(DEV)
+            if name == "whole":
+                greedy_advance_ref(lg, toks, lps, static(p), bs)
+                continue
+            parts = torch.full((tp, 3, B), float("nan"), device=DEV)
+            for t in range(tp):
+                sl = lg[:, starts[t]:starts[t] + bounds[t]].contiguous()
+                if name == "kernel":
+                    greedy_advance(sl, toks, lps, static(p), bs, works[t], part=parts[t], vocab_start=starts[t])
+                    want = torch.empty(3, B, device=DEV)
+                    greedy_partials_ref(sl, want, starts[t])
+                    assert torch.equal(parts[t, :2], want[:2]), t
+                    if with_lp:
+                        assert torch.allclose(parts[t, 2], want[2], rtol=1e-5), t
+                else:
+                    greedy_partials_ref(sl, parts[t], starts[t])
+            (greedy_merge if name == "kernel" else greedy_merge_ref)(parts, toks, lps, static(p), bs, V)
+        assert all(int(w.count[0]) == 0 for w in works)
+        out[name] = (p.cpu(), toks.cpu(), lps.cpu() if with_lp else None)
+    assert GreedyWork(B, bounds[0], DEV).split > 1 or B > 1
+    for name in ("kernel", "twin"):
+        assert torch.equal(out[name][0], out["whole"][0]) and torch.equal(out[name][1], out["whole"][1]), name
+        if with_lp:
+            assert torch.allclose(out[name][2][3:5], out["whole"][2][3:5], atol=1e-5, rtol=1e-5), name
+    tk = out["kernel"][1]
+    assert int(tk[3, 0]) == starts[1] + 5 and (B == 1 or int(tk[3, -1]) == 7)
+    assert (tk[:3] == -7).all() and (tk[5:] == -7).all()
+    st = static(out["kernel"][0])
+    live = slots >= 0
+    assert int(st["ctr"][0]) == 5 and torch.equal(st["positions"][live].long(), pos[live] + 2)
+    assert torch.equal(st["positions"][~live].long(), pos[~live]) and (st["slots"][~live] == -1).all()
+
+
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("N,H,E,parts,rows", [(1, 64, 16, 1, 1), (3, 96, 24, 4, 1), (5, 64, 64, 2, 2)])
 def test_add_layernorm_gate(gen, dtype, N, H, E, parts, rows):

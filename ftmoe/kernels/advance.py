@@ -19,6 +19,12 @@ In:  logits [B, V] (any float dtype), the chunk's outputs toks/lps [MAX_STEPS, B
      bucket's static inputs (ids, positions, ctx, slots [B], tables [B, nb], ctr [1], int32).
      Out: those inputs updated in place; outputs row CTR written (none past MAX_STEPS).
 `greedy_advance_ref` (torch's argmax and log_softmax, then `advance_decode_ref`) is the twin.
+
+Under tensor parallelism each rank holds its vocabulary slice's logits: the same kernel stores
+each row's (max, first index, sum) of the slice instead of the update (`part=`), the ranks
+all-gather those [3, B] partials, and `greedy_merge` (one program) combines them in vocabulary
+order with the same merge and does the update, identically on every rank. Twins:
+`greedy_partials_ref`, `greedy_merge_ref`.
 """
 from __future__ import annotations
 
@@ -67,9 +73,32 @@ def advance_decode_ref(tok: torch.Tensor, lp: torch.Tensor | None, toks: torch.T
 
 
 @triton.jit
+def _merge_parts(PM, PI, PS, r, m, k, km, SR, SK, V, HAS_LP: tl.constexpr, PI_BITS: tl.constexpr):
+    """Rows r (mask m) over their parts k (mask km), each a (max, first index of it, sum of
+    exp(x - max)) at PM / PI / PS + r * SR + k * SK: the row's max, the first index of it (parts
+    ascend in the vocabulary, so the smallest index of an equal maximum), the sum over the parts
+    rescaled to the row's max (1 without HAS_LP). PI_BITS: the indices are int32 stored in fp32 bits."""
+    pm2 = m[:, None] & km[None, :]
+    at = r[:, None] * SR + k[None, :] * SK
+    pm = tl.load(PM + at, mask=pm2, other=-float("inf"), cache_modifier=".cg")
+    if PI_BITS:
+        pi = tl.load(PI + at, mask=pm2, other=0.0, cache_modifier=".cg").to(tl.int32, bitcast=True)
+    else:
+        pi = tl.load(PI + at, mask=pm2, other=0, cache_modifier=".cg")
+    top = tl.where(m, tl.max(pm, 1), 0.0)          # (rows past B: finite, so no NaN below)
+    tok = tl.min(tl.where(pm == top[:, None], pi, V), 1).to(tl.int64)
+    tot = top * 0.0 + 1.0                          # (without HAS_LP: unused)
+    if HAS_LP:
+        ps = tl.load(PS + at, mask=pm2, other=0.0, cache_modifier=".cg")
+        tot = tl.sum(ps * tl.exp(pm - top[:, None]), 1)
+    return tok, top, tot
+
+
+@triton.jit
 def _greedy_kernel(LOGITS, stride_l, V, PM, PI, PS, COUNT, OUT_TOK, OUT_LP, IDS, POS, CTX, SLOTS, TABLES, CTR,
-                   B, NB, MAX_STEPS, SPLIT, TILES, BS: tl.constexpr, HAS_LP: tl.constexpr, BLOCK_V: tl.constexpr,
-                   BLOCK_B: tl.constexpr, BLOCK_S: tl.constexpr, USE_PDL: tl.constexpr = False):
+                   PART, VOFF, B, NB, MAX_STEPS, SPLIT, TILES, BS: tl.constexpr, HAS_LP: tl.constexpr,
+                   BLOCK_V: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_S: tl.constexpr, PARTIAL: tl.constexpr = False,
+                   USE_PDL: tl.constexpr = False):
     pdl_start(USE_PDL)
     row = tl.program_id(0)
     sp = tl.program_id(1)
@@ -97,20 +126,35 @@ def _greedy_kernel(LOGITS, stride_l, V, PM, PI, PS, COUNT, OUT_TOK, OUT_LP, IDS,
         r = tl.arange(0, BLOCK_B)
         m = r < B
         k = tl.arange(0, BLOCK_S)
-        pm2 = m[:, None] & (k[None, :] < SPLIT)
-        at = r[:, None] * SPLIT + k[None, :]
-        pm = tl.load(PM + at, mask=pm2, other=-float("inf"), cache_modifier=".cg")
-        pi = tl.load(PI + at, mask=pm2, other=0, cache_modifier=".cg")
-        top = tl.where(m, tl.max(pm, 1), 0.0)          # (rows past B: finite, so no NaN below)
-        tok = tl.min(tl.where(pm == top[:, None], pi, V), 1).to(tl.int64)
-        lp = tok.to(tl.float32)
-        if HAS_LP:
-            ps = tl.load(PS + at, mask=pm2, other=0.0, cache_modifier=".cg")
-            lp = -tl.log(tl.sum(ps * tl.exp(pm - top[:, None]), 1) + tl.where(m, 0.0, 1.0))
-        c = tl.load(CTR)
-        _advance_rows(tok, lp, r, m, c, OUT_TOK, OUT_LP, IDS, POS, CTX, SLOTS, TABLES, B, NB, MAX_STEPS, BS, HAS_LP)
-        tl.store(CTR, c + 1)
+        tok, top, sums = _merge_parts(PM, PI, PS, r, m, k, k < SPLIT, SPLIT, 1, V, HAS_LP, False)
+        if PARTIAL:   # this rank's vocabulary slice: [3, B] (max, index + VOFF in fp32 bits, sum) for the TP merge
+            tl.store(PART + r, top, mask=m)
+            tl.store(PART + B + r, (tok + VOFF).to(tl.int32).to(tl.float32, bitcast=True), mask=m)
+            tl.store(PART + 2 * B + r, sums, mask=m)
+        else:
+            lp = -tl.log(sums + tl.where(m, 0.0, 1.0))
+            c = tl.load(CTR)
+            _advance_rows(tok, lp, r, m, c, OUT_TOK, OUT_LP, IDS, POS, CTX, SLOTS, TABLES, B, NB, MAX_STEPS, BS,
+                          HAS_LP)
+            tl.store(CTR, c + 1)
         tl.store(COUNT, 0)
+
+
+@triton.jit
+def _greedy_merge_kernel(PARTS, NP, V, OUT_TOK, OUT_LP, IDS, POS, CTX, SLOTS, TABLES, CTR, B, NB, MAX_STEPS,
+                         BS: tl.constexpr, HAS_LP: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_P: tl.constexpr,
+                         USE_PDL: tl.constexpr = False):
+    """One program: the NP tensor-parallel ranks' [3, B] partials (`_greedy_kernel` PARTIAL) merged
+    per row, then the rows advanced as `_greedy_kernel` does."""
+    pdl_start(USE_PDL)
+    r = tl.arange(0, BLOCK_B)
+    m = r < B
+    k = tl.arange(0, BLOCK_P)
+    tok, top, tot = _merge_parts(PARTS, PARTS + B, PARTS + 2 * B, r, m, k, k < NP, 1, 3 * B, V, HAS_LP, True)
+    lp = -tl.log(tot + tl.where(m, 0.0, 1.0))
+    c = tl.load(CTR)
+    _advance_rows(tok, lp, r, m, c, OUT_TOK, OUT_LP, IDS, POS, CTX, SLOTS, TABLES, B, NB, MAX_STEPS, BS, HAS_LP)
+    tl.store(CTR, c + 1)
 
 
 class GreedyWork:
@@ -134,23 +178,63 @@ class GreedyWork:
 
 
 def greedy_advance(logits: torch.Tensor, toks: torch.Tensor, lps: torch.Tensor | None, s: dict, block_size: int,
-                   work: GreedyWork) -> None:
+                   work: GreedyWork, part: torch.Tensor | None = None, vocab_start: int = 0) -> None:
     """The argmax of logits [B, V] (with lps: its log-softmax too) recorded at row CTR of toks
-    (and lps), fed back as the next ids, every live row moved one position on, in one launch."""
+    (and lps), fed back as the next ids, every live row moved one position on, in one launch.
+    part [3, B] fp32 (a tensor-parallel rank's vocabulary slice, from vocab_start): instead of
+    the update, each row's (max, first index of it + vocab_start as int32 bits, sum of
+    exp(x - max)) is stored there for `greedy_merge` to combine over the ranks."""
     B, V = logits.shape
     tables = s["tables"]
     assert logits.stride(1) == 1 and (work.B, work.V) == (B, V) and toks.shape[1] == B
     assert tables.stride(1) == 1 and tables.stride(0) == tables.shape[1]
+    assert part is None or (part.dtype == torch.float32 and part.is_contiguous() and part.numel() == 3 * B)
     _greedy_kernel[(B, work.split)](
         logits, logits.stride(0), V, work.pm, work.pi, work.ps, work.count, toks, lps if lps is not None else work.ps,
-        s["ids"], s["positions"], s["ctx"], s["slots"], tables, s["ctr"], B, tables.shape[1], toks.shape[0],
-        work.split, work.tiles, BS=block_size, HAS_LP=lps is not None, BLOCK_V=work.BLOCK_V,
-        BLOCK_B=triton.next_power_of_2(B), BLOCK_S=triton.next_power_of_2(work.split),
-        num_warps=8, **launch_kwargs(logits))
+        s["ids"], s["positions"], s["ctx"], s["slots"], tables, s["ctr"], part if part is not None else work.ps,
+        vocab_start, B, tables.shape[1], toks.shape[0], work.split, work.tiles, BS=block_size,
+        HAS_LP=lps is not None, BLOCK_V=work.BLOCK_V, BLOCK_B=triton.next_power_of_2(B),
+        BLOCK_S=triton.next_power_of_2(work.split), PARTIAL=part is not None, num_warps=8, **launch_kwargs(logits))
+
+
+def greedy_merge(parts: torch.Tensor, toks: torch.Tensor, lps: torch.Tensor | None, s: dict, block_size: int,
+                 vocab_size: int) -> None:
+    """The tensor-parallel ranks' partials parts [TP, 3, B] (each `greedy_advance(part=)` of its
+    vocabulary slice, the slices in vocabulary order) merged per row into the token and log prob
+    of the whole vocabulary (first index on ties, as torch.argmax over the full logits), then
+    recorded, fed back and the rows moved on as `greedy_advance` does; one program."""
+    P, three, B = parts.shape
+    tables = s["tables"]
+    assert three == 3 and parts.dtype == torch.float32 and parts.is_contiguous() and toks.shape[1] == B
+    assert tables.stride(1) == 1 and tables.stride(0) == tables.shape[1]
+    _greedy_merge_kernel[(1,)](
+        parts, P, vocab_size, toks, lps if lps is not None else parts, s["ids"], s["positions"], s["ctx"], s["slots"],
+        tables, s["ctr"], B, tables.shape[1], toks.shape[0], BS=block_size, HAS_LP=lps is not None,
+        BLOCK_B=triton.next_power_of_2(B), BLOCK_P=triton.next_power_of_2(P), num_warps=4, **launch_kwargs(parts))
 
 
 def greedy_advance_ref(logits: torch.Tensor, toks: torch.Tensor, lps: torch.Tensor | None, s: dict,
                        block_size: int, work: GreedyWork | None = None) -> None:
     tok = torch.argmax(logits, dim=-1)
     lp = torch.log_softmax(logits.float(), dim=-1).gather(1, tok[:, None])[:, 0] if lps is not None else None
+    advance_decode_ref(tok, lp, toks, lps, s, block_size)
+
+
+def greedy_partials_ref(logits: torch.Tensor, part: torch.Tensor, vocab_start: int) -> None:
+    """`greedy_advance(part=)`'s twin: per row (max, first index + vocab_start in int32 bits, sum of exp(x - max))."""
+    x = logits.float()
+    top = x.max(-1).values
+    idx = torch.argmax(x, dim=-1)          # the first index of the maximum
+    part[0].copy_(top)
+    part[1].copy_((idx + vocab_start).to(torch.int32).view(torch.float32))
+    part[2].copy_(torch.exp(x - top[:, None]).sum(-1))
+
+
+def greedy_merge_ref(parts: torch.Tensor, toks: torch.Tensor, lps: torch.Tensor | None, s: dict,
+                     block_size: int, vocab_size: int | None = None) -> None:
+    """`greedy_merge`'s twin."""
+    pm, pi, ps = parts[:, 0], parts[:, 1].contiguous().view(torch.int32).long(), parts[:, 2]
+    top = pm.max(0).values
+    tok = torch.where(pm == top, pi, torch.iinfo(torch.int64).max).min(0).values
+    lp = -torch.log((ps * torch.exp(pm - top)).sum(0)) if lps is not None else None
     advance_decode_ref(tok, lp, toks, lps, s, block_size)
