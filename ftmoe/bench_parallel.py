@@ -8,7 +8,9 @@ In:  a ParallelConfig, a preset (random weights drawn per rank) or a converted f
 Each timed step is what serving does: rank 0 broadcasts the step, every rank runs its shard
 (Triton kernels and per-rank decode CUDA graphs on GPUs), logits come back to rank 0.
 The context stays at `ctx` (each step's token is dropped again), so every step is the same.
-Prefill (B x T fresh prompts) is timed the same way. At tp = ep = pp = 1 the same harness
+Greedy chunks (`--greedy-chunk N`, default 8) add a row per batch: N steps per broadcast, each
+step's argmax fed back on the devices, the tokens gathered once (ms per step; without a
+pipeline, where the runner has decode graphs). Prefill (B x T fresh prompts) is timed the same way. At tp = ep = pp = 1 the same harness
 gives the one-GPU baseline of a scaling table (`ftmoe bench --distributed`).
 """
 from __future__ import annotations
@@ -33,7 +35,10 @@ def _sync(dev) -> None:
 def run_parallel_bench(pc: ParallelConfig, preset: str | None = "gpt-moe-0.35b-64e", model_dir: str | None = None,
                        dtype: str = "bf16", device: str = "cuda", batches=(1, 64, 256), ctx: int = 128,
                        iters: int = 20, json_path: str | None = None, log=print, timeout_s: float = 300.0,
-                       prefill: tuple[int, int] | None = None) -> dict:
+                       prefill: tuple[int, int] | None = None, greedy_chunk: int = 8, fast: bool | None = None) -> dict:
+    """greedy_chunk: also time decode steps run that many at a time on every rank
+    (`DistributedModel.greedy_chunk`: one broadcast and one token gather per chunk), where the
+    runner can (decode graphs, no pipeline); 0 or 1: not. fast: as `launch.start`'s."""
     from .bench import measure_hardware
     from .loader import parse_dtype
 
@@ -50,7 +55,7 @@ def run_parallel_bench(pc: ParallelConfig, preset: str | None = "gpt-moe-0.35b-6
                 json.dump(result, f, indent=1)
         return result
 
-    runner, procs = launch.start(pc, model_dir, tdtype, device, timeout_s=timeout_s,
+    runner, procs = launch.start(pc, model_dir, tdtype, device, timeout_s=timeout_s, fast=fast,
                                  random_preset=preset if model_dir is None else None)
     try:
         cfg = runner.config
@@ -58,7 +63,7 @@ def run_parallel_bench(pc: ParallelConfig, preset: str | None = "gpt-moe-0.35b-6
         if dev.type == "cuda":
             hw.update(measure_hardware(dev))
         bs = 16
-        tokens = max(max(batches) * (-(-(ctx + 1) // bs)) * bs, prefill[0] * (-(-prefill[1] // bs)) * bs if prefill else 0)
+        tokens = max(max(batches) * (-(-(ctx + max(1, greedy_chunk)) // bs)) * bs, prefill[0] * (-(-prefill[1] // bs)) * bs if prefill else 0)
         cache = runner.make_cache(tokens + 64 * bs, bs)
         g = torch.Generator().manual_seed(0)
         if prefill:
@@ -91,6 +96,9 @@ def run_parallel_bench(pc: ParallelConfig, preset: str | None = "gpt-moe-0.35b-6
                 row["floor_ms"] = row["one_gpu_floor_ms"]
             rows.append(row)
             save()
+            if greedy_chunk > 1 and runner.can_greedy_chunk(cache, B):
+                rows.append(_bench_chunk(runner, cache, seqs, tok, ctx, greedy_chunk, dict(row), dev, iters, log))
+                save()
             imb = ""
             if load:
                 per_layer = [max(r) / max(1e-9, statistics.mean(r)) for r in load if r]
@@ -103,6 +111,28 @@ def run_parallel_bench(pc: ParallelConfig, preset: str | None = "gpt-moe-0.35b-6
     finally:
         launch.stop(runner, procs)
     return save()
+
+
+def _bench_chunk(runner, cache, seqs: list[int], tok: torch.Tensor, ctx: int, k: int, row: dict, dev, iters: int,
+                 log) -> dict:
+    """Greedy chunks of k steps from context ctx (every sequence cut back to ctx after each):
+    ms and rank 0's host ms per step, beside the step row `row` (whose floor it keeps)."""
+    ids = tok[:, 0]
+
+    def chunk():
+        toks, _ = runner.greedy_chunk(ids, cache.prepare_chunk(seqs, k), cache, k)
+        for s in seqs:
+            cache.truncate(s, ctx)
+        return toks
+
+    ms, host_ms = _median_ms(chunk, dev, warmups=2, iters=max(3, iters // k + 2))
+    B = len(seqs)
+    row.update(variant=f"greedy-chunk-{k}", ms=ms / k, host_ms=host_ms / k, tokens_per_s=B / ms * k * 1e3)
+    row.pop("ep_tokens_per_rank", None)
+    pc = runner.par.config
+    log(f"decode tp={pc.tp} ep={pc.ep} pp={pc.pp} B={B:<4} {row['ms']:9.3f} ms  {row['tokens_per_s']:10.0f} tok/s"
+        f"  (greedy chunks of {k}: host {row['host_ms']:.3f} ms a step)")
+    return row
 
 
 def _median_ms(fn, dev, warmups: int, iters: int) -> tuple[float, float]:

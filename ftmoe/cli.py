@@ -252,12 +252,15 @@ def main(argv: list[str] | None = None) -> int:
                 prefill = None if a.prefill == "none" else tuple(int(v) for v in a.prefill.lower().split("x"))
             except ValueError:
                 raise FtmoeError(f"--batches/--prefill malformed: {a.batches!r}, {a.prefill!r}") from None
+            if not 0 <= a.greedy_chunk <= 32:
+                raise FtmoeError(f"--greedy-chunk must be 0..32 steps, found {a.greedy_chunk}")
             if a.tp * a.ep * a.pp > 1 or a.distributed:
                 from .bench_parallel import run_parallel_bench
                 from .distributed import ParallelConfig
 
                 run_parallel_bench(ParallelConfig(a.tp, a.ep, a.pp), a.preset, a.model, a.dtype, a.device, batches,
-                                   a.ctx, min(a.iters, 20), a.json, prefill=prefill)
+                                   a.ctx, min(a.iters, 20), a.json, prefill=prefill,
+                                   greedy_chunk=a.greedy_chunk)
                 return 0
             run_bench(a.preset, a.model, a.dtype, batches, a.ctx, prefill, not a.no_eager, not a.no_latency,
                       a.iters, a.json, profile=a.profile, device=a.device, prefill_graphs=a.prefill_graphs,

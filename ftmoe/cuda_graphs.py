@@ -11,7 +11,10 @@ cache; inputs are copied into static buffers before each replay (no allocation p
 from the host in one copy (`step_host`), or field by field from device tensors (`step`).
 Greedy chunks (`greedy_chunk`): a second graph per bucket appends the argmax and
 `kernels.advance` (tokens fed back, rows moved one position on), so N steps replay back to back
-from one host copy and the host reads N tokens per row once.
+from one host copy and the host reads N tokens per row once. Under tensor parallelism the
+graph all-gathers each rank's per-row argmax partials of its vocabulary slice and merges them
+on every rank (`kernels.advance.greedy_merge`), so every rank feeds back the same tokens; the
+parallel runner loads a chunk's inputs from device tensors (`load`, `greedy_steps`).
 Short contexts: where decode attention runs in one pass for short contexts (small buckets:
 `attention.one_pass_differs`), a bucket keeps a step graph (and greedy-chunk graph) for each
 context limit of `attention.ONE_PASS_TILES`, on the same static inputs; a step from the host,
@@ -28,7 +31,7 @@ import torch
 
 from .fast_model import FastGPTMoE
 from .kernels import attention, size_switch
-from .kernels.advance import GreedyWork, greedy_advance
+from .kernels.advance import GreedyWork, greedy_advance, greedy_merge
 from .kernels.hostfetch import fetch_from_host
 from .kv_cache import AttnMetadata, KVCache
 from .progress import Progress
@@ -139,7 +142,7 @@ class DecodeGraphs:
         a longest row of max_ctx cached tokens replay (the last step's row has max_ctx + steps - 1):
         the smallest that holds it; 0: the graphs for any context."""
         last = max_ctx + steps - 1
-        return next((c for c, _ in attention.ONE_PASS_TILES if (bucket, c) in self.short and last <= c), 0)
+        return next((c for c, _ in attention.ONE_PASS_TILES if self.has_short(bucket) and last <= c), 0)
 
     def graph(self, bucket: int, max_ctx: int) -> torch.cuda.CUDAGraph | None:
         """The step graph a step of `bucket` from the host replays when its longest row has max_ctx
@@ -209,10 +212,22 @@ class DecodeGraphs:
         max_ctx: the longest row's cached tokens where the caller knows it (a short-context graph
         may then serve: `short_limit`); None: the graph for any context."""
         B = ids.shape[0]
-        bucket, (_, s, _) = self._bucket(B, min_rows)
+        bucket, _ = self._bucket(B, min_rows)
+        self.load(ids, positions, block_tables, context_lens, slots, bucket)
+        return self._replay(bucket, B, 0 if max_ctx is None else self.short_limit(bucket, max_ctx))
+
+    @torch.inference_mode()
+    def load(self, ids: torch.Tensor | None, positions: torch.Tensor, block_tables: torch.Tensor,
+             context_lens: torch.Tensor, slots: torch.Tensor, bucket: int) -> None:
+        """Device inputs of B rows into the (captured) bucket's static inputs, one copy each; rows
+        past B are padding. ids None: the ids on the device stay (a greedy chunk continuing the
+        last one, as `_load` does from the host); the chunk step counter is `greedy_steps`'s."""
+        B = positions.shape[0]
+        s = self.graphs[bucket][1]
         self._last_chunk = None
         self._host_buffer(s, fresh=False)        # fetch mode: the replay keeps these device inputs
-        s["ids"][:B].copy_(ids)
+        if ids is not None:
+            s["ids"][:B].copy_(ids)
         s["positions"][:B].copy_(positions)
         s["tables"][:B, : block_tables.shape[1]].copy_(block_tables)
         s["ctx"][:B].copy_(context_lens)
@@ -220,7 +235,6 @@ class DecodeGraphs:
         if B < bucket:
             s["slots"][B:].fill_(-1)
             s["ctx"][B:].fill_(0)
-        return self._replay(bucket, B, 0 if max_ctx is None else self.short_limit(bucket, max_ctx))
 
     @torch.inference_mode()
     def step_host(self, ids: torch.Tensor, meta: AttnMetadata) -> torch.Tensor:
@@ -336,13 +350,22 @@ class DecodeGraphs:
         toks = torch.zeros(MAX_CHUNK, B, dtype=torch.long, device=dev)
         lps = torch.zeros(MAX_CHUNK, B, dtype=torch.float32, device=dev) if logprobs else None
 
-        m = self.fast.model
+        m, par = self.fast.model, self.fast.par
         work = GreedyWork(B, m.vocab_end - m.vocab_start, dev)
+        if par.tp > 1:   # this rank's vocabulary slice: per-row partials, all-gathered, merged on every rank
+            part = torch.zeros(3 * B, dtype=torch.float32, device=dev)
+            parts = torch.zeros(par.tp * 3 * B, dtype=torch.float32, device=dev)
 
         def run():
             # logits in the model's dtype: the argmax and log-softmax read them as fp32, the values
             # the host's greedy sees, without a conversion kernel over [B, V] (42 us at 256 rows)
-            greedy_advance(self._run(s, short, fp32_logits=False), toks, lps, s, self.cache.block_size, work)
+            logits = self._run(s, short, fp32_logits=False)
+            if par.tp == 1:
+                greedy_advance(logits, toks, lps, s, self.cache.block_size, work)
+                return toks
+            greedy_advance(logits, toks, lps, s, self.cache.block_size, work, part=part, vocab_start=m.vocab_start)
+            par.tp_all_gather(parts, part)
+            greedy_merge(parts.view(par.tp, 3, B), toks, lps, s, self.cache.block_size, self.fast.config.vocab_size)
             return toks
 
         if dev.type != "cuda":
@@ -382,13 +405,8 @@ class DecodeGraphs:
         self.capture(bucket)
         short = self.short_limit(bucket, self.max_ctx(meta), steps)
         self.capture_greedy(bucket, logprobs, short)
-        g, run, toks, lps = self.greedy[(bucket, logprobs, short)]
         self._load(None if after is not None else ids, meta, bucket)
-        for _ in range(steps):
-            if g is None:
-                run()
-            else:
-                g.replay()
+        toks, lps = self.greedy_steps(bucket, steps, logprobs, short)
         out_t, out_l, done = self._chunk_out(bucket, logprobs)
         out_t[:steps].copy_(toks[:steps], non_blocking=True)
         if lps is not None:
@@ -397,6 +415,24 @@ class DecodeGraphs:
             done.record()
         self._last_chunk = GreedyChunk(bucket, B, steps, logprobs, out_t, out_l, done)
         return self._last_chunk
+
+    @torch.inference_mode()
+    def greedy_steps(self, bucket: int, steps: int, logprobs: bool = False, short: int = 0,
+                     reset: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Queue `steps` replays of the bucket's greedy-chunk graph (short: its short-context
+        one) on the inputs loaded; reset: set the step counter to 0 first (`_load` does it with
+        the host's copy). Returns its device outputs, tokens [MAX_CHUNK, bucket] (and log probs),
+        rows 0..steps-1 being this chunk's once the replays have run."""
+        self.capture_greedy(bucket, logprobs, short)
+        g, run, toks, lps = self.greedy[(bucket, logprobs, short)]
+        if reset:
+            self.graphs[bucket][1]["ctr"].zero_()
+        for _ in range(steps):
+            if g is None:
+                run()
+            else:
+                g.replay()
+        return toks, lps
 
     @staticmethod
     def greedy_chunk_result(chunk: GreedyChunk) -> tuple[torch.Tensor, torch.Tensor | None]:

@@ -102,6 +102,10 @@ class ParallelState:
             dist.all_reduce(x, group=self.tp_group)
         return x
 
+    def tp_all_gather(self, out: torch.Tensor, x: torch.Tensor) -> None:
+        """out [tp * n, ...] = every TP rank's x [n, ...], in TP-index order."""
+        (getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor)(out, x, group=self.tp_group)
+
     def ep_all_gather(self, out: torch.Tensor, x: torch.Tensor) -> None:
         """out [ep * n, ...] = every EP rank's x [n, ...], in EP-index order."""
         (getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor)(out, x, group=self.ep_group)

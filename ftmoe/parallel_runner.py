@@ -18,9 +18,14 @@ copies, stop, load report) follow a header with `broadcast_object_list`.
   models in 16 bits) to rank 0: one NCCL gather without a pipeline, sends and receives with one.
 Only rank 0 samples, so every rank sees the same tokens. The KV cache's block bookkeeping
 lives on rank 0; each rank stores its own layers and heads under the same block ids.
+Greedy chunks (`greedy_chunk`, without a pipeline): one broadcast starts N decode steps that
+every rank replays back to back from its decode graphs, each step's argmax fed back on the
+devices (under TP the graph merges the vocabulary slices' argmax, so the TP ranks agree); one
+gather brings the N x B tokens to rank 0, whose host work is then paid once per chunk, not per step.
 """
 from __future__ import annotations
 
+import dataclasses
 import os
 
 import torch
@@ -30,6 +35,33 @@ from .distributed import ParallelState
 from .errors import FtmoeError
 from .kv_cache import AttnMetadata, KVCache
 from .model import GPTMoE
+
+
+@dataclasses.dataclass
+class _DistChunk:
+    """A greedy chunk queued on every rank (`DistributedModel.greedy_chunk_start`): its rows,
+    steps, and the host buffer the ranks' tokens (and log probs) are gathered into, with the
+    event that marks the copy done (None on CPUs)."""
+    rows: int
+    steps: int
+    logprobs: bool
+    host: torch.Tensor           # [world, (2,) steps, rows per rank]: int64 tokens, or float64 (tokens, log probs)
+    layout: list                 # (row slice, source rank, rows) per EP index
+    done: object
+
+    def result(self) -> tuple[torch.Tensor, torch.Tensor | None]:
+        if self.done is not None:
+            self.done.synchronize()
+        toks = torch.empty(self.steps, self.rows, dtype=torch.long)
+        lps = torch.empty(self.steps, self.rows, dtype=torch.float32) if self.logprobs else None
+        for sl, src, n in self.layout:
+            part = self.host[src]
+            if self.logprobs:
+                toks[:, sl] = part[0, :, :n].long()
+                lps[:, sl] = part[1, :, :n].float()
+            else:
+                toks[:, sl] = part[:, :n]
+        return toks, lps
 
 
 class _ShardCache(KVCache):
@@ -65,9 +97,9 @@ def _pad_rows(x: torch.Tensor, meta: AttnMetadata, n_pad: int, T: int):
     return x, meta
 
 
-_OBJECT, _FORWARD = 1, 2                      # header codes: a pickled command follows / a forward step
+_OBJECT, _FORWARD, _GREEDY = 1, 2, 3          # header codes: a pickled command follows / a forward step / a greedy chunk
 _MODES = ("reference", "decode", "prefill")
-_HEADER = 6                                   # [code, B, T, nb, last_only, mode]
+_HEADER = 6                                   # [code, B, T, nb, last_only, mode]; a greedy chunk: [code, B, 1, nb, flags, short]
 _MESSAGE = 16384                              # int64s in a step's first broadcast: the header and most payloads
 
 
@@ -126,8 +158,10 @@ class DistributedModel:
 
             self.fast = FastGPTMoE(model)
         # decode steps replay per-rank CUDA graphs (collectives inside) on GPUs; FTMOE_CUDA_GRAPHS=0 turns them off
+        # (FTMOE_CUDA_GRAPHS=1 on CPUs: the graphs' static-buffer procedure, run eagerly, for tests)
         if cuda_graphs is None:
-            cuda_graphs = par.device.type == "cuda" and os.environ.get("FTMOE_CUDA_GRAPHS", "1") != "0"
+            env = os.environ.get("FTMOE_CUDA_GRAPHS", "")
+            cuda_graphs = env == "1" or (par.device.type == "cuda" and env != "0")
         self.cuda_graphs = self.fast is not None and cuda_graphs
         self._last_mode = "reference"
         self.config, self.dtype, self.device = model.config, model.dtype, par.device
@@ -137,6 +171,8 @@ class DistributedModel:
         self._local_layers = len(model.layer_ids)
         self._heads = cfg.head_num // par.tp
         self._pinned, self._staged, self._msg = None, None, None
+        self._last_chunk: _DistChunk | None = None      # rank 0: the greedy chunk queued last
+        self._chunk_ring: list = []                     # rank 0: host buffers for chunks' tokens
 
     # ---- rank 0 ---------------------------------------------------------------------
     def make_cache(self, max_tokens: int, block_size: int) -> KVCache:
@@ -153,19 +189,81 @@ class DistributedModel:
             mode = "decode"
         elif self.fast is not None and bool((meta.context_lens == 0).all()):
             mode = "prefill"
-        nb = meta.block_tables.shape[1]
-        header = torch.tensor([_FORWARD, B, T, nb, int(last_only), _MODES.index(mode)])
+        self._last_chunk = None
+        ids, dmeta = self._broadcast_step([_FORWARD, B, T, meta.block_tables.shape[1], int(last_only),
+                                           _MODES.index(mode)], input_ids, meta, "forward")
+        try:
+            return self._forward(ids, dmeta, mode, last_only)
+        except RuntimeError as e:   # a collective failed or timed out: some rank is gone
+            raise _rank_error("forward", e) from None
+
+    def _broadcast_step(self, head: list[int], input_ids: torch.Tensor, meta: AttnMetadata, what: str):
+        """A step's header and its ids and metadata (T = head[2]) to every rank, in one or two
+        broadcasts of one device buffer; returns them unpacked on this rank's device."""
+        B, T, nb = head[1], head[2], head[3]
         n = _HEADER + _payload_len(B, T, nb)
         try:
-            msg = self._to_device(header, _pack(input_ids, meta))
+            msg = self._to_device(torch.tensor(head), _pack(input_ids, meta))
             if self.par.config.world_size > 1:
                 dist.broadcast(msg[:_MESSAGE], src=0)
                 if n > _MESSAGE:
                     dist.broadcast(msg[_MESSAGE:n], src=0)
-            ids, dmeta = _unpack(msg[_HEADER:n], B, T, nb)
-            return self._forward(ids, dmeta, mode, last_only)
         except RuntimeError as e:   # a collective failed or timed out: some rank is gone
-            raise _rank_error("forward", e) from None
+            raise _rank_error(what, e) from None
+        return _unpack(msg[_HEADER:n], B, T, nb)
+
+    # ---- greedy chunks (rank 0) ---------------------------------------------------------
+    def can_greedy_chunk(self, cache: KVCache, batch: int) -> bool:
+        """Whether `greedy_chunk` runs for `batch` rows on `cache`: the decode graphs serve this
+        cache and each EP rank's share of the rows; no pipeline (its last stage's tokens would have
+        to travel back to the first stage every step)."""
+        g = self.fast.graphs if self.fast is not None else None
+        return g is not None and cache is self.cache and self.par.pp == 1 and g.serves(cache, -(-batch // self.par.ep))
+
+    def greedy_chunk(self, input_ids: torch.Tensor, meta: AttnMetadata, cache: KVCache, steps: int,
+                     logprobs: bool = False):
+        """`steps` greedy decode steps of every row run back to back on every rank, each step's
+        argmax fed back on the devices (under TP merged over the vocabulary slices inside the
+        graph), the tokens gathered to rank 0 once: (tokens [steps, B], log probs or None) on the
+        host, or None where this model cannot (`can_greedy_chunk`). meta from `prepare_chunk`."""
+        chunk = self.greedy_chunk_start(input_ids, meta, cache, steps, logprobs)
+        return None if chunk is None else self.greedy_chunk_result(chunk)
+
+    def greedy_chunk_start(self, input_ids: torch.Tensor | None, meta: AttnMetadata, cache: KVCache, steps: int,
+                           logprobs: bool = False, after: _DistChunk | None = None) -> _DistChunk | None:
+        """`greedy_chunk` without the wait (after: the chunk queued last, same rows, whose last
+        tokens every rank continues from on its device; input_ids None), or None where this model
+        cannot."""
+        from .cuda_graphs import MAX_CHUNK, DecodeGraphs
+
+        B = meta.positions.shape[0]
+        if not self.can_greedy_chunk(cache, B) or meta.positions.device.type != "cpu":
+            return None
+        if not 1 <= steps <= MAX_CHUNK:
+            raise ValueError(f"a greedy chunk takes 1..{MAX_CHUNK} steps, got {steps}")
+        if after is not None:
+            if after is not self._last_chunk or (after.rows, after.logprobs) != (B, logprobs):
+                raise ValueError("a continued greedy chunk must follow the last chunk queued, with its rows")
+        elif input_ids is None:
+            raise ValueError("a greedy chunk needs token ids unless it continues the last chunk")
+        graphs = self.fast.graphs
+        # every rank must replay the same graph (its collectives pair up): rank 0 picks the context limit
+        short = graphs.short_limit(graphs.bucket_for(-(-B // self.par.ep)), DecodeGraphs.max_ctx(meta), steps)
+        ids = input_ids if input_ids is not None else torch.zeros(B, 1, dtype=torch.long)   # (not read)
+        flags = steps | int(logprobs) << 8 | int(after is not None) << 9
+        self._last_chunk = None
+        dids, dmeta = self._broadcast_step([_GREEDY, B, 1, meta.block_tables.shape[1], flags, short], ids, meta,
+                                           "greedy chunk")
+        try:
+            self._last_chunk = self._greedy(dids, dmeta, flags, short)
+        except RuntimeError as e:   # a collective failed or timed out: some rank is gone
+            raise _rank_error("greedy chunk", e) from None
+        return self._last_chunk
+
+    @staticmethod
+    def greedy_chunk_result(chunk: _DistChunk) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """A started chunk's tokens [steps, B] and log probs (or None) on the host, once it has run."""
+        return chunk.result()
 
     def _to_device(self, header: torch.Tensor, payload: torch.Tensor) -> torch.Tensor:
         """The step's message on this rank's device, header then payload, at least _MESSAGE long
@@ -206,6 +304,7 @@ class DistributedModel:
         return self._command(("moe_load",)) or []
 
     def _command(self, cmd: tuple):
+        self._last_chunk = None
         try:
             if self.par.config.world_size > 1:
                 header = torch.zeros(_MESSAGE, dtype=torch.long, device=self.device)
@@ -222,7 +321,7 @@ class DistributedModel:
         while True:
             dist.broadcast(msg, src=0)           # reused: stream order puts it after the last step's readers
             code, B, T, nb, last_only, mode = msg[:_HEADER].tolist()
-            if code == _FORWARD:
+            if code in (_FORWARD, _GREEDY):
                 n = _HEADER + _payload_len(B, T, nb)
                 payload = msg[_HEADER:n]
                 if n > _MESSAGE:
@@ -230,7 +329,10 @@ class DistributedModel:
                     dist.broadcast(rest, src=0)
                     payload = torch.cat([payload, rest])
                 ids, meta = _unpack(payload, B, T, nb)
-                self._forward(ids, meta, _MODES[mode], bool(last_only))
+                if code == _GREEDY:      # last_only holds the chunk's flags, mode its context limit
+                    self._greedy(ids, meta, last_only, mode)
+                else:
+                    self._forward(ids, meta, _MODES[mode], bool(last_only))
                 continue
             box = [None]
             dist.broadcast_object_list(box, src=0)
@@ -337,6 +439,55 @@ class DistributedModel:
         if graphed:
             return graphs.step(*args, min_rows=n_pad)
         return self.fast.decode_step(*args, self.cache)[:n]
+
+    @torch.inference_mode()
+    def _greedy(self, ids: torch.Tensor, meta_all: AttnMetadata, flags: int, short: int) -> _DistChunk | None:
+        """A greedy chunk on this rank: its rows (a strided slice under EP, padded to the largest
+        share) loaded into its decode graphs' bucket (ids kept on a continued chunk), the greedy
+        graph replayed `steps` times, then every rank's tokens gathered to rank 0 (one collective
+        a chunk), which copies them to a host buffer behind the gather (returned; None elsewhere)."""
+        par = self.par
+        steps, logprobs, cont = flags & 0xFF, bool(flags >> 8 & 1), bool(flags >> 9 & 1)
+        B = ids.shape[0]
+        sl = _rows(0, B, par.d, par.ep)
+        n_pad = max(_count(_rows(0, B, d, par.ep)) for d in range(par.ep))
+        graphs = self.fast.graphs
+        bucket = graphs.bucket_for(n_pad)
+        graphs.capture_greedy(bucket, logprobs, short)          # (its collectives: every rank, in the same order)
+        graphs.load(None if cont else ids[sl, 0], meta_all.positions[sl, 0], meta_all.block_tables[sl],
+                    meta_all.context_lens[sl], meta_all.slot_mapping[sl, 0], bucket)
+        toks, lps = graphs.greedy_steps(bucket, steps, logprobs, short, reset=True)
+        mine = toks[:steps, :n_pad] if lps is None else \
+            torch.stack([toks[:steps, :n_pad].double(), lps[:steps, :n_pad].double()])   # both exact in float64
+        world = par.config.world_size
+        parts = torch.empty(world, *mine.shape, dtype=mine.dtype, device=self.device) if par.rank == 0 else None
+        if world > 1:
+            dist.gather(mine.contiguous(), list(parts.unbind(0)) if parts is not None else None, dst=0)
+        elif parts is not None:
+            parts[0].copy_(mine)
+        if par.rank != 0:
+            return None
+        host, done = self._chunk_host(parts.numel())
+        host = host[:parts.numel()].view(parts.dtype).view(parts.shape)
+        host.copy_(parts, non_blocking=done is not None)
+        if done is not None:
+            done.record()
+        layout = [(_rows(0, B, d, par.ep), par.rank_of(0, d, 0), _count(_rows(0, B, d, par.ep))) for d in range(par.ep)]
+        return _DistChunk(B, steps, logprobs, host, layout, done)
+
+    def _chunk_host(self, n: int) -> tuple[torch.Tensor, object]:
+        """The next of two host buffers (pinned on GPUs) of at least n int64s for a chunk's
+        gathered tokens, once the copy into it for the chunk before last has finished."""
+        gpu = self.device.type == "cuda"
+        if not self._chunk_ring or self._chunk_ring[0][0].numel() < n:
+            size = max(n, 4096)
+            self._chunk_ring = [(torch.zeros(size, dtype=torch.long, pin_memory=gpu),
+                                 torch.cuda.Event() if gpu else None) for _ in range(2)]
+        out = self._chunk_ring[0]
+        self._chunk_ring.reverse()
+        if out[1] is not None:
+            out[1].synchronize()
+        return out
 
     def _moe_load(self):
         """Gather every rank's per-layer served-slot counts to rank 0: [layer][ep rank] (TP rank 0's view)."""

@@ -8,6 +8,7 @@ import os
 import subprocess
 import sys
 import time
+import types
 
 import pytest
 import torch
@@ -175,6 +176,66 @@ def test_fast_path_sharded_equals_one_process(folders, single, tp, ep, pp):
             assert all(len(r) == ep and sum(r) == len(PROMPTS) * ref.config.moe_k for r in load), load
 
 
+@pytest.mark.parametrize("tp,ep", [(1, 2), (2, 2)])
+@pytest.mark.usefixtures("fewer_attention_splits")
+def test_greedy_chunks_on_a_sharded_model(folders, single, monkeypatch, tp, ep):
+    """Greedy chunks over the ranks (FTMOE_CUDA_GRAPHS=1: the graphs' static-buffer procedure on
+    the CPU): every rank replays its greedy graph, TP ranks merging their vocabulary slices'
+    argmax, EP ranks their rows (3 prompts over 2 EP ranks: one rank pads a row), and rank 0
+    gathers the tokens once a chunk. The generator takes chunks and gives the one-process tokens;
+    under TP the log probs equal one process's, and the engine queues chunks behind the last
+    (continued on the devices) with the same tokens. A continued chunk must follow the last."""
+    pytest.importorskip("triton")
+    from ftmoe import kernels
+    from ftmoe.engine import LLMEngine
+
+    if not kernels.available():
+        pytest.skip("Triton cannot run here")
+    monkeypatch.setenv("FTMOE_CUDA_GRAPHS", "1")
+    _, want_tokens = single
+    n_new = 5
+    want = [t[:len(q) + n_new] for t, q in zip(want_tokens, PROMPTS)]
+    with LLM(folders[tp], tp=tp, ep=ep, fast=True, timeout_s=120) as llm:
+        runner, cache = llm.generator.model, llm.generator.cache
+        assert runner.fast.graphs is not None and runner.can_greedy_chunk(cache, 3)
+        calls, real = [], runner.greedy_chunk_start
+
+        def start(ids, meta, cache, steps, logprobs=False, after=None):
+            calls.append((steps, logprobs, after is not None))
+            return real(ids, meta, cache, steps, logprobs, after)
+
+        runner.greedy_chunk_start = start
+        llm.generator.decode_chunk = 3
+        p = SamplingParams(max_new_tokens=n_new, ignore_eos=True, return_log_probs=tp > 1)
+        chunked = llm.generate(PROMPTS, p)
+        assert [o.output_ids for o in chunked] == want
+        assert calls and all(2 <= st <= 3 and lp == (tp > 1) for st, lp, _ in calls), calls
+        cache.add(77)
+        cache.prepare([77], [3])
+        first = real(torch.tensor([1]), cache.prepare_chunk([77], 2), cache, 2)
+        assert runner.greedy_chunk_result(first)[0].shape == (2, 1)
+        with pytest.raises(ValueError, match="must follow the last chunk queued"):
+            real(None, cache.prepare_chunk([77], 2), cache, 2, after=types.SimpleNamespace(rows=1, logprobs=False))
+        cache.free(77)
+        if tp == 1:
+            return
+        with LLM(folders[1]) as one:                     # one process, the reference path
+            for a, b in zip(chunked, one.generate(PROMPTS, p)):
+                assert len(a.output_log_probs) == n_new
+                assert a.output_log_probs == pytest.approx(b.output_log_probs, abs=1e-4)
+        n_calls = len(calls)
+        eng = LLMEngine(runner, kv_cache_tokens=128, block_size=4, decode_chunk=2)
+        for i, q in enumerate(PROMPTS):
+            eng.add_request(f"r{i}", q, SamplingParams(max_new_tokens=n_new, ignore_eos=True))
+        out = {f"r{i}": list(q) for i, q in enumerate(PROMPTS)}
+        while eng.has_unfinished():
+            for ev in eng.step():
+                if ev.token_id is not None:
+                    out[ev.request_id].append(ev.token_id)
+        assert [out[f"r{i}"] for i in range(len(PROMPTS))] == want
+        assert any(cont for _, _, cont in calls[n_calls:]), calls
+
+
 def test_distributed_prefill_graph_buckets(folders, single, monkeypatch):
     """Per-rank prefill graphs (the default): every rank prefills through the same (batch, length) bucket
     (padding rows and columns, the key-padding variant on every rank; captured on GPUs, the same
@@ -209,6 +270,34 @@ def test_parallel_bench_smoke(tmp_path):
         assert len(load) == 2 and all(len(x) == 2 for x in load)            # 2 MoE layers x 2 EP ranks
         assert all(sum(x) == row["batch"] for x in load)                      # every token served once (top-1)
     assert json.loads(out.read_text())["parallel"] == {"tp": 2, "ep": 2, "pp": 1}
+
+
+@pytest.mark.usefixtures("fewer_attention_splits")
+def test_parallel_bench_times_greedy_chunks(monkeypatch):
+    """`ftmoe bench --tp 2` with decode graphs (FTMOE_CUDA_GRAPHS=1 on the CPU: the static-buffer
+    procedure) adds a greedy-chunk row per batch beside the step row, and leaves the cache as it
+    found it (the bench's contexts stay at ctx)."""
+    pytest.importorskip("triton")
+    from ftmoe import kernels
+    from ftmoe.bench_parallel import run_parallel_bench
+    from ftmoe.distributed import ParallelConfig
+
+    if not kernels.available():
+        pytest.skip("Triton cannot run here")
+    monkeypatch.setenv("FTMOE_CUDA_GRAPHS", "1")
+    r = run_parallel_bench(ParallelConfig(tp=2), "tiny", dtype="float32", device="cpu", batches=(3,), ctx=8,
+                           iters=2, log=lambda *_: None, timeout_s=120, greedy_chunk=2, fast=True)
+    assert [(row["phase"], row["batch"], row.get("variant")) for row in r["rows"]] == \
+        [("decode", 3, None), ("decode", 3, "greedy-chunk-2")]
+    step, chunk = r["rows"]
+    assert chunk["ms"] > 0 and 0 < chunk["host_ms"] <= chunk["ms"] and chunk["cuda_graphs"]
+    assert chunk["tokens_per_s"] == pytest.approx(3 / chunk["ms"] * 1e3)
+
+
+def test_bench_greedy_chunk_out_of_range_is_one_line(capsys):
+    assert main(["bench", "--preset", "tiny", "--device", "cpu", "--greedy-chunk", "33"]) != 0
+    err = capsys.readouterr().err.strip()
+    assert "--greedy-chunk must be 0..32 steps, found 33" in err and len(err.splitlines()) == 1
 
 
 def test_bench_distributed_one_rank_cli(tmp_path, capsys):
