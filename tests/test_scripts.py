@@ -115,3 +115,65 @@ def test_kernel_resources_programs_per_sm():
     assert kr.per_sm(32, 4, 100 * 1024) == (2, "shared")
     assert kr.per_sm(16, 1, 0) == (32, "programs")
     assert kr.per_sm(16, 16, 0) == (4, "threads")
+
+
+def _aot_env(**extra) -> dict:
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env.update(extra, PYTHONPATH=os.pathsep.join(filter(None, [ROOT, extra.get("PYTHONPATH")])))
+    return env
+
+
+def _aot_ready() -> None:
+    triton = pytest.importorskip("triton")
+    if not os.path.exists(os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "ptxas")):
+        pytest.skip("this Triton has no ptxas: it cannot compile for a GPU here")
+
+
+def test_aot_check_compiles_every_launch_for_sm90(tmp_path, monkeypatch):
+    """scripts/aot_check.py: every distinct launch a tiny fp16 model's fast path makes in the
+    interpreter (prefill, decode at 1 / 3 / 40 rows, the persistent expert GEMMs, the greedy
+    kernels with the TP merge) compiles for sm_90 in bf16 and PDL mode, none skipped; the
+    interpreter does not type-check what the compiler rejects."""
+    import subprocess
+    import sys
+
+    _aot_ready()
+    monkeypatch.setenv("TRITON_CACHE_DIR", str(tmp_path / "cache"))      # compiled here, not found in a cache
+    monkeypatch.delenv("FTMOE_ATTN_SPLIT", raising=False)                  # the GPU's attention splits
+    out = tmp_path / "aot.json"
+    r = subprocess.run([sys.executable, os.path.join(ROOT, "scripts", "aot_check.py"), "--json", str(out)],
+                       env=_aot_env(), capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    got = json.loads(out.read_text())
+    assert got["arch"] == 90 and not got["skipped"]
+    assert all("error" not in x["result"] and x["result"]["shared"] >= 0 for x in got["results"])
+    kernels = {x["kernel"].rsplit(".", 1)[1] for x in got["results"]}
+    assert {"_greedy_kernel", "_greedy_merge_kernel", "_fused_moe_kernel", "_fused_moe_persistent_kernel",
+            "_gemv_kernel", "_decode_attention_kernel", "_topk_align_kernel", "_add_layernorm_kernel"} <= kernels
+    assert any(x["label"] == "bf16, PDL" for x in got["results"])
+    assert " 0 failed" in r.stdout
+
+
+def test_aot_check_reports_a_kernel_that_does_not_compile(tmp_path, monkeypatch):
+    """A kernel the interpreter runs but the compiler rejects (a scalar redefined as a block in a
+    runtime branch) is a FAIL line and exit status 1; a good kernel beside it compiles."""
+    import subprocess
+    import sys
+
+    _aot_ready()
+    monkeypatch.setenv("TRITON_CACHE_DIR", str(tmp_path / "cache"))
+    (tmp_path / "aot_bad_kernels.py").write_text(
+        "import triton\nimport triton.language as tl\n\n"
+        "@triton.jit\ndef bad(X, n, BLOCK: tl.constexpr):\n"
+        "    acc = 0.0\n    if n > 3:\n        acc = tl.load(X + tl.arange(0, BLOCK))\n    tl.store(X, tl.sum(acc, 0))\n\n"
+        "@triton.jit\ndef good(X, n, BLOCK: tl.constexpr):\n"
+        "    tl.store(X + tl.arange(0, BLOCK), tl.load(X + tl.arange(0, BLOCK)) * n)\n")
+    launch = {"args": {"X": {"ptr": "fp32", "aligned": True}, "n": {"int": 5}, "BLOCK": {"int": 16}},
+              "options": {"num_warps": 4}}
+    rec = tmp_path / "launches.json"
+    rec.write_text(json.dumps({"launches": [dict(launch, kernel="aot_bad_kernels.bad"),
+                                            dict(launch, kernel="aot_bad_kernels.good")], "skipped": []}))
+    r = subprocess.run([sys.executable, os.path.join(ROOT, "scripts", "aot_check.py"), "--launches", str(rec)],
+                       env=_aot_env(PYTHONPATH=str(tmp_path)), capture_output=True, text=True, timeout=300)
+    assert r.returncode == 1, r.stdout + r.stderr
+    assert "FAIL aot_bad_kernels.bad" in r.stdout and "ok   good" in r.stdout and "1 compiled, 1 failed" in r.stdout
