@@ -16,7 +16,12 @@ device time. This script:
 Exit status 1 if any compile fails. The shapes are the tiny model's, so the block sizes are not the
 real ones: this checks that the code compiles, not what it costs (scripts/kernel_resources.py on a
 GPU does that).
+With --preset (e.g. gpt-moe-0.35b-64e) it records that preset's real shapes instead, on the meta
+device without running a kernel (decode at --batches, their greedy kernels, a --prefill), launched
+as on --gpu (its tuned table, its SMs, PDL where a step allows it): the production kernels'
+registers, shared memory and programs per SM, as scripts/kernel_resources.py reports them on a GPU.
 Usage: python3 scripts/aot_check.py [--arch 90] [--fp16] [--json out.json] [--env FTMOE_GEMV=0 ...]
+       python3 scripts/aot_check.py --preset gpt-moe-0.35b-64e [--batches 1,8,64,256] [--prefill 8x512]
 """
 from __future__ import annotations
 
@@ -33,6 +38,8 @@ import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
+sys.path.insert(0, os.path.join(ROOT, "scripts"))
+from kernel_resources import per_sm  # noqa: E402  (programs of a kernel one Hopper SM holds)
 
 _DT = {"float16": "fp16", "bfloat16": "bf16", "float32": "fp32", "float64": "fp64", "int8": "i8", "int16": "i16",
        "int32": "i32", "int64": "i64", "uint8": "u8", "bool": "i1"}
@@ -63,11 +70,13 @@ def describe(arg) -> dict | None:
 
 
 class Recorder:
-    """Wraps the interpreter's launch to keep one description per distinct launch."""
+    """Wraps the interpreter's launch to keep one description per distinct launch; dry: without
+    running the kernel (a model on the meta device: shapes only)."""
 
-    def __init__(self):
+    def __init__(self, dry: bool = False):
         self.launches: dict[str, dict] = {}
         self.skipped: set[str] = set()
+        self.dry = dry
 
     def __enter__(self):
         from triton.runtime.interpreter import InterpretedFunction
@@ -77,7 +86,8 @@ class Recorder:
 
         def run(fn_self, *args, grid, warmup, **kwargs):
             rec.add(fn_self.fn, args, kwargs)
-            return rec._orig(fn_self, *args, grid=grid, warmup=warmup, **kwargs)
+            if not rec.dry:
+                return rec._orig(fn_self, *args, grid=grid, warmup=warmup, **kwargs)
 
         InterpretedFunction.run = run
         return self
@@ -147,12 +157,69 @@ def workload() -> None:
     assert fast_model.SMALL_BATCH_SLOTS < 40 * cfg.moe_k
 
 
-def record(out: str, env: list[str]) -> None:
+def workload_dry(preset: str, batches: list[int], gpu: str, sms: int, prefill: tuple[int, int] | None) -> None:
+    """A preset's real shapes on the meta device (no memory, no kernel run): decode steps at
+    `batches` (and their greedy-chunk kernels) and a B x T prefill, launched as on a Hopper GPU
+    named `gpu` with `sms` SMs: its tuned table, its SM count, PDL where the step allows it."""
+    import contextlib
+
+    import torch
+
+    from ftmoe.bench import config_of
+    from ftmoe.fast_model import FastGPTMoE
+    from ftmoe.kernels import advance, attention, fused_moe, gemv, norm, pdl, routing
+    from ftmoe.kv_cache import KVCache
+    from ftmoe.model import GPTMoE
+
+    def hopper_launch(t):      # pdl.launch_kwargs where the device supports PDL
+        mode = pdl._ALLOWED.get()
+        if mode == pdl.EARLY and pdl._FEEDING.get():
+            mode = pdl.FEED
+        return {"USE_PDL": mode, "launch_pdl": True} if mode else {}
+
+    with contextlib.ExitStack() as undo:
+        for mod in (advance, attention, fused_moe, gemv, norm, routing):
+            undo.callback(setattr, mod, "launch_kwargs", mod.launch_kwargs)
+            mod.launch_kwargs = hopper_launch
+        for mod in (gemv, fused_moe):
+            undo.callback(setattr, mod, "sm_count", mod.sm_count)
+            mod.sm_count = lambda device: sms
+        cfg = config_of(preset)
+        with torch.device("meta"):
+            model = GPTMoE(cfg, torch.bfloat16)
+        fast = FastGPTMoE(model)
+        fast.device_name = gpu
+        ctx = 128
+        nb = -(-(ctx + 32) // 16)
+        for B in batches:
+            cache = KVCache.for_model(cfg, B * nb * 16, block_size=16, dtype=torch.bfloat16, device="meta")
+            z = torch.zeros(B, dtype=torch.int32, device="meta")
+            logits = fast.decode_step(z, z, torch.zeros(B, nb, dtype=torch.int32, device="meta"), z, z, cache,
+                                      fp32_logits=False)
+            p = torch.zeros((4 + nb) * B + 1, dtype=torch.int32, device="meta")
+            s = {"ids": p[:B], "positions": p[B:2 * B], "ctx": p[2 * B:3 * B], "slots": p[3 * B:4 * B],
+                 "tables": p[4 * B:(4 + nb) * B].view(B, nb), "ctr": p[-1:]}
+            toks = torch.zeros(32, B, dtype=torch.long, device="meta")
+            advance.greedy_advance(logits, toks, None, s, 16, advance.GreedyWork(B, cfg.vocab_size, "meta"))
+        if prefill:
+            B, T = prefill
+            cache = KVCache.for_model(cfg, B * T, block_size=16, dtype=torch.bfloat16, device="meta")
+            seqs = list(range(B))
+            for q in seqs:
+                cache.add(q)
+            meta = cache.prepare(seqs, [T] * B)
+            fast.prefill(torch.zeros(B, T, dtype=torch.long, device="meta"), meta, cache, last_only=True, ragged=False)
+
+
+def record(out: str, env: list[str], dry: dict | None = None) -> None:
     for kv in env:
         k, _, v = kv.partition("=")
         os.environ[k] = v
-    with Recorder() as rec:
-        workload()
+    with Recorder(dry=dry is not None) as rec:
+        if dry is None:
+            workload()
+        else:
+            workload_dry(**dry)
     with open(out, "w") as f:
         json.dump({"launches": list(rec.launches.values()), "skipped": sorted(rec.skipped)}, f)
 
@@ -257,11 +324,22 @@ def main(argv=None) -> int:
     ap.add_argument("--env", nargs="*", default=[], help="switches (NAME=VALUE) set while the launches are recorded")
     ap.add_argument("--launches", default=None, help="compile the launches recorded in this file (a --json "
                     "output, or the recording's own file) instead of recording them")
+    ap.add_argument("--preset", default=None, help="record a preset's real shapes instead (e.g. gpt-moe-0.35b-64e): "
+                    "a dry run on the meta device, launched as on --gpu")
+    ap.add_argument("--batches", default="1,8,64,256", help="with --preset: decode batch sizes")
+    ap.add_argument("--prefill", default="8x512", help="with --preset: BxT, or none")
+    ap.add_argument("--gpu", default="NVIDIA H100 80GB HBM3", help="with --preset: the GPU whose tuned table it uses")
+    ap.add_argument("--sms", type=int, default=132, help="with --preset: that GPU's SMs")
     ap.add_argument("--record", default=None, help=argparse.SUPPRESS)      # (the recording subprocess)
+    ap.add_argument("--dry", default=None, help=argparse.SUPPRESS)
     a = ap.parse_args(argv)
     if a.record:
-        record(a.record, a.env)
+        record(a.record, a.env, json.loads(a.dry) if a.dry else None)
         return 0
+    dry = None
+    if a.preset:
+        dry = {"preset": a.preset, "batches": [int(b) for b in a.batches.split(",")], "gpu": a.gpu, "sms": a.sms,
+               "prefill": None if a.prefill == "none" else [int(v) for v in a.prefill.lower().split("x")]}
     if a.launches:
         with open(a.launches) as f:
             recorded = json.load(f)
@@ -272,7 +350,8 @@ def main(argv=None) -> int:
         with tempfile.TemporaryDirectory() as d:
             rec = os.path.join(d, "launches.json")
             env = dict(os.environ, TRITON_INTERPRET="1")
-            r = subprocess.run([sys.executable, os.path.abspath(__file__), "--record", rec, "--env", *a.env], env=env)
+            r = subprocess.run([sys.executable, os.path.abspath(__file__), "--record", rec, "--env", *a.env,
+                                *(["--dry", json.dumps(dry)] if dry else [])], env=env)
             if r.returncode:
                 print(f"aot_check: recording the launches failed (exit {r.returncode})", file=sys.stderr)
                 return 1
@@ -292,8 +371,13 @@ def main(argv=None) -> int:
                   if p.is_constexpr and p.name in d["args"]}
         try:
             res = compile_one(d, a.arch)
+            warps = d["options"].get("num_warps", 4)
+            fit = ""
+            if res["regs"] is not None:
+                res["per_sm"], res["limit"] = per_sm(res["regs"], warps, res["shared"])
+                fit = f" {res['per_sm']}/SM ({res['limit']})"
             print(f"ok   {d['kernel'].rsplit('.', 1)[1]:<34} {label:<10} regs {res['regs']} spills {res['spills']} "
-                  f"smem {res['shared']} {consts}", flush=True)
+                  f"smem {res['shared']} warps {warps}{fit} {consts}", flush=True)
         except Exception as e:       # a compile error: report it and go on
             failed += 1
             msg = str(e).strip().splitlines()

@@ -14,6 +14,7 @@
 # 4. batch 64: attention's first K/V tile before the wait (preload=1), alone and with (64, 1) tiles
 #    (round 44: x0.991 / x0.989 alone; round 45: the tiles x0.997); the Triton gate in 4 or 2 K
 #    splits rather than 8 (the one top-k + align program reads every split from L2).
+# 5. (added in the twenty-third session) kernel resources on the GPU beside scripts/aot_check.py --preset.
 # Usage: OUT=dir bash scripts/gpu_round46.sh
 ROUND=round46
 . scripts/gpu_env.sh
@@ -28,3 +29,11 @@ echo "[bench rc $? at ${SECONDS}s]"; grep -E "^(device|decode|prefill|eager)|rro
 timeout 110 python3 scripts/ab_decode.py --batches 64 --rounds 9 \
     --variants base preload=1 attnlaunch=513:64x1,preload=1 gatesplits=4 gatesplits=2 > "$W/ab64.txt" 2>&1
 echo "[ab64 rc $? at ${SECONDS}s]"; grep -E "^B=|rror" "$W/ab64.txt"; save ab64
+# 5. scripts/aot_check.py's dry run at the real shapes (no kernel run: recorded on the meta device,
+#    compiled ahead of time) against the kernels the GPU compiled for the same steps
+#    (scripts/kernel_resources.py): the same registers and shared memory, or the CPU tool misleads.
+timeout 90 python3 scripts/kernel_resources.py --batches 1,8,64,256 > "$W/resources.txt" 2>&1
+echo "[resources rc $? at ${SECONDS}s]"
+timeout 90 python3 scripts/aot_check.py --preset gpt-moe-0.35b-64e --batches 1,8,64,256 --prefill none \
+    --json "$W/aot_real.json" > "$W/aot_real.txt" 2>&1
+echo "[aot rc $? at ${SECONDS}s]"; tail -1 "$W/aot_real.txt"; save aot

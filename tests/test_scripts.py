@@ -154,6 +154,32 @@ def test_aot_check_compiles_every_launch_for_sm90(tmp_path, monkeypatch):
     assert " 0 failed" in r.stdout
 
 
+def test_aot_check_dry_run_at_the_real_shapes(tmp_path, monkeypatch):
+    """scripts/aot_check.py --preset: the 0.35B-MoE-64 shapes on the meta device (no memory, no
+    kernel run), launched as on an H100 (its table, 132 SMs, PDL): decode at 1 and 64 rows compiles
+    for sm_90, with the real sizes in the launches (H = 1024, F = 4096, 64 experts, V = 51,200), the
+    TMA GEMV at 1 row, the aligned expert GEMMs at 64, and each kernel's programs per SM."""
+    import subprocess
+    import sys
+
+    _aot_ready()
+    monkeypatch.setenv("TRITON_CACHE_DIR", str(tmp_path / "cache"))
+    out = tmp_path / "aot.json"
+    r = subprocess.run([sys.executable, os.path.join(ROOT, "scripts", "aot_check.py"), "--preset", "gpt-moe-0.35b-64e",
+                        "--batches", "1,64", "--prefill", "none", "--json", str(out)],
+                       env=_aot_env(), capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    res = json.loads(out.read_text())["results"]
+    ints = lambda x: {k: v["int"] for k, v in x["args"].items() if "int" in v}      # noqa: E731
+    moe = [x for x in res if x["kernel"].endswith("._fused_moe_kernel")]
+    assert any(ints(x).get("N") == 4096 and ints(x).get("K") == 1024 for x in moe)             # expert W1
+    assert any(not x["args"]["DENSE"]["value"] and not x["args"]["PER_SLOT"]["value"] for x in moe)   # aligned
+    assert any(x["kernel"].endswith("._gemv_kernel") and x["args"]["TMA"]["value"] for x in res)
+    assert any(x["kernel"].endswith("._greedy_kernel") and ints(x).get("V") == 51200 for x in res)
+    assert any(x["args"].get("USE_PDL", {}).get("value") == 1 for x in res)
+    assert all(x["result"]["per_sm"] >= 1 and x["result"]["limit"] for x in res)
+
+
 def test_aot_check_reports_a_kernel_that_does_not_compile(tmp_path, monkeypatch):
     """A kernel the interpreter runs but the compiler rejects (a scalar redefined as a block in a
     runtime branch) is a FAIL line and exit status 1; a good kernel beside it compiles."""
