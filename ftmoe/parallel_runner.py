@@ -299,6 +299,14 @@ class DistributedModel:
             if self.device.type == "cuda":
                 torch.cuda.synchronize(self.device)
 
+    def capture_graphs(self, max_batch: int, greedy: bool = False, progress: bool = False) -> list[int] | None:
+        """Every rank captures now, in the same order (their collectives pair up), the decode graph
+        buckets a step of up to `max_batch` rows uses (each EP rank's share of them), with greedy
+        their greedy-chunk graphs (no pipeline), and every prefill bucket, as a server does before
+        it takes requests: a bucket captured on first use stalls that step on every rank. Returns
+        the decode buckets (None without decode graphs)."""
+        return self._command(("capture", int(max_batch), bool(greedy), bool(progress)))
+
     def moe_load(self) -> list[list[int]]:
         """After a forward: per MoE layer, the slots each EP rank's experts served ([] without EP)."""
         return self._command(("moe_load",)) or []
@@ -362,7 +370,19 @@ class DistributedModel:
             return None
         if kind == "moe_load":
             return self._moe_load()
+        if kind == "capture":
+            return self._capture(*cmd[1:])
         raise ValueError(f"unknown command {kind!r}")
+
+    def _capture(self, max_batch: int, greedy: bool, progress: bool) -> list[int] | None:
+        graphs = self.fast.graphs if self.fast is not None else None
+        if graphs is None:
+            return None
+        show = progress and self.par.rank == 0
+        buckets = graphs.capture_upto(-(-max_batch // self.par.ep), greedy=greedy and self.par.pp == 1, progress=show)
+        if self.fast.prefill_graphs is not None:
+            self.fast.prefill_graphs.capture_all(progress=show)
+        return buckets
 
     def _chunks(self, B: int) -> list[tuple[int, int]]:
         """The pipeline's micro-batches: contiguous row ranges [lo, hi)."""

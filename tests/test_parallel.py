@@ -184,7 +184,8 @@ def test_greedy_chunks_on_a_sharded_model(folders, single, monkeypatch, tp, ep):
     argmax, EP ranks their rows (3 prompts over 2 EP ranks: one rank pads a row), and rank 0
     gathers the tokens once a chunk. The generator takes chunks and gives the one-process tokens;
     under TP the log probs equal one process's, and the engine queues chunks behind the last
-    (continued on the devices) with the same tokens. A continued chunk must follow the last."""
+    (continued on the devices) with the same tokens. A continued chunk must follow the last.
+    The graphs are captured first on every rank (`capture_graphs`, as `ftmoe serve` does)."""
     pytest.importorskip("triton")
     from ftmoe import kernels
     from ftmoe.engine import LLMEngine
@@ -198,6 +199,10 @@ def test_greedy_chunks_on_a_sharded_model(folders, single, monkeypatch, tp, ep):
     with LLM(folders[tp], tp=tp, ep=ep, fast=True, timeout_s=120) as llm:
         runner, cache = llm.generator.model, llm.generator.cache
         assert runner.fast.graphs is not None and runner.can_greedy_chunk(cache, 3)
+        # as `ftmoe serve` does first: every rank captures the buckets of up to 3 rows (2 per EP rank)
+        assert runner.capture_graphs(3, greedy=True) == [1, 2]
+        assert {k[:2] for k in runner.fast.graphs.greedy} == {(1, False), (2, False)}
+        assert runner.fast.prefill_graphs is not None and runner.fast.prefill_graphs.graphs
         calls, real = [], runner.greedy_chunk_start
 
         def start(ids, meta, cache, steps, logprobs=False, after=None):

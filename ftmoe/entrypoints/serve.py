@@ -129,6 +129,8 @@ def run_serve(args, hooks=()) -> int:
                                           model.can_greedy_chunk(core.cache, 1), progress=True)
                 if model.prefill_graphs is not None:
                     model.prefill_graphs.capture_all(progress=True)
+        elif hasattr(model, "capture_graphs") and not args.lazy_graphs:   # a parallel model: every rank, in step
+            model.capture_graphs(args.max_num_seqs, greedy=core.decode_chunk > 1, progress=True)
         engine = AsyncEngine(core)
         name = args.served_model_name or args.model
         app = build_app(engine, tokenizer, name, api_key=args.api_key or os.environ.get("FTMOE_API_KEY") or None,
