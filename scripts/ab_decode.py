@@ -24,6 +24,8 @@ are read at capture time):
   `topkalign=auto|0|1` (FTMOE_TOPK_ALIGN: the MoE top-k and the slot alignment in one kernel);
   `gatesplits=N` (FTMOE_GATE_SPLITS: the Triton gate GEMM's split-K count); `moepersist=auto|0|1`
   (FTMOE_MOE_PERSISTENT: aligned expert GEMMs on resident programs looping over the routed tiles);
+  `lnpre=0|1` (FTMOE_LN_PRELOAD: the LayerNorm kernels' weights, and the LN2 + gate kernel's gate
+  columns, loaded before the PDL wait);
 - `table=PATH`: a kernel-config table in place of the package's;
 - `skip=ln+attn+gate`: those kernels replaced by stand-ins that launch nothing (wrong results,
   timing only: what each costs in a step; past batch 1 skip ln together with gate, or the zero
@@ -61,7 +63,8 @@ ENV_SWITCHES = {"gate": "FTMOE_GATE", "attn": "FTMOE_ATTN_SPLIT", "preload": "FT
                 "gemvtma": "FTMOE_GEMV_TMA", "gemvexperts": "FTMOE_GEMV_EXPERTS", "wosplits": "FTMOE_GEMV_WO_SPLITS",
                 "lnwarps": "FTMOE_LN_WARPS", "w2tiles": "FTMOE_GEMV_W2_TILES",
                 "alignwarps": "FTMOE_ALIGN_WARPS", "moepreload": "FTMOE_MOE_PRELOAD",
-                "topkalign": "FTMOE_TOPK_ALIGN", "gatesplits": "FTMOE_GATE_SPLITS", "moepersist": "FTMOE_MOE_PERSISTENT"}
+                "topkalign": "FTMOE_TOPK_ALIGN", "gatesplits": "FTMOE_GATE_SPLITS", "moepersist": "FTMOE_MOE_PERSISTENT",
+                "lnpre": "FTMOE_LN_PRELOAD"}
 
 
 def _knock_out(part: str):

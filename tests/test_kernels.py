@@ -61,6 +61,32 @@ def test_add_layernorm(gen, dtype, n, h, mode):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("n,h", [(1, 64), (5, 100)])
+def test_ln_weights_before_the_wait_change_nothing(gen, dtype, n, h, monkeypatch):
+    """FTMOE_LN_PRELOAD=1 (the LN weight and bias, and the gate's columns, loaded before the PDL
+    wait): add_layernorm (split-K partials + bias, fp32 copy), add_layernorm_gate and
+    embed_layernorm give exactly what they give with the loads after the row's statistics."""
+    from ftmoe.kernels.norm import add_layernorm_gate
+
+    x, w, b = rnd(n, h, dtype=dtype, gen=gen), rnd(h, dtype=dtype, gen=gen) + 1, rnd(h, dtype=dtype, gen=gen)
+    parts, ab = rnd(4, n, h, gen=gen), rnd(h, dtype=dtype, gen=gen)
+    wg = rnd(h, 12, gen=gen, scale=h ** -0.5)
+    wte, wpe = rnd(50, h, dtype=dtype, gen=gen), rnd(40, h, dtype=dtype, gen=gen)
+    ids, pos = torch.randint(0, 50, (n,), generator=gen).to(DEV), torch.randint(0, 40, (n,), generator=gen).to(DEV)
+    got = {}
+    for flag in ("0", "1"):
+        monkeypatch.setenv("FTMOE_LN_PRELOAD", flag)
+        got[flag] = (*add_layernorm(x, w, b, 1e-5, add=parts, add_bias=ab, want_fp32=True),
+                     *add_layernorm_gate(x, w, b, 1e-5, wg, add=parts, add_bias=ab, cols=8),
+                     *embed_layernorm(wte, wpe, ids, pos, w, b, 1e-5))
+    assert len(got["1"]) == 8 and all(torch.equal(a, c) for a, c in zip(got["0"], got["1"]))
+    want_res, want_y = ref.add_layernorm_ref(x, w, b, 1e-5, parts.sum(0).to(dtype) if dtype == torch.float32 else None,
+                                             ab if dtype == torch.float32 else None)
+    if dtype == torch.float32:
+        assert rel(got["1"][1], want_y) < TOL[dtype]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
 @pytest.mark.parametrize("shape,h", [((1,), 64), ((5,), 96), ((2, 7), 64)])
 def test_embed_layernorm(gen, dtype, shape, h):
     """Token + position embedding gathers, their sum (rounded to the model dtype, as torch adds)

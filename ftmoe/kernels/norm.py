@@ -9,6 +9,8 @@ block: token and position embedding gathers, their sum, LN1.
 """
 from __future__ import annotations
 
+import os
+
 import torch
 import triton
 import triton.language as tl
@@ -48,34 +50,49 @@ def add_layout(add: torch.Tensor | None, N: int) -> tuple[int, int, int, int]:
 def _add_layernorm_kernel(X, ADD, ADD_BIAS, W, B, RES, Y, Y32, H, eps, stride_x, stride_add, stride_add_part,
                           stride_res, stride_y, HAS_ADD: tl.constexpr, ADD_PARTS: tl.constexpr,
                           ADD_ROWS: tl.constexpr, HAS_ADD_BIAS: tl.constexpr, WRITE_RES: tl.constexpr,
-                          WRITE_Y32: tl.constexpr, BLOCK: tl.constexpr, USE_PDL: tl.constexpr = False):
-    pdl_start(USE_PDL)
-    row = tl.program_id(0).to(tl.int64)
+                          WRITE_Y32: tl.constexpr, BLOCK: tl.constexpr, PRE_W: tl.constexpr = False,
+                          USE_PDL: tl.constexpr = False):
     cols = tl.arange(0, BLOCK)
     m = cols < H
+    w, b = _ln_params(W, B, cols, m, PRE_W)
+    pdl_start(USE_PDL)
+    row = tl.program_id(0).to(tl.int64)
     x = _row_input(X, ADD, ADD_BIAS, row, cols, m, stride_x, stride_add, stride_add_part, HAS_ADD, ADD_PARTS,
                    ADD_ROWS, HAS_ADD_BIAS)
     if WRITE_RES:
         tl.store(RES + row * stride_res + cols, x.to(RES.dtype.element_ty), mask=m)
-    _layernorm_store(x, row, cols, m, W, B, Y, Y32, H, eps, stride_y, WRITE_Y32)
+    _layernorm_store(x, row, cols, m, W, B, Y, Y32, H, eps, stride_y, WRITE_Y32, w, b, PRE_W)
 
 
 @triton.jit
-def _layernorm(x, cols, m, W, B, Y, H, eps):
-    """LayerNorm of one fp32 row x (statistics in fp32), rounded to Y's dtype."""
+def _ln_params(W, B, cols, m, PRE_W: tl.constexpr):
+    """The LN weight and bias of one row's columns in fp32 where PRE_W (loaded before the kernel's
+    PDL wait: parameters, which no kernel of the step writes); else placeholders, and
+    `_layernorm` loads them after the row's statistics."""
+    if PRE_W:
+        return tl.load(W + cols, mask=m, other=0.0).to(tl.float32), tl.load(B + cols, mask=m, other=0.0).to(tl.float32)
+    else:
+        return 0.0, 0.0
+
+
+@triton.jit
+def _layernorm(x, cols, m, W, B, Y, H, eps, w, b, PRE_W: tl.constexpr):
+    """LayerNorm of one fp32 row x (statistics in fp32), rounded to Y's dtype; w, b: `_ln_params`'s."""
     mean = tl.sum(x, axis=0) / H
     xc = tl.where(m, x - mean, 0.0)
     var = tl.sum(xc * xc, axis=0) / H
     rstd = 1.0 / tl.sqrt(var + eps)
-    w = tl.load(W + cols, mask=m, other=0.0).to(tl.float32)
-    b = tl.load(B + cols, mask=m, other=0.0).to(tl.float32)
+    if not PRE_W:
+        w = tl.load(W + cols, mask=m, other=0.0).to(tl.float32)
+        b = tl.load(B + cols, mask=m, other=0.0).to(tl.float32)
     return (xc * rstd * w + b).to(Y.dtype.element_ty)
 
 
 @triton.jit
-def _layernorm_store(x, row, cols, m, W, B, Y, Y32, H, eps, stride_y, WRITE_Y32: tl.constexpr):
+def _layernorm_store(x, row, cols, m, W, B, Y, Y32, H, eps, stride_y, WRITE_Y32: tl.constexpr, w, b,
+                     PRE_W: tl.constexpr):
     """`_layernorm` of one fp32 row x stored to Y (and to Y32 in fp32)."""
-    y = _layernorm(x, cols, m, W, B, Y, H, eps)
+    y = _layernorm(x, cols, m, W, B, Y, H, eps, w, b, PRE_W)
     tl.store(Y + row * stride_y + cols, y, mask=m)
     if WRITE_Y32:  # the rounded output again in fp32, for the fp32 MoE gate GEMM
         tl.store(Y32 + row * H + cols, y.to(tl.float32), mask=m)
@@ -85,23 +102,28 @@ def _layernorm_store(x, row, cols, m, W, B, Y, Y32, H, eps, stride_y, WRITE_Y32:
 def _add_layernorm_gate_kernel(X, ADD, ADD_BIAS, W, B, RES, Y, WG, LOGITS, H, E, eps, stride_x, stride_add,
                                stride_add_part, stride_res, stride_y, HAS_ADD: tl.constexpr, ADD_PARTS: tl.constexpr,
                                ADD_ROWS: tl.constexpr, HAS_ADD_BIAS: tl.constexpr, BLOCK: tl.constexpr,
-                               COLS: tl.constexpr, USE_PDL: tl.constexpr = False):
+                               COLS: tl.constexpr, PRE_W: tl.constexpr = False, USE_PDL: tl.constexpr = False):
     """Program (row, g): the row's add + LayerNorm (every program of the row the same, program 0
     stores res and y), then the fp32 gate logits of experts [g*COLS, (g+1)*COLS) from the rounded
-    LN output: LOGITS[row, cols] = float(y) @ WG[:, cols]."""
-    pdl_start(USE_PDL)
-    row = tl.program_id(0).to(tl.int64)
+    LN output: LOGITS[row, cols] = float(y) @ WG[:, cols]. PRE_W: the LN weight and bias and this
+    program's gate columns loaded before the PDL wait."""
     g = tl.program_id(1)
     cols = tl.arange(0, BLOCK)
     m = cols < H
+    e = g * COLS + tl.arange(0, COLS)
+    w, b = _ln_params(W, B, cols, m, PRE_W)
+    if PRE_W:
+        wg = tl.load(WG + cols[:, None] * E + e[None, :], mask=m[:, None] & (e < E)[None, :], other=0.0)
+    pdl_start(USE_PDL)
+    row = tl.program_id(0).to(tl.int64)
     x = _row_input(X, ADD, ADD_BIAS, row, cols, m, stride_x, stride_add, stride_add_part, HAS_ADD, ADD_PARTS,
                    ADD_ROWS, HAS_ADD_BIAS)
-    y = _layernorm(x, cols, m, W, B, Y, H, eps)
+    y = _layernorm(x, cols, m, W, B, Y, H, eps, w, b, PRE_W)
     if g == 0:
         tl.store(RES + row * stride_res + cols, x.to(RES.dtype.element_ty), mask=m)
         tl.store(Y + row * stride_y + cols, y, mask=m)
-    e = g * COLS + tl.arange(0, COLS)
-    wg = tl.load(WG + cols[:, None] * E + e[None, :], mask=m[:, None] & (e < E)[None, :], other=0.0)
+    if not PRE_W:
+        wg = tl.load(WG + cols[:, None] * E + e[None, :], mask=m[:, None] & (e < E)[None, :], other=0.0)
     logits = tl.sum(y.to(tl.float32)[:, None] * wg, axis=0)
     tl.store(LOGITS + row * E + e, logits, mask=e < E)
 
@@ -121,25 +143,26 @@ def add_layernorm_gate(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor
         x, add if add is not None else x, add_bias if add_bias is not None else weight, weight, bias, res, y, wg32,
         logits, H, E, eps, x.stride(0), stride_add, stride_part, res.stride(0), y.stride(0),
         HAS_ADD=add is not None, ADD_PARTS=parts, ADD_ROWS=rows,
-        HAS_ADD_BIAS=add_bias is not None, BLOCK=triton.next_power_of_2(H), COLS=cols,
+        HAS_ADD_BIAS=add_bias is not None, BLOCK=triton.next_power_of_2(H), COLS=cols, PRE_W=pre_weights(),
         num_warps=4 if H <= 2048 else 8, **launch_kwargs(x))
     return res, y, logits
 
 
 @triton.jit
 def _embed_layernorm_kernel(IDS, POS, WTE, WPE, W, B, RES, Y, H, eps, stride_te, stride_pe, stride_res, stride_y,
-                            BLOCK: tl.constexpr, USE_PDL: tl.constexpr = False):
-    pdl_start(USE_PDL)
-    row = tl.program_id(0).to(tl.int64)
+                            BLOCK: tl.constexpr, PRE_W: tl.constexpr = False, USE_PDL: tl.constexpr = False):
     cols = tl.arange(0, BLOCK)
     m = cols < H
+    w, b = _ln_params(W, B, cols, m, PRE_W)
+    pdl_start(USE_PDL)
+    row = tl.program_id(0).to(tl.int64)
     tok = tl.load(IDS + row).to(tl.int64)
     pos = tl.load(POS + row).to(tl.int64)
     x = tl.load(WTE + tok * stride_te + cols, mask=m, other=0.0).to(tl.float32) \
         + tl.load(WPE + pos * stride_pe + cols, mask=m, other=0.0).to(tl.float32)
     x = x.to(RES.dtype.element_ty)              # the embedding sum in the model's dtype, as torch adds it
     tl.store(RES + row * stride_res + cols, x, mask=m)
-    _layernorm_store(x.to(tl.float32), row, cols, m, W, B, Y, Y, H, eps, stride_y, False)
+    _layernorm_store(x.to(tl.float32), row, cols, m, W, B, Y, Y, H, eps, stride_y, False, w, b, PRE_W)
 
 
 def add_layernorm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: float,
@@ -161,8 +184,17 @@ def add_layernorm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps
         H, eps, x.stride(0), stride_add, stride_part, res.stride(0), y.stride(0), HAS_ADD=add is not None,
         ADD_PARTS=parts, ADD_ROWS=rows,
         HAS_ADD_BIAS=add_bias is not None, WRITE_RES=write_res, WRITE_Y32=want_fp32,
-        BLOCK=triton.next_power_of_2(H), num_warps=ln_warps(H), **launch_kwargs(x))
+        BLOCK=triton.next_power_of_2(H), PRE_W=pre_weights(), num_warps=ln_warps(H), **launch_kwargs(x))
     return (res, y, y32) if want_fp32 else (res, y)
+
+
+def pre_weights() -> bool:
+    """FTMOE_LN_PRELOAD=1: the LayerNorm kernels load their weight and bias (the LN2 + gate kernel
+    its gate columns too) before the PDL wait, so those loads overlap the wait rather than follow
+    the row's statistics (compiled for sm_90, the loads otherwise issue after the reductions'
+    four barriers, on the critical path of each of a step's ~49 LNs). Off until timed (read at
+    launch, so at graph capture)."""
+    return os.environ.get("FTMOE_LN_PRELOAD", "0") == "1"
 
 
 def ln_warps(H: int) -> int:
@@ -187,5 +219,5 @@ def embed_layernorm(wte: torch.Tensor, wpe: torch.Tensor, ids: torch.Tensor, pos
     if N:
         _embed_layernorm_kernel[(N,)](ids, positions, wte, wpe, weight, bias, res, y, H, eps, wte.stride(0),
                                       wpe.stride(0), res.stride(0), y.stride(0), BLOCK=triton.next_power_of_2(H),
-                                      num_warps=4 if H <= 2048 else 8, **launch_kwargs(wte))
+                                      PRE_W=pre_weights(), num_warps=4 if H <= 2048 else 8, **launch_kwargs(wte))
     return res, y
