@@ -9,7 +9,8 @@ device time. This script:
    (pointer dtypes, integer widths, tensor descriptors' block shapes, 16-byte alignment) and
    constexpr values while a tiny fp16 model prefills and decodes (batches 1, 3 and 40; 40 takes the
    aligned expert path) with the switches in --env set, the persistent expert GEMMs, the LN
-   weights before the wait, and the greedy chunks' kernels (the tensor-parallel merge too);
+   weights and the GEMV epilogue's operands before the wait, and the greedy chunks' kernels (the
+   tensor-parallel merge too);
 2. compiles each distinct launch for sm_<--arch> (default 90) with every fp16 pointer made bf16
    (the production dtype, which the interpreter cannot run; --fp16: as recorded too), and kernels
    with a USE_PDL switch also in PDL mode 1, printing registers, spills and shared memory.
@@ -138,9 +139,9 @@ def workload() -> None:
     run(1, 5)
     run(3, 9)
     run(40, 2)
-    for switch in ("FTMOE_MOE_PERSISTENT", "FTMOE_LN_PRELOAD"):    # switches off by default, on
-        os.environ[switch] = "1"
-        run(40, 2)
+    for switch, B in (("FTMOE_MOE_PERSISTENT", 40), ("FTMOE_LN_PRELOAD", 3), ("FTMOE_GEMV_PRE_EPI", 3)):
+        os.environ[switch] = "1"                                    # switches off by default, on
+        run(B, 2)
         del os.environ[switch]
     routing.moe_align(torch.randint(0, cfg.expert_num, (300,), dtype=torch.int32), cfg.expert_num, 16)  # sorted align
     B, V, tp = 3, 300, 2

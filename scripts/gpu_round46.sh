@@ -10,25 +10,22 @@
 #    base repeated);
 # 3. bench v24 (`ftmoe bench --prefill-graphs --no-latency`): the standing figures with these
 #    defaults (the greedy-chunk rows now without the head's fp32 conversion:
-#    `decode_step(fp32_logits=False)`); before 4, so that a call cut short keeps it;
-# 4. batch 64: attention's first K/V tile before the wait (preload=1), alone and with (64, 1) tiles
-#    (round 44: x0.991 / x0.989 alone; round 45: the tiles x0.997); the Triton gate in 4 or 2 K
-#    splits rather than 8 (the one top-k + align program reads every split from L2).
+#    `decode_step(fp32_logits=False)`);
+# 4. (moved to scripts/gpu_round48.sh in the twenty-third session: the batch-64 A/Bs)
 # 2b. (added in the twenty-third session) batches 1 and 8: lnpre=1, the LayerNorm kernels' weight
-#    and bias (and the LN2 + gate kernel's gate columns) loaded before the PDL wait, against base.
+#    and bias (and the LN2 + gate kernel's gate columns) loaded before the PDL wait; gemvepi=1, the
+#    GEMVs' bias (and routed prob) loaded with their weight tiles; both; against base.
 # Usage: OUT=dir bash scripts/gpu_round46.sh
 ROUND=round46
 . scripts/gpu_env.sh
 timeout 150 python3 -m pytest -q -x -p no:cacheprovider tests/test_kernels.py tests/test_fast_model.py \
-    -k "topk_align or preload or moe_align or gate_topk or short_context or greedy or model_dtype_logits or persistent or ln_weights" > "$W/tests.txt" 2>&1
+    -k "topk_align or preload or moe_align or gate_topk or short_context or greedy or model_dtype_logits or persistent or ln_weights or epilogue_operands" > "$W/tests.txt" 2>&1
 echo "[tests rc $? at ${SECONDS}s]"; tail -25 "$W/tests.txt" | grep -v "^$"; save tests
 timeout 170 python3 scripts/ab_decode.py --batches 16,32,64,128,256 --rounds 7 \
     --variants base moepreload=0 topkalign=0 moepreload=0,topkalign=0 moepreload=1 moepersist=1 > "$W/ab_defaults.txt" 2>&1
 echo "[ab defaults rc $? at ${SECONDS}s]"; grep -E "^B=|rror" "$W/ab_defaults.txt"; save abdef
-timeout 80 python3 scripts/ab_decode.py --batches 1,8 --rounds 7 --variants base lnpre=1 > "$W/ab_lnpre.txt" 2>&1
+timeout 100 python3 scripts/ab_decode.py --batches 1,8 --rounds 7 --variants base lnpre=1 gemvepi=1 lnpre=1,gemvepi=1 \
+    > "$W/ab_lnpre.txt" 2>&1
 echo "[ab lnpre rc $? at ${SECONDS}s]"; grep -E "^B=|rror" "$W/ab_lnpre.txt"; save lnpre
 timeout 200 python3 -m ftmoe.cli bench --prefill-graphs --no-latency --json "$W/bench.json" > "$W/bench.txt" 2>&1
 echo "[bench rc $? at ${SECONDS}s]"; grep -E "^(device|decode|prefill|eager)|rror" "$W/bench.txt"; save bench
-timeout 110 python3 scripts/ab_decode.py --batches 64 --rounds 9 \
-    --variants base preload=1 attnlaunch=513:64x1,preload=1 gatesplits=4 gatesplits=2 > "$W/ab64.txt" 2>&1
-echo "[ab64 rc $? at ${SECONDS}s]"; grep -E "^B=|rror" "$W/ab64.txt"; save ab64

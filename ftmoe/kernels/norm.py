@@ -9,13 +9,11 @@ block: token and position embedding gathers, their sum, LN1.
 """
 from __future__ import annotations
 
-import os
-
 import torch
 import triton
 import triton.language as tl
 
-from . import warps_switch
+from . import auto_switch, warps_switch
 from .pdl import launch_kwargs, pdl_start
 
 
@@ -192,9 +190,9 @@ def pre_weights() -> bool:
     """FTMOE_LN_PRELOAD=1: the LayerNorm kernels load their weight and bias (the LN2 + gate kernel
     its gate columns too) before the PDL wait, so those loads overlap the wait rather than follow
     the row's statistics (compiled for sm_90, the loads otherwise issue after the reductions'
-    four barriers, on the critical path of each of a step's ~49 LNs). Off until timed (read at
-    launch, so at graph capture)."""
-    return os.environ.get("FTMOE_LN_PRELOAD", "0") == "1"
+    four barriers, on the critical path of each of a step's ~49 LNs). auto (off until timed), 0
+    or 1; read at launch, so at graph capture."""
+    return auto_switch("FTMOE_LN_PRELOAD") == "1"
 
 
 def ln_warps(H: int) -> int:
