@@ -89,23 +89,29 @@ def run_parallel_bench(pc: ParallelConfig, preset: str | None = "gpt-moe-0.35b-6
             row = {"phase": "decode", "batch": B, "ctx": ctx, "ms": ms, "host_ms": host_ms, "tokens_per_s": B / ms * 1e3,
                    "tp": pc.tp, "ep": pc.ep, "pp": pc.pp, "fast_path": runner.fast is not None,
                    "cuda_graphs": runner.cuda_graphs, "ep_tokens_per_rank": load}
-            if hw:   # the one-GPU floor of the same step (all experts touched by B tokens assumed at most B)
-                touched = [min(B * cfg.moe_k, cfg.expert_num)] * len(cfg.moe_layers)
+            if hw:   # the one-GPU floor of the same step
+                touched = _touched(runner, cache, seqs, tok, ctx)
+                row["experts_touched"] = touched is not None
+                if touched is None:   # several ranks: each of min(B * k, E) experts read, an upper estimate
+                    touched = [min(B * cfg.moe_k, cfg.expert_num)] * len(cfg.moe_layers)
                 floor_bytes = _full_model_decode_bytes(cfg, runner.dtype, B, ctx, touched)
                 row["one_gpu_floor_ms"] = floor_bytes / (hw["copy_bandwidth_GBps"] * 1e9) * 1e3
                 row["floor_ms"] = row["one_gpu_floor_ms"]
             rows.append(row)
             save()
-            if greedy_chunk > 1 and runner.can_greedy_chunk(cache, B):
-                rows.append(_bench_chunk(runner, cache, seqs, tok, ctx, greedy_chunk, dict(row), dev, iters, log))
-                save()
             imb = ""
             if load:
                 per_layer = [max(r) / max(1e-9, statistics.mean(r)) for r in load if r]
                 imb = f"  EP load max/mean {statistics.mean(per_layer):.2f} (worst layer {max(per_layer):.2f})"
-            floor = f"  one-GPU floor {row['one_gpu_floor_ms']:.3f} ms" if "one_gpu_floor_ms" in row else ""
+            floor = ""
+            if "one_gpu_floor_ms" in row:
+                floor = f"  one-GPU floor {row['one_gpu_floor_ms']:.3f} ms" + \
+                    ("" if row["experts_touched"] else " (if min(B*k, E) experts are read)")
             log(f"decode tp={pc.tp} ep={pc.ep} pp={pc.pp} B={B:<4} {ms:9.3f} ms  {row['tokens_per_s']:10.0f} tok/s"
                 f"  (host {host_ms:.3f} ms){floor}{imb}")
+            if greedy_chunk > 1 and runner.can_greedy_chunk(cache, B):
+                rows.append(_bench_chunk(runner, cache, seqs, tok, ctx, greedy_chunk, dict(row), dev, iters, log))
+                save()
             for s in seqs:
                 cache.free(s)
     finally:
@@ -118,21 +124,44 @@ def _bench_chunk(runner, cache, seqs: list[int], tok: torch.Tensor, ctx: int, k:
     """Greedy chunks of k steps from context ctx (every sequence cut back to ctx after each):
     ms and rank 0's host ms per step, beside the step row `row` (whose floor it keeps)."""
     ids = tok[:, 0]
+    queued = []     # rank 0's host time until the chunk was queued on every rank (before its wait)
 
     def chunk():
-        toks, _ = runner.greedy_chunk(ids, cache.prepare_chunk(seqs, k), cache, k)
+        t0 = time.perf_counter()
+        started = runner.greedy_chunk_start(ids, cache.prepare_chunk(seqs, k), cache, k)
+        queued.append((time.perf_counter() - t0) * 1e3)
+        toks, _ = runner.greedy_chunk_result(started)
         for s in seqs:
             cache.truncate(s, ctx)
         return toks
 
-    ms, host_ms = _median_ms(chunk, dev, warmups=2, iters=max(3, iters // k + 2))
+    n = max(3, iters // k + 2)
+    ms, _ = _median_ms(chunk, dev, warmups=2, iters=n)
     B = len(seqs)
-    row.update(variant=f"greedy-chunk-{k}", ms=ms / k, host_ms=host_ms / k, tokens_per_s=B / ms * k * 1e3)
+    row.update(variant=f"greedy-chunk-{k}", ms=ms / k, host_ms=statistics.median(queued[-n:]) / k,
+               tokens_per_s=B / ms * k * 1e3)
     row.pop("ep_tokens_per_rank", None)
     pc = runner.par.config
     log(f"decode tp={pc.tp} ep={pc.ep} pp={pc.pp} B={B:<4} {row['ms']:9.3f} ms  {row['tokens_per_s']:10.0f} tok/s"
         f"  (greedy chunks of {k}: host {row['host_ms']:.3f} ms a step)")
     return row
+
+
+def _touched(runner, cache, seqs: list[int], tok: torch.Tensor, ctx: int) -> list[int] | None:
+    """Distinct experts per MoE layer of the step (one eager fast-path step from the routing
+    trace, as `ftmoe bench` counts them), where rank 0 can run it alone (one rank); else None."""
+    if runner.par.config.world_size > 1 or runner.fast is None:
+        return None
+    from .bench import _routed
+
+    meta = cache.prepare(seqs, [1] * len(seqs))
+    dev = runner.device
+    try:
+        return _routed(runner.fast, cache, tok[:, 0].to(dev), meta.positions[:, 0].to(dev), meta.block_tables.to(dev),
+                       meta.context_lens.to(dev), meta.slot_mapping[:, 0].to(dev))
+    finally:
+        for s in seqs:
+            cache.truncate(s, ctx)
 
 
 def _median_ms(fn, dev, warmups: int, iters: int) -> tuple[float, float]:

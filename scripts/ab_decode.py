@@ -25,8 +25,7 @@ are read at capture time):
   `gatesplits=N` (FTMOE_GATE_SPLITS: the Triton gate GEMM's split-K count); `moepersist=auto|0|1`
   (FTMOE_MOE_PERSISTENT: aligned expert GEMMs on resident programs looping over the routed tiles);
   `lnpre=0|1` (FTMOE_LN_PRELOAD: the LayerNorm kernels' weights, and the LN2 + gate kernel's gate
-  columns, loaded before the PDL wait); `gemvepi=0|1` (FTMOE_GEMV_PRE_EPI: the GEMV's bias and
-  routed prob loaded with its weight tiles);
+  columns, loaded before the PDL wait; on by default since the twenty-third session);
 - `table=PATH`: a kernel-config table in place of the package's;
 - `skip=ln+attn+gate`: those kernels replaced by stand-ins that launch nothing (wrong results,
   timing only: what each costs in a step; past batch 1 skip ln together with gate, or the zero
@@ -65,7 +64,7 @@ ENV_SWITCHES = {"gate": "FTMOE_GATE", "attn": "FTMOE_ATTN_SPLIT", "preload": "FT
                 "lnwarps": "FTMOE_LN_WARPS", "w2tiles": "FTMOE_GEMV_W2_TILES",
                 "alignwarps": "FTMOE_ALIGN_WARPS", "moepreload": "FTMOE_MOE_PRELOAD",
                 "topkalign": "FTMOE_TOPK_ALIGN", "gatesplits": "FTMOE_GATE_SPLITS", "moepersist": "FTMOE_MOE_PERSISTENT",
-                "lnpre": "FTMOE_LN_PRELOAD", "gemvepi": "FTMOE_GEMV_PRE_EPI"}
+                "lnpre": "FTMOE_LN_PRELOAD"}
 
 
 def _knock_out(part: str):

@@ -9,8 +9,7 @@ device time. This script:
    (pointer dtypes, integer widths, tensor descriptors' block shapes, 16-byte alignment) and
    constexpr values while a tiny fp16 model prefills and decodes (batches 1, 3 and 40; 40 takes the
    aligned expert path) with the switches in --env set, the persistent expert GEMMs, the LN
-   weights and the GEMV epilogue's operands before the wait, and the greedy chunks' kernels (the
-   tensor-parallel merge too);
+   weights after the wait, and the greedy chunks' kernels (the tensor-parallel merge too);
 2. compiles each distinct launch for sm_<--arch> (default 90) with every fp16 pointer made bf16
    (the production dtype, which the interpreter cannot run; --fp16: as recorded too), and kernels
    with a USE_PDL switch also in PDL mode 1, printing registers, spills and shared memory.
@@ -139,8 +138,8 @@ def workload() -> None:
     run(1, 5)
     run(3, 9)
     run(40, 2)
-    for switch, B in (("FTMOE_MOE_PERSISTENT", 40), ("FTMOE_LN_PRELOAD", 3), ("FTMOE_GEMV_PRE_EPI", 3)):
-        os.environ[switch] = "1"                                    # switches off by default, on
+    for switch, value, B in (("FTMOE_MOE_PERSISTENT", "1", 40), ("FTMOE_LN_PRELOAD", "0", 3)):
+        os.environ[switch] = value                                  # switches set the other way
         run(B, 2)
         del os.environ[switch]
     routing.moe_align(torch.randint(0, cfg.expert_num, (300,), dtype=torch.int32), cfg.expert_num, 16)  # sorted align
@@ -161,7 +160,7 @@ def workload() -> None:
 
 def workload_dry(preset: str, batches: list[int], gpu: str, sms: int, prefill: tuple[int, int] | None) -> None:
     """A preset's real shapes on the meta device (no memory, no kernel run): decode steps at
-    `batches` (and their greedy-chunk kernels) and a B x T prefill, launched as on a Hopper GPU
+    `batches` (their short-context variants and greedy-chunk kernels) and a B x T prefill, launched as on a Hopper GPU
     named `gpu` with `sms` SMs: its tuned table, its SM count, PDL where the step allows it."""
     import contextlib
 
@@ -196,8 +195,11 @@ def workload_dry(preset: str, batches: list[int], gpu: str, sms: int, prefill: t
         for B in batches:
             cache = KVCache.for_model(cfg, B * nb * 16, block_size=16, dtype=torch.bfloat16, device="meta")
             z = torch.zeros(B, dtype=torch.int32, device="meta")
-            logits = fast.decode_step(z, z, torch.zeros(B, nb, dtype=torch.int32, device="meta"), z, z, cache,
-                                      fp32_logits=False)
+            tables = torch.zeros(B, nb, dtype=torch.int32, device="meta")
+            logits = fast.decode_step(z, z, tables, z, z, cache, fp32_logits=False)
+            if attention.one_pass_differs(B * fast.heads):       # the short-context graphs' attention
+                for c, _ in attention.ONE_PASS_TILES:
+                    fast.decode_step(z, z, tables, z, z, cache, max_ctx=c)
             p = torch.zeros((4 + nb) * B + 1, dtype=torch.int32, device="meta")
             s = {"ids": p[:B], "positions": p[B:2 * B], "ctx": p[2 * B:3 * B], "slots": p[3 * B:4 * B],
                  "tables": p[4 * B:(4 + nb) * B].view(B, nb), "ctr": p[-1:]}
@@ -293,8 +295,11 @@ def compile_one(d: dict, arch: int) -> dict:
             sig[p.name] = f"tensordesc<{a['desc']}[{','.join(str(b) for b in a['block'])}]>"
         elif "int" in a:
             v = a["int"]
+            if v == 1 and not p.do_not_specialize:          # as the JIT specializes it: a constant 1,
+                sig[p.name], consts[p.name] = "constexpr", 1
+                continue
             sig[p.name] = "i32" if -2 ** 31 <= v < 2 ** 31 else "i64"
-            if v % 16 == 0 and not p.do_not_specialize:      # as the JIT specializes it
+            if v % 16 == 0 and not p.do_not_specialize:      # or divisible by 16
                 attrs[(i,)] = [["tt.divisibility", 16]]
         elif "float" in a:
             sig[p.name] = "fp32"

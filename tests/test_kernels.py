@@ -240,9 +240,11 @@ def test_moe_align_one_program_warps(gen, monkeypatch, warps):
 @pytest.mark.parametrize("n,k,e,parts,bm", [(1, 1, 64, 1, 16), (33, 1, 64, 8, 16), (64, 1, 64, 8, 16),
                                             (21, 3, 10, 2, 32), (64, 1, 64, 1, 64)])
 def test_softmax_topk_align_one_kernel(gen, monkeypatch, n, k, e, parts, bm):
-    """The one-kernel top-k + alignment (FTMOE_TOPK_ALIGN=1) gives the top-k kernel's probs and
-    ids and `moe_align`'s routing of them, padding rows (KV slot -1, NaN logits) included; outputs
-    are NaN / -7 poisoned by the allocator hook below, so an unwritten element fails."""
+    """The one-kernel top-k + alignment (FTMOE_TOPK_ALIGN=1) gives the top-k kernel's ids and
+    `moe_align`'s routing of them, and its probs to a few ulps (the same code on another tile: a
+    GPU sums a row's exponentials in another order; on an H100, 2026-12-08, one input in a few
+    runs differed in the last bit), padding rows (KV slot -1, NaN logits, prob 0) included;
+    outputs are NaN / -7 poisoned by the allocator hook below, so an unwritten element fails."""
     from ftmoe.kernels import routing
 
     logits = rnd(parts, n, e, dtype=torch.float32, gen=gen)
@@ -263,7 +265,9 @@ def test_softmax_topk_align_one_kernel(gen, monkeypatch, n, k, e, parts, bm):
     assert routing.topk_align_fused(n, k)
     probs, ids, got_r = routing.softmax_topk_align(logits, k, bm, slots=slots)
     monkeypatch.undo()
-    assert torch.equal(ids, want_i) and torch.equal(probs, want_p)
+    assert torch.equal(ids, want_i)
+    torch.testing.assert_close(probs, want_p, rtol=1e-6, atol=0)
+    assert torch.equal(probs[1::5], want_p[1::5]) and (probs[1::5] == 0).all()
     _assert_align_equal(got_r, want_r)
 
 
@@ -1122,33 +1126,6 @@ def test_gemv_experts(gen, dtype, S, k, E, K, N):
     assert rel(y.sum(0)[real], want_y) < TOL[dtype]
     if S > 2:                                                # the shared expert: the same weights, its own row
         assert not torch.equal(y[:, 0], y[:, 2])
-
-
-@pytest.mark.parametrize("tma", [False, True])
-def test_gemv_epilogue_operands_early_change_nothing(gen, tma, monkeypatch):
-    """FTMOE_GEMV_PRE_EPI=1 (the bias, and a routed slot's prob, loaded with the weight tiles):
-    the GEMV (bias + GELU; bias in split-K partials) and the routed W1 / W2 pair (b1, b2, probs, a
-    slot without an expert) give exactly what they give with those loads in the epilogue."""
-    dtype = torch.float16
-    m, K, N, E = 3, 256, 96, 4
-    a, w, bias = rnd(m, K, dtype=dtype, gen=gen), rnd(K, N, dtype=dtype, gen=gen, scale=K ** -0.5), rnd(N, dtype=dtype, gen=gen)
-    w1, w2 = rnd(E, K, 2 * K, dtype=dtype, gen=gen, scale=K ** -0.5), rnd(E, 2 * K, K, dtype=dtype, gen=gen, scale=0.05)
-    b1, b2 = rnd(E, 2 * K, dtype=dtype, gen=gen), rnd(E, K, dtype=dtype, gen=gen)
-    ids = torch.tensor([2, -1, 0], dtype=torch.int32, device=DEV)
-    probs = torch.rand(3, generator=gen).to(DEV)
-    got = {}
-    for flag in ("0", "1"):
-        monkeypatch.setenv("FTMOE_GEMV_PRE_EPI", flag)
-        h = gemv_mod.gemv_experts(a, w1, b1, ids, out=torch.full((gemv_mod._experts_plan(w1)["S"], 3, 2 * K), 7.0,
-                                                                  device=DEV))
-        y = torch.full((gemv_mod._experts_plan(w2)["S"], 3, K), 7.0, device=DEV)    # (slot 1 is not written)
-        got[flag] = (gemv_mod.gemv(a, w, bias, gelu=True, tma=tma), gemv_mod.gemv(a, w, bias, parts=True, tma=tma), h,
-                     gemv_mod.gemv_experts(h, w2, b2, ids, probs=probs, gelu_a=True, ids_ready=True, out=y))
-    assert all(torch.equal(x, y) for x, y in zip(got["0"], got["1"]))
-    assert rel(got["1"][0], ref.gemv_ref(a, w, bias, gelu=True)) < TOL[dtype]
-    real = ids >= 0
-    assert rel(got["1"][3].sum(0)[real], ref.gemv_experts_ref(got["1"][2][:, real], w2, b2, ids[real],
-                                                              probs=probs[real], gelu_a=True)) < TOL[dtype]
 
 
 def test_gemv_experts_rejects_bad_input(gen):

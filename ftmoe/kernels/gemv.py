@@ -90,24 +90,11 @@ def _a_tile(A, k0, offs_k, rows, rmask, K, stride_ap, stride_am, A_PARTS: tl.con
 
 
 @triton.jit
-def _epilogue_operands(BIAS, PROBS, offs_n, nmask, HAS_BIAS: tl.constexpr, MUL_PROB: tl.constexpr):
-    """The epilogue's bias columns (fp32; 0 without HAS_BIAS) and the slot's routing prob (1 without MUL_PROB)."""
-    bias = 0.0
-    prob = 1.0
-    if HAS_BIAS:
-        bias = tl.load(BIAS + offs_n, mask=nmask, other=0.0).to(tl.float32)
-    if MUL_PROB:
-        prob = tl.load(PROBS + tl.program_id(2)).to(tl.float32)
-    return bias, prob
-
-
-@triton.jit
 def _gemv_kernel(A, W, BIAS, C, IDS, PROBS, M, N, K, E, stride_ap, stride_am, stride_wk, stride_wn, stride_be,
                  stride_cs, stride_cm, HAS_BIAS: tl.constexpr, A_PARTS: tl.constexpr, GELU_A: tl.constexpr,
                  GELU: tl.constexpr, PARTS: tl.constexpr, IEEE: tl.constexpr, ITERS: tl.constexpr, TMA: tl.constexpr,
                  DTYPE: tl.constexpr, ROUTED: tl.constexpr, A_DIV: tl.constexpr, MUL_PROB: tl.constexpr,
-                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PRE_EPI: tl.constexpr = False,
-                 USE_PDL: tl.constexpr = 0):
+                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, USE_PDL: tl.constexpr = 0):
     pid_n = tl.program_id(0)
     ks = tl.program_id(1)
     if USE_PDL == 3:                               # FEED (pdl.pdl_start)
@@ -137,8 +124,6 @@ def _gemv_kernel(A, W, BIAS, C, IDS, PROBS, M, N, K, E, stride_ap, stride_am, st
     w_next = w
     if TMA and ITERS == 2:     # both TMA tiles of the split before the wait (2 x 32 KB: [256, 64] tiles)
         w_next = _w_tile(W, w_row + k_lo + BLOCK_K, n0, offs_k, offs_n, nmask, K, stride_wk, stride_wn, TMA)
-    if PRE_EPI:   # the epilogue's bias and prob with the weights (before the wait unless ROUTED == 1)
-        bias, prob = _epilogue_operands(BIAS, PROBS, offs_n, nmask, HAS_BIAS, MUL_PROB)
     if ROUTED != 1:
         if USE_PDL:
             tl.extra.cuda.gdc_wait()               # the kernel before has finished: `a` is complete
@@ -164,14 +149,13 @@ def _gemv_kernel(A, W, BIAS, C, IDS, PROBS, M, N, K, E, stride_ap, stride_am, st
             acc = tl.dot(a, w, acc)
     if TMA:
         acc = tl.trans(acc_t)
-    if not PRE_EPI:
-        bias, prob = _epilogue_operands(BIAS, PROBS, offs_n, nmask, HAS_BIAS, MUL_PROB)
     if HAS_BIAS:
+        bias = tl.load(BIAS + offs_n, mask=nmask, other=0.0).to(tl.float32)
         acc += bias[None, :] * tl.where(ks == 0, 1.0, 0.0)       # once: in the first K split
     if GELU:
         acc = _gelu_tanh(acc)
     if MUL_PROB:
-        acc *= prob
+        acc *= tl.load(PROBS + tl.program_id(2)).to(tl.float32)
     if PARTS:
         out = acc
     else:
@@ -239,7 +223,7 @@ def gemv(a: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None = None, *, 
         w.stride(0), w.stride(1), 0, c.stride(0) if parts else 0, c.stride(-2),
         HAS_BIAS=bias is not None, A_PARTS=a_parts, GELU_A=gelu_a, GELU=gelu, PARTS=parts,
         IEEE=w.dtype == torch.float32, ITERS=iters, TMA=use_tma, DTYPE=_TL_DTYPE[w.dtype], ROUTED=0, A_DIV=1,
-        MUL_PROB=False, BLOCK_M=MAX_ROWS, BLOCK_N=cfg["BLOCK_N"], BLOCK_K=cfg["BLOCK_K"], PRE_EPI=pre_epilogue(),
+        MUL_PROB=False, BLOCK_M=MAX_ROWS, BLOCK_N=cfg["BLOCK_N"], BLOCK_K=cfg["BLOCK_K"],
         num_warps=cfg["tma_warps"] if use_tma else cfg["num_warps"], num_stages=1, **kw)
     return c
 
@@ -281,16 +265,8 @@ def gemv_experts(a: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None, id
         c.stride(0), c.stride(1), HAS_BIAS=bias is not None, A_PARTS=a_parts, GELU_A=gelu_a, GELU=False,
         PARTS=True, IEEE=False, ITERS=iters, TMA=True, DTYPE=_TL_DTYPE[w.dtype], ROUTED=2 if ids_ready else 1,
         A_DIV=a_div, MUL_PROB=probs is not None, BLOCK_M=MAX_ROWS, BLOCK_N=cfg["BLOCK_N"], BLOCK_K=bk,
-        PRE_EPI=pre_epilogue(), num_warps=cfg["tma_warps"], num_stages=1, **kw)
+        num_warps=cfg["tma_warps"], num_stages=1, **kw)
     return c
-
-
-def pre_epilogue() -> bool:
-    """FTMOE_GEMV_PRE_EPI=1: the GEMV loads its epilogue's bias (and a routed slot's prob) with its
-    weight tiles, before the PDL wait where those are (compiled for sm_90 the bias load otherwise
-    issues among the MMAs, its latency ahead of the epilogue). auto (off until timed), 0 or 1; read
-    at launch, so at graph capture."""
-    return auto_switch("FTMOE_GEMV_PRE_EPI") == "1"
 
 
 def tma_on() -> bool:
