@@ -1,4 +1,6 @@
 #!/usr/bin/env bash
+# Ran once (2026-12-08, one H100; raw benchmarks/results/2026-12-08-h100-round46.txt): its gemvepi
+# switch has since been removed, so the lnpre phase fails as written.
 # Twenty-first session's next GPU call (issue 3; ~6 min), outputs in $OUT/round46.tgz:
 # 1. the GPU tests of the routing and fused-MoE kernels (one-kernel top-k + alignment, preload and
 #    its shared-memory fallback) and of the short-context / greedy-chunk graphs;

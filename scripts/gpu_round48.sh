@@ -1,4 +1,6 @@
 #!/usr/bin/env bash
+# Ran once (2026-12-08, one H100; raw benchmarks/results/2026-12-08-h100-round48.txt): its gemvepi
+# switch has since been removed, so the lnpre phase fails as written.
 # Twenty-third session's second GPU call (one GPU, ~5 min; after round 46 on the same machine),
 # outputs in $OUT/round48.tgz:
 # 1. scripts/aot_check.py's dry run at the real shapes (recorded on the meta device, no kernel run,
