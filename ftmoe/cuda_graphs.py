@@ -31,7 +31,7 @@ import torch
 
 from .fast_model import FastGPTMoE
 from .kernels import attention, size_switch
-from .kernels.advance import GreedyWork, greedy_advance, greedy_merge
+from .kernels.advance import GreedyWork, greedy_advance, greedy_merge, step_inputs
 from .kernels.hostfetch import fetch_from_host
 from .kv_cache import AttnMetadata, KVCache
 from .progress import Progress
@@ -112,9 +112,7 @@ class DecodeGraphs:
         stage takes a residual [B, H] instead of ids."""
         dev = self.fast.device
         packed = torch.zeros(self._packed_len(B), dtype=torch.int32, device=dev)
-        s = {"packed": packed, "ids": packed[:B], "positions": packed[B:2 * B], "ctx": packed[2 * B:3 * B],
-             "slots": packed[3 * B:4 * B], "tables": packed[4 * B:(4 + self.nb) * B].view(B, self.nb),
-             "ctr": packed[-1:]}
+        s = dict(step_inputs(packed, B, self.nb), packed=packed)
         s["slots"].fill_(-1)
         if not self.fast.par.is_first_stage:
             s["ids"] = torch.zeros(B, self.fast.H, dtype=self.fast.dtype, device=dev)

@@ -469,8 +469,9 @@ class DistributedModel:
         par = self.par
         steps, logprobs, cont = flags & 0xFF, bool(flags >> 8 & 1), bool(flags >> 9 & 1)
         B = ids.shape[0]
-        sl = _rows(0, B, par.d, par.ep)
-        n_pad = max(_count(_rows(0, B, d, par.ep)) for d in range(par.ep))
+        layout = [(rows[0], counts[0]) for rows, counts in self._ep_rows(B)]   # no pipeline: one micro-batch
+        sl = layout[par.d][0]
+        n_pad = max(n for _, n in layout)
         graphs = self.fast.graphs
         bucket = graphs.bucket_for(n_pad)
         graphs.capture_greedy(bucket, logprobs, short)          # (its collectives: every rank, in the same order)
@@ -492,8 +493,8 @@ class DistributedModel:
         host.copy_(parts, non_blocking=done is not None)
         if done is not None:
             done.record()
-        layout = [(_rows(0, B, d, par.ep), par.rank_of(0, d, 0), _count(_rows(0, B, d, par.ep))) for d in range(par.ep)]
-        return _DistChunk(B, steps, logprobs, host, layout, done)
+        return _DistChunk(B, steps, logprobs, host, [(r, par.rank_of(0, d, 0), n) for d, (r, n) in enumerate(layout)],
+                          done)
 
     def _chunk_host(self, n: int) -> tuple[torch.Tensor, object]:
         """The next of two host buffers (pinned on GPUs) of at least n int64s for a chunk's

@@ -145,9 +145,7 @@ def workload() -> None:
     routing.moe_align(torch.randint(0, cfg.expert_num, (300,), dtype=torch.int32), cfg.expert_num, 16)  # sorted align
     B, V, tp = 3, 300, 2
     bs, nb = 16, 4
-    p = torch.zeros((4 + nb) * B + 1, dtype=torch.int32)
-    s = {"ids": p[:B], "positions": p[B:2 * B], "ctx": p[2 * B:3 * B], "slots": p[3 * B:4 * B],
-         "tables": p[4 * B:(4 + nb) * B].view(B, nb), "ctr": p[-1:]}
+    s = advance.step_inputs(torch.zeros((4 + nb) * B + 1, dtype=torch.int32), B, nb)
     toks, lps = torch.zeros(8, B, dtype=torch.long), torch.zeros(8, B)
     logits = torch.randn(B, V).half()
     for lp in (None, lps):
@@ -200,9 +198,7 @@ def workload_dry(preset: str, batches: list[int], gpu: str, sms: int, prefill: t
             if attention.one_pass_differs(B * fast.heads):       # the short-context graphs' attention
                 for c, _ in attention.ONE_PASS_TILES:
                     fast.decode_step(z, z, tables, z, z, cache, max_ctx=c)
-            p = torch.zeros((4 + nb) * B + 1, dtype=torch.int32, device="meta")
-            s = {"ids": p[:B], "positions": p[B:2 * B], "ctx": p[2 * B:3 * B], "slots": p[3 * B:4 * B],
-                 "tables": p[4 * B:(4 + nb) * B].view(B, nb), "ctr": p[-1:]}
+            s = advance.step_inputs(torch.zeros((4 + nb) * B + 1, dtype=torch.int32, device="meta"), B, nb)
             toks = torch.zeros(32, B, dtype=torch.long, device="meta")
             advance.greedy_advance(logits, toks, None, s, 16, advance.GreedyWork(B, cfg.vocab_size, "meta"))
         if prefill:

@@ -855,7 +855,7 @@ def test_greedy_advance_matches_twin(B, V, with_lp, dtype, ctr):
     index wins); tokens recorded at row ctr (none past the buffer's 8 rows), fed back as ids,
     live rows (slot >= 0) one position on with the slot of the new position from their table
     (a block boundary crossed), padding rows untouched, the counter left at 0."""
-    from ftmoe.kernels.advance import GreedyWork, greedy_advance, greedy_advance_ref
+    from ftmoe.kernels.advance import GreedyWork, greedy_advance, greedy_advance_ref, step_inputs
 
     g = torch.Generator().manual_seed(B * 7 + V + with_lp + ctr)
     bs, nb, steps = 4, 6, 8
@@ -867,8 +867,7 @@ def test_greedy_advance_matches_twin(B, V, with_lp, dtype, ctr):
     packed = torch.zeros((4 + nb) * B + 1, dtype=torch.int32)
 
     def static(p):
-        return {"ids": p[:B], "positions": p[B:2 * B], "ctx": p[2 * B:3 * B], "slots": p[3 * B:4 * B],
-                "tables": p[4 * B:(4 + nb) * B].view(B, nb), "ctr": p[-1:]}
+        return step_inputs(p, B, nb)
     s0 = static(packed)
     s0["ids"].copy_(torch.randint(0, 1000, (B,), generator=g))
     s0["positions"].copy_(pos)
@@ -921,7 +920,7 @@ def test_greedy_tensor_parallel_merge_equals_one_vocabulary(B, V, tp, with_lp):
     slice and across slices: the first index wins), the update of the rows (padding rows
     untouched), the log probs; twice in a row (the counter and partials reused)."""
     from ftmoe.kernels.advance import (GreedyWork, greedy_advance, greedy_advance_ref, greedy_merge, greedy_merge_ref,
-                                       greedy_partials_ref)
+                                       greedy_partials_ref, step_inputs)
 
     g = torch.Generator().manual_seed(B * 11 + V + tp + with_lp)
     bs, nb, steps = 4, 6, 8
@@ -932,8 +931,7 @@ def test_greedy_tensor_parallel_merge_equals_one_vocabulary(B, V, tp, with_lp):
     packed = torch.zeros((4 + nb) * B + 1, dtype=torch.int32)
 
     def static(p):
-        return {"ids": p[:B], "positions": p[B:2 * B], "ctx": p[2 * B:3 * B], "slots": p[3 * B:4 * B],
-                "tables": p[4 * B:(4 + nb) * B].view(B, nb), "ctr": p[-1:]}
+        return step_inputs(p, B, nb)
     s0 = static(packed)
     s0["positions"].copy_(pos)
     s0["ctx"].copy_(pos)

@@ -35,6 +35,13 @@ import triton.language as tl
 from .pdl import launch_kwargs, pdl_start
 
 
+def step_inputs(packed: torch.Tensor, B: int, nb: int) -> dict:
+    """Views of one int32 buffer [(4 + nb) * B + 1] as a decode graph bucket's static inputs, in
+    its layout: ids, positions, ctx, slots [B] each, tables [B, nb], the chunk step counter ctr [1]."""
+    return {"ids": packed[:B], "positions": packed[B:2 * B], "ctx": packed[2 * B:3 * B],
+            "slots": packed[3 * B:4 * B], "tables": packed[4 * B:(4 + nb) * B].view(B, nb), "ctr": packed[-1:]}
+
+
 @triton.jit
 def _advance_rows(tok, lp, r, m, c, OUT_TOK, OUT_LP, IDS, POS, CTX, SLOTS, TABLES, B, NB, MAX_STEPS,
                   BS: tl.constexpr, HAS_LP: tl.constexpr):

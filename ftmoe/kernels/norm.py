@@ -63,14 +63,20 @@ def _add_layernorm_kernel(X, ADD, ADD_BIAS, W, B, RES, Y, Y32, H, eps, stride_x,
 
 
 @triton.jit
-def _ln_params(W, B, cols, m, PRE_W: tl.constexpr):
-    """The LN weight and bias of one row's columns in fp32 where PRE_W (loaded before the kernel's
-    PDL wait: parameters, which no kernel of the step writes); else placeholders, and
-    `_layernorm` loads them after the row's statistics."""
-    if PRE_W:
+def _ln_params(W, B, cols, m, LOAD: tl.constexpr):
+    """The LN weight and bias of one row's columns in fp32 where LOAD; else placeholders. Kernels
+    call it with PRE_W before their PDL wait (parameters, which no kernel of the step writes);
+    without PRE_W `_layernorm` loads them after the row's statistics."""
+    if LOAD:
         return tl.load(W + cols, mask=m, other=0.0).to(tl.float32), tl.load(B + cols, mask=m, other=0.0).to(tl.float32)
     else:
         return 0.0, 0.0
+
+
+@triton.jit
+def _gate_columns(WG, cols, m, e, E):
+    """The fp32 gate weights [H, COLS] of experts e (mask e < E)."""
+    return tl.load(WG + cols[:, None] * E + e[None, :], mask=m[:, None] & (e < E)[None, :], other=0.0)
 
 
 @triton.jit
@@ -81,8 +87,7 @@ def _layernorm(x, cols, m, W, B, Y, H, eps, w, b, PRE_W: tl.constexpr):
     var = tl.sum(xc * xc, axis=0) / H
     rstd = 1.0 / tl.sqrt(var + eps)
     if not PRE_W:
-        w = tl.load(W + cols, mask=m, other=0.0).to(tl.float32)
-        b = tl.load(B + cols, mask=m, other=0.0).to(tl.float32)
+        w, b = _ln_params(W, B, cols, m, True)
     return (xc * rstd * w + b).to(Y.dtype.element_ty)
 
 
@@ -111,7 +116,7 @@ def _add_layernorm_gate_kernel(X, ADD, ADD_BIAS, W, B, RES, Y, WG, LOGITS, H, E,
     e = g * COLS + tl.arange(0, COLS)
     w, b = _ln_params(W, B, cols, m, PRE_W)
     if PRE_W:
-        wg = tl.load(WG + cols[:, None] * E + e[None, :], mask=m[:, None] & (e < E)[None, :], other=0.0)
+        wg = _gate_columns(WG, cols, m, e, E)
     pdl_start(USE_PDL)
     row = tl.program_id(0).to(tl.int64)
     x = _row_input(X, ADD, ADD_BIAS, row, cols, m, stride_x, stride_add, stride_add_part, HAS_ADD, ADD_PARTS,
@@ -121,7 +126,7 @@ def _add_layernorm_gate_kernel(X, ADD, ADD_BIAS, W, B, RES, Y, WG, LOGITS, H, E,
         tl.store(RES + row * stride_res + cols, x.to(RES.dtype.element_ty), mask=m)
         tl.store(Y + row * stride_y + cols, y, mask=m)
     if not PRE_W:
-        wg = tl.load(WG + cols[:, None] * E + e[None, :], mask=m[:, None] & (e < E)[None, :], other=0.0)
+        wg = _gate_columns(WG, cols, m, e, E)
     logits = tl.sum(y.to(tl.float32)[:, None] * wg, axis=0)
     tl.store(LOGITS + row * E + e, logits, mask=e < E)
 
