@@ -242,11 +242,12 @@ def _variants(launches: list[dict], fp16: bool = False) -> list[tuple[str, dict]
         if fp16 or bf == d:
             add("as run", d)
         add("bf16", bf)
-        pdl = d["args"].get("USE_PDL")
-        if d["kernel"] not in pdl_done and (pdl is None or not pdl.get("value")) and _has_param(d["kernel"], "USE_PDL"):
+        pdl = d["args"].get("USE_PDL")      # recorded as {"int": mode} (or {"value": False})
+        ran_pdl = pdl is not None and bool(next(iter(pdl.values())))
+        if d["kernel"] not in pdl_done and not ran_pdl and _has_param(d["kernel"], "USE_PDL"):
             pdl_done.add(d["kernel"])
             p = json.loads(json.dumps(bf))
-            p["args"]["USE_PDL"] = {"value": 1}
+            p["args"]["USE_PDL"] = {"int": 1}
             p["options"]["launch_pdl"] = True
             add("bf16, PDL", p)
     return out
